@@ -1,1 +1,114 @@
-//! placeholder
+//! The realtime relay: rows that change in PostgreSQL reach the WebSocket clients subscribed to their
+//! channels, in commit order, with nothing lost; clients publish events that a writer turns into rows.
+//!
+//! Clients speak the Centrifugo JSON protocol at `/connection/websocket`, so the official SDKs work
+//! unmodified. Changes flow: capture trigger → `relay.changelog` → `relay.sequence_changes()`
+//! (per-channel offsets, global commit-ordered `seq`) → `relay.publications` (the history) → the
+//! stream task of every node → the hub → each subscriber's session.
+//!
+//! # Layout
+//! - [`config`]: configuration, environment overrides, validation; every limit lives here.
+//! - [`db`]: pool and migrations; [`db::triggers`] (generated capture triggers); [`db::stream`] (LISTEN
+//!   wake-ups + gapless reads into the hub); [`db::history`] (positions, history, recovery, publishing).
+//! - [`hub`]: channel registry and fan-out (encode once, bounded mailboxes, slow clients marked).
+//! - [`session`]: one task per WebSocket: commands, replies, pushes, pings, close codes.
+//! - [`auth`]: who a connection is.
+//! - [`rules`]: client publications to the writer Lambda or a webhook.
+//! - [`http`]: the router (WebSocket, `/healthz`, `/readyz`, `/metrics`).
+//! - [`state`]: the shared state and counters.
+//! - [`error`]: error types.
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod rules;
+pub mod session;
+pub mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+pub use error::{Error, Result};
+
+use crate::db::stream::{Stream, StreamStatus};
+use crate::hub::Hub;
+use crate::state::{AppState, Metrics};
+
+/// Prepares the database (migrations, triggers) and serves on `listener` until `shutdown` completes;
+/// then closes every session with the shutdown code, stops the stream and closes the pool.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let pool = db::pool(&config.database)?;
+    db::migrate(&pool).await?;
+    let report = db::triggers::sync(&pool, &config.mappings).await?;
+    tracing::info!(installed = ?report.installed, removed = ?report.removed, "capture triggers in place");
+
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let hub = Arc::new(Hub::new());
+    let status = Arc::new(StreamStatus::default());
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let listen_url = config
+        .database
+        .listen_url
+        .clone()
+        .unwrap_or_else(|| config.database.url.clone());
+    let stream = Stream {
+        pool: pool.clone(),
+        listen_url,
+        config: config.stream.clone(),
+        hub: hub.clone(),
+        status: status.clone(),
+    };
+    let state = Arc::new(AppState {
+        config: Arc::new(config),
+        pool: pool.clone(),
+        hub,
+        http,
+        stream: status,
+        metrics: Metrics::default(),
+        shutdown: token.clone(),
+        tracker: tracker.clone(),
+    });
+    tracker.spawn(stream.run(token.clone(), tracker.clone()));
+
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let stop = token.clone();
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = stop.cancelled() => {}
+            }
+            tracing::info!("shutting down");
+            stop.cancel();
+        })
+        .await?;
+    token.cancel();
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "tasks still running after the grace period"
+        );
+    }
+    pool.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,673 @@
+//! The connector's configuration: `config.json`, overridden by environment variables, validated once at
+//! start-up. Every limit of the server lives here.
+//!
+//! Environment overrides: `DATABASE_URL` (database.url), `RELAY_LISTEN` (listen), and any key as
+//! `RELAY__SECTION__KEY` (for example `RELAY__CLIENT__PING_INTERVAL_SECS=5`).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use relay_protocol::channel::{ChannelPattern, validate_channel};
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the HTTP/WebSocket listener (default `0.0.0.0:8000`).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The database.
+    pub database: DatabaseConfig,
+    /// The change stream.
+    #[serde(default)]
+    pub stream: StreamConfig,
+    /// Client connections and their limits.
+    #[serde(default)]
+    pub client: ClientConfig,
+    /// Table → channel mappings; a trigger is generated for each.
+    #[serde(default)]
+    pub mappings: Vec<Mapping>,
+    /// Channel pattern → publish target rules.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Seconds given to sessions to close on shutdown (default 10).
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Database settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Connection URL for queries (may go through a pooler in session or transaction mode).
+    pub url: String,
+    /// Direct connection URL for LISTEN (never through a transaction-mode pooler); default `url`.
+    #[serde(default)]
+    pub listen_url: Option<String>,
+    /// Query pool size (default 10).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// Seconds to wait for a connection (default 5).
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+/// Change-stream settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Safety-net poll interval in milliseconds (default 250): bounds the delay when a NOTIFY is lost.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval_ms: u64,
+    /// Changes moved or read per query (default 1000).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+}
+
+/// Client-connection settings and limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Accept connections without a token (default true; JWT arrives in a later release).
+    #[serde(default = "yes")]
+    pub allow_anonymous: bool,
+    /// Clients may publish on channels that have neither a rule nor a table mapping (default false).
+    #[serde(default)]
+    pub allow_publish: bool,
+    /// Server ping interval in seconds (default 25).
+    #[serde(default = "default_ping")]
+    pub ping_interval_secs: u64,
+    /// Seconds to wait for a pong before disconnecting with 3012 (default 10).
+    #[serde(default = "default_pong")]
+    pub pong_timeout_secs: u64,
+    /// Largest accepted WebSocket message in bytes (default 65536); larger closes with 1009.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Pushes buffered per connection before it counts as slow and is disconnected with 3008.
+    #[serde(default = "default_outbound_queue")]
+    pub outbound_queue: usize,
+    /// Most publications returned by one history call (default 300).
+    #[serde(default = "default_history_limit")]
+    pub history_max_limit: u32,
+    /// Most publications a recovery returns; more means `recovered: false` (default 300).
+    #[serde(default = "default_history_limit")]
+    pub recovery_max_publications: u32,
+    /// Most channels one connection may subscribe to (default 128).
+    #[serde(default = "default_max_channels")]
+    pub max_channels_per_connection: usize,
+    /// Most publishes of one connection waiting for their target at once (default 16).
+    #[serde(default = "default_max_pending")]
+    pub max_pending_publishes: usize,
+    /// Seconds a new connection has to send `connect` (default 15).
+    #[serde(default = "default_connect_timeout_client")]
+    pub connect_timeout_secs: u64,
+}
+
+/// An operation a mapping captures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Operation {
+    /// Row inserted.
+    Insert,
+    /// Row updated.
+    Update,
+    /// Row deleted.
+    Delete,
+}
+
+impl Operation {
+    /// The SQL keyword.
+    pub fn sql(self) -> &'static str {
+        match self {
+            Self::Insert => "INSERT",
+            Self::Update => "UPDATE",
+            Self::Delete => "DELETE",
+        }
+    }
+}
+
+/// A table mapping: changes of `table` (for `operations`) are published on `channel`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mapping {
+    /// Schema of the table (default `public`).
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// The table.
+    pub table: String,
+    /// The operations captured.
+    pub operations: Vec<Operation>,
+    /// A fixed channel (`incoming-chat`) or a template filled from the row (`room:{room_id}`).
+    pub channel: String,
+    /// Only these columns leave the database (default: all).
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+}
+
+/// A publish rule: client publications on matching channels go to `target`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Channel pattern (`*` matches any run of characters).
+    pub channel: String,
+    /// Where publications go.
+    pub target: Target,
+    /// Milliseconds to wait for the target (default 10000).
+    #[serde(default = "default_rule_timeout")]
+    pub timeout_ms: u64,
+}
+
+/// A publish target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Target {
+    /// An AWS Lambda function, invoked through the Lambda Invoke API.
+    Lambda {
+        /// Function name.
+        function: String,
+        /// Base URL of an Invoke API endpoint (the local writer: `http://127.0.0.1:9000`).
+        #[serde(default)]
+        endpoint: Option<String>,
+    },
+    /// An HTTP webhook: the envelope is POSTed as JSON; any 2xx is success.
+    Http {
+        /// The webhook URL.
+        url: String,
+    },
+}
+
+/// A part of a channel template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    /// Literal text.
+    Literal(String),
+    /// A column whose value is inserted.
+    Column(String),
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8000".to_owned()
+}
+fn default_shutdown_grace() -> u64 {
+    10
+}
+fn default_pool_size() -> u32 {
+    10
+}
+fn default_connect_timeout() -> u64 {
+    5
+}
+fn default_poll_interval() -> u64 {
+    250
+}
+fn default_batch_size() -> u32 {
+    1000
+}
+fn yes() -> bool {
+    true
+}
+fn default_ping() -> u64 {
+    25
+}
+fn default_pong() -> u64 {
+    10
+}
+fn default_max_message() -> usize {
+    65536
+}
+fn default_outbound_queue() -> usize {
+    1024
+}
+fn default_history_limit() -> u32 {
+    300
+}
+fn default_max_channels() -> usize {
+    128
+}
+fn default_max_pending() -> usize {
+    16
+}
+fn default_connect_timeout_client() -> u64 {
+    15
+}
+fn default_schema() -> String {
+    "public".to_owned()
+}
+fn default_rule_timeout() -> u64 {
+    10_000
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: default_poll_interval(),
+            batch_size: default_batch_size(),
+        }
+    }
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            allow_anonymous: true,
+            allow_publish: false,
+            ping_interval_secs: default_ping(),
+            pong_timeout_secs: default_pong(),
+            max_message_bytes: default_max_message(),
+            outbound_queue: default_outbound_queue(),
+            history_max_limit: default_history_limit(),
+            recovery_max_publications: default_history_limit(),
+            max_channels_per_connection: default_max_channels(),
+            max_pending_publishes: default_max_pending(),
+            connect_timeout_secs: default_connect_timeout_client(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file at `path`, applies environment overrides and validates the result.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let builder = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Json))
+            .add_source(
+                config::Environment::with_prefix("RELAY")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .set_override_option("database.url", std::env::var("DATABASE_URL").ok())
+            .and_then(|b| b.set_override_option("listen", std::env::var("RELAY_LISTEN").ok()))
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let config: Config = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates configuration from a JSON string (no environment overrides).
+    pub fn from_json(json: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            serde_json::from_str(json).map_err(|e| ConfigError::Load(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("{:?} is not an address like 0.0.0.0:8000", self.listen),
+            )
+        })
+    }
+
+    /// Checks every field; the error names the field and the problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        let url = &self.database.url;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        if let Some(l) = &self.database.listen_url
+            && !(l.starts_with("postgres://") || l.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database.listen_url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        check_range(
+            "database.pool_size",
+            self.database.pool_size.into(),
+            1,
+            1000,
+        )?;
+        check_range(
+            "database.connect_timeout_secs",
+            self.database.connect_timeout_secs,
+            1,
+            300,
+        )?;
+        check_range(
+            "stream.poll_interval_ms",
+            self.stream.poll_interval_ms,
+            10,
+            60_000,
+        )?;
+        check_range(
+            "stream.batch_size",
+            self.stream.batch_size.into(),
+            1,
+            100_000,
+        )?;
+        let c = &self.client;
+        check_range("client.ping_interval_secs", c.ping_interval_secs, 1, 3600)?;
+        check_range("client.pong_timeout_secs", c.pong_timeout_secs, 1, 3600)?;
+        if c.pong_timeout_secs >= c.ping_interval_secs + 10 {
+            return Err(invalid(
+                "client.pong_timeout_secs",
+                "must be less than ping_interval_secs + 10 (the SDKs' own ping watchdog slack)",
+            ));
+        }
+        check_range(
+            "client.max_message_bytes",
+            c.max_message_bytes as u64,
+            1024,
+            16 << 20,
+        )?;
+        check_range(
+            "client.outbound_queue",
+            c.outbound_queue as u64,
+            8,
+            1_000_000,
+        )?;
+        check_range(
+            "client.history_max_limit",
+            c.history_max_limit.into(),
+            1,
+            100_000,
+        )?;
+        check_range(
+            "client.recovery_max_publications",
+            c.recovery_max_publications.into(),
+            1,
+            100_000,
+        )?;
+        check_range(
+            "client.max_channels_per_connection",
+            c.max_channels_per_connection as u64,
+            1,
+            100_000,
+        )?;
+        check_range(
+            "client.max_pending_publishes",
+            c.max_pending_publishes as u64,
+            1,
+            10_000,
+        )?;
+        check_range(
+            "client.connect_timeout_secs",
+            c.connect_timeout_secs,
+            1,
+            600,
+        )?;
+        check_range("shutdown_grace_secs", self.shutdown_grace_secs, 0, 600)?;
+
+        for (i, m) in self.mappings.iter().enumerate() {
+            let field = |f: &str| format!("mappings[{i}].{f}");
+            check_ident(&field("schema"), &m.schema)?;
+            check_ident(&field("table"), &m.table)?;
+            if m.operations.is_empty() {
+                return Err(invalid(
+                    &field("operations"),
+                    "must name at least one of INSERT, UPDATE, DELETE",
+                ));
+            }
+            let mut seen = HashSet::new();
+            for op in &m.operations {
+                if !seen.insert(op) {
+                    return Err(invalid(
+                        &field("operations"),
+                        format!("{} is listed twice", op.sql()),
+                    ));
+                }
+            }
+            parse_template(&m.channel).map_err(|p| invalid(&field("channel"), p))?;
+            if let Some(cols) = &m.columns {
+                if cols.is_empty() {
+                    return Err(invalid(
+                        &field("columns"),
+                        "must not be empty (omit it to publish every column)",
+                    ));
+                }
+                let mut seen = HashSet::new();
+                for (j, col) in cols.iter().enumerate() {
+                    check_ident(&format!("mappings[{i}].columns[{j}]"), col)?;
+                    if !seen.insert(col) {
+                        return Err(invalid(
+                            &field("columns"),
+                            format!("{col:?} is listed twice"),
+                        ));
+                    }
+                }
+            }
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            let field = |f: &str| format!("rules[{i}].{f}");
+            if r.channel.is_empty()
+                || r.channel.len() > 255
+                || !r.channel.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid(
+                    &field("channel"),
+                    "must be 1-255 printable ASCII characters without spaces",
+                ));
+            }
+            check_range(&field("timeout_ms"), r.timeout_ms, 1, 900_000)?;
+            match &r.target {
+                Target::Lambda { function, endpoint } => {
+                    let ok = !function.is_empty()
+                        && function.len() <= 140
+                        && function
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_:.".contains(&b));
+                    if !ok {
+                        return Err(invalid(
+                            &field("target.function"),
+                            "must be a Lambda function name or ARN",
+                        ));
+                    }
+                    match endpoint {
+                        Some(e) => check_url(&field("target.endpoint"), e)?,
+                        None => {
+                            return Err(invalid(
+                                &field("target.endpoint"),
+                                "is required: this build invokes Lambda through an Invoke API endpoint URL",
+                            ));
+                        }
+                    }
+                }
+                Target::Http { url } => check_url(&field("target.url"), url)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The compiled rules, in configuration order (the first match wins).
+    pub fn rule_for(&self, channel: &str) -> Option<&Rule> {
+        self.rules
+            .iter()
+            .find(|r| ChannelPattern::new(&r.channel).matches(channel))
+    }
+
+    /// Whether `channel` is fed by a table mapping (such channels are never publishable by clients).
+    pub fn is_table_channel(&self, channel: &str) -> bool {
+        self.mappings
+            .iter()
+            .any(|m| mapping_pattern(&m.channel).matches(channel))
+    }
+}
+
+/// The channel pattern a mapping's template covers: every `{column}` becomes `*`.
+pub fn mapping_pattern(template: &str) -> ChannelPattern {
+    let parts = parse_template(template).unwrap_or_default();
+    let glob: String = parts
+        .iter()
+        .map(|p| match p {
+            TemplatePart::Literal(s) => s.as_str(),
+            TemplatePart::Column(_) => "*",
+        })
+        .collect();
+    ChannelPattern::new(&glob)
+}
+
+/// Parses a channel template: literal text with `{column}` placeholders.
+pub fn parse_template(template: &str) -> Result<Vec<TemplatePart>, String> {
+    let mut parts = Vec::new();
+    let mut rest = template;
+    while !rest.is_empty() {
+        match rest.find('{') {
+            Some(open) => {
+                if open > 0 {
+                    parts.push(TemplatePart::Literal(rest[..open].to_owned()));
+                }
+                let after = &rest[open + 1..];
+                let close = after.find('}').ok_or("has a '{' without a matching '}'")?;
+                let col = &after[..close];
+                if !is_ident(col) {
+                    return Err(format!("placeholder {{{col}}} is not a column name"));
+                }
+                parts.push(TemplatePart::Column(col.to_owned()));
+                rest = &after[close + 1..];
+            }
+            None => {
+                parts.push(TemplatePart::Literal(rest.to_owned()));
+                rest = "";
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    for p in &parts {
+        if let TemplatePart::Literal(s) = p {
+            if s.contains('}') {
+                return Err("has a '}' without a matching '{'".to_owned());
+            }
+            let sample = s.as_str();
+            if validate_channel(sample).is_err() {
+                return Err(format!(
+                    "literal {sample:?} has characters not allowed in channel names"
+                ));
+            }
+        }
+    }
+    Ok(parts)
+}
+
+/// Whether `s` is a plain SQL identifier: a letter or `_`, then letters, digits or `_`, at most 63.
+pub fn is_ident(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && s.len() <= 63
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn check_ident(field: &str, value: &str) -> Result<(), ConfigError> {
+    if is_ident(value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "{value:?} is not a plain identifier (letters, digits, _; not starting with a digit; at most 63)"
+            ),
+        ))
+    }
+}
+
+fn check_url(field: &str, value: &str) -> Result<(), ConfigError> {
+    match reqwest::Url::parse(value) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        _ => Err(invalid(field, format!("{value:?} is not an http(s) URL"))),
+    }
+}
+
+fn check_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{value} is out of range {min}..={max}"),
+        ))
+    }
+}
+
+fn invalid(field: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"{"database":{"url":"postgres://u@h/db"}}"#;
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = Config::from_json(MIN).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8000");
+        assert_eq!(c.client.ping_interval_secs, 25);
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config.json"))
+            .unwrap();
+        let c = Config::from_json(&text).unwrap();
+        assert!(c.rule_for("outgoing-chat").is_some());
+        assert!(c.is_table_channel("incoming-chat"));
+    }
+
+    fn err(json: &str) -> String {
+        Config::from_json(json).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = err(r#"{"database":{"url":"mysql://x"}}"#);
+        assert!(e.contains("database.url"), "{e}");
+        let e = err(
+            r#"{"database":{"url":"postgres://x"},"mappings":[{"table":"t; drop","operations":["INSERT"],"channel":"c"}]}"#,
+        );
+        assert!(e.contains("mappings[0].table"), "{e}");
+        let e = err(
+            r#"{"database":{"url":"postgres://x"},"mappings":[{"table":"t","operations":[],"channel":"c"}]}"#,
+        );
+        assert!(e.contains("mappings[0].operations"), "{e}");
+        let e = err(
+            r#"{"database":{"url":"postgres://x"},"mappings":[{"table":"t","operations":["INSERT"],"channel":"room:{id"}]}"#,
+        );
+        assert!(e.contains("mappings[0].channel"), "{e}");
+        let e = err(
+            r#"{"database":{"url":"postgres://x"},"rules":[{"channel":"a","target":{"type":"http","url":"ftp://x"}}]}"#,
+        );
+        assert!(e.contains("rules[0].target.url"), "{e}");
+        let e = err(r#"{"database":{"url":"postgres://x"},"client":{"ping_interval_secs":0}}"#);
+        assert!(e.contains("client.ping_interval_secs"), "{e}");
+        let e = err(r#"{"database":{"url":"postgres://x"},"bogus":1}"#);
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn templates() {
+        assert_eq!(
+            parse_template("room:{room_id}").unwrap(),
+            vec![
+                TemplatePart::Literal("room:".into()),
+                TemplatePart::Column("room_id".into())
+            ]
+        );
+        assert!(parse_template("room:{room id}").is_err());
+        assert!(parse_template("x}").is_err());
+        assert!(parse_template("a b").is_err());
+        assert!(mapping_pattern("room:{room_id}").matches("room:7"));
+        assert!(!mapping_pattern("room:{room_id}").matches("rooms"));
+    }
+}

@@ -1,0 +1,212 @@
+//! The change stream: turns committed changes into hub publications, gaplessly and in order.
+//!
+//! One task per connector node. It owns a dedicated LISTEN connection (tokio-postgres, driven through
+//! `poll_message` so notifications are not dropped) on `relay_changes` (a writer committed a change)
+//! and `relay_publications` (some node sequenced changes). On every wake-up, on every (re)connect and
+//! on a timer it:
+//!
+//! 1. calls `relay.sequence_changes()` until the changelog below the xid8 horizon is drained (any
+//!    node may do this; the function serializes callers with an advisory lock);
+//! 2. reads `relay.publications` with `seq > cursor` in `seq` order and hands each row to the hub.
+//!
+//! `seq` is assigned under the sequencer's transaction lock, so `seq` order is commit order and the
+//! cursor read never skips a row. A NOTIFY is only a hint: a lost one, a killed LISTEN backend or a
+//! restart costs at most one poll interval, never a publication. While the LISTEN connection is down
+//! the node is not ready (`/readyz`), and every reconnect is followed by a catch-up read.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::StreamConfig;
+use crate::hub::Hub;
+
+/// Channel names of the wake-ups.
+const CHANGES: &str = "relay_changes";
+
+/// State shared with the HTTP endpoints.
+#[derive(Debug, Default)]
+pub struct StreamStatus {
+    /// The LISTEN connection is up and the last catch-up read succeeded.
+    pub ready: AtomicBool,
+    /// `seq` of the last publication handed to the hub.
+    pub cursor: AtomicU64,
+    /// Reconnects of the LISTEN connection.
+    pub reconnects: AtomicU64,
+}
+
+/// What the stream task needs.
+pub struct Stream {
+    /// Query pool.
+    pub pool: PgPool,
+    /// URL of the LISTEN connection.
+    pub listen_url: String,
+    /// Settings.
+    pub config: StreamConfig,
+    /// Where publications go.
+    pub hub: Arc<Hub>,
+    /// Shared status.
+    pub status: Arc<StreamStatus>,
+}
+
+#[derive(Default)]
+struct Wakes {
+    changes: AtomicBool,
+    notify: Notify,
+}
+
+type Row = (i64, String, i64, String, String, Option<String>);
+
+impl Stream {
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
+        let mut backoff = Duration::from_millis(100);
+        let mut cursor: Option<u64> = None;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            match self.session(&shutdown, &tracker, &mut cursor).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.status.ready.store(false, Ordering::Relaxed);
+                    self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "change stream interrupted");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.status.ready.store(false, Ordering::Relaxed);
+    }
+
+    /// One LISTEN connection's lifetime. Returns `Ok` on shutdown, `Err` when the stream broke.
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+        cursor: &mut Option<u64>,
+    ) -> anyhow::Result<()> {
+        let (client, mut connection) = tokio_postgres::connect(&self.listen_url, NoTls).await?;
+        let wakes = Arc::new(Wakes::default());
+        let closed = CancellationToken::new();
+        let driver = {
+            let wakes = wakes.clone();
+            let closed = closed.clone();
+            tracker.spawn(async move {
+                loop {
+                    match poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(AsyncMessage::Notification(n))) => {
+                            if n.channel() == CHANGES {
+                                wakes.changes.store(true, Ordering::Relaxed);
+                            }
+                            wakes.notify.notify_one();
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "LISTEN connection failed");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                closed.cancel();
+            })
+        };
+        client
+            .batch_execute("LISTEN relay_changes; LISTEN relay_publications;")
+            .await?;
+
+        if cursor.is_none() {
+            let last: i64 = sqlx::query_scalar("SELECT last_seq FROM relay.sequencer")
+                .fetch_one(&self.pool)
+                .await?;
+            *cursor = Some(u64::try_from(last).unwrap_or(0));
+        }
+        // Catch up: whatever committed while no connection listened.
+        self.sequence().await?;
+        self.read(cursor).await?;
+        self.status.ready.store(true, Ordering::Relaxed);
+        tracing::info!(cursor = cursor.unwrap_or(0), "change stream ready");
+
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.poll_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    drop(client);
+                    let _ = driver.await;
+                    return Ok(());
+                }
+                _ = closed.cancelled() => anyhow::bail!("LISTEN connection closed"),
+                _ = wakes.notify.notified() => {}
+                _ = tick.tick() => { wakes.changes.store(true, Ordering::Relaxed); }
+            }
+            if wakes.changes.swap(false, Ordering::Relaxed) {
+                self.sequence().await?;
+            }
+            self.read(cursor).await?;
+        }
+    }
+
+    /// Moves every change below the horizon from the changelog into the history.
+    async fn sequence(&self) -> anyhow::Result<()> {
+        let batch = i32::try_from(self.config.batch_size).unwrap_or(i32::MAX);
+        loop {
+            let moved: i32 = sqlx::query_scalar("SELECT relay.sequence_changes($1)")
+                .bind(batch)
+                .fetch_one(&self.pool)
+                .await?;
+            if moved < batch {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Hands every publication after the cursor to the hub, in `seq` order.
+    async fn read(&self, cursor: &mut Option<u64>) -> anyhow::Result<()> {
+        let batch = i64::from(self.config.batch_size);
+        loop {
+            let from = cursor.unwrap_or(0);
+            let rows: Vec<Row> = sqlx::query_as(
+                r#"SELECT seq, channel, "offset", epoch, data::text, info::text
+                   FROM relay.publications WHERE seq > $1 ORDER BY seq LIMIT $2"#,
+            )
+            .bind(i64::try_from(from).unwrap_or(i64::MAX))
+            .bind(batch)
+            .fetch_all(&self.pool)
+            .await?;
+            let n = rows.len();
+            for (seq, channel, offset, epoch, data, info) in rows {
+                if self.hub.has_subscribers(&channel) {
+                    let data = RawValue::from_string(data)?;
+                    let info = info.map(RawValue::from_string).transpose()?;
+                    self.hub.publish(
+                        &channel,
+                        u64::try_from(offset)?,
+                        &epoch,
+                        &data,
+                        info.as_deref(),
+                    );
+                }
+                let seq = u64::try_from(seq)?;
+                *cursor = Some(seq);
+                self.status.cursor.store(seq, Ordering::Relaxed);
+            }
+            if (n as i64) < batch {
+                return Ok(());
+            }
+        }
+    }
+}

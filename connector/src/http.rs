@@ -1,0 +1,116 @@
+//! The HTTP router: the WebSocket endpoint, health, readiness and metrics.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::session;
+use crate::state::AppState;
+
+/// Builds the router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/connection/websocket", get(websocket))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Upgrades to the Centrifugo JSON protocol. `centrifuge-json` is echoed when offered; no or an empty
+/// `Sec-WebSocket-Protocol` is accepted too (the SDKs send none by default).
+async fn websocket(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
+    let max = state.config.client.max_message_bytes;
+    let tracker = state.tracker.clone();
+    ws.protocols(["centrifuge-json"])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| tracker.track_future(session::serve(socket, state)))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.stream.ready.load(Ordering::Relaxed) && !state.shutdown.is_cancelled() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "change stream not ready").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> String {
+    let m = &state.metrics;
+    let mut out = String::new();
+    let mut line = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    line(
+        "relay_connections",
+        "gauge",
+        "Open WebSocket connections.",
+        m.connections.load(Ordering::Relaxed),
+    );
+    line(
+        "relay_channels",
+        "gauge",
+        "Channels with subscribers on this node.",
+        state.hub.channel_count() as u64,
+    );
+    line(
+        "relay_publications_in_total",
+        "counter",
+        "Client publications accepted.",
+        m.publications_in.load(Ordering::Relaxed),
+    );
+    line(
+        "relay_publications_out_total",
+        "counter",
+        "Publications written to clients.",
+        m.publications_out.load(Ordering::Relaxed),
+    );
+    line(
+        "relay_slow_disconnects_total",
+        "counter",
+        "Connections closed for not reading fast enough.",
+        state.hub.slow_disconnects(),
+    );
+    line(
+        "relay_recoveries_total",
+        "counter",
+        "Subscriptions recovered completely.",
+        m.recovered.load(Ordering::Relaxed),
+    );
+    line(
+        "relay_recoveries_failed_total",
+        "counter",
+        "Recoveries answered with recovered=false.",
+        m.not_recovered.load(Ordering::Relaxed),
+    );
+    line(
+        "relay_stream_reconnects_total",
+        "counter",
+        "Reconnects of the LISTEN connection.",
+        state.stream.reconnects.load(Ordering::Relaxed),
+    );
+    line(
+        "relay_stream_cursor",
+        "gauge",
+        "Sequence number of the last publication read.",
+        state.stream.cursor.load(Ordering::Relaxed),
+    );
+    out
+}

@@ -1,0 +1,573 @@
+//! One task per WebSocket connection: commands in, replies and pushes out, the ping timer, and the
+//! close code that tells the SDK what to do next.
+//!
+//! Commands of a frame are handled in order (centrifuge-js sends `connect` and its `subscribe`s in one
+//! frame), and their replies go out together in one frame. Pushes arrive from the hub through a
+//! bounded mailbox; each subscription remembers the offset it has delivered, so a publication that
+//! was already part of a subscribe reply is not sent twice, and a gap is never passed over silently
+//! (the client is told to resubscribe and recover). Publishes to a rule's target run concurrently
+//! with the session, so a slow writer does not hold back pushes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, SplitSink};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use relay_protocol::channel::validate_channel;
+use relay_protocol::command::{
+    ChannelRequest, ConnectRequest, HistoryRequest, PublishRequest, SubscribeRequest,
+};
+use relay_protocol::reply::{
+    self, ClientInfo, ConnectResult, Empty, HistoryResult, Publication, SubscribeResult,
+};
+use relay_protocol::{Command, Disconnect, ErrorCode, ReplyError, Request};
+
+use crate::auth;
+use crate::db::history::{self, Bound, StoredPublication};
+use crate::hub::{Delivery, Subscriber};
+use crate::rules::{self, NamedData};
+use crate::state::AppState;
+
+/// WebSocket close code for a message over the size limit (the SDKs treat it as terminal).
+const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
+
+/// The position a subscription has delivered up to.
+#[derive(Debug)]
+struct SubState {
+    epoch: String,
+    offset: u64,
+}
+
+/// What the handling of a frame asks the loop to do.
+enum Flow {
+    Continue,
+    Close(Disconnect),
+}
+
+/// A session's state.
+struct Session {
+    state: Arc<AppState>,
+    id: u64,
+    client: String,
+    user: String,
+    connected: bool,
+    subs: HashMap<String, SubState>,
+    mailbox: mpsc::Sender<Arc<Delivery>>,
+    slow: CancellationToken,
+    pending: FuturesUnordered<BoxFuture<'static, String>>,
+    pong_deadline: Option<Instant>,
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+
+/// Serves one upgraded WebSocket until it closes.
+pub async fn serve(socket: WebSocket, state: Arc<AppState>) {
+    let (mailbox, inbox) = mpsc::channel(state.config.client.outbound_queue);
+    let mut session = Session {
+        id: state.hub.next_session_id(),
+        client: uuid::Uuid::new_v4().to_string(),
+        user: String::new(),
+        connected: false,
+        subs: HashMap::new(),
+        mailbox,
+        slow: CancellationToken::new(),
+        pending: FuturesUnordered::new(),
+        pong_deadline: None,
+        state,
+    };
+    session
+        .state
+        .metrics
+        .connections
+        .fetch_add(1, Ordering::Relaxed);
+    session.run(socket, inbox).await;
+    session
+        .state
+        .metrics
+        .connections
+        .fetch_sub(1, Ordering::Relaxed);
+    for channel in session.subs.keys() {
+        session.state.hub.unsubscribe(channel, session.id);
+    }
+}
+
+impl Session {
+    async fn run(&mut self, socket: WebSocket, mut inbox: mpsc::Receiver<Arc<Delivery>>) {
+        let (mut sink, mut stream) = socket.split();
+        let cfg = self.state.config.clone();
+        let cfg = &cfg.client;
+        let ping_every = Duration::from_secs(cfg.ping_interval_secs);
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        let connect_deadline = tokio::time::sleep(Duration::from_secs(cfg.connect_timeout_secs));
+        tokio::pin!(connect_deadline);
+        let shutdown = self.state.shutdown.clone();
+        let slow = self.slow.clone();
+
+        let close: Option<(u16, &'static str)> = loop {
+            let pong_deadline = self.pong_deadline;
+            let pong_timeout = async move {
+                match pong_deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Some(code(Disconnect::SHUTDOWN)),
+                _ = slow.cancelled() => break Some(code(Disconnect::SLOW)),
+                _ = &mut connect_deadline, if !self.connected => break Some(code(Disconnect::STALE)),
+                _ = pong_timeout => break Some(code(Disconnect::NO_PONG)),
+                message = stream.next() => match message {
+                    Some(Ok(Message::Text(text))) => {
+                        let mut out = Vec::new();
+                        let flow = self.handle_frame(text.as_str(), &mut out).await;
+                        if !out.is_empty() && send_lines(&mut sink, &out).await.is_err() {
+                            break None;
+                        }
+                        if let Flow::Close(d) = flow {
+                            break Some(code(d));
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => break Some(code(Disconnect::INAPPROPRIATE_PROTOCOL)),
+                    Some(Ok(Message::Close(_))) | None => break None,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        if is_capacity_error(e) {
+                            break Some((CLOSE_MESSAGE_TOO_BIG, "message size limit"));
+                        }
+                        break None;
+                    }
+                },
+                Some(delivery) = inbox.recv() => {
+                    let mut out = Vec::new();
+                    let mut flow = self.deliver(&delivery, &mut out);
+                    // Drain what else is waiting, to write it with one flush.
+                    while matches!(flow, Flow::Continue) && out.len() < 256 {
+                        match inbox.try_recv() {
+                            Ok(d) => flow = self.deliver(&d, &mut out),
+                            Err(_) => break,
+                        }
+                    }
+                    if feed_all(&mut sink, out).await.is_err() {
+                        break None;
+                    }
+                    if let Flow::Close(d) = flow {
+                        break Some(code(d));
+                    }
+                }
+                Some(line) = self.pending.next(), if !self.pending.is_empty() => {
+                    if send_lines(&mut sink, &[line]).await.is_err() {
+                        break None;
+                    }
+                }
+                _ = ping.tick() => {
+                    if sink.send(Message::Text(Utf8Bytes::from_static(reply::PING))).await.is_err() {
+                        break None;
+                    }
+                    if self.connected && self.pong_deadline.is_none() {
+                        self.pong_deadline = Some(Instant::now() + Duration::from_secs(cfg.pong_timeout_secs));
+                    }
+                }
+            }
+        };
+        if let Some((code, reason)) = close {
+            tracing::debug!(client = %self.client, code, reason, "closing connection");
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                sink.send(Message::Close(Some(frame))),
+            )
+            .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    }
+
+    /// Handles every command of a text frame, in order, appending replies to `out`.
+    async fn handle_frame(&mut self, frame: &str, out: &mut Vec<String>) -> Flow {
+        let Ok(lines) = Command::split_frame(frame) else {
+            return Flow::Close(Disconnect::BAD_REQUEST);
+        };
+        for line in lines {
+            let command = match Command::parse(line) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(client = %self.client, error = %e, "bad command");
+                    return Flow::Close(Disconnect::BAD_REQUEST);
+                }
+            };
+            match command {
+                Command::Pong => self.pong_deadline = None,
+                Command::Send(_) => {}
+                Command::Request { id, request } => {
+                    if let Flow::Close(d) = self.handle_request(id, request, out).await {
+                        return Flow::Close(d);
+                    }
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn handle_request(&mut self, id: u32, request: Request, out: &mut Vec<String>) -> Flow {
+        if !self.connected {
+            return match request {
+                Request::Connect(c) => self.connect(id, c, out),
+                _ => Flow::Close(Disconnect::BAD_REQUEST),
+            };
+        }
+        let name = request.name();
+        let result = match request {
+            Request::Connect(_) => return Flow::Close(Disconnect::BAD_REQUEST),
+            Request::Subscribe(s) => self.subscribe(s).await,
+            Request::Unsubscribe(u) => Ok(self.unsubscribe(u)),
+            Request::Publish(p) => match self.publish(id, p) {
+                Ok(()) => return Flow::Continue,
+                Err(e) => Err(e),
+            },
+            Request::History(h) => self.history(h).await,
+            Request::Presence(_) | Request::PresenceStats(_) => Err(ErrorCode::NotAvailable.into()),
+            Request::Ping | Request::Refresh(_) | Request::SubRefresh(_) => {
+                Err(ErrorCode::NotAvailable.into())
+            }
+            Request::Rpc(_) => Err(ErrorCode::MethodNotFound.into()),
+        };
+        match result {
+            Ok(body) => out.push(format!("{{\"id\":{id},\"{name}\":{body}}}")),
+            Err(e) => out.push(reply::encode_error(id, &e)),
+        }
+        Flow::Continue
+    }
+
+    fn connect(&mut self, id: u32, request: ConnectRequest, out: &mut Vec<String>) -> Flow {
+        match auth::authenticate(&self.state.config, &request) {
+            Ok(identity) => {
+                self.user = identity.user;
+                self.connected = true;
+                let result = ConnectResult {
+                    client: self.client.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    ping: u32::try_from(self.state.config.client.ping_interval_secs)
+                        .unwrap_or(u32::MAX),
+                    pong: true,
+                };
+                out.push(reply::encode_reply(id, "connect", &result));
+                Flow::Continue
+            }
+            Err(d) => Flow::Close(d),
+        }
+    }
+
+    async fn subscribe(&mut self, req: SubscribeRequest) -> Result<String, ReplyError> {
+        let channel = req.channel.clone();
+        validate_channel(&channel)
+            .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
+        if self.subs.contains_key(&channel) {
+            return Err(ErrorCode::AlreadySubscribed.into());
+        }
+        let cfg = &self.state.config.client;
+        if self.subs.len() >= cfg.max_channels_per_connection {
+            return Err(ErrorCode::LimitExceeded.into());
+        }
+        // Register before reading, so nothing committed after the read can be missed; what arrives
+        // twice is dropped by offset in `deliver`.
+        self.state.hub.subscribe(
+            &channel,
+            self.id,
+            Subscriber {
+                mailbox: self.mailbox.clone(),
+                slow: self.slow.clone(),
+            },
+        );
+        let limit = if req.recover {
+            cfg.recovery_max_publications + 1
+        } else {
+            0
+        };
+        let slice = match history::read(&self.state.pool, &channel, Bound::After(req.offset), limit)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.state.hub.unsubscribe(&channel, self.id);
+                tracing::warn!(error = %e, channel, "subscribe read failed");
+                return Err(ErrorCode::Internal.into());
+            }
+        };
+        let mut recovered = false;
+        let mut publications: Vec<&StoredPublication> = Vec::new();
+        if req.recover {
+            let epoch_ok = req.epoch.is_empty() || req.epoch == slice.epoch;
+            let missed = slice.top.saturating_sub(req.offset);
+            let complete = req.offset <= slice.top
+                && slice.publications.len() as u64 == missed
+                && slice
+                    .publications
+                    .first()
+                    .is_none_or(|p| p.offset == req.offset + 1)
+                && slice
+                    .publications
+                    .last()
+                    .is_none_or(|p| p.offset == slice.top);
+            recovered = epoch_ok && complete;
+            if recovered {
+                publications = slice.publications.iter().collect();
+            }
+            self.state.metrics.record_recovery(recovered);
+            if !recovered && req.flag & 2 != 0 {
+                self.state.hub.unsubscribe(&channel, self.id);
+                return Err(ErrorCode::UnrecoverablePosition.into());
+            }
+        }
+        let delivered = publications
+            .last()
+            .map_or(if recovered { req.offset } else { slice.top }, |p| p.offset);
+        let result = SubscribeResult {
+            recoverable: true,
+            positioned: true,
+            epoch: &slice.epoch,
+            offset: if recovered { req.offset } else { slice.top },
+            was_recovering: req.recover,
+            recovered,
+            publications: publications
+                .iter()
+                .map(|p| Publication {
+                    data: &p.data,
+                    offset: p.offset,
+                    info: p.info.as_deref(),
+                })
+                .collect(),
+        };
+        let body =
+            serde_json::to_string(&result).map_err(|_| ReplyError::new(ErrorCode::Internal))?;
+        self.subs.insert(
+            channel,
+            SubState {
+                epoch: slice.epoch.clone(),
+                offset: delivered,
+            },
+        );
+        Ok(body)
+    }
+
+    fn unsubscribe(&mut self, req: ChannelRequest) -> String {
+        if self.subs.remove(&req.channel).is_some() {
+            self.state.hub.unsubscribe(&req.channel, self.id);
+        }
+        "{}".to_owned()
+    }
+
+    /// Starts a publish; its reply is written when the target or the database answered.
+    fn publish(&mut self, id: u32, req: PublishRequest) -> Result<(), ReplyError> {
+        validate_channel(&req.channel)
+            .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
+        if self.pending.len() >= self.state.config.client.max_pending_publishes {
+            return Err(ErrorCode::TooManyRequests.into());
+        }
+        let state = self.state.clone();
+        let sender = if self.user.is_empty() {
+            self.client.clone()
+        } else {
+            self.user.clone()
+        };
+        let connection = self.client.clone();
+        if let Some(rule) = state.config.rule_for(&req.channel).cloned() {
+            let named: NamedData<'_> = serde_json::from_str(req.data.get()).map_err(|_| {
+                ReplyError::with_message(
+                    ErrorCode::BadRequest,
+                    "publication data must be {\"name\": string, \"data\": any}",
+                )
+            })?;
+            let name = named.name;
+            self.pending.push(Box::pin(async move {
+                let data = req.data;
+                let named = NamedData {
+                    name,
+                    data: serde_json::from_str::<NamedData<'_>>(data.get())
+                        .ok()
+                        .and_then(|n| n.data),
+                };
+                let message_id = uuid::Uuid::new_v4().to_string();
+                let envelope =
+                    rules::envelope(&req.channel, &sender, &connection, &named, message_id);
+                match rules::deliver(&state.http, &rule, &envelope).await {
+                    Ok(()) => {
+                        state
+                            .metrics
+                            .publications_in
+                            .fetch_add(1, Ordering::Relaxed);
+                        reply::encode_reply(id, "publish", &Empty {})
+                    }
+                    Err(e) => {
+                        tracing::warn!(channel = %req.channel, error = %e, "publish target failed");
+                        let err = match e {
+                            rules::TargetError::Unreachable(_) => ReplyError::with_message(
+                                ErrorCode::Internal,
+                                "publish target unavailable",
+                            ),
+                            rules::TargetError::Failed(_) => ReplyError::with_message(
+                                ErrorCode::Internal,
+                                "publish target failed",
+                            ),
+                        };
+                        reply::encode_error(id, &err)
+                    }
+                }
+            }));
+            return Ok(());
+        }
+        if state.config.is_table_channel(&req.channel) || !state.config.client.allow_publish {
+            return Err(ErrorCode::PermissionDenied.into());
+        }
+        let info = serde_json::to_string(&ClientInfo {
+            user: self.user.clone(),
+            client: self.client.clone(),
+            conn_info: None,
+            chan_info: None,
+        })
+        .map_err(|_| ReplyError::new(ErrorCode::Internal))?;
+        self.pending.push(Box::pin(async move {
+            let info = RawValue::from_string(info).unwrap_or_else(|_| RawValue::NULL.to_owned());
+            match history::publish(&state.pool, &req.channel, &req.data, &info).await {
+                Ok(()) => {
+                    state
+                        .metrics
+                        .publications_in
+                        .fetch_add(1, Ordering::Relaxed);
+                    reply::encode_reply(id, "publish", &Empty {})
+                }
+                Err(e) => {
+                    tracing::warn!(channel = %req.channel, error = %e, "publish failed");
+                    reply::encode_error(id, &ReplyError::new(ErrorCode::Internal))
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    async fn history(&mut self, req: HistoryRequest) -> Result<String, ReplyError> {
+        validate_channel(&req.channel)
+            .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
+        let max = self.state.config.client.history_max_limit;
+        let limit = match req.limit {
+            0 => 0,
+            n if n < 0 => max,
+            n => u32::try_from(n).unwrap_or(u32::MAX).min(max),
+        };
+        let bound = match (&req.since, req.reverse) {
+            (Some(since), true) if since.offset == 0 => {
+                return Err(ReplyError::with_message(
+                    ErrorCode::BadRequest,
+                    "reverse history needs since.offset > 0",
+                ));
+            }
+            (Some(since), true) => Bound::Before(since.offset),
+            (Some(since), false) => Bound::After(since.offset),
+            (None, true) => Bound::Before(u64::MAX),
+            (None, false) => Bound::After(0),
+        };
+        let slice = history::read(&self.state.pool, &req.channel, bound, limit)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "history read failed");
+                ReplyError::new(ErrorCode::Internal)
+            })?;
+        if let Some(since) = &req.since
+            && !since.epoch.is_empty()
+            && since.epoch != slice.epoch
+        {
+            return Err(ErrorCode::UnrecoverablePosition.into());
+        }
+        let result = HistoryResult {
+            publications: slice
+                .publications
+                .iter()
+                .map(|p| Publication {
+                    data: &p.data,
+                    offset: p.offset,
+                    info: p.info.as_deref(),
+                })
+                .collect(),
+            epoch: &slice.epoch,
+            offset: slice.top,
+        };
+        serde_json::to_string(&result).map_err(|_| ReplyError::new(ErrorCode::Internal))
+    }
+
+    /// Passes a hub publication on if it is the next one of a subscription.
+    fn deliver(&mut self, delivery: &Delivery, out: &mut Vec<Utf8Bytes>) -> Flow {
+        let Some(sub) = self.subs.get_mut(&*delivery.channel) else {
+            return Flow::Continue; // unsubscribed meanwhile, or its subscribe has not been answered
+        };
+        if sub.epoch.is_empty() && sub.offset == 0 {
+            sub.epoch = delivery.epoch.to_string();
+        }
+        if *delivery.epoch != *sub.epoch {
+            return self.insufficient_state(&delivery.channel.clone(), out);
+        }
+        if delivery.offset <= sub.offset {
+            return Flow::Continue; // already in the subscribe reply
+        }
+        if delivery.offset != sub.offset + 1 {
+            return self.insufficient_state(&delivery.channel.clone(), out);
+        }
+        sub.offset = delivery.offset;
+        out.push(delivery.frame.clone());
+        self.state
+            .metrics
+            .publications_out
+            .fetch_add(1, Ordering::Relaxed);
+        Flow::Continue
+    }
+
+    /// The subscription lost track of its stream: tell the client to resubscribe and recover.
+    fn insufficient_state(&mut self, channel: &str, out: &mut Vec<Utf8Bytes>) -> Flow {
+        tracing::warn!(client = %self.client, channel, "gap in a channel stream; client told to recover");
+        self.subs.remove(channel);
+        self.state.hub.unsubscribe(channel, self.id);
+        out.push(Utf8Bytes::from(reply::encode_unsubscribe_push(
+            channel,
+            2500,
+            "insufficient state",
+        )));
+        Flow::Continue
+    }
+}
+
+fn code(d: Disconnect) -> (u16, &'static str) {
+    (d.code, d.reason)
+}
+
+fn is_capacity_error(e: axum::Error) -> bool {
+    matches!(
+        e.into_inner()
+            .downcast_ref::<tokio_tungstenite::tungstenite::Error>(),
+        Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
+    )
+}
+
+async fn send_lines(sink: &mut Sink, lines: &[String]) -> Result<(), axum::Error> {
+    sink.send(Message::Text(Utf8Bytes::from(lines.join("\n"))))
+        .await
+}
+
+async fn feed_all(sink: &mut Sink, frames: Vec<Utf8Bytes>) -> Result<(), axum::Error> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    for frame in frames {
+        sink.feed(Message::Text(frame)).await?;
+    }
+    sink.flush().await
+}

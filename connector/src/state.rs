@@ -1,0 +1,61 @@
+//! The state shared by every part of a running connector: configuration, pool, hub, HTTP client,
+//! stream status, counters and the shutdown handle.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::db::stream::StreamStatus;
+use crate::hub::Hub;
+
+/// Process-wide counters (exported at `/metrics`).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open WebSocket connections.
+    pub connections: AtomicU64,
+    /// Client publications accepted (by a target or the database).
+    pub publications_in: AtomicU64,
+    /// Publications written to client sockets.
+    pub publications_out: AtomicU64,
+    /// Recoveries that filled the gap.
+    pub recovered: AtomicU64,
+    /// Recoveries that could not.
+    pub not_recovered: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a recovery attempt.
+    pub fn record_recovery(&self, recovered: bool) {
+        let counter = if recovered {
+            &self.recovered
+        } else {
+            &self.not_recovered
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything a session or an HTTP handler needs.
+#[derive(Debug)]
+pub struct AppState {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Query pool.
+    pub pool: PgPool,
+    /// Channel registry.
+    pub hub: Arc<Hub>,
+    /// Client for publish targets.
+    pub http: reqwest::Client,
+    /// Change-stream status.
+    pub stream: Arc<StreamStatus>,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Cancelled when the connector shuts down.
+    pub shutdown: CancellationToken,
+    /// Tracks every task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
