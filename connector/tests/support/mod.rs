@@ -1,0 +1,297 @@
+//! Test helpers: a fresh database per test, a real connector on port 0, and a raw WebSocket client
+//! that speaks the Centrifugo JSON protocol line by line.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+/// The server the tests create their databases on.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database made for one test, dropped by [`TestDb::drop_db`].
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let admin = PgPool::connect(&admin_url()).await.unwrap();
+        let name = format!("relay_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let base = admin_url();
+        let (prefix, _) = base.rsplit_once('/').unwrap();
+        let url = format!("{prefix}/{name}");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(12)
+            .connect(&url)
+            .await
+            .unwrap();
+        Self { name, url, pool }
+    }
+
+    pub async fn drop_db(self) {
+        self.pool.close().await;
+        let admin = PgPool::connect(&admin_url()).await.unwrap();
+        let _ = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&admin)
+        .await;
+        admin.close().await;
+    }
+
+    /// Inserts a chat row directly (as an application would).
+    pub async fn insert_chat(&self, id: &str, text: &str) {
+        sqlx::query(
+            "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+             VALUES ($1, 'sql', $2, 'sql-client', 0)",
+        )
+        .bind(id)
+        .bind(text)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+}
+
+/// The chat configuration of `config.json`, pointed at `db_url`, with extra top-level settings merged.
+pub fn config_json(db_url: &str, extra: Value) -> String {
+    let mut config = json!({
+        "listen": "127.0.0.1:0",
+        "database": {"url": db_url, "pool_size": 8},
+        "stream": {"poll_interval_ms": 100},
+        "client": {"allow_anonymous": true, "allow_publish": true, "ping_interval_secs": 25},
+        "mappings": [{"table": "chat_data", "operations": ["INSERT", "UPDATE", "DELETE"], "channel": "incoming-chat"}],
+        "rules": [],
+        "shutdown_grace_secs": 5
+    });
+    if let (Some(base), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            match (base.get_mut(k), v) {
+                (Some(Value::Object(b)), Value::Object(e)) => {
+                    for (k2, v2) in e {
+                        b.insert(k2.clone(), v2.clone());
+                    }
+                }
+                _ => {
+                    base.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    config.to_string()
+}
+
+/// A connector running in this process.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<connector::Result<()>>,
+}
+
+impl Server {
+    pub async fn start(config_json: &str) -> Self {
+        let config = connector::Config::from_json(config_json).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(connector::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let server = Self {
+            addr,
+            stop: Some(stop),
+            task,
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.addr);
+        for _ in 0..200 {
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("connector not ready");
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/connection/websocket", self.addr)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(15), &mut self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A raw protocol client.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pending: std::collections::VecDeque<Value>,
+    next_id: u32,
+}
+
+/// How a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = connect_async(url).await.unwrap();
+        Self {
+            ws,
+            pending: Default::default(),
+            next_id: 1,
+        }
+    }
+
+    /// Connects and sends the `connect` command.
+    pub async fn connected(url: &str) -> Self {
+        let mut c = Self::connect(url).await;
+        let reply = c.call(json!({"connect": {"name": "test"}})).await;
+        assert!(reply["connect"]["client"].is_string(), "{reply}");
+        c
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    /// Sends a command with the next id; returns the id.
+    pub async fn send(&mut self, mut command: Value) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        command["id"] = json!(id);
+        self.send_raw(&command.to_string()).await;
+        id
+    }
+
+    /// Sends a command and waits for its reply (pushes that arrive meanwhile are kept).
+    pub async fn call(&mut self, command: Value) -> Value {
+        let id = self.send(command).await;
+        let mut kept = Vec::new();
+        loop {
+            let m = self.next_message().await;
+            if m["id"] == json!(id) {
+                for k in kept.into_iter().rev() {
+                    self.pending.push_front(k);
+                }
+                return m;
+            }
+            kept.push(m);
+        }
+    }
+
+    /// The next message (reply, push or ping), waiting at most 20 s.
+    pub async fn next_message(&mut self) -> Value {
+        self.try_next(Duration::from_secs(20))
+            .await
+            .expect("no message within 20 s")
+    }
+
+    /// The next message within `wait`, or None. Panics if the connection closed.
+    pub async fn try_next(&mut self, wait: Duration) -> Option<Value> {
+        if let Some(m) = self.pending.pop_front() {
+            return Some(m);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    for line in t.as_str().split('\n') {
+                        assert!(!line.is_empty(), "empty line in frame {t:?}");
+                        self.pending.push_back(serde_json::from_str(line).unwrap());
+                    }
+                    return self.pending.pop_front();
+                }
+                Some(Ok(Message::Close(f))) => panic!("connection closed: {f:?}"),
+                Some(Ok(_)) => {}
+                other => panic!("connection failed: {other:?}"),
+            }
+        }
+    }
+
+    /// The next publication push on `channel` (pings and other pushes skipped).
+    pub async fn next_pub(&mut self, channel: &str) -> Value {
+        loop {
+            let m = self.next_message().await;
+            if m["push"]["channel"] == json!(channel) && m["push"]["pub"].is_object() {
+                return m["push"]["pub"].clone();
+            }
+        }
+    }
+
+    /// Waits for the server to close the connection; returns the close code and reason.
+    pub async fn closed(&mut self) -> Closed {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("no close within 20 s")
+            {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return Closed {
+                        code: f.code.into(),
+                        reason: f.reason.to_string(),
+                    };
+                }
+                Some(Ok(Message::Close(None))) | None => {
+                    return Closed {
+                        code: 0,
+                        reason: String::new(),
+                    };
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) => {
+                    return Closed {
+                        code: 0,
+                        reason: String::new(),
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl Client {
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.ws.send(Message::Binary(bytes.into())).await.unwrap();
+    }
+}
