@@ -1,0 +1,246 @@
+//! The change stream under concurrent writers: everything arrives, once, in offset order, matching
+//! history — including transactions that commit out of sequence order — and large rows are delivered.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::{Value, json};
+use support::{Client, Server, TestDb, config_json};
+
+const WRITERS: usize = 8;
+const ROWS: usize = 10_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_rows_from_eight_writers_arrive_once_in_order() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(
+        &db.url,
+        json!({"client": {"outbound_queue": 20000}}),
+    ))
+    .await;
+    let mut client = Client::connected(&server.ws_url()).await;
+    let r = client
+        .call(json!({"subscribe": {"channel": "incoming-chat", "recoverable": true}}))
+        .await;
+    assert_eq!(r["subscribe"]["offset"], 0);
+
+    // Each writer commits transactions of 1–20 rows; a third of them wait before committing, so
+    // transactions with lower ids and xids often commit after higher ones.
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let pool = db.pool.clone();
+        writers.push(tokio::spawn(async move {
+            let mut written = 0;
+            let per_writer = ROWS / WRITERS;
+            while written < per_writer {
+                let (size, delay) = {
+                    let mut rng = rand::rng();
+                    (rng.random_range(1..=20).min(per_writer - written), rng.random_range(0..3) == 0)
+                };
+                let mut tx = pool.begin().await.unwrap();
+                for i in 0..size {
+                    let id = format!("w{w}-{}", written + i);
+                    sqlx::query(
+                        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+                         VALUES ($1, $2, $3, $2, 0)",
+                    )
+                    .bind(&id)
+                    .bind(format!("writer{w}"))
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                }
+                if delay {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                tx.commit().await.unwrap();
+                written += size;
+            }
+        }));
+    }
+
+    let mut seen = HashSet::new();
+    let mut last_offset = 0u64;
+    while seen.len() < ROWS {
+        let p = client.next_pub("incoming-chat").await;
+        let offset = p["offset"].as_u64().unwrap();
+        assert_eq!(
+            offset,
+            last_offset + 1,
+            "offsets strictly increase without gaps"
+        );
+        last_offset = offset;
+        let id = p["data"]["row"]["msg_id"].as_str().unwrap().to_owned();
+        assert!(seen.insert(id.clone()), "duplicate delivery of {id}");
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(
+        client
+            .try_next(Duration::from_millis(500))
+            .await
+            .is_none_or(|m| m == json!({})),
+        "nothing extra"
+    );
+
+    // History agrees: the same rows at the same offsets.
+    let mut from = 0u64;
+    let mut history = Vec::new();
+    loop {
+        let h = client
+            .call(json!({"history": {"channel": "incoming-chat", "limit": 300, "since": {"offset": from, "epoch": ""}}}))
+            .await;
+        let pubs = h["history"]["publications"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if pubs.is_empty() {
+            break;
+        }
+        from = pubs.last().unwrap()["offset"].as_u64().unwrap();
+        history.extend(pubs);
+    }
+    assert_eq!(history.len(), ROWS);
+    for (i, p) in history.iter().enumerate() {
+        assert_eq!(p["offset"].as_u64().unwrap(), i as u64 + 1);
+    }
+    let history_ids: HashSet<String> = history
+        .iter()
+        .map(|p| p["data"]["row"]["msg_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(history_ids, seen);
+
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_100kb_row_is_written_and_delivered() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    let mut client = Client::connected(&server.ws_url()).await;
+    client
+        .call(json!({"subscribe": {"channel": "incoming-chat"}}))
+        .await;
+
+    // 100 KB of text with newlines, quotes and non-ASCII: far over NOTIFY's 8000-byte limit.
+    let text: String = "line \"quoted\" ünïcødé\n".repeat(100 * 1024 / 24);
+    assert!(text.len() >= 100 * 1024);
+    db.insert_chat("big", &text).await;
+    let p = client.next_pub("incoming-chat").await;
+    assert_eq!(p["data"]["row"]["msg_data"], Value::String(text.clone()));
+
+    // The same through history.
+    let h = client
+        .call(json!({"history": {"channel": "incoming-chat", "limit": 1}}))
+        .await;
+    assert_eq!(
+        h["history"]["publications"][0]["data"]["row"]["msg_data"],
+        Value::String(text)
+    );
+
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn changes_committed_while_the_connector_is_down_are_recovered() {
+    let db = TestDb::new().await;
+    let config = config_json(&db.url, json!({}));
+    let server = Server::start(&config).await;
+    let mut client = Client::connected(&server.ws_url()).await;
+    client
+        .call(json!({"subscribe": {"channel": "incoming-chat", "recoverable": true}}))
+        .await;
+    db.insert_chat("a", "before").await;
+    let p = client.next_pub("incoming-chat").await;
+    let epoch = client
+        .call(json!({"history": {"channel": "incoming-chat"}}))
+        .await["history"]["epoch"]
+        .clone();
+    server.stop().await;
+
+    for i in 0..50 {
+        db.insert_chat(&format!("down-{i}"), "while down").await;
+    }
+    let server = Server::start(&config).await;
+    let mut client = Client::connected(&server.ws_url()).await;
+    let r = client
+        .call(json!({"subscribe": {"channel": "incoming-chat", "recoverable": true, "recover": true, "offset": p["offset"], "epoch": epoch}}))
+        .await;
+    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+    let pubs = r["subscribe"]["publications"].as_array().unwrap();
+    assert_eq!(pubs.len(), 50);
+    assert_eq!(pubs[0]["offset"], 2);
+    assert_eq!(pubs[49]["offset"], 51);
+
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn channel_templates_and_column_lists() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "CREATE TABLE accounts (id int PRIMARY KEY, room_id int, name text, password_hash text)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let config = config_json(
+        &db.url,
+        json!({"mappings": [{"table": "accounts", "operations": ["INSERT", "DELETE"], "channel": "room:{room_id}", "columns": ["id", "name"]}]}),
+    );
+    let server = Server::start(&config).await;
+    let mut client = Client::connected(&server.ws_url()).await;
+    client
+        .call(json!({"subscribe": {"channel": "room:7"}}))
+        .await;
+    sqlx::query("INSERT INTO accounts VALUES (1, 8, 'other room', 'x'), (2, 7, 'alice', 'secret-hash'), (3, NULL, 'no room', 'y')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM accounts WHERE id = 2")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let p = client.next_pub("room:7").await;
+    assert_eq!(p["data"]["type"], "INSERT");
+    assert_eq!(
+        p["data"]["row"],
+        json!({"id": 2, "name": "alice"}),
+        "only the listed columns leave the database"
+    );
+    let d = client.next_pub("room:7").await;
+    assert_eq!(d["data"]["type"], "DELETE");
+    assert_eq!(d["data"]["row"]["id"], 2);
+    assert!(!d.to_string().contains("secret-hash"));
+    server.stop().await;
+
+    // Dropping the mapping removes its trigger: writes are no longer captured.
+    let config = config_json(&db.url, json!({"mappings": []}));
+    let server = Server::start(&config).await;
+    sqlx::query("INSERT INTO accounts VALUES (4, 7, 'bob', 'z')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let triggers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'relay\\_%'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(triggers, 0);
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM relay.changelog")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0);
+    server.stop().await;
+    db.drop_db().await;
+}
