@@ -181,8 +181,15 @@ class Run:
 
     # ---- setup and teardown ---------------------------------------------------------------------
 
+    def prune_artifacts(self, keep: int = 20) -> None:
+        """Keep the newest `keep` runs' logs; older ones go."""
+        runs = sorted((d for d in self.dir.parent.glob("relay_sdk_*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
+        for old in runs[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
     def setup(self) -> bool:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.prune_artifacts()
         for b in ("connector", "writer-lambda"):
             if not (self.bin_dir / b).is_file():
                 self.results.fail("binaries built", f"{self.bin_dir / b} is missing: run `cargo build --workspace --bins`")
