@@ -333,7 +333,9 @@ for (const [name, fn, opts = {}] of steps) {
   } catch (err) {
     failed++;
     if (opts.critical !== false) aborted = name;
-    out(`FAIL ${name}: ${err && err.message ? err.message : describe(err)}`);
+    // SDK errors are {code, message, temporary?}: show all of it.
+    const why = err instanceof Error ? err.message : `SDK error ${describe(err)}`;
+    out(`FAIL ${name}: ${why}`);
   }
 }
 
