@@ -295,9 +295,7 @@ impl Session {
         } else {
             0
         };
-        let slice = match history::read(&self.state.pool, &channel, Bound::After(req.offset), limit)
-            .await
-        {
+        let slice = match read_stream(&self.state.pool, &channel, req.offset, limit).await {
             Ok(s) => s,
             Err(e) => {
                 self.state.hub.unsubscribe(&channel, self.id);
@@ -543,6 +541,22 @@ impl Session {
         )));
         Flow::Continue
     }
+}
+
+/// Reads a channel's position and the publications after `after`; a channel that never had a
+/// publication gets its stream row first, so the reply carries the epoch publications will have.
+async fn read_stream(
+    pool: &sqlx::PgPool,
+    channel: &str,
+    after: u64,
+    limit: u32,
+) -> crate::Result<history::StreamSlice> {
+    let slice = history::read(pool, channel, Bound::After(after), limit).await?;
+    if !slice.epoch.is_empty() {
+        return Ok(slice);
+    }
+    history::ensure_channel(pool, channel).await?;
+    history::read(pool, channel, Bound::After(after), limit).await
 }
 
 fn code(d: Disconnect) -> (u16, &'static str) {

@@ -17,6 +17,11 @@ async fn subscribe_receive_history_and_recover() {
     let sub = c.call(json!({"subscribe": {"channel": "incoming-chat", "recoverable": true, "positioned": true}})).await;
     assert_eq!(sub["subscribe"]["recoverable"], true, "{sub}");
     assert_eq!(sub["subscribe"]["offset"], 0);
+    let first_epoch = sub["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    assert!(
+        !first_epoch.is_empty(),
+        "a fresh channel has an epoch: {sub}"
+    );
 
     db.insert_chat("m1", "hello").await;
     let p1 = c.next_pub("incoming-chat").await;
@@ -43,7 +48,10 @@ async fn subscribe_receive_history_and_recover() {
     assert_eq!(pubs[1]["offset"], 2);
     assert_eq!(h["history"]["offset"], 2);
     let epoch = h["history"]["epoch"].as_str().unwrap().to_owned();
-    assert!(!epoch.is_empty());
+    assert_eq!(
+        epoch, first_epoch,
+        "the epoch given at subscribe is the one publications carry"
+    );
 
     // Position only, reverse, since.
     let h0 = c

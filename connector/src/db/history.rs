@@ -97,6 +97,22 @@ pub enum Bound {
     Before(u64),
 }
 
+/// Gives `channel` its stream row (and so its epoch) if it has none yet, so that a subscriber gets
+/// the epoch its first publication will carry. Returns the channel's epoch.
+pub async fn ensure_channel(pool: &PgPool, channel: &str) -> Result<String> {
+    let epoch: String = sqlx::query_scalar(
+        "WITH ins AS (
+             INSERT INTO relay.channels (name, epoch) VALUES ($1, relay.new_epoch())
+             ON CONFLICT (name) DO NOTHING RETURNING epoch
+         )
+         SELECT epoch FROM ins UNION ALL SELECT epoch FROM relay.channels WHERE name = $1 LIMIT 1",
+    )
+    .bind(channel)
+    .fetch_one(pool)
+    .await?;
+    Ok(epoch)
+}
+
 /// PostgreSQL's jsonb text is valid JSON on one line; a value that somehow is not becomes `null`.
 fn raw(text: String) -> Box<RawValue> {
     RawValue::from_string(text).unwrap_or_else(|_| RawValue::NULL.to_owned())

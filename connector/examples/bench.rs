@@ -1,0 +1,1254 @@
+//! Benchmark of the change stream's gapless algorithm (xid8 horizon + sequencer), against baselines
+//! measured in the same run. Run it with `scripts/bench` (release build); see `docs/benchmarks.md`.
+//!
+//! Three parts, each in a database of its own (`bench_<random>`, dropped at the end):
+//!
+//! 1. `write`: what writers pay. 8 connections commit single-row (and 10-row) INSERT transactions into
+//!    `chat_data` for a fixed time, under: no trigger (the baseline); the relay's capture trigger; the
+//!    trigger with `relay.wake()` made a no-op (isolates the NOTIFY commit lock); the trigger while a
+//!    connector sequences the changelog; and "Algorithm B" (a per-channel counter row locked to commit
+//!    by each writer), on 1 channel and on 64, with and without the wake-up. Interleaved repetitions,
+//!    medians, ratios to the baseline.
+//! 2. `latency`: commit-return → WebSocket-receive time through a real connector (in this process),
+//!    at fixed rates from 4 writers, against raw LISTEN/NOTIFY (the same rates, the same server).
+//! 3. `longtx`: the documented cost of the xid8 horizon: rows committed while another transaction
+//!    that holds an xid stays open are delivered only when it ends.
+//!
+//! `--quick` is a short smoke run; `--only write,latency,longtx`, `--secs`, `--reps` and `--rates`
+//! narrow or stretch it.
+
+// A benchmark prints its report by design, and is a tool rather than library code: panicking on an
+// impossible state (a poisoned lock) is fine here.
+#![allow(clippy::print_stdout, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::connect_async;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Writer connections of the write-path part.
+const WRITERS: usize = 8;
+/// Writer connections of the latency parts.
+const LAT_WRITERS: usize = 4;
+/// Channels of the spread Algorithm B variant.
+const SPREAD_CHANNELS: u32 = 64;
+/// The channel of the chat mapping.
+const CHANNEL: &str = "incoming-chat";
+/// About the size of a chat message.
+const TEXT: &str =
+    "Hello from the benchmark: a chat line of about the usual length, eighty-odd chars.";
+
+const INSERT_ROWS: &str =
+    "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+     SELECT $1 || '-' || g, $2, $3, 'bench-client', $4 FROM generate_series(1, $5) g";
+const INSERT_ONE: &str =
+    "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+     VALUES ($1, 'bench', $2, 'bench-client', $3)";
+const INSERT_NOTIFY: &str = "WITH i AS (
+         INSERT INTO chat_plain (msg_id, username, msg_data, client_id, created_at_timestamp)
+         VALUES ($1, 'bench', $2, 'bench-client', $3) RETURNING msg_id)
+     SELECT pg_notify('bench_raw', msg_id) FROM i";
+
+/// Algorithm B: every writer increments its channel's counter row (the row lock is held until
+/// commit, so writers of one channel commit one at a time) and records the change with that offset.
+const ALGORITHM_B: &str = r#"
+CREATE TABLE bench_b_channels (name text PRIMARY KEY, top_offset bigint NOT NULL);
+CREATE TABLE bench_b_log (
+    channel    text        NOT NULL,
+    "offset"   bigint      NOT NULL,
+    data       jsonb       NOT NULL,
+    written_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (channel, "offset")
+);
+CREATE FUNCTION bench_b_capture() RETURNS trigger LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    ch text;
+    off bigint;
+BEGIN
+    ch := 'room:' || NEW.username;
+    INSERT INTO bench_b_channels AS c (name, top_offset) VALUES (ch, 1)
+        ON CONFLICT (name) DO UPDATE SET top_offset = c.top_offset + 1
+        RETURNING top_offset INTO off;
+    INSERT INTO bench_b_log (channel, "offset", data) VALUES (ch, off,
+        jsonb_build_object('type', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+                           'row', to_jsonb(NEW)));
+    IF TG_ARGV[0] = 'wake' THEN
+        PERFORM relay.wake();
+    END IF;
+    RETURN NULL;
+END
+$$;
+"#;
+
+const WAKE_NOOP: &str = "CREATE OR REPLACE FUNCTION relay.wake() RETURNS void
+     LANGUAGE plpgsql VOLATILE AS $$ BEGIN END $$";
+
+// ---- options ----------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Opts {
+    quick: bool,
+    parts: Vec<String>,
+    /// Seconds per write-path run.
+    secs: f64,
+    /// Repetitions (interleaved).
+    reps: usize,
+    /// Rates (rows/s) of the latency part.
+    rates: Vec<u32>,
+    /// Seconds per latency run.
+    lat_secs: f64,
+    /// How long the long transactions stay open.
+    hold: Duration,
+}
+
+impl Opts {
+    fn parse() -> Result<Self> {
+        let mut args = std::env::args().skip(1);
+        let mut quick = false;
+        let mut parts = None;
+        let mut secs = None;
+        let mut reps = None;
+        let mut rates = None;
+        while let Some(a) = args.next() {
+            let mut value =
+                |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+            match a.as_str() {
+                "--quick" => quick = true,
+                "--only" => {
+                    parts = Some(
+                        value("--only")?
+                            .split(',')
+                            .map(str::to_owned)
+                            .collect::<Vec<_>>(),
+                    );
+                }
+                "--secs" => secs = Some(value("--secs")?.parse::<f64>()?),
+                "--reps" => reps = Some(value("--reps")?.parse::<usize>()?),
+                "--rates" => {
+                    rates = Some(
+                        value("--rates")?
+                            .split(',')
+                            .map(str::parse::<u32>)
+                            .collect::<Result<Vec<_>, _>>()?,
+                    );
+                }
+                "-h" | "--help" => {
+                    println!(
+                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--rates R1,R2,..]"
+                    );
+                    std::process::exit(0);
+                }
+                other => bail!("unknown argument {other:?} (try --help)"),
+            }
+        }
+        let parts =
+            parts.unwrap_or_else(|| vec!["write".into(), "latency".into(), "longtx".into()]);
+        for p in &parts {
+            if !["write", "latency", "longtx"].contains(&p.as_str()) {
+                bail!("unknown part {p:?} (expected write, latency, longtx)");
+            }
+        }
+        let (d_secs, d_reps, d_rates, lat_secs, hold) = if quick {
+            (1.0, 1, vec![100, 1000], 1.5, Duration::from_secs(1))
+        } else {
+            (3.0, 3, vec![100, 1000, 3000], 3.0, Duration::from_secs(2))
+        };
+        Ok(Self {
+            quick,
+            parts,
+            secs: secs.unwrap_or(d_secs),
+            reps: reps.unwrap_or(d_reps).max(1),
+            rates: rates.unwrap_or(d_rates),
+            lat_secs,
+            hold,
+        })
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.parts.iter().any(|p| p == part)
+    }
+}
+
+// ---- databases, connector, client -----------------------------------------------------------------
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database made for one part of the benchmark.
+struct BenchDb {
+    name: String,
+    url: String,
+    pool: PgPool,
+}
+
+impl BenchDb {
+    /// Creates the database and applies the migrations.
+    async fn create() -> Result<Self> {
+        let admin = PgPool::connect(&admin_url())
+            .await
+            .context("connecting to DATABASE_URL")?;
+        let name = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let base = admin_url();
+        let (prefix, _) = base
+            .rsplit_once('/')
+            .context("DATABASE_URL has no database name")?;
+        let url = format!("{prefix}/{name}");
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await?;
+        connector::db::migrate(&pool).await?;
+        Ok(Self { name, url, pool })
+    }
+
+    async fn drop_db(self) {
+        self.pool.close().await;
+        match PgPool::connect(&admin_url()).await {
+            Ok(admin) => {
+                let r = sqlx::query(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                ))
+                .execute(&admin)
+                .await;
+                if let Err(e) = r {
+                    println!("warning: could not drop database {}: {e}", self.name);
+                }
+                admin.close().await;
+            }
+            Err(e) => println!("warning: could not drop database {}: {e}", self.name),
+        }
+    }
+
+    async fn exec(&self, sql: &str) -> Result<()> {
+        sqlx::raw_sql(sql)
+            .execute(&self.pool)
+            .await
+            .with_context(|| format!("running {sql:.60}"))?;
+        Ok(())
+    }
+}
+
+/// Opens a plain connection without statement logging.
+async fn connect(url: &str) -> Result<PgConnection> {
+    let opts: PgConnectOptions = url.parse()?;
+    Ok(opts.disable_statement_logging().connect().await?)
+}
+
+fn config_json(db_url: &str) -> String {
+    json!({
+        "listen": "127.0.0.1:0",
+        "database": {"url": db_url, "pool_size": 4},
+        "stream": {"poll_interval_ms": 250, "batch_size": 1000},
+        "client": {"allow_anonymous": true, "ping_interval_secs": 25, "outbound_queue": 65536},
+        "mappings": [{"table": "chat_data", "operations": ["INSERT"], "channel": CHANNEL}],
+        "rules": [],
+        "shutdown_grace_secs": 5
+    })
+    .to_string()
+}
+
+/// A connector running in this process.
+struct Relay {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<connector::Result<()>>,
+}
+
+impl Relay {
+    async fn start(db_url: &str) -> Result<Self> {
+        let config = connector::Config::from_json(&config_json(db_url))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(connector::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let url = format!("http://{addr}/readyz");
+        for _ in 0..400 {
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return Ok(Self { addr, stop, task });
+            }
+            if task.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        match task.await {
+            Ok(Err(e)) => bail!("connector failed: {e}"),
+            _ => bail!("connector not ready within 10 s"),
+        }
+    }
+
+    async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .context("connector did not stop")???;
+        Ok(())
+    }
+}
+
+/// Deliveries seen by a receiver (WebSocket client or LISTEN connection): message id and arrival.
+#[derive(Default)]
+struct Sink {
+    rows: Mutex<Vec<(String, Instant)>>,
+    /// Publications whose offset was not the previous one + 1 (must stay 0).
+    offset_gaps: AtomicU64,
+}
+
+impl Sink {
+    fn take(&self) -> Vec<(String, Instant)> {
+        std::mem::take(&mut *self.rows.lock().unwrap())
+    }
+    fn len(&self) -> usize {
+        self.rows.lock().unwrap().len()
+    }
+}
+
+/// Subscribes a raw Centrifugo-protocol client to `channel`; its task fills the sink.
+async fn subscribe(relay: &Relay, channel: &str) -> Result<(Arc<Sink>, JoinHandle<Result<()>>)> {
+    let url = format!("ws://{}/connection/websocket", relay.addr);
+    let (mut ws, _) = connect_async(&url).await?;
+    ws.send(Message::Text(r#"{"id":1,"connect":{}}"#.into()))
+        .await?;
+    ws.send(Message::Text(
+        json!({"id": 2, "subscribe": {"channel": channel}})
+            .to_string()
+            .into(),
+    ))
+    .await?;
+    // Wait for both replies.
+    let mut replies = 0;
+    while replies < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .context("no reply to connect/subscribe")?
+            .context("connection closed")??;
+        if let Message::Text(t) = msg {
+            for line in t.as_str().split('\n') {
+                let v: Value = serde_json::from_str(line)?;
+                if v.get("error").is_some() {
+                    bail!("connect/subscribe failed: {v}");
+                }
+                if v.get("id").is_some() {
+                    replies += 1;
+                }
+            }
+        }
+    }
+    let sink = Arc::new(Sink::default());
+    let s = sink.clone();
+    let task = tokio::spawn(async move {
+        let mut last_offset: Option<u64> = None;
+        while let Some(msg) = ws.next().await {
+            let Message::Text(t) = msg? else { continue };
+            let now = Instant::now();
+            let mut pong = false;
+            let mut got = Vec::new();
+            for line in t.as_str().split('\n') {
+                if line == "{}" {
+                    pong = true;
+                    continue;
+                }
+                let v: Value = serde_json::from_str(line)?;
+                let p = &v["push"]["pub"];
+                if !p.is_object() {
+                    continue;
+                }
+                if let Some(off) = p["offset"].as_u64() {
+                    if let Some(prev) = last_offset
+                        && off != prev + 1
+                    {
+                        s.offset_gaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                    last_offset = Some(off);
+                }
+                if let Some(id) = p["data"]["row"]["msg_id"].as_str() {
+                    got.push((id.to_owned(), now));
+                }
+            }
+            s.rows.lock().unwrap().extend(got);
+            if pong {
+                ws.send(Message::Text("{}".into())).await?;
+            }
+        }
+        Ok(())
+    });
+    Ok((sink, task))
+}
+
+/// A raw LISTEN connection on `bench_raw`; its task fills the sink with the payloads.
+async fn raw_listener(url: &str) -> Result<(Arc<Sink>, JoinHandle<Result<()>>)> {
+    let mut l = PgListener::connect(url).await?;
+    l.listen("bench_raw").await?;
+    let sink = Arc::new(Sink::default());
+    let s = sink.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let n = l.recv().await?;
+            let now = Instant::now();
+            s.rows.lock().unwrap().push((n.payload().to_owned(), now));
+        }
+    });
+    Ok((sink, task))
+}
+
+// ---- statistics and printing ------------------------------------------------------------------------
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        f64::midpoint(s[n / 2 - 1], s[n / 2])
+    }
+}
+
+/// Percentile (nearest rank) of sorted microseconds.
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn epoch_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// Prints rows as an aligned table (first column left-aligned, the rest right-aligned).
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let cols = header.len();
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(cols) {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let pad = width[i].saturating_sub(c.chars().count());
+            if i == 0 {
+                let _ = write!(s, "{c}{}", " ".repeat(pad));
+            } else {
+                let _ = write!(s, "  {}{c}", " ".repeat(pad));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    println!(
+        "{}",
+        width
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+// ---- part 1: the write path ------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteCfg {
+    /// (a) no trigger.
+    Baseline,
+    /// (b) the relay's capture trigger (changelog insert + relay.wake()).
+    Trigger,
+    /// (c) the capture trigger with relay.wake() a no-op.
+    TriggerNoWake,
+    /// (b') the capture trigger while a connector sequences the changelog (the whole system).
+    TriggerWithConnector,
+    /// (d/e) Algorithm B: per-channel counter row locked to commit.
+    AlgB { channels: u32, wake: bool },
+}
+
+impl WriteCfg {
+    const ALL: [WriteCfg; 8] = [
+        WriteCfg::Baseline,
+        WriteCfg::Trigger,
+        WriteCfg::TriggerNoWake,
+        WriteCfg::TriggerWithConnector,
+        WriteCfg::AlgB {
+            channels: 1,
+            wake: true,
+        },
+        WriteCfg::AlgB {
+            channels: SPREAD_CHANNELS,
+            wake: true,
+        },
+        WriteCfg::AlgB {
+            channels: 1,
+            wake: false,
+        },
+        WriteCfg::AlgB {
+            channels: SPREAD_CHANNELS,
+            wake: false,
+        },
+    ];
+
+    fn label(self) -> String {
+        match self {
+            Self::Baseline => "(a)  no trigger (baseline)".into(),
+            Self::Trigger => "(b)  relay trigger: changelog + wake".into(),
+            Self::TriggerNoWake => "(c)  relay trigger, wake() no-op".into(),
+            Self::TriggerWithConnector => "(b') relay trigger + connector sequencing".into(),
+            Self::AlgB { channels, wake } => format!(
+                "({})  Alg. B, {channels} channel{}, {}",
+                if wake { "d" } else { "e" },
+                if channels == 1 { "" } else { "s" },
+                if wake { "+ wake" } else { "no wake" }
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WriteRun {
+    commits_per_s: f64,
+    rows_per_s: f64,
+    p50_us: u64,
+    p99_us: u64,
+    retries: u64,
+}
+
+/// Puts the database in configuration `cfg`, from a clean state; returns the connector it started.
+async fn apply(
+    db: &BenchDb,
+    cfg: WriteCfg,
+    wake_sql: &str,
+    mappings: &[connector::config::Mapping],
+) -> Result<Option<Relay>> {
+    db.exec("DROP TRIGGER IF EXISTS bench_b ON chat_data")
+        .await?;
+    connector::db::triggers::sync(&db.pool, &[]).await?;
+    db.exec(wake_sql).await?;
+    db.exec(
+        "TRUNCATE chat_data, relay.changelog, relay.publications, relay.channels, bench_b_channels,
+                  bench_b_log;
+         UPDATE relay.sequencer SET last_seq = 0;",
+    )
+    .await?;
+    // A checkpoint now rather than in the middle of a run (needs superuser; skipped otherwise).
+    let _ = sqlx::raw_sql("CHECKPOINT").execute(&db.pool).await;
+    match cfg {
+        WriteCfg::Baseline => {}
+        WriteCfg::Trigger => {
+            connector::db::triggers::sync(&db.pool, mappings).await?;
+        }
+        WriteCfg::TriggerNoWake => {
+            connector::db::triggers::sync(&db.pool, mappings).await?;
+            db.exec(WAKE_NOOP).await?;
+        }
+        WriteCfg::TriggerWithConnector => return Ok(Some(Relay::start(&db.url).await?)),
+        WriteCfg::AlgB { wake, .. } => {
+            db.exec(&format!(
+                "CREATE TRIGGER bench_b AFTER INSERT ON chat_data FOR EACH ROW
+                 EXECUTE FUNCTION bench_b_capture('{}')",
+                if wake { "wake" } else { "none" }
+            ))
+            .await?;
+        }
+    }
+    Ok(None)
+}
+
+/// 8 writers commit `rows`-row INSERT transactions for `secs` (after a short warm-up).
+async fn write_run(
+    db: &BenchDb,
+    cfg: WriteCfg,
+    rows: i32,
+    secs: f64,
+    run: usize,
+) -> Result<WriteRun> {
+    let channels = match cfg {
+        WriteCfg::AlgB { channels, .. } => channels,
+        _ => 1,
+    };
+    let mut conns = Vec::with_capacity(WRITERS);
+    for _ in 0..WRITERS {
+        conns.push(connect(&db.url).await?);
+    }
+    let warm = Duration::from_millis(300);
+    let start = Instant::now() + Duration::from_millis(50);
+    let from = start + warm;
+    let until = from + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for (w, mut conn) in conns.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            let mut lat: Vec<u64> = Vec::new();
+            let mut retries = 0u64;
+            let mut n = 0u64;
+            loop {
+                let t0 = Instant::now();
+                if t0 >= until {
+                    break;
+                }
+                let room = if channels == 1 {
+                    0
+                } else {
+                    rand::random_range(0..channels)
+                };
+                n += 1;
+                let r = sqlx::query(INSERT_ROWS)
+                    .bind(format!("r{run}-w{w}-{n}"))
+                    .bind(room.to_string())
+                    .bind(TEXT)
+                    .bind(epoch_millis())
+                    .bind(rows)
+                    .execute(&mut conn)
+                    .await;
+                let t1 = Instant::now();
+                match r {
+                    Ok(_) => {}
+                    Err(sqlx::Error::Database(e))
+                        if matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
+                    {
+                        retries += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(anyhow::Error::from(e).context("writer")),
+                }
+                if t0 >= from && t1 <= until {
+                    lat.push(micros(t1 - t0));
+                }
+            }
+            conn.close().await?;
+            Ok::<_, anyhow::Error>((lat, retries))
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut retries = 0;
+    for t in tasks {
+        let (l, r) = t.await??;
+        lat.extend(l);
+        retries += r;
+    }
+    lat.sort_unstable();
+    let commits = lat.len() as f64;
+    Ok(WriteRun {
+        commits_per_s: commits / secs,
+        rows_per_s: commits * f64::from(rows) / secs,
+        p50_us: pct(&lat, 50.0),
+        p99_us: pct(&lat, 99.0),
+        retries,
+    })
+}
+
+async fn write_part(opts: &Opts) -> Result<()> {
+    println!(
+        "\n## 1. Write path: {WRITERS} writers, {} s per run after 0.3 s warm-up, {} interleaved repetition(s), medians\n",
+        opts.secs, opts.reps
+    );
+    let db = BenchDb::create().await?;
+    let r = write_part_in(&db, opts).await;
+    db.drop_db().await;
+    r
+}
+
+async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
+    let wake_sql: String =
+        sqlx::query_scalar("SELECT pg_get_functiondef('relay.wake()'::regprocedure)")
+            .fetch_one(&db.pool)
+            .await?;
+    db.exec(ALGORITHM_B).await?;
+    let config = connector::Config::from_json(&config_json(&db.url))?;
+    let mut results: HashMap<(usize, i32), Vec<WriteRun>> = HashMap::new();
+    let mut run = 0;
+    for rep in 0..opts.reps {
+        for rows in [1, 10] {
+            let mut order: Vec<usize> = (0..WriteCfg::ALL.len()).collect();
+            order.rotate_left(rep % WriteCfg::ALL.len());
+            for i in order {
+                let cfg = WriteCfg::ALL[i];
+                run += 1;
+                let relay = apply(db, cfg, &wake_sql, &config.mappings).await?;
+                let r = write_run(db, cfg, rows, opts.secs, run).await;
+                if let Some(relay) = relay {
+                    relay.stop().await?;
+                }
+                let r = r?;
+                println!(
+                    "  rep {} rows/tx {rows:>2} {:<42} {:>8.0} commits/s",
+                    rep + 1,
+                    cfg.label(),
+                    r.commits_per_s
+                );
+                results.entry((i, rows)).or_default().push(r);
+            }
+        }
+    }
+    // Leave the real wake-up in place (the database is dropped anyway).
+    db.exec(&wake_sql).await?;
+    println!();
+    for rows in [1, 10] {
+        let med = |i: usize, f: fn(&WriteRun) -> f64| -> f64 {
+            median(&results[&(i, rows)].iter().map(f).collect::<Vec<_>>())
+        };
+        let base_c = med(0, |r| r.commits_per_s);
+        let base_r = med(0, |r| r.rows_per_s);
+        let mut out = Vec::new();
+        for (i, cfg) in WriteCfg::ALL.iter().enumerate() {
+            let c = med(i, |r| r.commits_per_s);
+            let rs = med(i, |r| r.rows_per_s);
+            let runs = &results[&(i, rows)];
+            out.push(vec![
+                cfg.label(),
+                format!("{c:.0}"),
+                format!("{:.2}", c / base_c),
+                format!("{rs:.0}"),
+                format!("{:.2}", rs / base_r),
+                format!("{:.2}", med(i, |r| r.p50_us as f64) / 1000.0),
+                format!("{:.2}", med(i, |r| r.p99_us as f64) / 1000.0),
+                format!(
+                    "{:.0}-{:.0}",
+                    runs.iter()
+                        .map(|r| r.commits_per_s)
+                        .fold(f64::INFINITY, f64::min),
+                    runs.iter().map(|r| r.commits_per_s).fold(0.0, f64::max)
+                ),
+                runs.iter().map(|r| r.retries).sum::<u64>().to_string(),
+            ]);
+        }
+        println!("{rows}-row transactions:");
+        table(
+            &[
+                "configuration",
+                "commits/s",
+                "x(a)",
+                "rows/s",
+                "x(a)",
+                "commit p50 ms",
+                "p99 ms",
+                "commits/s range",
+                "retries",
+            ],
+            &out,
+        );
+        println!();
+    }
+    Ok(())
+}
+
+// ---- part 2: end-to-end latency ---------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Through the connector to a WebSocket client.
+    Relay,
+    /// Raw LISTEN/NOTIFY (payload = the row's id), the baseline.
+    RawNotify,
+}
+
+/// 4 writers insert single-row transactions at `rate` rows/s in total for `secs`; returns each row's
+/// id and the instant its commit returned.
+async fn drive(
+    url: &str,
+    path: Path,
+    rate: u32,
+    secs: f64,
+    tag: &str,
+) -> Result<Vec<(String, Instant)>> {
+    let per_writer = Duration::from_secs_f64(LAT_WRITERS as f64 / f64::from(rate));
+    let mut conns = Vec::new();
+    for _ in 0..LAT_WRITERS {
+        conns.push(connect(url).await?);
+    }
+    let start = Instant::now() + Duration::from_millis(50);
+    let until = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for (w, mut conn) in conns.into_iter().enumerate() {
+        let tag = tag.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut next = start + per_writer.mul_f64(w as f64 / LAT_WRITERS as f64);
+            let mut k = 0u64;
+            while next < until {
+                tokio::time::sleep_until(next.into()).await;
+                let id = format!("{tag}-{w}-{k}");
+                let q = match path {
+                    Path::Relay => sqlx::query(INSERT_ONE),
+                    Path::RawNotify => sqlx::query(INSERT_NOTIFY),
+                };
+                q.bind(&id)
+                    .bind(TEXT)
+                    .bind(epoch_millis())
+                    .execute(&mut conn)
+                    .await?;
+                out.push((id, Instant::now()));
+                k += 1;
+                next += per_writer;
+            }
+            conn.close().await?;
+            Ok::<_, anyhow::Error>(out)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(all)
+}
+
+/// Waits until the sink holds `n` rows (or 10 s passed), then joins them with the commits.
+struct Joined {
+    /// Commit → receive, µs, per row, with the commit instant.
+    lat: Vec<(Instant, u64)>,
+    missing: usize,
+    first_recv: Option<Instant>,
+    last_recv: Option<Instant>,
+}
+
+async fn collect(sink: &Sink, commits: &[(String, Instant)], tag: &str) -> Joined {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.len() < commits.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A little more for stragglers (and duplicates, which would be a bug).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let got: HashMap<String, Instant> = sink
+        .take()
+        .into_iter()
+        .filter(|(id, _)| id.starts_with(tag) && id.as_bytes().get(tag.len()) == Some(&b'-'))
+        .collect();
+    let mut lat = Vec::with_capacity(commits.len());
+    let mut missing = 0;
+    for (id, at) in commits {
+        match got.get(id) {
+            Some(r) => lat.push((*at, micros(r.saturating_duration_since(*at)))),
+            None => missing += 1,
+        }
+    }
+    Joined {
+        lat,
+        missing,
+        first_recv: got.values().min().copied(),
+        last_recv: got.values().max().copied(),
+    }
+}
+
+#[derive(Default)]
+struct LatAgg {
+    samples: Vec<u64>,
+    achieved: Vec<f64>,
+    delivered: Vec<f64>,
+    missing: usize,
+}
+
+async fn latency_part(opts: &Opts) -> Result<()> {
+    println!(
+        "\n## 2. End-to-end latency: {LAT_WRITERS} writers, single-row commits at fixed rates, {} s per run, {} interleaved repetition(s)\n",
+        opts.lat_secs, opts.reps
+    );
+    let db = BenchDb::create().await?;
+    let r = latency_part_in(&db, opts).await;
+    db.drop_db().await;
+    r
+}
+
+async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
+    db.exec("CREATE TABLE chat_plain (LIKE chat_data INCLUDING ALL)")
+        .await?;
+    let relay = Relay::start(&db.url).await?;
+    let (ws_sink, ws_task) = subscribe(&relay, CHANNEL).await?;
+    let (raw_sink, raw_task) = raw_listener(&db.url).await?;
+    let mut agg: HashMap<(Path, u32), LatAgg> = HashMap::new();
+    let mut run = 0;
+    for rep in 0..opts.reps {
+        for &rate in &opts.rates {
+            let paths = if rep % 2 == 0 {
+                [Path::RawNotify, Path::Relay]
+            } else {
+                [Path::Relay, Path::RawNotify]
+            };
+            for path in paths {
+                run += 1;
+                let tag = format!("L{run}");
+                let sink = match path {
+                    Path::Relay => &ws_sink,
+                    Path::RawNotify => &raw_sink,
+                };
+                sink.take();
+                let commits = drive(&db.url, path, rate, opts.lat_secs, &tag).await?;
+                let j = collect(sink, &commits, &tag).await;
+                let a = agg.entry((path, rate)).or_default();
+                let first = commits.iter().map(|c| c.1).min();
+                let last = commits.iter().map(|c| c.1).max();
+                if let (Some(f), Some(l)) = (first, last)
+                    && l > f
+                {
+                    a.achieved
+                        .push((commits.len() - 1) as f64 / (l - f).as_secs_f64());
+                }
+                if let (Some(f), Some(l)) = (j.first_recv, j.last_recv)
+                    && l > f
+                {
+                    a.delivered
+                        .push((j.lat.len() - 1) as f64 / (l - f).as_secs_f64());
+                }
+                a.missing += j.missing;
+                let mut s: Vec<u64> = j.lat.iter().map(|x| x.1).collect();
+                s.sort_unstable();
+                println!(
+                    "  rep {} {:>5}/s {:<18} p50 {:>7} ms  p99 {:>7} ms  missing {}",
+                    rep + 1,
+                    rate,
+                    match path {
+                        Path::Relay => "relay (WebSocket)",
+                        Path::RawNotify => "raw LISTEN/NOTIFY",
+                    },
+                    ms(pct(&s, 50.0)),
+                    ms(pct(&s, 99.0)),
+                    j.missing
+                );
+                a.samples.extend(s);
+            }
+        }
+    }
+    ws_task.abort();
+    raw_task.abort();
+    let gaps = ws_sink.offset_gaps.load(Ordering::Relaxed);
+    relay.stop().await?;
+
+    println!();
+    let mut out = Vec::new();
+    for &rate in &opts.rates {
+        let mut p50 = [0u64; 2];
+        let mut p99 = [0u64; 2];
+        for (k, path) in [Path::RawNotify, Path::Relay].into_iter().enumerate() {
+            let a = agg.get_mut(&(path, rate)).context("no runs")?;
+            a.samples.sort_unstable();
+            let s = &a.samples;
+            p50[k] = pct(s, 50.0);
+            p99[k] = pct(s, 99.0);
+            out.push(vec![
+                format!("{rate}/s"),
+                match path {
+                    Path::Relay => "relay -> WebSocket".into(),
+                    Path::RawNotify => "raw LISTEN/NOTIFY".into(),
+                },
+                format!("{:.0}", median(&a.achieved)),
+                format!("{:.0}", median(&a.delivered)),
+                s.len().to_string(),
+                ms(pct(s, 50.0)),
+                ms(pct(s, 95.0)),
+                ms(pct(s, 99.0)),
+                ms(s.last().copied().unwrap_or(0)),
+                a.missing.to_string(),
+            ]);
+        }
+        let ratio = |a: u64, b: u64| {
+            if b == 0 {
+                "-".to_owned()
+            } else {
+                format!("x{:.1}", a as f64 / b as f64)
+            }
+        };
+        out.push(vec![
+            String::new(),
+            "  relay / raw".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            ratio(p50[1], p50[0]),
+            String::new(),
+            ratio(p99[1], p99[0]),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    table(
+        &[
+            "rate",
+            "path",
+            "written/s",
+            "delivered/s",
+            "rows",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "max ms",
+            "missing",
+        ],
+        &out,
+    );
+    println!(
+        "\n(percentiles over all repetitions' rows; written/s and delivered/s are medians of runs; \
+         offset gaps seen by the WebSocket client: {gaps})"
+    );
+    Ok(())
+}
+
+// ---- part 3: a long transaction ---------------------------------------------------------------------
+
+/// What the long transaction is.
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    /// INSERT into another table of the same database, held open.
+    WriterSameDb,
+    /// INSERT in another database of the same cluster, held open.
+    WriterOtherDb,
+    /// A read-only REPEATABLE READ transaction (no xid), held open: should not delay anything.
+    ReadOnly,
+}
+
+impl Hold {
+    fn label(self) -> &'static str {
+        match self {
+            Self::WriterSameDb => "writer tx, same database",
+            Self::WriterOtherDb => "writer tx, other database",
+            Self::ReadOnly => "read-only tx (no xid)",
+        }
+    }
+}
+
+async fn hold_open(url: &str, hold: Hold, dur: Duration) -> Result<(Instant, Instant)> {
+    let mut conn = connect(url).await?;
+    let mut tx = conn.begin().await?;
+    match hold {
+        Hold::WriterSameDb | Hold::WriterOtherDb => {
+            sqlx::query("INSERT INTO bench_other (note) VALUES ('long transaction')")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Hold::ReadOnly => {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("SELECT count(*) FROM chat_data")
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    let opened = Instant::now();
+    tokio::time::sleep(dur).await;
+    tx.commit().await?;
+    let closed = Instant::now();
+    conn.close().await?;
+    Ok((opened, closed))
+}
+
+async fn longtx_part(opts: &Opts) -> Result<()> {
+    println!(
+        "\n## 3. Long transactions: a 100/s stream through the connector while other transactions stay open {:.1} s\n",
+        opts.hold.as_secs_f64()
+    );
+    let db = BenchDb::create().await?;
+    let other = BenchDb::create().await;
+    let r = match &other {
+        Ok(other) => longtx_part_in(&db, other, opts).await,
+        Err(e) => Err(anyhow::anyhow!("creating the second database: {e}")),
+    };
+    if let Ok(other) = other {
+        other.drop_db().await;
+    }
+    db.drop_db().await;
+    r
+}
+
+async fn longtx_part_in(db: &BenchDb, other: &BenchDb, opts: &Opts) -> Result<()> {
+    let create = "CREATE TABLE bench_other (id bigint GENERATED ALWAYS AS IDENTITY, note text)";
+    db.exec(create).await?;
+    other.exec(create).await?;
+    let relay = Relay::start(&db.url).await?;
+    let (sink, task) = subscribe(&relay, CHANNEL).await?;
+    let gap = Duration::from_millis(1500);
+    let holds = [Hold::WriterSameDb, Hold::WriterOtherDb, Hold::ReadOnly];
+    let total = gap + (opts.hold + gap) * holds.len() as u32;
+
+    let phases = {
+        let (url, other_url, hold) = (db.url.clone(), other.url.clone(), opts.hold);
+        tokio::spawn(async move {
+            let mut windows = Vec::new();
+            tokio::time::sleep(gap).await;
+            for h in holds {
+                let url = match h {
+                    Hold::WriterOtherDb => &other_url,
+                    _ => &url,
+                };
+                windows.push((h, hold_open(url, h, hold).await?));
+                tokio::time::sleep(gap).await;
+            }
+            Ok::<_, anyhow::Error>(windows)
+        })
+    };
+    let commits = drive(&db.url, Path::Relay, 100, total.as_secs_f64(), "T").await?;
+    let windows = phases.await??;
+    let j = collect(&sink, &commits, "T").await;
+    task.abort();
+    relay.stop().await?;
+
+    let mut out = Vec::new();
+    let mut outside: Vec<u64> = j
+        .lat
+        .iter()
+        .filter(|(at, _)| !windows.iter().any(|(_, (o, c))| at >= o && at < c))
+        .map(|x| x.1)
+        .collect();
+    outside.sort_unstable();
+    out.push(vec![
+        "no long transaction open".into(),
+        outside.len().to_string(),
+        ms(pct(&outside, 50.0)),
+        ms(pct(&outside, 95.0)),
+        ms(outside.last().copied().unwrap_or(0)),
+        "-".into(),
+        "-".into(),
+    ]);
+    for (h, (o, c)) in &windows {
+        let inside: Vec<(u64, i64)> = j
+            .lat
+            .iter()
+            .filter(|(at, _)| at >= o && at < c)
+            .map(|(at, l)| {
+                // How long the long transaction still had to run when this row committed.
+                let remaining = micros(c.saturating_duration_since(*at));
+                (
+                    *l,
+                    i64::try_from(*l).unwrap_or(0) - i64::try_from(remaining).unwrap_or(0),
+                )
+            })
+            .collect();
+        let mut l: Vec<u64> = inside.iter().map(|x| x.0).collect();
+        l.sort_unstable();
+        let mut excess: Vec<f64> = inside.iter().map(|x| x.1 as f64 / 1000.0).collect();
+        excess.sort_by(f64::total_cmp);
+        let remaining: Vec<f64> = j
+            .lat
+            .iter()
+            .filter(|(at, _)| at >= o && at < c)
+            .map(|(at, _)| c.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+            .collect();
+        out.push(vec![
+            format!("{} ({:.1} s)", h.label(), (*c - *o).as_secs_f64()),
+            l.len().to_string(),
+            ms(pct(&l, 50.0)),
+            ms(pct(&l, 95.0)),
+            ms(l.last().copied().unwrap_or(0)),
+            format!("{:.0}", median(&remaining)),
+            format!("{:.2}", median(&excess)),
+        ]);
+    }
+    table(
+        &[
+            "rows committed while",
+            "rows",
+            "p50 ms",
+            "p95 ms",
+            "max ms",
+            "median remaining open ms",
+            "median latency - remaining ms",
+        ],
+        &out,
+    );
+    println!(
+        "\n(missing rows: {}; offset gaps seen by the client: {})",
+        j.missing,
+        sink.offset_gaps.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+// ---- main -------------------------------------------------------------------------------------------
+
+async fn machine() -> Result<()> {
+    let admin = PgPool::connect(&admin_url())
+        .await
+        .context("connecting to DATABASE_URL")?;
+    let version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(&admin)
+        .await?;
+    let mut settings = Vec::new();
+    for s in [
+        "fsync",
+        "synchronous_commit",
+        "wal_sync_method",
+        "shared_buffers",
+        "max_wal_size",
+    ] {
+        let v: String = sqlx::query_scalar(&format!("SELECT current_setting('{s}')"))
+            .fetch_one(&admin)
+            .await?;
+        settings.push(format!("{s}={v}"));
+    }
+    admin.close().await;
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    println!("# Relay benchmark");
+    println!("machine:  {cpus} CPUs ({model}); PostgreSQL and this process share them");
+    println!("postgres: {version}");
+    println!("settings: {}", settings.join(" "));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let opts = Opts::parse()?;
+    let started = Instant::now();
+    machine().await?;
+    if opts.quick {
+        println!("(--quick: a smoke run; the figures are not for publication)");
+    }
+    if opts.wants("write") {
+        write_part(&opts).await?;
+    }
+    if opts.wants("latency") {
+        latency_part(&opts).await?;
+    }
+    if opts.wants("longtx") {
+        longtx_part(&opts).await?;
+    }
+    println!("\ntotal time {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
