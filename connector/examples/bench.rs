@@ -775,7 +775,7 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
 
 // ---- part 2: end-to-end latency ---------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Path {
     /// Through the connector to a WebSocket client.
     Relay,

@@ -105,6 +105,9 @@ pub struct ClientConfig {
     /// Seconds a new connection has to send `connect` (default 15).
     #[serde(default = "default_connect_timeout_client")]
     pub connect_timeout_secs: u64,
+    /// Seconds a write to the socket may take before the connection counts as dead (default 10).
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_secs: u64,
 }
 
 /// An operation a mapping captures.
@@ -234,6 +237,9 @@ fn default_max_pending() -> usize {
 fn default_connect_timeout_client() -> u64 {
     15
 }
+fn default_write_timeout() -> u64 {
+    10
+}
 fn default_schema() -> String {
     "public".to_owned()
 }
@@ -264,6 +270,7 @@ impl Default for ClientConfig {
             max_channels_per_connection: default_max_channels(),
             max_pending_publishes: default_max_pending(),
             connect_timeout_secs: default_connect_timeout_client(),
+            write_timeout_secs: default_write_timeout(),
         }
     }
 }

@@ -106,6 +106,7 @@ impl Session {
         let cfg = self.state.config.clone();
         let cfg = &cfg.client;
         let ping_every = Duration::from_secs(cfg.ping_interval_secs);
+        let write_timeout = Duration::from_secs(cfg.write_timeout_secs);
         let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
         let connect_deadline = tokio::time::sleep(Duration::from_secs(cfg.connect_timeout_secs));
         tokio::pin!(connect_deadline);
@@ -130,7 +131,7 @@ impl Session {
                     Some(Ok(Message::Text(text))) => {
                         let mut out = Vec::new();
                         let flow = self.handle_frame(text.as_str(), &mut out).await;
-                        if !out.is_empty() && send_lines(&mut sink, &out).await.is_err() {
+                        if !out.is_empty() && send_lines(&mut sink, &out, write_timeout).await.is_err() {
                             break None;
                         }
                         if let Flow::Close(d) = flow {
@@ -157,7 +158,7 @@ impl Session {
                             Err(_) => break,
                         }
                     }
-                    if feed_all(&mut sink, out).await.is_err() {
+                    if feed_all(&mut sink, out, write_timeout).await.is_err() {
                         break None;
                     }
                     if let Flow::Close(d) = flow {
@@ -165,12 +166,12 @@ impl Session {
                     }
                 }
                 Some(line) = self.pending.next(), if !self.pending.is_empty() => {
-                    if send_lines(&mut sink, &[line]).await.is_err() {
+                    if send_lines(&mut sink, &[line], write_timeout).await.is_err() {
                         break None;
                     }
                 }
                 _ = ping.tick() => {
-                    if sink.send(Message::Text(Utf8Bytes::from_static(reply::PING))).await.is_err() {
+                    if send_lines(&mut sink, &[reply::PING.to_owned()], write_timeout).await.is_err() {
                         break None;
                     }
                     if self.connected && self.pong_deadline.is_none() {
@@ -571,17 +572,37 @@ fn is_capacity_error(e: axum::Error) -> bool {
     )
 }
 
-async fn send_lines(sink: &mut Sink, lines: &[String]) -> Result<(), axum::Error> {
-    sink.send(Message::Text(Utf8Bytes::from(lines.join("\n"))))
-        .await
+/// Writes replies as one frame. A socket that does not take the bytes within `limit` is a dead or
+/// stalled peer: the write fails and the session ends (its mailbox stays bounded meanwhile).
+async fn send_lines(sink: &mut Sink, lines: &[String], limit: Duration) -> Result<(), axum::Error> {
+    let frame = Message::Text(Utf8Bytes::from(lines.join("\n")));
+    match tokio::time::timeout(limit, sink.send(frame)).await {
+        Ok(r) => r,
+        Err(_) => Err(axum::Error::new(std::io::Error::from(
+            std::io::ErrorKind::TimedOut,
+        ))),
+    }
 }
 
-async fn feed_all(sink: &mut Sink, frames: Vec<Utf8Bytes>) -> Result<(), axum::Error> {
+/// Writes pushes (one frame each, shared bytes) with a single flush, within `limit`.
+async fn feed_all(
+    sink: &mut Sink,
+    frames: Vec<Utf8Bytes>,
+    limit: Duration,
+) -> Result<(), axum::Error> {
     if frames.is_empty() {
         return Ok(());
     }
-    for frame in frames {
-        sink.feed(Message::Text(frame)).await?;
+    let write = async {
+        for frame in frames {
+            sink.feed(Message::Text(frame)).await?;
+        }
+        sink.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
+        Ok(r) => r,
+        Err(_) => Err(axum::Error::new(std::io::Error::from(
+            std::io::ErrorKind::TimedOut,
+        ))),
     }
-    sink.flush().await
 }

@@ -278,3 +278,72 @@ async fn graceful_shutdown_closes_with_reconnect_code() {
     stopping.await.unwrap();
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_is_dropped_and_never_slows_the_others() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(
+        &db.url,
+        json!({"client": {"outbound_queue": 8, "write_timeout_secs": 1}}),
+    ))
+    .await;
+    let mut reader = Client::connected(&server.ws_url()).await;
+    reader
+        .call(json!({"subscribe": {"channel": "incoming-chat"}}))
+        .await;
+    let mut stalled = Client::connected(&server.ws_url()).await;
+    stalled
+        .call(json!({"subscribe": {"channel": "incoming-chat"}}))
+        .await;
+
+    // ~12 MB of rows: far more than socket buffers hold, so the stalled client's mailbox fills.
+    let text = "x".repeat(40 * 1024);
+    let rows = 300;
+    let writer = {
+        let pool = db.pool.clone();
+        tokio::spawn(async move {
+            for i in 0..rows {
+                sqlx::query(
+                    "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+                     VALUES ($1, 'w', $2, 'w', 0)",
+                )
+                .bind(format!("r{i}"))
+                .bind(&text)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+        })
+    };
+    for i in 1..=rows {
+        assert_eq!(reader.next_pub("incoming-chat").await["offset"], i);
+    }
+    writer.await.unwrap();
+
+    // The stalled client was cut off: it holds only part of the stream, then the connection ends.
+    let mut got = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), stalled.raw_next())
+            .await
+            .unwrap()
+        {
+            Some(m) if m["push"]["pub"].is_object() => got += 1,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert!(got < rows, "stalled client got {got} of {rows}");
+    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("relay_slow_disconnects_total 1"),
+        "{metrics}"
+    );
+
+    server.stop().await;
+    db.drop_db().await;
+}

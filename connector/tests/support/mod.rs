@@ -295,3 +295,24 @@ impl Client {
         self.ws.send(Message::Binary(bytes.into())).await.unwrap();
     }
 }
+
+impl Client {
+    /// The next message, or None once the connection has ended (closed or reset).
+    pub async fn raw_next(&mut self) -> Option<Value> {
+        if let Some(m) = self.pending.pop_front() {
+            return Some(m);
+        }
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    for line in t.as_str().split('\n') {
+                        self.pending.push_back(serde_json::from_str(line).unwrap());
+                    }
+                    return self.pending.pop_front();
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
