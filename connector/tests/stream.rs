@@ -175,8 +175,11 @@ async fn changes_committed_while_the_connector_is_down_are_recovered() {
         .call(json!({"subscribe": {"channel": "incoming-chat", "recoverable": true, "recover": true, "offset": p["offset"], "epoch": epoch}}))
         .await;
     assert_eq!(r["subscribe"]["recovered"], true, "{r}");
-    let pubs = r["subscribe"]["publications"].as_array().unwrap();
+    let pubs = client.recovered_then_live(&r, "incoming-chat", 50).await;
     assert_eq!(pubs.len(), 50);
+    for (i, p) in pubs.iter().enumerate() {
+        assert_eq!(p["offset"].as_u64().unwrap(), i as u64 + 2);
+    }
     assert_eq!(pubs[0]["offset"], 2);
     assert_eq!(pubs[49]["offset"], 51);
 

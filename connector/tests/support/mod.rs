@@ -316,3 +316,30 @@ impl Client {
         }
     }
 }
+
+impl Client {
+    /// The publications of a recovering subscribe reply followed by live ones, until `n` in all;
+    /// panics on a duplicate or a gap.
+    pub async fn recovered_then_live(
+        &mut self,
+        reply: &Value,
+        channel: &str,
+        n: usize,
+    ) -> Vec<Value> {
+        let mut pubs: Vec<Value> = reply["subscribe"]["publications"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        while pubs.len() < n {
+            pubs.push(self.next_pub(channel).await);
+        }
+        for w in pubs.windows(2) {
+            assert_eq!(
+                w[1]["offset"].as_u64().unwrap(),
+                w[0]["offset"].as_u64().unwrap() + 1,
+                "gap or duplicate"
+            );
+        }
+        pubs
+    }
+}
