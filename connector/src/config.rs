@@ -168,13 +168,20 @@ pub struct Rule {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Target {
-    /// An AWS Lambda function, invoked through the Lambda Invoke API.
+    /// An AWS Lambda function, invoked through the Lambda Invoke API: in AWS (signed with the standard
+    /// credential chain: environment, profile, web identity, ECS task role, EC2 instance role), or at
+    /// `endpoint` (the local writer).
     Lambda {
-        /// Function name.
+        /// Function name, partial ARN or ARN (optionally with a `:qualifier`).
         function: String,
-        /// Base URL of an Invoke API endpoint (the local writer: `http://127.0.0.1:9000`).
+        /// Base URL of an Invoke API endpoint (the local writer: `http://127.0.0.1:9000`); when absent,
+        /// the real AWS Lambda is invoked.
         #[serde(default)]
         endpoint: Option<String>,
+        /// AWS region of the function (default: the standard chain, `AWS_REGION` and the AWS profile);
+        /// only without `endpoint`.
+        #[serde(default)]
+        region: Option<String>,
     },
     /// An HTTP webhook: the envelope is POSTed as JSON; any 2xx is success.
     Http {
@@ -464,7 +471,11 @@ impl Config {
             }
             check_range(&field("timeout_ms"), r.timeout_ms, 1, 900_000)?;
             match &r.target {
-                Target::Lambda { function, endpoint } => {
+                Target::Lambda {
+                    function,
+                    endpoint,
+                    region,
+                } => {
                     let ok = !function.is_empty()
                         && function.len() <= 140
                         && function
@@ -476,12 +487,30 @@ impl Config {
                             "must be a Lambda function name or ARN",
                         ));
                     }
-                    match endpoint {
-                        Some(e) => check_url(&field("target.endpoint"), e)?,
-                        None => {
+                    if let Some(e) = endpoint {
+                        check_url(&field("target.endpoint"), e)?;
+                    }
+                    if let Some(region) = region {
+                        if endpoint.is_some() {
                             return Err(invalid(
-                                &field("target.endpoint"),
-                                "is required: this build invokes Lambda through an Invoke API endpoint URL",
+                                &field("target.region"),
+                                "applies only to AWS Lambda: remove it, or remove target.endpoint",
+                            ));
+                        }
+                        if !is_region(region) {
+                            return Err(invalid(
+                                &field("target.region"),
+                                format!("{region:?} is not an AWS region like us-east-1"),
+                            ));
+                        }
+                        if let Some(arn_region) = arn_region(function)
+                            && arn_region != region
+                        {
+                            return Err(invalid(
+                                &field("target.region"),
+                                format!(
+                                    "{region:?} differs from the function ARN's region {arn_region:?}"
+                                ),
                             ));
                         }
                     }
@@ -572,6 +601,29 @@ pub fn is_ident(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Whether `s` looks like an AWS region: lowercase words and a number joined by `-` (`us-east-1`,
+/// `us-gov-west-1`, `eu-central-2`).
+fn is_region(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    s.len() <= 50
+        && parts.len() >= 3
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && parts
+            .last()
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The region of a function ARN (`arn:aws:lambda:us-east-1:123456789012:function:name`).
+fn arn_region(function: &str) -> Option<&str> {
+    let mut parts = function.split(':');
+    (parts.next() == Some("arn"))
+        .then(|| parts.nth(2))
+        .flatten()
+        .filter(|r| !r.is_empty())
+}
+
 fn check_ident(field: &str, value: &str) -> Result<(), ConfigError> {
     if is_ident(value) {
         Ok(())
@@ -660,6 +712,57 @@ mod tests {
         assert!(e.contains("client.ping_interval_secs"), "{e}");
         let e = err(r#"{"database":{"url":"postgres://x"},"bogus":1}"#);
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn lambda_targets_without_endpoint_invoke_aws() {
+        let rule = |target: &str| {
+            format!(
+                r#"{{"database":{{"url":"postgres://x"}},"rules":[{{"channel":"outgoing-chat","target":{target}}}]}}"#
+            )
+        };
+        let c = Config::from_json(&rule(r#"{"type":"lambda","function":"chat-writer"}"#)).unwrap();
+        assert!(matches!(
+            &c.rules[0].target,
+            Target::Lambda {
+                endpoint: None,
+                region: None,
+                ..
+            }
+        ));
+        let c = Config::from_json(&rule(
+            r#"{"type":"lambda","function":"arn:aws:lambda:eu-west-1:123456789012:function:chat-writer:live","region":"eu-west-1"}"#,
+        ))
+        .unwrap();
+        assert!(matches!(
+            &c.rules[0].target,
+            Target::Lambda { region: Some(r), .. } if r == "eu-west-1"
+        ));
+        Config::from_json(&rule(
+            r#"{"type":"lambda","function":"chat-writer","region":"us-gov-west-1"}"#,
+        ))
+        .unwrap();
+        let e = err(&rule(
+            r#"{"type":"lambda","function":"chat-writer","region":"US East"}"#,
+        ));
+        assert!(e.contains("rules[0].target.region"), "{e}");
+        let e = err(&rule(
+            r#"{"type":"lambda","function":"arn:aws:lambda:eu-west-1:123456789012:function:f","region":"us-east-1"}"#,
+        ));
+        assert!(
+            e.contains("rules[0].target.region") && e.contains("eu-west-1"),
+            "{e}"
+        );
+        let e = err(&rule(
+            r#"{"type":"lambda","function":"f","endpoint":"http://127.0.0.1:9000","region":"us-east-1"}"#,
+        ));
+        assert!(e.contains("rules[0].target.region"), "{e}");
+        let e = err(&rule(
+            r#"{"type":"lambda","function":"f","regoin":"us-east-1"}"#,
+        ));
+        assert!(e.contains("regoin"), "{e}");
+        assert!(is_region("ap-southeast-5") && is_region("cn-north-1"));
+        assert!(!is_region("us-east") && !is_region("-east-1") && !is_region("us--1"));
     }
 
     #[test]

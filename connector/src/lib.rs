@@ -50,6 +50,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    // First, so a rule whose AWS region cannot be determined stops start-up before anything else.
+    let lambda = rules::LambdaClients::for_rules(&config.rules).await?;
     let pool = db::pool(&config.database)?;
     db::migrate(&pool).await?;
     let report = db::triggers::sync(&pool, &config.mappings).await?;
@@ -81,6 +83,7 @@ pub async fn run(
         pool: pool.clone(),
         hub,
         http,
+        lambda,
         stream: status,
         metrics: Metrics::default(),
         shutdown: token.clone(),

@@ -4,14 +4,29 @@
 //! The client's publish is answered only after the target answered: success, or an error reply. The
 //! sender's identity comes from the connection, never from the message body, and the message id is
 //! assigned here.
+//!
+//! A `lambda` target without `endpoint` is invoked in AWS with the AWS SDK ([`LambdaClients`], built
+//! once at start-up); with `endpoint` (the local writer), by a plain HTTP POST to the same Invoke path.
 
+use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aws_sdk_lambda::config::{BehaviorVersion, Region};
+use aws_sdk_lambda::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_lambda::operation::RequestId;
+use aws_sdk_lambda::operation::invoke::InvokeError;
+use aws_sdk_lambda::primitives::Blob;
+use aws_sdk_lambda::types::InvocationType;
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use thiserror::Error;
 
 use crate::config::{Rule, Target};
+use crate::error::ConfigError;
+
+/// Longest error detail kept from a target's answer.
+const MAX_DETAIL_CHARS: usize = 500;
 
 /// Why a target did not accept a publication.
 #[derive(Debug, Error)]
@@ -99,19 +114,142 @@ pub fn envelope<'a>(
     }
 }
 
+/// The AWS Lambda clients of the rules whose `lambda` target has no `endpoint`: one per distinct
+/// (region override, timeout), built once at start-up, sharing one HTTPS connection pool and one
+/// cached credential chain (environment, profile, web identity, ECS task role, EC2 instance role).
+#[derive(Clone, Default)]
+pub struct LambdaClients {
+    clients: Vec<(LambdaKey, aws_sdk_lambda::Client)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LambdaKey {
+    region: Option<String>,
+    timeout_ms: u64,
+}
+
+impl fmt::Debug for LambdaClients {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.clients.iter().map(|(key, _)| key))
+            .finish()
+    }
+}
+
+impl LambdaClients {
+    /// Builds the clients the rules need; nothing (and no AWS configuration is read) when no rule
+    /// invokes AWS Lambda. Fails, naming the rule, when a rule's region cannot be determined.
+    pub async fn for_rules(rules: &[Rule]) -> Result<Self, ConfigError> {
+        let aws_rules: Vec<(usize, &Rule, Option<&String>)> = rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, rule)| match &rule.target {
+                Target::Lambda {
+                    endpoint: None,
+                    region,
+                    ..
+                } => Some((i, rule, region.as_ref())),
+                _ => None,
+            })
+            .collect();
+        if aws_rules.is_empty() {
+            return Ok(Self::default());
+        }
+        // TLS through rustls with ring (as reqwest and sqlx here), trusting the system's roots.
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        // The standard chains: region from AWS_REGION / AWS_DEFAULT_REGION / the profile / IMDS,
+        // credentials from the environment, profile, web identity, ECS container (task role) or IMDS,
+        // endpoint overrides from AWS_ENDPOINT_URL_LAMBDA / AWS_ENDPOINT_URL. One credentials cache
+        // for every client (refreshed before expiry).
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http)
+            .identity_cache(aws_config::identity::IdentityCache::lazy().build())
+            .load()
+            .await;
+        let mut clients: Vec<(LambdaKey, aws_sdk_lambda::Client)> = Vec::new();
+        for (i, rule, region) in aws_rules {
+            let key = LambdaKey {
+                region: region.cloned(),
+                timeout_ms: rule.timeout_ms,
+            };
+            if clients.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            let region = match region {
+                Some(r) => Region::new(r.clone()),
+                None => sdk.region().cloned().ok_or_else(|| ConfigError::Invalid {
+                    field: format!("rules[{i}].target.region"),
+                    problem: format!(
+                        "the rule for channel {:?} invokes AWS Lambda (no target.endpoint), but no AWS \
+                         region is configured: set AWS_REGION, a region in the AWS profile, or \
+                         target.region",
+                        rule.channel
+                    ),
+                })?,
+            };
+            let timeout = Duration::from_millis(rule.timeout_ms);
+            let config = aws_sdk_lambda::config::Builder::from(&sdk)
+                .region(region.clone())
+                // The whole call, retries included, within the rule's timeout.
+                .timeout_config(
+                    aws_sdk_lambda::config::timeout::TimeoutConfig::builder()
+                        .operation_timeout(timeout)
+                        .build(),
+                )
+                // One quick retry for throttling, 5xx and connection errors (the writer is
+                // idempotent on the message id); the client's reply waits for it.
+                .retry_config(
+                    aws_sdk_lambda::config::retry::RetryConfig::standard()
+                        .with_max_attempts(2)
+                        .with_initial_backoff(Duration::from_millis(100)),
+                )
+                .build();
+            tracing::info!(rule = i, channel = %rule.channel, region = %region, "AWS Lambda client ready");
+            clients.push((key, aws_sdk_lambda::Client::from_conf(config)));
+        }
+        Ok(Self { clients })
+    }
+
+    fn client(&self, region: Option<&str>, timeout_ms: u64) -> Option<&aws_sdk_lambda::Client> {
+        self.clients
+            .iter()
+            .find(|(k, _)| k.region.as_deref() == region && k.timeout_ms == timeout_ms)
+            .map(|(_, c)| c)
+    }
+}
+
 /// Sends `envelope` to the rule's target and waits for its answer.
 pub async fn deliver(
     http: &reqwest::Client,
+    lambda: &LambdaClients,
     rule: &Rule,
     envelope: &Envelope<'_>,
 ) -> Result<(), TargetError> {
     let timeout = Duration::from_millis(rule.timeout_ms);
     let request = match &rule.target {
-        Target::Lambda { function, endpoint } => {
-            let base = endpoint
-                .as_deref()
-                .unwrap_or_default()
-                .trim_end_matches('/');
+        Target::Lambda {
+            function,
+            endpoint: None,
+            region,
+        } => {
+            let client = lambda
+                .client(region.as_deref(), rule.timeout_ms)
+                .ok_or_else(|| {
+                    TargetError::Failed("no AWS Lambda client for this rule".to_owned())
+                })?;
+            return invoke_aws(client, function, envelope).await;
+        }
+        // With an endpoint (the local writer's invoke server, or an emulator), a plain POST to the
+        // same Invoke path: nothing there checks a signature, so no AWS region or credentials are
+        // needed, and local runs and tests do not depend on the machine's AWS configuration.
+        Target::Lambda {
+            function,
+            endpoint: Some(endpoint),
+            ..
+        } => {
+            let base = endpoint.trim_end_matches('/');
             http.post(format!(
                 "{base}/2015-03-31/functions/{function}/invocations"
             ))
@@ -131,7 +269,7 @@ pub async fn deliver(
         return Ok(());
     }
     let body = response.text().await.unwrap_or_default();
-    let detail: String = body.chars().take(500).collect();
+    let detail = truncate(&body);
     if function_error {
         Err(TargetError::Failed(format!("function error: {detail}")))
     } else if status.is_server_error() || status.as_u16() == 429 {
@@ -141,6 +279,78 @@ pub async fn deliver(
     } else {
         Err(TargetError::Failed(format!("status {status}: {detail}")))
     }
+}
+
+/// Invokes the function synchronously (RequestResponse) with the envelope as its event.
+async fn invoke_aws(
+    client: &aws_sdk_lambda::Client,
+    function: &str,
+    envelope: &Envelope<'_>,
+) -> Result<(), TargetError> {
+    let payload =
+        serde_json::to_vec(envelope).map_err(|e| TargetError::Failed(format!("envelope: {e}")))?;
+    let output = client
+        .invoke()
+        .function_name(function)
+        .invocation_type(InvocationType::RequestResponse)
+        .payload(Blob::new(payload))
+        .send()
+        .await
+        .map_err(classify)?;
+    match output.function_error() {
+        None => Ok(()),
+        Some(kind) => {
+            let payload = output.payload().map(Blob::as_ref).unwrap_or_default();
+            let message = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v.get("errorMessage")?.as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(payload).into_owned());
+            Err(TargetError::Failed(format!(
+                "function error ({kind}): {}",
+                truncate(&message)
+            )))
+        }
+    }
+}
+
+/// Throttling, 5xx, timeouts and connection failures may pass on a retry; the rest (unknown
+/// function, access denied, bad request) will not.
+fn classify(e: SdkError<InvokeError, aws_sdk_lambda::config::http::HttpResponse>) -> TargetError {
+    let retry_helps = match &e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => true,
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            status == 429 || status >= 500
+        }
+        SdkError::ResponseError(re) => {
+            let status = re.raw().status().as_u16();
+            status == 429 || status >= 500
+        }
+        _ => false,
+    };
+    let detail = match &e {
+        SdkError::ServiceError(se) => {
+            let err = se.err();
+            format!(
+                "{} (status {}, request id {}): {}",
+                err.code().unwrap_or("unknown error"),
+                se.raw().status().as_u16(),
+                err.request_id().unwrap_or("-"),
+                err.message().unwrap_or_default()
+            )
+        }
+        _ => DisplayErrorContext(&e).to_string(),
+    };
+    let detail = truncate(&detail);
+    if retry_helps {
+        TargetError::Unreachable(detail)
+    } else {
+        TargetError::Failed(detail)
+    }
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(MAX_DETAIL_CHARS).collect()
 }
 
 #[cfg(test)]

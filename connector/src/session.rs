@@ -400,7 +400,7 @@ impl Session {
                 let message_id = uuid::Uuid::new_v4().to_string();
                 let envelope =
                     rules::envelope(&req.channel, &sender, &connection, &named, message_id);
-                match rules::deliver(&state.http, &rule, &envelope).await {
+                match rules::deliver(&state.http, &state.lambda, &rule, &envelope).await {
                     Ok(()) => {
                         state
                             .metrics

@@ -50,6 +50,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// Client for publish targets.
     pub http: reqwest::Client,
+    /// AWS Lambda clients of the rules that invoke Lambda in AWS.
+    pub lambda: crate::rules::LambdaClients,
     /// Change-stream status.
     pub stream: Arc<StreamStatus>,
     /// Counters.
