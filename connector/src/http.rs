@@ -49,9 +49,53 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// Database-side gauges, read at scrape time: how far the stream is behind, and how full
+/// PostgreSQL's NOTIFY queue is (a full queue makes notifying commits fail).
+#[derive(sqlx::FromRow)]
+struct DbGauges {
+    unsequenced: i64,
+    oldest_unsequenced_secs: f64,
+    notify_queue_usage: f64,
+}
+
+async fn db_gauges(state: &AppState) -> Option<DbGauges> {
+    let query = sqlx::query_as::<_, DbGauges>(
+        "SELECT count(*) AS unsequenced,
+                coalesce(extract(epoch FROM clock_timestamp() - min(written_at)), 0)::float8
+                    AS oldest_unsequenced_secs,
+                pg_notification_queue_usage() AS notify_queue_usage
+         FROM relay.changelog",
+    )
+    .fetch_one(&state.pool);
+    match tokio::time::timeout(std::time::Duration::from_secs(2), query).await {
+        Ok(Ok(g)) => Some(g),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "metrics query failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 async fn metrics(State(state): State<Arc<AppState>>) -> String {
     let m = &state.metrics;
     let mut out = String::new();
+    if let Some(g) = db_gauges(&state).await {
+        let _ = writeln!(
+            out,
+            "# HELP relay_changelog_unsequenced Changes committed but not yet sequenced (held back by \
+             the oldest open transaction, or waiting for the next wake-up).\n\
+             # TYPE relay_changelog_unsequenced gauge\nrelay_changelog_unsequenced {}\n\
+             # HELP relay_changelog_oldest_unsequenced_seconds Age of the oldest change not yet \
+             sequenced: the delivery delay a long-running writer transaction causes.\n\
+             # TYPE relay_changelog_oldest_unsequenced_seconds gauge\n\
+             relay_changelog_oldest_unsequenced_seconds {:.3}\n\
+             # HELP relay_pg_notification_queue_usage pg_notification_queue_usage(): fraction of the \
+             NOTIFY queue in use.\n# TYPE relay_pg_notification_queue_usage gauge\n\
+             relay_pg_notification_queue_usage {}",
+            g.unsequenced, g.oldest_unsequenced_secs, g.notify_queue_usage
+        );
+    }
     let mut line = |name: &str, kind: &str, help: &str, value: u64| {
         let _ = writeln!(
             out,

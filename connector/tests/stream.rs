@@ -247,3 +247,63 @@ async fn channel_templates_and_column_lists() {
     server.stop().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_long_transaction_holds_changes_back_visibly_and_loses_nothing() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    let mut client = Client::connected(&server.ws_url()).await;
+    client
+        .call(json!({"subscribe": {"channel": "incoming-chat"}}))
+        .await;
+
+    // A writer transaction that has taken an xid and stays open...
+    let mut long = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+         VALUES ('long', 'l', 'from the long transaction', 'l', 0)",
+    )
+    .execute(&mut *long)
+    .await
+    .unwrap();
+    // ...holds back a change committed after it: it is not delivered yet, and /metrics shows it.
+    db.insert_chat("short", "committed while the long one is open")
+        .await;
+    assert!(
+        client
+            .try_next(Duration::from_millis(600))
+            .await
+            .is_none_or(|m| m == json!({}))
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("relay_changelog_unsequenced 1"),
+        "{metrics}"
+    );
+    let age_line = metrics
+        .lines()
+        .find(|l| l.starts_with("relay_changelog_oldest_unsequenced_seconds "))
+        .unwrap();
+    let age: f64 = age_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(age > 0.3, "{age_line}");
+    assert!(metrics.contains("relay_pg_notification_queue_usage "));
+
+    // Once it commits, both arrive, in (xid, id) order: the long transaction's row first.
+    long.commit().await.unwrap();
+    let a = client.next_pub("incoming-chat").await;
+    let b = client.next_pub("incoming-chat").await;
+    assert_eq!(
+        (a["offset"].as_u64(), b["offset"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(a["data"]["row"]["msg_id"], "long");
+    assert_eq!(b["data"]["row"]["msg_id"], "short");
+
+    server.stop().await;
+    db.drop_db().await;
+}
