@@ -71,8 +71,14 @@ pub async fn run(
         .listen_url
         .clone()
         .unwrap_or_else(|| config.database.url.clone());
+    // The stream has its own small pool, so sessions' history and recovery reads can never starve the
+    // reads every subscriber depends on.
+    let stream_pool = db::pool(&config::DatabaseConfig {
+        pool_size: 2,
+        ..config.database.clone()
+    })?;
     let stream = Stream {
-        pool: pool.clone(),
+        pool: stream_pool.clone(),
         listen_url,
         config: config.stream.clone(),
         hub: hub.clone(),
@@ -112,6 +118,7 @@ pub async fn run(
         );
     }
     pool.close().await;
+    stream_pool.close().await;
     tracing::info!("stopped");
     Ok(())
 }

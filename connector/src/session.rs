@@ -127,6 +127,19 @@ impl Session {
                 _ = slow.cancelled() => break Some(code(Disconnect::SLOW)),
                 _ = &mut connect_deadline, if !self.connected => break Some(code(Disconnect::STALE)),
                 _ = pong_timeout => break Some(code(Disconnect::NO_PONG)),
+                Some(line) = self.pending.next(), if !self.pending.is_empty() => {
+                    if send_lines(&mut sink, &[line], write_timeout).await.is_err() {
+                        break None;
+                    }
+                }
+                _ = ping.tick() => {
+                    if send_lines(&mut sink, &[reply::PING.to_owned()], write_timeout).await.is_err() {
+                        break None;
+                    }
+                    if self.connected && self.pong_deadline.is_none() {
+                        self.pong_deadline = Some(Instant::now() + Duration::from_secs(cfg.pong_timeout_secs));
+                    }
+                }
                 message = stream.next() => match message {
                     Some(Ok(Message::Text(text))) => {
                         let mut out = Vec::new();
@@ -165,21 +178,22 @@ impl Session {
                         break Some(code(d));
                     }
                 }
-                Some(line) = self.pending.next(), if !self.pending.is_empty() => {
-                    if send_lines(&mut sink, &[line], write_timeout).await.is_err() {
-                        break None;
-                    }
-                }
-                _ = ping.tick() => {
-                    if send_lines(&mut sink, &[reply::PING.to_owned()], write_timeout).await.is_err() {
-                        break None;
-                    }
-                    if self.connected && self.pong_deadline.is_none() {
-                        self.pong_deadline = Some(Instant::now() + Duration::from_secs(cfg.pong_timeout_secs));
-                    }
-                }
             }
         };
+        if close == Some(code(Disconnect::SHUTDOWN)) && !self.pending.is_empty() {
+            // Publishes already handed to their target get their reply before the shutdown close, so
+            // the client knows whether they were written (it would otherwise retry with a new id).
+            let grace = Duration::from_secs(self.state.config.shutdown_grace_secs / 2)
+                .min(Duration::from_secs(5));
+            let drain = async {
+                while let Some(line) = self.pending.next().await {
+                    if send_lines(&mut sink, &[line], write_timeout).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(grace, drain).await;
+        }
         if let Some((code, reason)) = close {
             tracing::debug!(client = %self.client, code, reason, "closing connection");
             let frame = CloseFrame {
@@ -200,6 +214,11 @@ impl Session {
         let Ok(lines) = Command::split_frame(frame) else {
             return Flow::Close(Disconnect::BAD_REQUEST);
         };
+        // A frame holds at most a connect and a subscribe per allowed channel, plus some slack: this
+        // bounds the work and the replies buffered for one frame.
+        if lines.len() > self.state.config.client.max_channels_per_connection + 32 {
+            return Flow::Close(Disconnect::BAD_REQUEST);
+        }
         for line in lines {
             let command = match Command::parse(line) {
                 Ok(c) => c,

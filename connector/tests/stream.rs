@@ -198,29 +198,59 @@ async fn channel_templates_and_column_lists() {
     .unwrap();
     let config = config_json(
         &db.url,
-        json!({"mappings": [{"table": "accounts", "operations": ["INSERT", "DELETE"], "channel": "room:{room_id}", "columns": ["id", "name"]}]}),
+        json!({"mappings": [
+            {"table": "accounts", "operations": ["INSERT", "UPDATE", "DELETE"], "channel": "room:{room_id}", "columns": ["id", "name", "room_id"]},
+            {"table": "accounts", "operations": ["INSERT"], "channel": "odd$relay$';--{id}"}
+        ]}),
     );
     let server = Server::start(&config).await;
     let mut client = Client::connected(&server.ws_url()).await;
     client
         .call(json!({"subscribe": {"channel": "room:7"}}))
         .await;
+    client
+        .call(json!({"subscribe": {"channel": "room:8"}}))
+        .await;
+    client
+        .call(json!({"subscribe": {"channel": "odd$relay$';--2"}}))
+        .await;
     sqlx::query("INSERT INTO accounts VALUES (1, 8, 'other room', 'x'), (2, 7, 'alice', 'secret-hash'), (3, NULL, 'no room', 'y')")
         .execute(&db.pool)
         .await
         .unwrap();
-    sqlx::query("DELETE FROM accounts WHERE id = 2")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let odd = client.next_pub("odd$relay$';--2").await;
+    assert_eq!(
+        odd["data"]["row"]["name"], "alice",
+        "quotes and dollar tags in templates are only text"
+    );
     let p = client.next_pub("room:7").await;
     assert_eq!(p["data"]["type"], "INSERT");
     assert_eq!(
         p["data"]["row"],
-        json!({"id": 2, "name": "alice"}),
+        json!({"id": 2, "name": "alice", "room_id": 7}),
         "only the listed columns leave the database"
     );
-    let d = client.next_pub("room:7").await;
+    // A row that moves to another channel is published on both: the old one learns it left.
+    sqlx::query("UPDATE accounts SET room_id = 8 WHERE id = 2")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let moved_old = client.next_pub("room:7").await;
+    assert_eq!(
+        client.next_pub("room:8").await["data"]["row"]["id"],
+        1,
+        "row 1 was inserted in room 8"
+    );
+    let moved_new = client.next_pub("room:8").await;
+    assert_eq!(moved_new["data"]["row"]["id"], 2);
+    assert_eq!(moved_old["data"]["type"], "UPDATE");
+    assert_eq!(moved_old["data"]["old"]["room_id"], 7);
+    assert_eq!(moved_new["data"]["row"]["room_id"], 8);
+    sqlx::query("DELETE FROM accounts WHERE id = 2")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let d = client.next_pub("room:8").await;
     assert_eq!(d["data"]["type"], "DELETE");
     assert_eq!(d["data"]["row"]["id"], 2);
     assert!(!d.to_string().contains("secret-hash"));

@@ -100,16 +100,21 @@ pub enum Bound {
 /// Gives `channel` its stream row (and so its epoch) if it has none yet, so that a subscriber gets
 /// the epoch its first publication will carry. Returns the channel's epoch.
 pub async fn ensure_channel(pool: &PgPool, channel: &str) -> Result<String> {
-    let epoch: String = sqlx::query_scalar(
-        "WITH ins AS (
-             INSERT INTO relay.channels (name, epoch) VALUES ($1, relay.new_epoch())
-             ON CONFLICT (name) DO NOTHING RETURNING epoch
-         )
-         SELECT epoch FROM ins UNION ALL SELECT epoch FROM relay.channels WHERE name = $1 LIMIT 1",
+    let inserted: Option<String> = sqlx::query_scalar(
+        "INSERT INTO relay.channels (name, epoch) VALUES ($1, relay.new_epoch())
+         ON CONFLICT (name) DO NOTHING RETURNING epoch",
     )
     .bind(channel)
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await?;
+    if let Some(epoch) = inserted {
+        return Ok(epoch);
+    }
+    // Someone else (the sequencer, another subscriber) created it: read it with a fresh snapshot.
+    let epoch: String = sqlx::query_scalar("SELECT epoch FROM relay.channels WHERE name = $1")
+        .bind(channel)
+        .fetch_one(pool)
+        .await?;
     Ok(epoch)
 }
 

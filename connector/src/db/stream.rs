@@ -77,7 +77,10 @@ impl Stream {
             match self.session(&shutdown, &tracker, &mut cursor).await {
                 Ok(()) => break,
                 Err(e) => {
-                    self.status.ready.store(false, Ordering::Relaxed);
+                    // A connection that got as far as ready was a success: start backing off afresh.
+                    if self.status.ready.swap(false, Ordering::Relaxed) {
+                        backoff = Duration::from_millis(100);
+                    }
                     self.status.reconnects.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "change stream interrupted");
                     tokio::select! {

@@ -248,14 +248,23 @@ impl Client {
         }
     }
 
-    /// The next publication push on `channel` (pings and other pushes skipped).
+    /// The next publication push on `channel` (pings skipped; publications of other channels are
+    /// kept for later calls).
     pub async fn next_pub(&mut self, channel: &str) -> Value {
-        loop {
+        let mut other = Vec::new();
+        let found = loop {
             let m = self.next_message().await;
-            if m["push"]["channel"] == json!(channel) && m["push"]["pub"].is_object() {
-                return m["push"]["pub"].clone();
+            if m["push"]["pub"].is_object() {
+                if m["push"]["channel"] == json!(channel) {
+                    break m["push"]["pub"].clone();
+                }
+                other.push(m);
             }
+        };
+        for m in other.into_iter().rev() {
+            self.pending.push_front(m);
         }
+        found
     }
 
     /// Waits for the server to close the connection; returns the close code and reason.
