@@ -14,8 +14,10 @@
 //! 3. `longtx`: the documented cost of the xid8 horizon: rows committed while another transaction
 //!    that holds an xid stays open are delivered only when it ends.
 //!
-//! `--quick` is a short smoke run; `--only write,latency,longtx`, `--secs`, `--reps` and `--rates`
-//! narrow or stretch it.
+//! `--quick` is a short smoke run; `--only write,latency,longtx`, `--secs`, `--reps`, `--lat-reps`
+//! and `--rates` narrow or stretch it. The machine it was written for is small and shared, so every
+//! comparison is made within one run: configurations are interleaved in a fresh random order in every
+//! repetition, and the report gives medians (and ranges) over repetitions.
 
 // A benchmark prints its report by design, and is a tool rather than library code: panicking on an
 // impossible state (a poisoned lock) is fine here.
@@ -25,11 +27,12 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
+use rand::seq::SliceRandom;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
@@ -103,8 +106,10 @@ struct Opts {
     parts: Vec<String>,
     /// Seconds per write-path run.
     secs: f64,
-    /// Repetitions (interleaved).
+    /// Repetitions of the write-path runs (interleaved).
     reps: usize,
+    /// Repetitions of the latency runs (interleaved).
+    lat_reps: usize,
     /// Rates (rows/s) of the latency part.
     rates: Vec<u32>,
     /// Seconds per latency run.
@@ -120,6 +125,7 @@ impl Opts {
         let mut parts = None;
         let mut secs = None;
         let mut reps = None;
+        let mut lat_reps = None;
         let mut rates = None;
         while let Some(a) = args.next() {
             let mut value =
@@ -136,6 +142,7 @@ impl Opts {
                 }
                 "--secs" => secs = Some(value("--secs")?.parse::<f64>()?),
                 "--reps" => reps = Some(value("--reps")?.parse::<usize>()?),
+                "--lat-reps" => lat_reps = Some(value("--lat-reps")?.parse::<usize>()?),
                 "--rates" => {
                     rates = Some(
                         value("--rates")?
@@ -146,7 +153,7 @@ impl Opts {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--rates R1,R2,..]"
+                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--lat-reps N] [--rates R1,R2,..]"
                     );
                     std::process::exit(0);
                 }
@@ -160,16 +167,24 @@ impl Opts {
                 bail!("unknown part {p:?} (expected write, latency, longtx)");
             }
         }
-        let (d_secs, d_reps, d_rates, lat_secs, hold) = if quick {
-            (1.0, 1, vec![100, 1000], 1.5, Duration::from_secs(1))
+        let (d_secs, d_reps, d_lat_reps, d_rates, lat_secs, hold) = if quick {
+            (1.0, 1, 1, vec![100, 1000], 1.5, Duration::from_secs(1))
         } else {
-            (3.0, 3, vec![100, 1000, 3000], 3.0, Duration::from_secs(2))
+            (
+                1.0,
+                7,
+                3,
+                vec![100, 1000, 3000],
+                2.0,
+                Duration::from_secs(2),
+            )
         };
         Ok(Self {
             quick,
             parts,
             secs: secs.unwrap_or(d_secs),
             reps: reps.unwrap_or(d_reps).max(1),
+            lat_reps: lat_reps.unwrap_or(d_lat_reps).max(1),
             rates: rates.unwrap_or(d_rates),
             lat_secs,
             hold,
@@ -611,7 +626,7 @@ async fn write_run(
     for _ in 0..WRITERS {
         conns.push(connect(&db.url).await?);
     }
-    let warm = Duration::from_millis(300);
+    let warm = Duration::from_millis(250);
     let start = Instant::now() + Duration::from_millis(50);
     let from = start + warm;
     let until = from + Duration::from_secs_f64(secs);
@@ -680,12 +695,16 @@ async fn write_run(
 
 async fn write_part(opts: &Opts) -> Result<()> {
     println!(
-        "\n## 1. Write path: {WRITERS} writers, {} s per run after 0.3 s warm-up, {} interleaved repetition(s), medians\n",
+        "\n## 1. Write path: {WRITERS} writers, {} s per run after 0.25 s warm-up, {} interleaved repetition(s), medians\n",
         opts.secs, opts.reps
     );
     let db = BenchDb::create().await?;
     let r = write_part_in(&db, opts).await;
     db.drop_db().await;
+    println!(
+        "(CPU pressure, PSI some avg60, after this part: {})",
+        cpu_pressure()
+    );
     r
 }
 
@@ -701,7 +720,7 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
     for rep in 0..opts.reps {
         for rows in [1, 10] {
             let mut order: Vec<usize> = (0..WriteCfg::ALL.len()).collect();
-            order.rotate_left(rep % WriteCfg::ALL.len());
+            order.shuffle(&mut rand::rng());
             for i in order {
                 let cfg = WriteCfg::ALL[i];
                 run += 1;
@@ -729,7 +748,6 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
             median(&results[&(i, rows)].iter().map(f).collect::<Vec<_>>())
         };
         let base_c = med(0, |r| r.commits_per_s);
-        let base_r = med(0, |r| r.rows_per_s);
         let mut out = Vec::new();
         for (i, cfg) in WriteCfg::ALL.iter().enumerate() {
             let c = med(i, |r| r.commits_per_s);
@@ -740,7 +758,6 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                 format!("{c:.0}"),
                 format!("{:.2}", c / base_c),
                 format!("{rs:.0}"),
-                format!("{:.2}", rs / base_r),
                 format!("{:.2}", med(i, |r| r.p50_us as f64) / 1000.0),
                 format!("{:.2}", med(i, |r| r.p99_us as f64) / 1000.0),
                 format!(
@@ -758,9 +775,8 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
             &[
                 "configuration",
                 "commits/s",
-                "x(a)",
+                "x (a)",
                 "rows/s",
-                "x(a)",
                 "commit p50 ms",
                 "p99 ms",
                 "commits/s range",
@@ -837,6 +853,8 @@ async fn drive(
 struct Joined {
     /// Commit → receive, µs, per row, with the commit instant.
     lat: Vec<(Instant, u64)>,
+    /// Commit and receive instants by row id.
+    times: HashMap<String, (Instant, Instant)>,
     missing: usize,
     first_recv: Option<Instant>,
     last_recv: Option<Instant>,
@@ -855,24 +873,84 @@ async fn collect(sink: &Sink, commits: &[(String, Instant)], tag: &str) -> Joine
         .filter(|(id, _)| id.starts_with(tag) && id.as_bytes().get(tag.len()) == Some(&b'-'))
         .collect();
     let mut lat = Vec::with_capacity(commits.len());
+    let mut times = HashMap::with_capacity(commits.len());
     let mut missing = 0;
     for (id, at) in commits {
         match got.get(id) {
-            Some(r) => lat.push((*at, micros(r.saturating_duration_since(*at)))),
+            Some(r) => {
+                lat.push((*at, micros(r.saturating_duration_since(*at))));
+                times.insert(id.clone(), (*at, *r));
+            }
             None => missing += 1,
         }
     }
     Joined {
         lat,
+        times,
         missing,
         first_recv: got.values().min().copied(),
         last_recv: got.values().max().copied(),
     }
 }
 
+/// Wall-clock seconds since the Unix epoch of an instant (PostgreSQL runs on the same host, so its
+/// `clock_timestamp()` is comparable to within clock-reading precision).
+fn wall(at: Instant) -> f64 {
+    static BASE: OnceLock<(Instant, f64)> = OnceLock::new();
+    let (i0, w0) = *BASE.get_or_init(|| {
+        let w = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        (Instant::now(), w)
+    });
+    if at >= i0 {
+        w0 + (at - i0).as_secs_f64()
+    } else {
+        w0 - (i0 - at).as_secs_f64()
+    }
+}
+
+/// Splits each relayed row's latency at the moment the sequencer moved it into the history
+/// (`relay.publications.sequenced_at`): commit → sequenced, and sequenced → received by the client.
+async fn breakdown(
+    db: &BenchDb,
+    tag: &str,
+    times: &HashMap<String, (Instant, Instant)>,
+    to_seq: &mut Vec<f64>,
+    to_client: &mut Vec<f64>,
+) -> Result<()> {
+    let rows: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT data->'row'->>'msg_id', extract(epoch FROM sequenced_at)::float8
+         FROM relay.publications WHERE channel = $1 AND data->'row'->>'msg_id' LIKE $2",
+    )
+    .bind(CHANNEL)
+    .bind(format!("{tag}-%"))
+    .fetch_all(&db.pool)
+    .await?;
+    for (id, sequenced) in rows {
+        if let Some((commit, recv)) = times.get(&id) {
+            to_seq.push((sequenced - wall(*commit)) * 1000.0);
+            to_client.push((wall(*recv) - sequenced) * 1000.0);
+        }
+    }
+    Ok(())
+}
+
+/// Percentile (nearest rank) of unsorted milliseconds.
+fn pct_f(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
 #[derive(Default)]
 struct LatAgg {
     samples: Vec<u64>,
+    to_seq: Vec<f64>,
+    to_client: Vec<f64>,
     achieved: Vec<f64>,
     delivered: Vec<f64>,
     missing: usize,
@@ -881,11 +959,15 @@ struct LatAgg {
 async fn latency_part(opts: &Opts) -> Result<()> {
     println!(
         "\n## 2. End-to-end latency: {LAT_WRITERS} writers, single-row commits at fixed rates, {} s per run, {} interleaved repetition(s)\n",
-        opts.lat_secs, opts.reps
+        opts.lat_secs, opts.lat_reps
     );
     let db = BenchDb::create().await?;
     let r = latency_part_in(&db, opts).await;
     db.drop_db().await;
+    println!(
+        "(CPU pressure, PSI some avg60, after this part: {})",
+        cpu_pressure()
+    );
     r
 }
 
@@ -897,7 +979,7 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
     let (raw_sink, raw_task) = raw_listener(&db.url).await?;
     let mut agg: HashMap<(Path, u32), LatAgg> = HashMap::new();
     let mut run = 0;
-    for rep in 0..opts.reps {
+    for rep in 0..opts.lat_reps {
         for &rate in &opts.rates {
             let paths = if rep % 2 == 0 {
                 [Path::RawNotify, Path::Relay]
@@ -930,6 +1012,9 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                         .push((j.lat.len() - 1) as f64 / (l - f).as_secs_f64());
                 }
                 a.missing += j.missing;
+                if path == Path::Relay {
+                    breakdown(db, &tag, &j.times, &mut a.to_seq, &mut a.to_client).await?;
+                }
                 let mut s: Vec<u64> = j.lat.iter().map(|x| x.1).collect();
                 s.sort_unstable();
                 println!(
@@ -955,15 +1040,15 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
 
     println!();
     let mut out = Vec::new();
+    let mut split = Vec::new();
     for &rate in &opts.rates {
-        let mut p50 = [0u64; 2];
-        let mut p99 = [0u64; 2];
+        // [raw, relay] × [p50, p95, p99]
+        let mut p = [[0u64; 3]; 2];
         for (k, path) in [Path::RawNotify, Path::Relay].into_iter().enumerate() {
             let a = agg.get_mut(&(path, rate)).context("no runs")?;
             a.samples.sort_unstable();
             let s = &a.samples;
-            p50[k] = pct(s, 50.0);
-            p99[k] = pct(s, 99.0);
+            p[k] = [pct(s, 50.0), pct(s, 95.0), pct(s, 99.0)];
             out.push(vec![
                 format!("{rate}/s"),
                 match path {
@@ -973,31 +1058,54 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                 format!("{:.0}", median(&a.achieved)),
                 format!("{:.0}", median(&a.delivered)),
                 s.len().to_string(),
-                ms(pct(s, 50.0)),
-                ms(pct(s, 95.0)),
-                ms(pct(s, 99.0)),
+                ms(p[k][0]),
+                ms(p[k][1]),
+                ms(p[k][2]),
                 ms(s.last().copied().unwrap_or(0)),
                 a.missing.to_string(),
             ]);
+            if path == Path::Relay {
+                split.push(vec![
+                    format!("{rate}/s"),
+                    format!("{:.2}", pct_f(&mut a.to_seq, 50.0)),
+                    format!("{:.2}", pct_f(&mut a.to_seq, 99.0)),
+                    format!("{:.2}", pct_f(&mut a.to_client, 50.0)),
+                    format!("{:.2}", pct_f(&mut a.to_client, 99.0)),
+                ]);
+            }
         }
-        let ratio = |a: u64, b: u64| {
-            if b == 0 {
+        let ratio = |i: usize| {
+            if p[0][i] == 0 {
                 "-".to_owned()
             } else {
-                format!("x{:.1}", a as f64 / b as f64)
+                format!("x{:.0}", p[1][i] as f64 / p[0][i] as f64)
             }
         };
+        let added = |i: usize| format!("+{}", ms(p[1][i].saturating_sub(p[0][i])));
+        let blank = String::new;
         out.push(vec![
-            String::new(),
+            blank(),
             "  relay / raw".into(),
-            String::new(),
-            String::new(),
-            String::new(),
-            ratio(p50[1], p50[0]),
-            String::new(),
-            ratio(p99[1], p99[0]),
-            String::new(),
-            String::new(),
+            blank(),
+            blank(),
+            blank(),
+            ratio(0),
+            ratio(1),
+            ratio(2),
+            blank(),
+            blank(),
+        ]);
+        out.push(vec![
+            blank(),
+            "  relay - raw".into(),
+            blank(),
+            blank(),
+            blank(),
+            added(0),
+            added(1),
+            added(2),
+            blank(),
+            blank(),
         ]);
     }
     table(
@@ -1017,7 +1125,18 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
     );
     println!(
         "\n(percentiles over all repetitions' rows; written/s and delivered/s are medians of runs; \
-         offset gaps seen by the WebSocket client: {gaps})"
+         offset gaps seen by the WebSocket client: {gaps})\n"
+    );
+    println!("Where the relay's time goes (sequenced = relay.publications.sequenced_at):");
+    table(
+        &[
+            "rate",
+            "commit->sequenced p50 ms",
+            "p99 ms",
+            "sequenced->client p50 ms",
+            "p99 ms",
+        ],
+        &split,
     );
     Ok(())
 }
@@ -1086,6 +1205,10 @@ async fn longtx_part(opts: &Opts) -> Result<()> {
         other.drop_db().await;
     }
     db.drop_db().await;
+    println!(
+        "(CPU pressure, PSI some avg60, after this part: {})",
+        cpu_pressure()
+    );
     r
 }
 
@@ -1095,7 +1218,7 @@ async fn longtx_part_in(db: &BenchDb, other: &BenchDb, opts: &Opts) -> Result<()
     other.exec(create).await?;
     let relay = Relay::start(&db.url).await?;
     let (sink, task) = subscribe(&relay, CHANNEL).await?;
-    let gap = Duration::from_millis(1500);
+    let gap = Duration::from_millis(1000);
     let holds = [Hold::WriterSameDb, Hold::WriterOtherDb, Hold::ReadOnly];
     let total = gap + (opts.hold + gap) * holds.len() as u32;
 
@@ -1169,7 +1292,11 @@ async fn longtx_part_in(db: &BenchDb, other: &BenchDb, opts: &Opts) -> Result<()
             ms(pct(&l, 95.0)),
             ms(l.last().copied().unwrap_or(0)),
             format!("{:.0}", median(&remaining)),
-            format!("{:.2}", median(&excess)),
+            if matches!(h, Hold::ReadOnly) {
+                "- (not held back)".into()
+            } else {
+                format!("{:.2}", median(&excess))
+            },
         ]);
     }
     table(
@@ -1190,6 +1317,25 @@ async fn longtx_part_in(db: &BenchDb, other: &BenchDb, opts: &Opts) -> Result<()
         sink.offset_gaps.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// The share of time some task waited for a CPU over the last minute (Linux PSI), if available.
+fn cpu_pressure() -> String {
+    std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("some"))
+                .and_then(|l| l.split_whitespace().find(|f| f.starts_with("avg60=")))
+                .map(|f| format!("{}%", f.trim_start_matches("avg60=")))
+        })
+        .unwrap_or_else(|| "n/a".into())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "n/a".into())
 }
 
 // ---- main -------------------------------------------------------------------------------------------
@@ -1229,6 +1375,11 @@ async fn machine() -> Result<()> {
     println!("machine:  {cpus} CPUs ({model}); PostgreSQL and this process share them");
     println!("postgres: {version}");
     println!("settings: {}", settings.join(" "));
+    println!(
+        "load:     CPU pressure (PSI some, avg60) {} at start; loadavg {}",
+        cpu_pressure(),
+        loadavg()
+    );
     Ok(())
 }
 
@@ -1249,6 +1400,11 @@ async fn main() -> Result<()> {
     if opts.wants("longtx") {
         longtx_part(&opts).await?;
     }
-    println!("\ntotal time {:.0} s", started.elapsed().as_secs_f64());
+    println!(
+        "\ntotal time {:.0} s; CPU pressure (PSI some, avg60) {} at the end; loadavg {}",
+        started.elapsed().as_secs_f64(),
+        cpu_pressure(),
+        loadavg()
+    );
     Ok(())
 }
