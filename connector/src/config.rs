@@ -37,6 +37,78 @@ pub struct Config {
     /// Seconds given to sessions to close on shutdown (default 10).
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// History retention: per channel pattern, by count and by age (first match wins).
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// History retention and its pruning task.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Seconds between pruning passes (default 30).
+    #[serde(default = "default_prune_interval")]
+    pub prune_interval_secs: u64,
+    /// Rules by channel pattern; the first match wins; channels that match none use the last resort
+    /// of 10000 publications and 1 day.
+    #[serde(default)]
+    pub rules: Vec<RetentionRule>,
+}
+
+/// How much history a channel keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    /// Channel pattern (`*` matches any run of characters).
+    pub channel: String,
+    /// Most publications kept (default 10000).
+    #[serde(default = "default_max_publications")]
+    pub max_publications: u64,
+    /// Oldest publication kept, in seconds (default 86400).
+    #[serde(default = "default_max_age")]
+    pub max_age_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            prune_interval_secs: default_prune_interval(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// The rule for `channel`.
+    pub fn rule_for(&self, channel: &str) -> RetentionRule {
+        self.rules
+            .iter()
+            .find(|r| ChannelPattern::new(&r.channel).matches(channel))
+            .cloned()
+            .unwrap_or_else(|| RetentionRule {
+                channel: "*".to_owned(),
+                max_publications: default_max_publications(),
+                max_age_secs: default_max_age(),
+            })
+    }
+}
+
+impl RetentionRule {
+    /// A short text that changes whenever the rule's limits change (stored with each channel, so a
+    /// changed rule gives the channel a new epoch).
+    pub fn signature(&self) -> String {
+        format!("max={};age={}", self.max_publications, self.max_age_secs)
+    }
+}
+
+fn default_prune_interval() -> u64 {
+    30
+}
+fn default_max_publications() -> u64 {
+    10_000
+}
+fn default_max_age() -> u64 {
+    86_400
 }
 
 /// Database settings.
@@ -418,6 +490,35 @@ impl Config {
             600,
         )?;
         check_range("shutdown_grace_secs", self.shutdown_grace_secs, 0, 600)?;
+        check_range(
+            "retention.prune_interval_secs",
+            self.retention.prune_interval_secs,
+            1,
+            86_400,
+        )?;
+        for (i, r) in self.retention.rules.iter().enumerate() {
+            if r.channel.is_empty()
+                || r.channel.len() > 255
+                || !r.channel.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid(
+                    &format!("retention.rules[{i}].channel"),
+                    "must be 1-255 printable ASCII characters without spaces",
+                ));
+            }
+            check_range(
+                &format!("retention.rules[{i}].max_publications"),
+                r.max_publications,
+                1,
+                100_000_000,
+            )?;
+            check_range(
+                &format!("retention.rules[{i}].max_age_secs"),
+                r.max_age_secs,
+                1,
+                10 * 365 * 86_400,
+            )?;
+        }
 
         for (i, m) in self.mappings.iter().enumerate() {
             let field = |f: &str| format!("mappings[{i}].{f}");

@@ -96,6 +96,11 @@ pub async fn run(
         tracker: tracker.clone(),
     });
     tracker.spawn(stream.run(token.clone(), tracker.clone()));
+    tracker.spawn(db::retention::run(
+        stream_pool.clone(),
+        Arc::new(state.config.retention.clone()),
+        token.clone(),
+    ));
 
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let stop = token.clone();

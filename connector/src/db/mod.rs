@@ -4,8 +4,10 @@
 //! - [`triggers`]: capture triggers generated from the mappings.
 //! - [`stream`]: the task that sequences the changelog and reads new publications for the hub.
 //! - [`history`]: stream positions, history and recovery reads, client publications.
+//! - [`retention`]: the pruning task that keeps each channel's history within its retention rule.
 
 pub mod history;
+pub mod retention;
 pub mod stream;
 pub mod triggers;
 
