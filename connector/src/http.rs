@@ -25,16 +25,41 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Upgrades to the Centrifugo JSON protocol. `centrifuge-json` is echoed when offered; no or an empty
 /// `Sec-WebSocket-Protocol` is accepted too (the SDKs send none by default).
-async fn websocket(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+///
+/// Refused before the upgrade: a browser `Origin` that `client.allowed_origins` does not allow (403),
+/// and a connection over `client.max_connections` (503; the SDKs retry with backoff, perhaps reaching
+/// another node).
+async fn websocket(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     }
+    let header = |name: axum::http::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if !crate::limits::origin_allowed(
+        state.config.client.allowed_origins.as_deref(),
+        header(axum::http::header::ORIGIN),
+        header(axum::http::header::HOST),
+    ) {
+        tracing::debug!(origin = ?header(axum::http::header::ORIGIN), "WebSocket origin refused");
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let Ok(slot) = state.connection_slots.clone().try_acquire_owned() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "connection limit").into_response();
+    };
     let max = state.config.client.max_message_bytes;
     let tracker = state.tracker.clone();
     ws.protocols(["centrifuge-json"])
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tracker.track_future(session::serve(socket, state)))
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                session::serve(socket, state).await;
+                drop(slot);
+            })
+        })
 }
 
 async fn healthz() -> &'static str {

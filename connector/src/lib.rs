@@ -12,7 +12,9 @@
 //!   wake-ups + gapless reads into the hub); [`db::history`] (positions, history, recovery, publishing).
 //! - [`hub`]: channel registry and fan-out (encode once, bounded mailboxes, slow clients marked).
 //! - [`session`]: one task per WebSocket: commands, replies, pushes, pings, close codes.
-//! - [`auth`]: who a connection is.
+//! - [`auth`]: who a connection is (JWT connection and subscription tokens) and what it may do on a
+//!   channel (permissions from `channels[]`).
+//! - [`limits`]: the publish rate per connection and the WebSocket `Origin` allow-list.
 //! - [`rules`]: client publications to the writer Lambda or a webhook.
 //! - [`http`]: the router (WebSocket, `/healthz`, `/readyz`, `/metrics`).
 //! - [`state`]: the shared state and counters.
@@ -24,6 +26,7 @@ pub mod db;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod rules;
 pub mod session;
 pub mod state;
@@ -84,6 +87,13 @@ pub async fn run(
         hub: hub.clone(),
         status: status.clone(),
     };
+    let verifier = auth::Verifier::new(&config.auth).map_err(|e| {
+        Error::Config(error::ConfigError::Invalid {
+            field: e.field.to_owned(),
+            problem: e.problem,
+        })
+    })?;
+    let max_connections = config.client.max_connections;
     let state = Arc::new(AppState {
         config: Arc::new(config),
         pool: pool.clone(),
@@ -92,6 +102,8 @@ pub async fn run(
         lambda,
         stream: status,
         metrics: Metrics::default(),
+        verifier,
+        connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         shutdown: token.clone(),
         tracker: tracker.clone(),
     });

@@ -7,6 +7,12 @@
 //! was already part of a subscribe reply is not sent twice, and a gap is never passed over silently
 //! (the client is told to resubscribe and recover). Publishes to a rule's target run concurrently
 //! with the session, so a slow writer does not hold back pushes.
+//!
+//! Authorization happens here, once per command ([`crate::auth`]): the connection's identity at
+//! `connect` (and `refresh`), channel permissions and subscription tokens at `subscribe`, `publish`,
+//! `history` and `presence`, never per delivered publication. A connection or subscription whose
+//! token expired and was not refreshed within `auth.expired_close_delay_secs` is closed with 3005, or
+//! unsubscribed with 2501 (the SDK resubscribes with a new token).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,16 +30,19 @@ use tokio_util::sync::CancellationToken;
 
 use relay_protocol::channel::validate_channel;
 use relay_protocol::command::{
-    ChannelRequest, ConnectRequest, HistoryRequest, PublishRequest, SubscribeRequest,
+    ChannelRequest, ConnectRequest, HistoryRequest, PublishRequest, RefreshRequest,
+    SubRefreshRequest, SubscribeRequest,
 };
 use relay_protocol::reply::{
-    self, ClientInfo, ConnectResult, Empty, HistoryResult, Publication, SubscribeResult,
+    self, ClientInfo, ConnectResult, Empty, HistoryResult, Publication, RefreshResult,
+    SubRefreshResult, SubscribeResult,
 };
 use relay_protocol::{Command, Disconnect, ErrorCode, ReplyError, Request};
 
-use crate::auth;
+use crate::auth::{self, ConnectError, Identity, Op, SubscriptionError};
 use crate::db::history::{self, Bound, StoredPublication};
 use crate::hub::{Delivery, Subscriber};
+use crate::limits::TokenBucket;
 use crate::rules::{self, NamedData};
 use crate::state::AppState;
 
@@ -45,6 +54,10 @@ const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 struct SubState {
     epoch: String,
     offset: u64,
+    /// When the subscription token expires (Unix seconds).
+    expires_at: Option<u64>,
+    /// Channel info from the subscription token.
+    chan_info: Option<Arc<RawValue>>,
 }
 
 /// What the handling of a frame asks the loop to do.
@@ -58,8 +71,11 @@ struct Session {
     state: Arc<AppState>,
     id: u64,
     client: String,
-    user: String,
+    identity: Identity,
     connected: bool,
+    publish_bucket: TokenBucket,
+    /// The earliest moment a token expiry (connection or subscription) must be acted on.
+    next_expiry: Option<Instant>,
     subs: HashMap<String, SubState>,
     mailbox: mpsc::Sender<Arc<Delivery>>,
     slow: CancellationToken,
@@ -75,8 +91,13 @@ pub async fn serve(socket: WebSocket, state: Arc<AppState>) {
     let mut session = Session {
         id: state.hub.next_session_id(),
         client: uuid::Uuid::new_v4().to_string(),
-        user: String::new(),
+        identity: Identity::default(),
         connected: false,
+        publish_bucket: TokenBucket::new(
+            state.config.client.publish_rate_per_sec,
+            state.config.client.publish_burst,
+        ),
+        next_expiry: None,
         subs: HashMap::new(),
         mailbox,
         slow: CancellationToken::new(),
@@ -121,12 +142,29 @@ impl Session {
                     None => std::future::pending().await,
                 }
             };
+            let next_expiry = self.next_expiry;
+            let expiry = async move {
+                match next_expiry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Some(code(Disconnect::SHUTDOWN)),
                 _ = slow.cancelled() => break Some(code(Disconnect::SLOW)),
                 _ = &mut connect_deadline, if !self.connected => break Some(code(Disconnect::STALE)),
                 _ = pong_timeout => break Some(code(Disconnect::NO_PONG)),
+                _ = expiry => {
+                    let mut out = Vec::new();
+                    let flow = self.expire(&mut out);
+                    if !out.is_empty() && send_lines(&mut sink, &out, write_timeout).await.is_err() {
+                        break None;
+                    }
+                    if let Flow::Close(d) = flow {
+                        break Some(code(d));
+                    }
+                }
                 Some(line) = self.pending.next(), if !self.pending.is_empty() => {
                     if send_lines(&mut sink, &[line], write_timeout).await.is_err() {
                         break None;
@@ -144,6 +182,7 @@ impl Session {
                     Some(Ok(Message::Text(text))) => {
                         let mut out = Vec::new();
                         let flow = self.handle_frame(text.as_str(), &mut out).await;
+                        self.schedule_expiry();
                         if !out.is_empty() && send_lines(&mut sink, &out, write_timeout).await.is_err() {
                             break None;
                         }
@@ -247,17 +286,32 @@ impl Session {
                 _ => Flow::Close(Disconnect::BAD_REQUEST),
             };
         }
+        match request {
+            Request::Refresh(r) => return self.refresh(id, r, out),
+            Request::SubRefresh(r) => return self.sub_refresh(id, r, out),
+            _ => {}
+        }
         let name = request.name();
         let result = match request {
             Request::Connect(_) => return Flow::Close(Disconnect::BAD_REQUEST),
-            Request::Subscribe(s) => self.subscribe(s).await,
+            Request::Subscribe(s) => match self.subscribe(s).await {
+                Err(SubscribeError::Close(d)) => return Flow::Close(d),
+                Err(SubscribeError::Reply(e)) => Err(e),
+                Ok(body) => Ok(body),
+            },
             Request::Unsubscribe(u) => Ok(self.unsubscribe(u)),
             Request::Publish(p) => match self.publish(id, p) {
                 Ok(()) => return Flow::Continue,
                 Err(e) => Err(e),
             },
             Request::History(h) => self.history(h).await,
-            Request::Presence(_) | Request::PresenceStats(_) => Err(ErrorCode::NotAvailable.into()),
+            Request::Presence(r) | Request::PresenceStats(r) => {
+                if self.allowed(&r.channel, Op::Presence) {
+                    Err(ErrorCode::NotAvailable.into())
+                } else {
+                    Err(ErrorCode::PermissionDenied.into())
+                }
+            }
             Request::Ping | Request::Refresh(_) | Request::SubRefresh(_) => {
                 Err(ErrorCode::NotAvailable.into())
             }
@@ -271,9 +325,10 @@ impl Session {
     }
 
     fn connect(&mut self, id: u32, request: ConnectRequest, out: &mut Vec<String>) -> Flow {
-        match auth::authenticate(&self.state.config, &request) {
+        match auth::connect(&self.state.config, &self.state.verifier, &request.token) {
             Ok(identity) => {
-                self.user = identity.user;
+                let ttl = ttl(identity.expires_at);
+                self.identity = identity;
                 self.connected = true;
                 let result = ConnectResult {
                     client: self.client.clone(),
@@ -281,25 +336,171 @@ impl Session {
                     ping: u32::try_from(self.state.config.client.ping_interval_secs)
                         .unwrap_or(u32::MAX),
                     pong: true,
+                    expires: ttl.is_some(),
+                    ttl,
                 };
                 out.push(reply::encode_reply(id, "connect", &result));
                 Flow::Continue
             }
-            Err(d) => Flow::Close(d),
+            // The SDK fetches a new token and reconnects; the connection stays unauthenticated.
+            Err(ConnectError::Expired) => {
+                out.push(reply::encode_error(id, &ErrorCode::TokenExpired.into()));
+                Flow::Continue
+            }
+            Err(ConnectError::Disconnect(d)) => Flow::Close(d),
         }
     }
 
-    async fn subscribe(&mut self, req: SubscribeRequest) -> Result<String, ReplyError> {
+    /// `refresh`: a new connection token for the same user extends the connection.
+    fn refresh(&mut self, id: u32, request: RefreshRequest, out: &mut Vec<String>) -> Flow {
+        match auth::refresh(&self.state.verifier, &self.identity.user, &request.token) {
+            Ok(expires_at) => {
+                self.identity.expires_at = expires_at;
+                let ttl = ttl(expires_at);
+                let result = RefreshResult {
+                    client: self.client.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    expires: ttl.is_some(),
+                    ttl,
+                };
+                out.push(reply::encode_reply(id, "refresh", &result));
+                Flow::Continue
+            }
+            Err(ConnectError::Expired) => Flow::Close(auth::CONNECTION_EXPIRED),
+            Err(ConnectError::Disconnect(d)) => Flow::Close(d),
+        }
+    }
+
+    /// `sub_refresh`: a new subscription token extends a subscription.
+    fn sub_refresh(&mut self, id: u32, request: SubRefreshRequest, out: &mut Vec<String>) -> Flow {
+        if request.channel.is_empty() {
+            return Flow::Close(Disconnect::BAD_REQUEST);
+        }
+        if !self.subs.contains_key(&request.channel) {
+            out.push(reply::encode_error(id, &ErrorCode::PermissionDenied.into()));
+            return Flow::Continue;
+        }
+        match auth::subscription(
+            &self.state.verifier,
+            &request.token,
+            &request.channel,
+            &self.identity.user,
+            &self.client,
+        ) {
+            Ok(grant) => {
+                if let Some(sub) = self.subs.get_mut(&request.channel) {
+                    sub.expires_at = grant.expires_at;
+                    sub.chan_info = grant.chan_info;
+                }
+                let ttl = ttl(grant.expires_at);
+                let result = SubRefreshResult {
+                    expires: ttl.is_some(),
+                    ttl,
+                };
+                out.push(reply::encode_reply(id, "sub_refresh", &result));
+                Flow::Continue
+            }
+            Err(SubscriptionError::Expired) => {
+                out.push(reply::encode_error(id, &ErrorCode::TokenExpired.into()));
+                Flow::Continue
+            }
+            Err(SubscriptionError::Invalid | SubscriptionError::Mismatch) => {
+                Flow::Close(Disconnect::INVALID_TOKEN)
+            }
+        }
+    }
+
+    /// Whether this connection may do `op` on `channel` by the configured permissions.
+    fn allowed(&self, channel: &str, op: Op) -> bool {
+        auth::permissions::allowed(
+            &self.state.config.channels,
+            channel,
+            op,
+            &self.identity,
+            self.subs.contains_key(channel),
+        )
+    }
+
+    /// Acts on expired tokens: closes an expired connection (3005), ends expired subscriptions (2501).
+    fn expire(&mut self, out: &mut Vec<String>) -> Flow {
+        let now = unix_now();
+        let delay = self.state.config.auth.expired_close_delay_secs;
+        let overdue = |at: Option<u64>| at.is_some_and(|at| at.saturating_add(delay) <= now);
+        if overdue(self.identity.expires_at) {
+            return Flow::Close(auth::CONNECTION_EXPIRED);
+        }
+        let expired: Vec<String> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| overdue(s.expires_at))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for channel in expired {
+            self.subs.remove(&channel);
+            self.state.hub.unsubscribe(&channel, self.id);
+            out.push(reply::encode_unsubscribe_push(
+                &channel,
+                2501,
+                "subscription expired",
+            ));
+        }
+        self.schedule_expiry();
+        Flow::Continue
+    }
+
+    /// Recomputes when the next token expiry is due.
+    fn schedule_expiry(&mut self) {
+        let delay = self.state.config.auth.expired_close_delay_secs;
+        let earliest = self
+            .subs
+            .values()
+            .filter_map(|s| s.expires_at)
+            .chain(self.identity.expires_at)
+            .min();
+        self.next_expiry = earliest.map(|at| {
+            let due = at.saturating_add(delay).saturating_sub(unix_now());
+            // Whole seconds: a token expiring at second N is acted on just after N.
+            Instant::now() + Duration::from_secs(due) + Duration::from_millis(50)
+        });
+    }
+
+    async fn subscribe(&mut self, req: SubscribeRequest) -> Result<String, SubscribeError> {
         let channel = req.channel.clone();
         validate_channel(&channel)
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
         if self.subs.contains_key(&channel) {
-            return Err(ErrorCode::AlreadySubscribed.into());
+            return Err(ReplyError::from(ErrorCode::AlreadySubscribed).into());
         }
         let cfg = &self.state.config.client;
         if self.subs.len() >= cfg.max_channels_per_connection {
-            return Err(ErrorCode::LimitExceeded.into());
+            return Err(ReplyError::from(ErrorCode::LimitExceeded).into());
         }
+        // A subscription token is the application's explicit grant; without one, the permissions.
+        let grant = if req.token.is_empty() {
+            if !self.allowed(&channel, Op::Subscribe) {
+                return Err(ReplyError::from(ErrorCode::PermissionDenied).into());
+            }
+            auth::SubscriptionGrant::default()
+        } else {
+            match auth::subscription(
+                &self.state.verifier,
+                &req.token,
+                &channel,
+                &self.identity.user,
+                &self.client,
+            ) {
+                Ok(grant) => grant,
+                Err(SubscriptionError::Expired) => {
+                    return Err(ReplyError::from(ErrorCode::TokenExpired).into());
+                }
+                Err(SubscriptionError::Invalid) => {
+                    return Err(ReplyError::from(ErrorCode::PermissionDenied).into());
+                }
+                Err(SubscriptionError::Mismatch) => {
+                    return Err(SubscribeError::Close(Disconnect::INVALID_TOKEN));
+                }
+            }
+        };
         // Register before reading, so nothing committed after the read can be missed; what arrives
         // twice is dropped by offset in `deliver`.
         self.state.hub.subscribe(
@@ -320,7 +521,7 @@ impl Session {
             Err(e) => {
                 self.state.hub.unsubscribe(&channel, self.id);
                 tracing::warn!(error = %e, channel, "subscribe read failed");
-                return Err(ErrorCode::Internal.into());
+                return Err(ReplyError::from(ErrorCode::Internal).into());
             }
         };
         let mut recovered = false;
@@ -345,7 +546,7 @@ impl Session {
             self.state.metrics.record_recovery(recovered);
             if !recovered && req.flag & 2 != 0 {
                 self.state.hub.unsubscribe(&channel, self.id);
-                return Err(ErrorCode::UnrecoverablePosition.into());
+                return Err(ReplyError::from(ErrorCode::UnrecoverablePosition).into());
             }
         }
         let delivered = publications
@@ -366,6 +567,8 @@ impl Session {
                     info: p.info.as_deref(),
                 })
                 .collect(),
+            expires: grant.expires_at.is_some(),
+            ttl: ttl(grant.expires_at),
         };
         let body =
             serde_json::to_string(&result).map_err(|_| ReplyError::new(ErrorCode::Internal))?;
@@ -374,6 +577,8 @@ impl Session {
             SubState {
                 epoch: slice.epoch.clone(),
                 offset: delivered,
+                expires_at: grant.expires_at,
+                chan_info: grant.chan_info,
             },
         );
         Ok(body)
@@ -390,14 +595,25 @@ impl Session {
     fn publish(&mut self, id: u32, req: PublishRequest) -> Result<(), ReplyError> {
         validate_channel(&req.channel)
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
+        if !self.publish_bucket.try_take(std::time::Instant::now()) {
+            return Err(ReplyError::with_message(
+                ErrorCode::TooManyRequests,
+                "publish rate limit",
+            ));
+        }
         if self.pending.len() >= self.state.config.client.max_pending_publishes {
             return Err(ErrorCode::TooManyRequests.into());
         }
+        if self.state.config.is_table_channel(&req.channel)
+            || !self.allowed(&req.channel, Op::Publish)
+        {
+            return Err(ErrorCode::PermissionDenied.into());
+        }
         let state = self.state.clone();
-        let sender = if self.user.is_empty() {
+        let sender = if self.identity.user.is_empty() {
             self.client.clone()
         } else {
-            self.user.clone()
+            self.identity.user.clone()
         };
         let connection = self.client.clone();
         if let Some(rule) = state.config.rule_for(&req.channel).cloned() {
@@ -445,14 +661,18 @@ impl Session {
             }));
             return Ok(());
         }
-        if state.config.is_table_channel(&req.channel) || !state.config.client.allow_publish {
+        if !state.config.client.allow_publish {
             return Err(ErrorCode::PermissionDenied.into());
         }
         let info = serde_json::to_string(&ClientInfo {
-            user: self.user.clone(),
+            user: self.identity.user.clone(),
             client: self.client.clone(),
-            conn_info: None,
-            chan_info: None,
+            conn_info: self.identity.conn_info.as_deref().map(boxed),
+            chan_info: self
+                .subs
+                .get(&req.channel)
+                .and_then(|s| s.chan_info.as_deref())
+                .map(boxed),
         })
         .map_err(|_| ReplyError::new(ErrorCode::Internal))?;
         self.pending.push(Box::pin(async move {
@@ -477,6 +697,9 @@ impl Session {
     async fn history(&mut self, req: HistoryRequest) -> Result<String, ReplyError> {
         validate_channel(&req.channel)
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
+        if !self.allowed(&req.channel, Op::History) {
+            return Err(ErrorCode::PermissionDenied.into());
+        }
         let max = self.state.config.client.history_max_limit;
         let limit = match req.limit {
             0 => 0,
@@ -577,6 +800,34 @@ async fn read_stream(
     }
     history::ensure_channel(pool, channel).await?;
     history::read(pool, channel, Bound::After(after), limit).await
+}
+
+/// A subscribe that fails: an error reply, or (a token for another channel, user or connection) a
+/// disconnect.
+enum SubscribeError {
+    Reply(ReplyError),
+    Close(Disconnect),
+}
+
+impl From<ReplyError> for SubscribeError {
+    fn from(e: ReplyError) -> Self {
+        Self::Reply(e)
+    }
+}
+
+/// Seconds from now until `expires_at` (at least 1), for `expires`/`ttl` in replies.
+fn ttl(expires_at: Option<u64>) -> Option<u32> {
+    expires_at.map(|at| u32::try_from(at.saturating_sub(unix_now()).max(1)).unwrap_or(u32::MAX))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn boxed(raw: &RawValue) -> Box<RawValue> {
+    raw.to_owned()
 }
 
 fn code(d: Disconnect) -> (u16, &'static str) {

@@ -56,6 +56,10 @@ pub struct AppState {
     pub stream: Arc<StreamStatus>,
     /// Counters.
     pub metrics: Metrics,
+    /// Verifies connection and subscription tokens.
+    pub verifier: crate::auth::Verifier,
+    /// One permit per open WebSocket (`client.max_connections`).
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// Cancelled when the connector shuts down.
     pub shutdown: CancellationToken,
     /// Tracks every task, so shutdown can wait for them.

@@ -54,6 +54,38 @@ pub struct ConnectResult {
     pub ping: u32,
     /// Whether the client must answer pings.
     pub pong: bool,
+    /// The connection expires: the SDK sends `refresh` with a new token after `ttl` seconds.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub expires: bool,
+    /// Seconds until the connection expires (present whenever `expires` is: Python reads it with `[]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u32>,
+}
+
+/// Result of `refresh`.
+#[derive(Debug, Serialize)]
+pub struct RefreshResult {
+    /// The connection's id.
+    pub client: String,
+    /// Server version.
+    pub version: String,
+    /// The connection still expires (with the new token's expiry).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub expires: bool,
+    /// Seconds until then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u32>,
+}
+
+/// Result of `sub_refresh`.
+#[derive(Debug, Serialize)]
+pub struct SubRefreshResult {
+    /// The subscription still expires.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub expires: bool,
+    /// Seconds until then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u32>,
 }
 
 /// A publication in a subscribe or history reply, or in a `pub` push.
@@ -91,6 +123,12 @@ pub struct SubscribeResult<'a> {
     /// The missed publications (only when recovered).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub publications: Vec<Publication<'a>>,
+    /// The subscription token expires: the SDK sends `sub_refresh` after `ttl` seconds.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub expires: bool,
+    /// Seconds until the subscription expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u32>,
 }
 
 /// Result of `history`.
@@ -164,6 +202,8 @@ mod tests {
             was_recovering: false,
             recovered: false,
             publications: vec![],
+            expires: false,
+            ttl: None,
         };
         assert_eq!(
             encode_reply(2, "subscribe", &sub),
