@@ -198,13 +198,8 @@ impl LambdaClients {
                         .operation_timeout(timeout)
                         .build(),
                 )
-                // One quick retry for throttling, 5xx and connection errors (the writer is
-                // idempotent on the message id); the client's reply waits for it.
-                .retry_config(
-                    aws_sdk_lambda::config::retry::RetryConfig::standard()
-                        .with_max_attempts(2)
-                        .with_initial_backoff(Duration::from_millis(100)),
-                )
+                // Retries are the rule's own (`retries`, in `deliver`), the same for every target.
+                .retry_config(aws_sdk_lambda::config::retry::RetryConfig::disabled())
                 .build();
             tracing::info!(rule = i, channel = %rule.channel, region = %region, "AWS Lambda client ready");
             clients.push((key, aws_sdk_lambda::Client::from_conf(config)));
@@ -227,7 +222,45 @@ pub async fn deliver(
     rule: &Rule,
     envelope: &Envelope<'_>,
 ) -> Result<(), TargetError> {
-    let timeout = Duration::from_millis(rule.timeout_ms);
+    // The whole delivery, retries included, fits in the rule's timeout: the client's publish waits
+    // for it (the SDKs give up after 5 s by default). Only failures a retry can cure are retried —
+    // unreachable, timed out, throttled, 5xx — with the same envelope, so the same message id: the
+    // writer applies a message at most once.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(rule.timeout_ms);
+    let mut backoff = Duration::from_millis(rule.retry_backoff_ms);
+    let mut attempt = 0;
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let result = match tokio::time::timeout(
+            remaining,
+            deliver_once(http, lambda, rule, envelope, remaining),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(TargetError::Unreachable("timed out".to_owned())),
+        };
+        match result {
+            Err(TargetError::Unreachable(why))
+                if attempt < rule.retries && tokio::time::Instant::now() + backoff < deadline =>
+            {
+                attempt += 1;
+                tracing::info!(channel = %envelope.channel, attempt, error = %why, "retrying publish target");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn deliver_once(
+    http: &reqwest::Client,
+    lambda: &LambdaClients,
+    rule: &Rule,
+    envelope: &Envelope<'_>,
+    timeout: Duration,
+) -> Result<(), TargetError> {
     let request = match &rule.target {
         Target::Lambda {
             function,

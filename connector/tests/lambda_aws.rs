@@ -227,7 +227,7 @@ async fn lambda_targets_without_endpoint_are_signed_sdk_invocations() {
         config_json(
             &db.url,
             json!({"rules": [
-                {"channel": "outgoing-chat", "target": {"type": "lambda", "function": "chat-writer"}},
+                {"channel": "outgoing-chat", "target": {"type": "lambda", "function": "chat-writer"}, "retries": 1, "retry_backoff_ms": 10},
                 {"channel": "eu:*", "target": {"type": "lambda", "function": ARN, "region": "eu-west-1"}},
                 {"channel": "slow", "target": {"type": "lambda", "function": "slow-writer"}, "timeout_ms": 500}
             ]}),

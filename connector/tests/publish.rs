@@ -184,3 +184,53 @@ fn check_refuses_an_invalid_config_naming_the_field() {
     assert!(!missing.status.success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_failing_target_is_retried_with_the_same_message_id() {
+    use std::collections::HashMap;
+
+    #[derive(Clone, Default)]
+    struct Flaky {
+        attempts: Arc<Mutex<HashMap<String, u32>>>,
+    }
+    async fn flaky(State(f): State<Flaky>, body: String) -> StatusCode {
+        let env: Value = serde_json::from_str(&body).unwrap();
+        let id = env["messages"][0]["id"].as_str().unwrap().to_owned();
+        let mut attempts = f.attempts.lock().unwrap();
+        let n = attempts.entry(id).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        }
+    }
+    let flaky_state = Flaky::default();
+    let app = Router::new()
+        .route("/hook", post(flaky))
+        .with_state(flaky_state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let db = TestDb::new().await;
+    let config = config_json(
+        &db.url,
+        json!({"rules": [{"channel": "flaky", "target": {"type": "http", "url": format!("http://{addr}/hook")}, "retries": 2, "retry_backoff_ms": 10}]}),
+    );
+    let server = Server::start(&config).await;
+    let mut c = Client::connected(&server.ws_url()).await;
+    let r = c
+        .call(json!({"publish": {"channel": "flaky", "data": {"name": "n", "data": {}}}}))
+        .await;
+    assert_eq!(r["publish"], json!({}), "the retry succeeded: {r}");
+    let attempts = flaky_state.attempts.lock().unwrap().clone();
+    assert_eq!(
+        attempts.len(),
+        1,
+        "one message id across the attempts: {attempts:?}"
+    );
+    assert_eq!(attempts.values().copied().collect::<Vec<_>>(), [2]);
+    server.stop().await;
+    db.drop_db().await;
+}

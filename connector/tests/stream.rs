@@ -337,3 +337,34 @@ async fn a_long_transaction_holds_changes_back_visibly_and_loses_nothing() {
     server.stop().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn without_writer_notify_the_poll_delivers() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(
+        &db.url,
+        json!({"stream": {"poll_interval_ms": 50}}),
+    ))
+    .await;
+    let mut client = Client::connected(&server.ws_url()).await;
+    client
+        .call(json!({"subscribe": {"channel": "incoming-chat"}}))
+        .await;
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL relay.writer_notify = 'off'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+         VALUES ('quiet', 'q', 'no notify', 'q', 0)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let p = client.next_pub("incoming-chat").await;
+    assert_eq!(p["data"]["row"]["msg_id"], "quiet");
+    server.stop().await;
+    db.drop_db().await;
+}
