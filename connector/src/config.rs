@@ -34,6 +34,12 @@ pub struct Config {
     /// Channel pattern → publish target rules.
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Token verification: JWT keys, audience, issuer.
+    #[serde(default)]
+    pub auth: crate::auth::AuthConfig,
+    /// Channel permissions by pattern (first match wins; when non-empty, unmatched channels are refused).
+    #[serde(default)]
+    pub channels: Vec<crate::auth::ChannelRule>,
     /// Seconds given to sessions to close on shutdown (default 10).
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
@@ -180,6 +186,20 @@ pub struct ClientConfig {
     /// Seconds a write to the socket may take before the connection counts as dead (default 10).
     #[serde(default = "default_write_timeout")]
     pub write_timeout_secs: u64,
+    /// Publishes per second one connection may sustain (token bucket; default 10); over → error 111.
+    #[serde(default = "default_publish_rate")]
+    pub publish_rate_per_sec: u32,
+    /// Publishes one connection may send in a burst (bucket size; default 20).
+    #[serde(default = "default_publish_burst")]
+    pub publish_burst: u32,
+    /// Most WebSocket connections this process serves (default 10000); over → HTTP 503 before upgrade.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Browser origins allowed to open WebSockets (`https://app.example.com`, `*` globs allowed, `"*"`
+    /// = any). Unset: same origin only (the `Origin` must match `Host`). Requests without an `Origin`
+    /// (non-browser clients) always pass. Disallowed → HTTP 403 before upgrade.
+    #[serde(default)]
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 /// An operation a mapping captures.
@@ -326,6 +346,15 @@ fn default_connect_timeout_client() -> u64 {
 fn default_write_timeout() -> u64 {
     10
 }
+fn default_publish_rate() -> u32 {
+    10
+}
+fn default_publish_burst() -> u32 {
+    20
+}
+fn default_max_connections() -> usize {
+    10_000
+}
 fn default_schema() -> String {
     "public".to_owned()
 }
@@ -363,6 +392,10 @@ impl Default for ClientConfig {
             max_pending_publishes: default_max_pending(),
             connect_timeout_secs: default_connect_timeout_client(),
             write_timeout_secs: default_write_timeout(),
+            publish_rate_per_sec: default_publish_rate(),
+            publish_burst: default_publish_burst(),
+            max_connections: default_max_connections(),
+            allowed_origins: None,
         }
     }
 }
@@ -503,6 +536,30 @@ impl Config {
             600,
         )?;
         check_range("shutdown_grace_secs", self.shutdown_grace_secs, 0, 600)?;
+        check_range(
+            "client.publish_rate_per_sec",
+            c.publish_rate_per_sec.into(),
+            1,
+            1_000_000,
+        )?;
+        check_range("client.publish_burst", c.publish_burst.into(), 1, 1_000_000)?;
+        check_range(
+            "client.max_connections",
+            c.max_connections as u64,
+            1,
+            10_000_000,
+        )?;
+        if let Some(origins) = &c.allowed_origins
+            && let Some(bad) = origins.iter().find(|o| o.is_empty() || o.ends_with('/'))
+        {
+            return Err(invalid(
+                "client.allowed_origins",
+                format!(
+                    "{bad:?} is not an origin like https://app.example.com (no path, no trailing /)"
+                ),
+            ));
+        }
+        crate::auth::validate_config(self).map_err(|(field, problem)| invalid(&field, problem))?;
         check_range(
             "retention.prune_interval_secs",
             self.retention.prune_interval_secs,
