@@ -181,5 +181,15 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
         "Sequence number of the last publication read.",
         state.stream.cursor.load(Ordering::Relaxed),
     );
+    line(
+        "relay_stream_catch_up_reads_total",
+        "counter",
+        "Catch-up reads of the changelog after a (re)connect of the LISTEN connection.",
+        state.stream.catch_ups.load(Ordering::Relaxed),
+    );
+    out.push_str(&state.stream.lag.render(
+        "relay_delivery_lag_seconds",
+        "From a change being written (in the writer's transaction) to its publication reaching the hub.",
+    ));
     out
 }

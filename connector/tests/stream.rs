@@ -333,6 +333,29 @@ async fn a_long_transaction_holds_changes_back_visibly_and_loses_nothing() {
     );
     assert_eq!(a["data"]["row"]["msg_id"], "long");
     assert_eq!(b["data"]["row"]["msg_id"], "short");
+    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("relay_delivery_lag_seconds_count 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("relay_delivery_lag_seconds_bucket{le=\"+Inf\"} 2"),
+        "{metrics}"
+    );
+    // Both rows waited for the long transaction: at least the 600 ms the test held it open.
+    assert!(
+        metrics.contains("relay_delivery_lag_seconds_bucket{le=\"0.5\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("relay_stream_catch_up_reads_total 1"),
+        "{metrics}"
+    );
 
     server.stop().await;
     db.drop_db().await;

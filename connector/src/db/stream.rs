@@ -41,6 +41,54 @@ pub struct StreamStatus {
     pub cursor: AtomicU64,
     /// Reconnects of the LISTEN connection.
     pub reconnects: AtomicU64,
+    /// Catch-up reads (after every (re)connect of the LISTEN connection).
+    pub catch_ups: AtomicU64,
+    /// Time from a change being written to its publication being handed to the hub.
+    pub lag: LagHistogram,
+}
+
+/// Upper bounds of the lag histogram's buckets, in seconds.
+pub const LAG_BUCKETS: [f64; 13] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A fixed-bucket histogram of delivery lag, lock-free, rendered as a Prometheus histogram.
+#[derive(Debug, Default)]
+pub struct LagHistogram {
+    buckets: [AtomicU64; LAG_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl LagHistogram {
+    /// Records one observation.
+    pub fn observe(&self, seconds: f64) {
+        let seconds = seconds.max(0.0);
+        if let Some(i) = LAG_BUCKETS.iter().position(|b| seconds <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Prometheus text for the histogram `name`.
+    pub fn render(&self, name: &str, help: &str) -> String {
+        use std::fmt::Write as _;
+        let mut out = format!("# HELP {name} {help}\n# TYPE {name} histogram\n");
+        let mut cumulative = 0;
+        for (bound, bucket) in LAG_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+        );
+        out
+    }
 }
 
 /// What the stream task needs.
@@ -63,7 +111,7 @@ struct Wakes {
     notify: Notify,
 }
 
-type Row = (i64, String, i64, String, String, Option<String>);
+type Row = (i64, String, i64, String, String, Option<String>, f64);
 
 impl Stream {
     /// Runs until `shutdown` is cancelled.
@@ -138,6 +186,7 @@ impl Stream {
             *cursor = Some(u64::try_from(last).unwrap_or(0));
         }
         // Catch up: whatever committed while no connection listened.
+        self.status.catch_ups.fetch_add(1, Ordering::Relaxed);
         self.sequence().await?;
         self.read(cursor).await?;
         self.status.ready.store(true, Ordering::Relaxed);
@@ -183,7 +232,8 @@ impl Stream {
         loop {
             let from = cursor.unwrap_or(0);
             let rows: Vec<Row> = sqlx::query_as(
-                r#"SELECT seq, channel, "offset", epoch, data::text, info::text
+                r#"SELECT seq, channel, "offset", epoch, data::text, info::text,
+                          extract(epoch FROM clock_timestamp() - written_at)::float8
                    FROM relay.publications WHERE seq > $1 ORDER BY seq LIMIT $2"#,
             )
             .bind(i64::try_from(from).unwrap_or(i64::MAX))
@@ -191,7 +241,8 @@ impl Stream {
             .fetch_all(&self.pool)
             .await?;
             let n = rows.len();
-            for (seq, channel, offset, epoch, data, info) in rows {
+            for (seq, channel, offset, epoch, data, info, lag) in rows {
+                self.status.lag.observe(lag);
                 if self.hub.has_subscribers(&channel) {
                     let data = RawValue::from_string(data)?;
                     let info = info.map(RawValue::from_string).transpose()?;
