@@ -38,6 +38,44 @@ enum Cmd {
         #[command(subcommand)]
         action: TriggerCmd,
     },
+    /// Mint an HS256 token with the configured `auth.hmac_secret_key` and print it (for development
+    /// and operations; production tokens come from the application's backend).
+    Token {
+        /// The user (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime: seconds, or a number with s, m, h or d (`90s`, `15m`, `1h`, `7d`).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
+        /// Mint a subscription token for this channel instead of a connection token.
+        #[arg(long)]
+        channel: Option<String>,
+        /// JSON for the `info` claim (connection or channel info).
+        #[arg(long)]
+        info: Option<String>,
+    },
+}
+
+/// Parses `90`, `90s`, `15m`, `1h`, `7d` into seconds.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 15m, 1h or 7d"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    match n.checked_mul(scale) {
+        Some(secs) if secs > 0 => Ok(secs),
+        _ => Err(format!("{s:?} must be a positive duration")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +133,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 for t in &report.removed {
                     println!("removed {t}");
                 }
+            }
+            Ok(())
+        }
+        Cmd::Token {
+            sub,
+            ttl,
+            channel,
+            info,
+        } => {
+            let Some(secret) = config.auth.hmac_secret_key.as_deref() else {
+                anyhow::bail!(
+                    "no auth.hmac_secret_key configured (set it in the file or RELAY__AUTH__HMAC_SECRET_KEY)"
+                );
+            };
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            let mut claims =
+                serde_json::json!({"sub": sub, "iat": now.as_secs(), "exp": now.as_secs() + ttl});
+            if let Some(channel) = channel {
+                relay_protocol::channel::validate_channel(&channel)?;
+                claims["channel"] = channel.into();
+            }
+            if let Some(info) = info {
+                let info: serde_json::Value = serde_json::from_str(&info)
+                    .map_err(|e| anyhow::anyhow!("--info is not JSON: {e}"))?;
+                claims["info"] = info;
+            }
+            if let Some(aud) = &config.auth.audience {
+                claims["aud"] = aud.as_str().into();
+            }
+            if let Some(iss) = &config.auth.issuer {
+                claims["iss"] = iss.as_str().into();
+            }
+            let token = connector::auth::verifier::mint_hs256(secret, &claims)?;
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{token}");
             }
             Ok(())
         }

@@ -560,3 +560,52 @@ async fn origin_rate_and_connection_limits() {
 
 /// An RSA key the server does not know (the "unknown kid" case).
 const FOREIGN_RSA_KEY: &str = include_str!("keys/foreign_rsa_private.pem");
+
+#[test]
+fn token_cli_mints_verifiable_tokens_and_needs_an_hmac_key() {
+    let run = |secret: Option<&str>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_connector"));
+        cmd.arg("--config")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../config.json"))
+            .arg("token")
+            .args(args)
+            .env_remove("RELAY__AUTH__HMAC_SECRET_KEY");
+        if let Some(s) = secret {
+            cmd.env("RELAY__AUTH__HMAC_SECRET_KEY", s);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(
+        Some(SECRET),
+        &[
+            "--sub",
+            "alice",
+            "--ttl",
+            "1h",
+            "--channel",
+            "notifications#alice",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8(out.stdout).unwrap();
+    let token = token.trim_end();
+    assert_eq!(token.lines().count(), 1, "only the token is printed");
+    let verifier = connector::auth::Verifier::new(&connector::auth::AuthConfig {
+        hmac_secret_key: Some(SECRET.into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let claims: Value = verifier.verify(token).unwrap();
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["channel"], "notifications#alice");
+    let ttl = claims["exp"].as_u64().unwrap() - now();
+    assert!((3590..=3600).contains(&ttl), "{claims}");
+
+    let out = run(None, &["--sub", "alice"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("hmac_secret_key"),
+        "{out:?}"
+    );
+    assert!(out.stdout.is_empty());
+}
