@@ -37,6 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+KEYS = ROOT / "connector" / "tests" / "keys"  # test-only keys, also used by connector/tests/auth.rs
+JWT_SECRET = "sdk-test-secret-sdk-test-secret-0123"
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 READY_TIMEOUT_S = 60
 SCENARIO_TIMEOUT_S = 300
@@ -216,6 +218,9 @@ class Run:
             client["ping_interval_secs"] = 5
         if "pong_timeout_secs" in client:
             client["pong_timeout_secs"] = 4
+        # Keys for the PyJWT scenario (anonymous connections stay allowed, as config.json has them).
+        config["auth"] = dict(config.get("auth", {}), hmac_secret_key=JWT_SECRET,
+                              rsa_public_key=str(KEYS / "rsa_public.pem"))
         cfg_path = self.dir / "config.json"
         cfg_path.write_text(json.dumps(config, indent=2))
 
@@ -320,6 +325,8 @@ COMMIT;
             "FRAME_LOG": str(frames),
             "STEP_TIMEOUT_MS": os.environ.get("STEP_TIMEOUT_MS", "20000"),
             "RESTART_TIMEOUT_MS": "90000",
+            "JWT_HMAC_SECRET": JWT_SECRET,
+            "JWT_RSA_PRIVATE_KEY": str(KEYS / "rsa_private.pem"),
         })
         log(f"[{label}] {' '.join(argv)}")
         with open(stderr_path, "wb") as err_fh:
@@ -401,6 +408,9 @@ COMMIT;
                 if only in (None, "python"):
                     py = HERE / ".venv" / "bin" / "python"
                     self.scenario("python", [str(py if py.exists() else sys.executable), "scenario.py"], HERE / "python")
+                    # Tokens minted by a third-party JWT library (PyJWT), through centrifuge-python.
+                    self.scenario("python-jwt", [str(py if py.exists() else sys.executable), "jwt_scenario.py"],
+                                  HERE / "python")
         except KeyboardInterrupt:
             self.results.fail("run", "interrupted")
         finally:
