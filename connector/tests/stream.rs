@@ -391,3 +391,41 @@ async fn without_writer_notify_the_poll_delivers() {
     server.stop().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn the_listen_connection_uses_tls_when_asked() {
+    let db = TestDb::new().await;
+    let ssl_on: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let listen_url = format!("{}?sslmode=require&application_name=relay-listen", db.url);
+    let config = config_json(
+        &db.url,
+        json!({"database": {"url": db.url, "listen_url": listen_url}}),
+    );
+    assert_eq!(
+        ssl_on, "on",
+        "this test needs a PostgreSQL with ssl = on (Debian's default)"
+    );
+    let server = Server::start(&config).await;
+    let encrypted: bool = sqlx::query_scalar(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
+         WHERE a.application_name = 'relay-listen' AND a.datname = current_database()",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(encrypted, "the LISTEN connection is encrypted");
+    let mut client = Client::connected(&server.ws_url()).await;
+    client
+        .call(json!({"subscribe": {"channel": "incoming-chat"}}))
+        .await;
+    db.insert_chat("tls", "over tls").await;
+    assert_eq!(
+        client.next_pub("incoming-chat").await["data"]["row"]["msg_id"],
+        "tls"
+    );
+    server.stop().await;
+    db.drop_db().await;
+}

@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -149,7 +149,8 @@ impl Stream {
         tracker: &TaskTracker,
         cursor: &mut Option<u64>,
     ) -> anyhow::Result<()> {
-        let (client, mut connection) = tokio_postgres::connect(&self.listen_url, NoTls).await?;
+        let target = super::tls::listen_target(&self.listen_url)?;
+        let (client, mut connection) = target.config.connect(target.tls).await?;
         let wakes = Arc::new(Wakes::default());
         let closed = CancellationToken::new();
         let driver = {
