@@ -140,6 +140,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
         state.hub.channel_count() as u64,
     );
     line(
+        "relay_subscriptions",
+        "gauge",
+        "Subscriptions on this node.",
+        state.hub.subscription_count(),
+    );
+    line(
         "relay_publications_in_total",
         "counter",
         "Client publications accepted.",

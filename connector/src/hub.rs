@@ -45,6 +45,7 @@ pub struct Hub {
     next_session: AtomicU64,
     delivered: AtomicU64,
     slow_disconnects: AtomicU64,
+    subscriptions: AtomicU64,
 }
 
 impl Hub {
@@ -61,13 +62,15 @@ impl Hub {
     /// Adds `session` as a subscriber of `channel`.
     pub fn subscribe(&self, channel: &str, session: u64, subscriber: Subscriber) {
         let mut channels = self.channels.write().unwrap_or_else(|e| e.into_inner());
-        match channels.get_mut(channel) {
-            Some(subs) => {
-                subs.insert(session, subscriber);
-            }
+        let added = match channels.get_mut(channel) {
+            Some(subs) => subs.insert(session, subscriber).is_none(),
             None => {
                 channels.insert(Arc::from(channel), HashMap::from([(session, subscriber)]));
+                true
             }
+        };
+        if added {
+            self.subscriptions.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -75,7 +78,9 @@ impl Hub {
     pub fn unsubscribe(&self, channel: &str, session: u64) {
         let mut channels = self.channels.write().unwrap_or_else(|e| e.into_inner());
         if let Some(subs) = channels.get_mut(channel) {
-            subs.remove(&session);
+            if subs.remove(&session).is_some() {
+                self.subscriptions.fetch_sub(1, Ordering::Relaxed);
+            }
             if subs.is_empty() {
                 channels.remove(channel);
             }
@@ -94,6 +99,11 @@ impl Hub {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .len()
+    }
+
+    /// Subscriptions on this node.
+    pub fn subscription_count(&self) -> u64 {
+        self.subscriptions.load(Ordering::Relaxed)
     }
 
     /// Publications written to mailboxes so far.
@@ -185,8 +195,11 @@ mod tests {
             "a full mailbox marks the session slow"
         );
         assert_eq!(hub.slow_disconnects(), 1);
+        assert_eq!(hub.subscription_count(), 2);
         hub.unsubscribe("c", 1);
         hub.unsubscribe("c", 2);
+        hub.unsubscribe("c", 2);
+        assert_eq!(hub.subscription_count(), 0);
         assert_eq!(hub.channel_count(), 0);
     }
 }
