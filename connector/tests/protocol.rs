@@ -290,7 +290,7 @@ async fn a_stalled_client_is_dropped_and_never_slows_the_others() {
     let db = TestDb::new().await;
     let server = Server::start(&config_json(
         &db.url,
-        json!({"client": {"outbound_queue": 128, "write_timeout_secs": 1}}),
+        json!({"client": {"outbound_queue": 256, "write_timeout_secs": 3}}),
     ))
     .await;
     let mut reader = Client::connected(&server.ws_url()).await;
@@ -302,10 +302,11 @@ async fn a_stalled_client_is_dropped_and_never_slows_the_others() {
         .call(json!({"subscribe": {"channel": "incoming-chat"}}))
         .await;
 
-    // ~16 MB of rows: far more than socket buffers and the mailbox hold, so the stalled client's
-    // mailbox fills, while the reader keeps up.
+    // ~24 MB of rows: more than socket buffers (a few MB) and the mailbox (256 × 40 KB) hold, so the
+    // stalled client's mailbox fills, while the reader (generous limits, so a loaded machine does not
+    // make it look stalled too) keeps up.
     let text = "x".repeat(40 * 1024);
-    let rows = 400;
+    let rows = 600;
     let writer = {
         let pool = db.pool.clone();
         tokio::spawn(async move {
