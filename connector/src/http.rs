@@ -1,4 +1,4 @@
-//! The HTTP router: the WebSocket endpoint, health, readiness and metrics.
+//! The HTTP router: the WebSocket endpoint, health, readiness, metrics and the chat page at `/`.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -20,6 +20,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::page::routes())
         .with_state(state)
 }
 

@@ -17,6 +17,7 @@
 //! - [`limits`]: the publish rate per connection and the WebSocket `Origin` allow-list.
 //! - [`rules`]: client publications to the writer Lambda or a webhook.
 //! - [`http`]: the router (WebSocket, `/healthz`, `/readyz`, `/metrics`).
+//! - [`page`]: the chat page at `/` (static files built into the binary).
 //! - [`state`]: the shared state and counters.
 //! - [`error`]: error types.
 
@@ -27,6 +28,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod page;
 pub mod rules;
 pub mod session;
 pub mod state;
