@@ -168,6 +168,9 @@ pub struct ClientConfig {
     /// Pushes buffered per connection before it counts as slow and is disconnected with 3008.
     #[serde(default = "default_outbound_queue")]
     pub outbound_queue: usize,
+    /// Bytes of pushes buffered per connection before it counts as slow (3008); default 4 MiB.
+    #[serde(default = "default_outbound_queue_bytes")]
+    pub outbound_queue_bytes: usize,
     /// Most publications returned by one history call (default 300).
     #[serde(default = "default_history_limit")]
     pub history_max_limit: u32,
@@ -328,6 +331,9 @@ fn default_pong() -> u64 {
 fn default_max_message() -> usize {
     65536
 }
+fn default_outbound_queue_bytes() -> usize {
+    4 << 20
+}
 fn default_outbound_queue() -> usize {
     1024
 }
@@ -386,6 +392,7 @@ impl Default for ClientConfig {
             pong_timeout_secs: default_pong(),
             max_message_bytes: default_max_message(),
             outbound_queue: default_outbound_queue(),
+            outbound_queue_bytes: default_outbound_queue_bytes(),
             history_max_limit: default_history_limit(),
             recovery_max_publications: default_history_limit(),
             max_channels_per_connection: default_max_channels(),
@@ -504,6 +511,12 @@ impl Config {
             c.outbound_queue as u64,
             8,
             1_000_000,
+        )?;
+        check_range(
+            "client.outbound_queue_bytes",
+            c.outbound_queue_bytes as u64,
+            64 << 10,
+            1 << 30,
         )?;
         check_range(
             "client.history_max_limit",

@@ -6,7 +6,7 @@
 //! from history), so one slow client never delays the others and memory stays bounded.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -36,6 +36,10 @@ pub struct Subscriber {
     pub mailbox: mpsc::Sender<Arc<Delivery>>,
     /// Cancelled when the mailbox overflows.
     pub slow: CancellationToken,
+    /// Bytes of frames in the mailbox (the session subtracts what it takes out).
+    pub queued: Arc<AtomicUsize>,
+    /// The most bytes the mailbox may hold.
+    pub max_bytes: usize,
 }
 
 /// The channel registry.
@@ -136,18 +140,21 @@ impl Hub {
             epoch: Arc::from(epoch),
             frame: Utf8Bytes::from(frame),
         });
+        let len = delivery.frame.as_str().len();
         for sub in subs.values() {
-            match sub.mailbox.try_send(delivery.clone()) {
-                Ok(()) => {
-                    self.delivered.fetch_add(1, Ordering::Relaxed);
+            if sub.slow.is_cancelled() {
+                continue;
+            }
+            let over_bytes = sub.queued.fetch_add(len, Ordering::Relaxed) + len > sub.max_bytes;
+            let sent = !over_bytes && sub.mailbox.try_send(delivery.clone()).is_ok();
+            if sent {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+            } else {
+                sub.queued.fetch_sub(len, Ordering::Relaxed);
+                if !sub.mailbox.is_closed() {
+                    self.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                    sub.slow.cancel();
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    if !sub.slow.is_cancelled() {
-                        self.slow_disconnects.fetch_add(1, Ordering::Relaxed);
-                        sub.slow.cancel();
-                    }
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
     }
@@ -169,6 +176,8 @@ mod tests {
             Subscriber {
                 mailbox: tx1,
                 slow: CancellationToken::new(),
+                queued: Arc::new(AtomicUsize::new(0)),
+                max_bytes: 1 << 20,
             },
         );
         hub.subscribe(
@@ -177,6 +186,8 @@ mod tests {
             Subscriber {
                 mailbox: tx2,
                 slow: slow2.clone(),
+                queued: Arc::new(AtomicUsize::new(0)),
+                max_bytes: 1 << 20,
             },
         );
         let data = RawValue::from_string("{\"a\":1}".into()).unwrap();
@@ -201,5 +212,37 @@ mod tests {
         hub.unsubscribe("c", 2);
         assert_eq!(hub.subscription_count(), 0);
         assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[test]
+    fn a_mailbox_over_its_byte_limit_marks_the_session_slow() {
+        let hub = Hub::new();
+        let (tx, mut rx) = mpsc::channel(100);
+        let slow = CancellationToken::new();
+        let queued = Arc::new(AtomicUsize::new(0));
+        hub.subscribe(
+            "c",
+            1,
+            Subscriber {
+                mailbox: tx,
+                slow: slow.clone(),
+                queued: queued.clone(),
+                max_bytes: 250,
+            },
+        );
+        let data = RawValue::from_string(format!("\"{}\"", "x".repeat(60))).unwrap();
+        hub.publish("c", 1, "e", &data, None);
+        hub.publish("c", 2, "e", &data, None);
+        assert!(!slow.is_cancelled(), "two frames of ~110 bytes fit in 250");
+        let frame_len = rx.try_recv().unwrap().frame.as_str().len();
+        queued.fetch_sub(frame_len, Ordering::Relaxed); // what the session does when it takes one out
+        hub.publish("c", 3, "e", &data, None);
+        assert!(!slow.is_cancelled(), "room was made");
+        hub.publish("c", 4, "e", &data, None);
+        assert!(
+            slow.is_cancelled(),
+            "a third queued frame is over 250 bytes"
+        );
+        assert!(queued.load(Ordering::Relaxed) <= 250);
     }
 }

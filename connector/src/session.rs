@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -79,6 +79,8 @@ struct Session {
     subs: HashMap<String, SubState>,
     mailbox: mpsc::Sender<Arc<Delivery>>,
     slow: CancellationToken,
+    /// Bytes waiting in the mailbox (shared with the hub, which refuses more than the limit).
+    queued: Arc<AtomicUsize>,
     pending: FuturesUnordered<BoxFuture<'static, String>>,
     pong_deadline: Option<Instant>,
 }
@@ -101,6 +103,7 @@ pub async fn serve(socket: WebSocket, state: Arc<AppState>) {
         subs: HashMap::new(),
         mailbox,
         slow: CancellationToken::new(),
+        queued: Arc::new(AtomicUsize::new(0)),
         pending: FuturesUnordered::new(),
         pong_deadline: None,
         state,
@@ -509,6 +512,8 @@ impl Session {
             Subscriber {
                 mailbox: self.mailbox.clone(),
                 slow: self.slow.clone(),
+                queued: self.queued.clone(),
+                max_bytes: self.state.config.client.outbound_queue_bytes,
             },
         );
         let limit = if req.recover {
@@ -748,6 +753,8 @@ impl Session {
 
     /// Passes a hub publication on if it is the next one of a subscription.
     fn deliver(&mut self, delivery: &Delivery, out: &mut Vec<Utf8Bytes>) -> Flow {
+        self.queued
+            .fetch_sub(delivery.frame.as_str().len(), Ordering::Relaxed);
         let Some(sub) = self.subs.get_mut(&*delivery.channel) else {
             return Flow::Continue; // unsubscribed meanwhile, or its subscribe has not been answered
         };

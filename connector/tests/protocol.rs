@@ -290,7 +290,7 @@ async fn a_stalled_client_is_dropped_and_never_slows_the_others() {
     let db = TestDb::new().await;
     let server = Server::start(&config_json(
         &db.url,
-        json!({"client": {"outbound_queue": 256, "write_timeout_secs": 3}}),
+        json!({"client": {"outbound_queue": 256, "outbound_queue_bytes": 8388608, "write_timeout_secs": 3}}),
     ))
     .await;
     let mut reader = Client::connected(&server.ws_url()).await;
@@ -302,7 +302,7 @@ async fn a_stalled_client_is_dropped_and_never_slows_the_others() {
         .call(json!({"subscribe": {"channel": "incoming-chat"}}))
         .await;
 
-    // ~24 MB of rows: more than socket buffers (a few MB) and the mailbox (256 × 40 KB) hold, so the
+    // ~24 MB of rows: more than socket buffers (a few MB) and the mailbox (8 MiB) hold, so the
     // stalled client's mailbox fills, while the reader (generous limits, so a loaded machine does not
     // make it look stalled too) keeps up.
     let text = "x".repeat(40 * 1024);

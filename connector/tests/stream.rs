@@ -19,7 +19,7 @@ async fn ten_thousand_rows_from_eight_writers_arrive_once_in_order() {
     let db = TestDb::new().await;
     let server = Server::start(&config_json(
         &db.url,
-        json!({"client": {"outbound_queue": 20000}}),
+        json!({"client": {"outbound_queue": 20000, "outbound_queue_bytes": 67108864}}),
     ))
     .await;
     let mut client = Client::connected(&server.ws_url()).await;
