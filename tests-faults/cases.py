@@ -148,7 +148,8 @@ async def case_listen_kill(ctx: Ctx) -> None:
             for _ in range(10):
                 t0 = time.monotonic()
                 found = 0
-                while not found and time.monotonic() - t0 < 5:
+                # The stream reconnects with backoff (100 ms, doubling up to 5 s while it fails to get ready).
+                while not found and time.monotonic() - t0 < 8:
                     rows = await admin.fetch(
                         "SELECT pid, pg_terminate_backend(pid) AS ok FROM pg_stat_activity "
                         "WHERE query ILIKE 'LISTEN%' AND datname = $1", stack.db_name)
@@ -168,7 +169,7 @@ async def case_listen_kill(ctx: Ctx) -> None:
         reconnects = m1.get("relay_stream_reconnects_total", 0) - m0.get("relay_stream_reconnects_total", 0)
         r.check(f"{case}: the connector's LISTEN backend was found and terminated 10 times", kills >= 10,
                 f"{kills} terminated; longest wait for a new LISTEN backend {max(waits):.2f} s",
-                f"only {kills} of 10 attempts found a LISTEN backend within 5 s")
+                f"only {kills} of 10 attempts found a LISTEN backend within 8 s")
         r.check(f"{case}: the stream reconnected after every kill (relay_stream_reconnects_total)", reconnects >= kills,
                 f"{reconnects:.0f} reconnects", f"{reconnects:.0f} reconnects for {kills} kills")
         r.check(f"{case}: /readyz is 200 again after the kills", ready_after is None,
@@ -183,8 +184,6 @@ async def case_listen_kill(ctx: Ctx) -> None:
         r.figure(case, "subscribers", len(subs))
     finally:
         await close_all(subs)
-        if r.failed:
-            pass
         await stack.teardown()
 
 
@@ -214,7 +213,6 @@ async def case_sigkill(ctx: Ctx) -> None:
             err = await node.start()
             downtimes.append(round(time.monotonic() - t0, 2))
             if not r.check(f"{case}: connector ready again after SIGKILL #{i + 1}, same port", err is None, "", err or ""):
-                stack.dump_logs()
                 break
         await asyncio.sleep(1.5)
         await load.finish()
@@ -365,7 +363,7 @@ async def wait_sql(db_url: str, query: str, pred, timeout: float, *args) -> Any:
 
 
 async def case_retention(ctx: Ctx) -> None:
-    """History retention (config `retention`: incoming-chat keeps its newest 500 publications, pruned every
+    """History retention (config `retention`: incoming-chat keeps its newest 800 publications, pruned every
     second) while writes go on. A client away for fewer publications than are retained recovers in full;
     one away for more gets recovered=false and the current position - never the retained part presented as
     complete; subscribers that stay connected see nothing of the pruning. Then relay.reset_channel()
@@ -375,7 +373,7 @@ async def case_retention(ctx: Ctx) -> None:
     r = ctx.results
     stack = new_stack(ctx, case)
     subs: list = []
-    keep = 500
+    keep = 800
     try:
         if not await stack.setup():
             return
@@ -393,7 +391,7 @@ async def case_retention(ctx: Ctx) -> None:
         subs = online + [away_long, away_short, away_reset]
         epoch0 = away_long.epoch
         tag = f"rt{secrets.token_hex(2)}"
-        load = Load(stack.db_url, node.ws_url, tag, writers=3, rate=400, publishers=1, pub_rate=10)
+        load = Load(stack.db_url, node.ws_url, tag, writers=3, rate=300, publishers=1, pub_rate=10)
 
         # Phase A: retention.
         await asyncio.sleep(1.0)
@@ -403,11 +401,14 @@ async def case_retention(ctx: Ctx) -> None:
         await away_short.go_offline()
         short_left_at = away_short.last_offset()
         await asyncio.sleep(0.3)
+        short_top = await wait_sql(stack.db_url, "SELECT top_offset FROM relay.channels WHERE name = $1",
+                                   lambda v: True, 1, "incoming-chat")
         short_ctx = await away_short.go_online()
-        short_missed = (short_ctx.stream_position.offset - short_left_at) if short_ctx and short_ctx.stream_position else None
+        short_missed = (short_top or 0) - short_left_at
         r.check(f"{case}: a client away for fewer publications than retained recovers in full",
                 short_ctx is not None and short_ctx.was_recovering and short_ctx.recovered,
-                f"away from offset {short_left_at}; resubscribe recovered={getattr(short_ctx, 'recovered', None)}",
+                f"away from offset {short_left_at}, at least {short_missed} missed; resubscribe recovered="
+                f"{getattr(short_ctx, 'recovered', None)}",
                 f"resubscribe context {short_ctx}")
         # Wait until the publication after the away client's position has been pruned.
         first = await wait_sql(stack.db_url, 'SELECT min("offset") FROM relay.publications WHERE channel = $1',
@@ -453,7 +454,7 @@ async def case_retention(ctx: Ctx) -> None:
                     f"{len(resets)} recovered=false, epoch {resets[0].msg_id if resets else None}",
                     f"{len(resets)} recovered=false: {[(p.offset, p.msg_id) for p in resets]}")
         r.figure(case, "retained_publications", keep)
-        r.figure(case, "short_absence_missed", short_missed)
+        r.figure(case, "short_absence_missed_at_least", short_missed)
         r.figure(case, "long_absence", {"left_at": left_at, "given_position": pos.offset if pos else None})
         r.figure(case, "rows_written", load.rows())
         v = await verify(r, case, stack.db_url, node.ws_url, subs, load.wl, tag=tag, plog=load.plog, pruned=True,
@@ -495,7 +496,7 @@ async def case_slow_client(ctx: Ctx) -> None:
     case = "slow-client"
     r = ctx.results
     n_clients = ctx.clients
-    rate, seconds, payload, queue, write_timeout = ctx.rate, 12, 1000, 64, 5
+    rate, seconds, payload, queue, write_timeout = ctx.rate, 12, 1000, 128, 5
     # A private cluster: the xid horizon is cluster-wide, so a long transaction anywhere on a shared server
     # (another test suite) would hold the stream back and release it as one burst - which, larger than the
     # small outbound_queue used here, disconnects readers that are not slow (see docs/faults.md).
@@ -637,6 +638,8 @@ async def case_slow_client(ctx: Ctx) -> None:
         r.figure(case, "connect_seconds", connect_s)
         r.check(f"{case}: connector RSS stays bounded (< 1 GiB)", 0 < rss_max < 1024 * 1024,
                 f"max {rss_max / 1024:.0f} MiB", f"max RSS {rss_max} KiB")
+        if not wrong:
+            out_file.unlink(missing_ok=True)  # ~10 MB of records; kept only when a client was wrong
         v = await verify(r, case, stack.db_url, node.ws_url, subs, wl, tag=tag)
         r.figure(case, "rows", v.history_top)
     finally:
@@ -709,6 +712,7 @@ async def case_burst(ctx: Ctx) -> None:
         swarm = None
         m1 = await metrics(node.base)
         recs = read_fanout_records(out_file)
+        out_file.unlink(missing_ok=True)
         closed = [rec for rec in recs if rec[2] == 3008]
         gaps = [rec[0] for rec in recs if list(rec[3]) != list(range(rec[1] + 1, rec[1] + 1 + len(rec[3])))]
         complete = [rec for rec in recs if list(rec[3]) == list(range(rec[1] + 1, top + 1))]

@@ -297,6 +297,7 @@ class Stack:
         self.writer_port = free_port()
         self.writer_url = f"http://127.0.0.1:{self.writer_port}"
         self.nodes: list[Node] = []
+        self.failed_before = results.failed
         self.client_extra: dict[str, Any] = {}
         self.env = dict(os.environ)
         self.env.update({"DATABASE_URL": self.db_url, "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1"})
@@ -357,6 +358,8 @@ class Stack:
         return node
 
     async def teardown(self) -> None:
+        if self.results.failed > self.failed_before:
+            self.dump_logs()
         for node in self.nodes:
             try:
                 await node.stop()
@@ -745,6 +748,8 @@ class RawSubscriber:
         self.subscribed: list[dict] = []
         self.closes: list[tuple[float, int | None, str]] = []
         self.unsub_pushes: list[dict] = []
+        self.recoveries: list[tuple[float, int]] = []  # (seconds away, publications in the recovery reply)
+        self.down_since: float | None = None
         self.start_offset: int | None = None
         self.epoch = ""
         self.offset = 0
@@ -774,8 +779,11 @@ class RawSubscriber:
         resubs = self.subscribed[1:]
         rec = sum(1 for r in resubs if r.get("recovered"))
         n = sum(1 for p in self.pubs if p.type != "RESET")
+        away = max((a for a, _ in self.recoveries), default=0)
+        most = max((k for _, k in self.recoveries), default=0)
         return (f"{n} pubs after offset {self.start_offset}; {len(self.closes)} closes "
-                f"{sorted({c[1] for c in self.closes}, key=str)}; {len(resubs)} resubscribes, {rec} recovered")
+                f"{sorted({c[1] for c in self.closes}, key=str)}; {len(resubs)} resubscribes, {rec} recovered"
+                + (f"; longest away {away:.2f} s, largest recovery {most} publications" if self.recoveries else ""))
 
     def _on_pub(self, pub: dict, t: float) -> None:
         typ, mid = _pub_fields(pub.get("data"))
@@ -804,6 +812,10 @@ class RawSubscriber:
                             elif msg.get("id") == 2 and "subscribe" in msg:
                                 res = msg["subscribe"]
                                 self.subscribed.append(res)
+                                if self.start_offset is not None and self.down_since is not None:
+                                    # A resubscribe: how long the client was away, how much it recovered.
+                                    self.recoveries.append((round(t - self.down_since, 3), len(res.get("publications", []))))
+                                self.down_since = None
                                 if self.start_offset is None:
                                     self.start_offset = int(res.get("offset", 0))
                                 elif not res.get("recovered"):
@@ -829,6 +841,8 @@ class RawSubscriber:
                 self.closes.append((time.time(), e.rcvd.code if e.rcvd else None, e.rcvd.reason if e.rcvd else ""))
             except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake, websockets.InvalidStatus) as e:
                 self.closes.append((time.time(), None, type(e).__name__))
+            if self.down_since is None:
+                self.down_since = self.closes[-1][0] if self.closes else time.time()
             if not self.stopping:
                 await asyncio.sleep(0.1)
 
