@@ -95,6 +95,8 @@ pub async fn run(
             problem: e.problem,
         })
     })?;
+    // With a JWKS URL: the first fetch, then a refresh task.
+    verifier.start(token.clone(), &tracker).await;
     let max_connections = config.client.max_connections;
     let state = Arc::new(AppState {
         config: Arc::new(config),

@@ -285,13 +285,13 @@ impl Session {
     async fn handle_request(&mut self, id: u32, request: Request, out: &mut Vec<String>) -> Flow {
         if !self.connected {
             return match request {
-                Request::Connect(c) => self.connect(id, c, out),
+                Request::Connect(c) => self.connect(id, c, out).await,
                 _ => Flow::Close(Disconnect::BAD_REQUEST),
             };
         }
         match request {
-            Request::Refresh(r) => return self.refresh(id, r, out),
-            Request::SubRefresh(r) => return self.sub_refresh(id, r, out),
+            Request::Refresh(r) => return self.refresh(id, r, out).await,
+            Request::SubRefresh(r) => return self.sub_refresh(id, r, out).await,
             _ => {}
         }
         let name = request.name();
@@ -327,8 +327,8 @@ impl Session {
         Flow::Continue
     }
 
-    fn connect(&mut self, id: u32, request: ConnectRequest, out: &mut Vec<String>) -> Flow {
-        match auth::connect(&self.state.config, &self.state.verifier, &request.token) {
+    async fn connect(&mut self, id: u32, request: ConnectRequest, out: &mut Vec<String>) -> Flow {
+        match auth::connect(&self.state.config, &self.state.verifier, &request.token).await {
             Ok(identity) => {
                 let ttl = ttl(identity.expires_at);
                 self.identity = identity;
@@ -350,13 +350,18 @@ impl Session {
                 out.push(reply::encode_error(id, &ErrorCode::TokenExpired.into()));
                 Flow::Continue
             }
+            // JWKS unreachable: temporary, the SDK reconnects with backoff.
+            Err(ConnectError::Unavailable) => {
+                out.push(reply::encode_error(id, &ErrorCode::Internal.into()));
+                Flow::Continue
+            }
             Err(ConnectError::Disconnect(d)) => Flow::Close(d),
         }
     }
 
     /// `refresh`: a new connection token for the same user extends the connection.
-    fn refresh(&mut self, id: u32, request: RefreshRequest, out: &mut Vec<String>) -> Flow {
-        match auth::refresh(&self.state.verifier, &self.identity.user, &request.token) {
+    async fn refresh(&mut self, id: u32, request: RefreshRequest, out: &mut Vec<String>) -> Flow {
+        match auth::refresh(&self.state.verifier, &self.identity.user, &request.token).await {
             Ok(expires_at) => {
                 self.identity.expires_at = expires_at;
                 let ttl = ttl(expires_at);
@@ -370,12 +375,21 @@ impl Session {
                 Flow::Continue
             }
             Err(ConnectError::Expired) => Flow::Close(auth::CONNECTION_EXPIRED),
+            Err(ConnectError::Unavailable) => {
+                out.push(reply::encode_error(id, &ErrorCode::Internal.into()));
+                Flow::Continue
+            }
             Err(ConnectError::Disconnect(d)) => Flow::Close(d),
         }
     }
 
     /// `sub_refresh`: a new subscription token extends a subscription.
-    fn sub_refresh(&mut self, id: u32, request: SubRefreshRequest, out: &mut Vec<String>) -> Flow {
+    async fn sub_refresh(
+        &mut self,
+        id: u32,
+        request: SubRefreshRequest,
+        out: &mut Vec<String>,
+    ) -> Flow {
         if request.channel.is_empty() {
             return Flow::Close(Disconnect::BAD_REQUEST);
         }
@@ -389,7 +403,9 @@ impl Session {
             &request.channel,
             &self.identity.user,
             &self.client,
-        ) {
+        )
+        .await
+        {
             Ok(grant) => {
                 if let Some(sub) = self.subs.get_mut(&request.channel) {
                     sub.expires_at = grant.expires_at;
@@ -405,6 +421,10 @@ impl Session {
             }
             Err(SubscriptionError::Expired) => {
                 out.push(reply::encode_error(id, &ErrorCode::TokenExpired.into()));
+                Flow::Continue
+            }
+            Err(SubscriptionError::Unavailable) => {
+                out.push(reply::encode_error(id, &ErrorCode::Internal.into()));
                 Flow::Continue
             }
             Err(SubscriptionError::Invalid | SubscriptionError::Mismatch) => {
@@ -491,7 +511,9 @@ impl Session {
                 &channel,
                 &self.identity.user,
                 &self.client,
-            ) {
+            )
+            .await
+            {
                 Ok(grant) => grant,
                 Err(SubscriptionError::Expired) => {
                     return Err(ReplyError::from(ErrorCode::TokenExpired).into());
@@ -501,6 +523,9 @@ impl Session {
                 }
                 Err(SubscriptionError::Mismatch) => {
                     return Err(SubscribeError::Close(Disconnect::INVALID_TOKEN));
+                }
+                Err(SubscriptionError::Unavailable) => {
+                    return Err(ReplyError::from(ErrorCode::Internal).into());
                 }
             }
         };

@@ -1,13 +1,16 @@
 //! Authentication: who a connection is, and what it may do on a channel.
 //!
-//! - [`verifier`]: JWT verification with the configured keys (HMAC, RSA, EC), the algorithm allow-list
-//!   derived from them, `exp` / `nbf` / `aud` / `iss`.
+//! - [`verifier`]: JWT verification with the configured keys (HMAC, RSA, EC, or a JWKS URL), the
+//!   algorithm allow-list derived from them, `exp` / `nbf` / `aud` / `iss`.
+//! - [`jwks`]: the JWKS cache: fetched at start-up and periodically, refetched for an unknown `kid` at
+//!   a bounded rate.
 //! - [`permissions`]: channel permissions from `channels[]` in the configuration.
 //! - This module: the Centrifugo token claims and what each token problem becomes on the wire
 //!   (`reference/centrifugo-protocol.md` §5.2): an expired connection token is error 109 on `connect`
 //!   (the SDK fetches a new token and reconnects), an invalid one closes with 3500; an expired
 //!   subscription token is error 109, an invalid one error 103, one for another channel, user or
-//!   connection closes with 3500.
+//!   connection closes with 3500. When the key of a token cannot be had because the JWKS cannot be
+//!   fetched, the command gets error 100 (temporary: the SDK retries).
 //!
 //! Claims as Centrifugo defines them: `sub` (the user; empty = anonymous), `exp`, `expire_at`
 //! (connection expiry decoupled from `exp`; 0 = never), `nbf`, `aud`, `iss`, `info` (→ `conn_info` /
@@ -16,6 +19,7 @@
 //! not subscribe connections server-side, the client subscribes itself. `b64info`, `meta` and
 //! `override` are ignored too.
 
+pub mod jwks;
 pub mod permissions;
 pub mod verifier;
 
@@ -85,6 +89,8 @@ pub enum ConnectError {
     Expired,
     /// Close the connection.
     Disconnect(Disconnect),
+    /// The token's key could not be had (JWKS unreachable): error 100, temporary.
+    Unavailable,
 }
 
 /// 3501 with a reason that says what is missing.
@@ -101,7 +107,7 @@ pub const CONNECTION_EXPIRED: Disconnect = Disconnect {
 };
 
 /// Decides whether a `connect` with `token` is accepted, and as whom.
-pub fn connect(
+pub async fn connect(
     config: &Config,
     verifier: &Verifier,
     token: &str,
@@ -113,7 +119,7 @@ pub fn connect(
             Err(ConnectError::Disconnect(TOKEN_REQUIRED))
         };
     }
-    let claims = verify_connection(verifier, token)?;
+    let claims = verify_connection(verifier, token).await?;
     if claims.sub.is_empty() && !config.client.allow_anonymous {
         return Err(ConnectError::Disconnect(Disconnect::PERMISSION_DENIED));
     }
@@ -131,11 +137,15 @@ pub fn connect(
 }
 
 /// Verifies the token of a `refresh` for a connection of `user`: the new expiry.
-pub fn refresh(verifier: &Verifier, user: &str, token: &str) -> Result<Option<u64>, ConnectError> {
+pub async fn refresh(
+    verifier: &Verifier,
+    user: &str,
+    token: &str,
+) -> Result<Option<u64>, ConnectError> {
     if token.is_empty() {
         return Err(ConnectError::Disconnect(TOKEN_REQUIRED));
     }
-    let claims = verify_connection(verifier, token)?;
+    let claims = verify_connection(verifier, token).await?;
     if claims.sub != user {
         tracing::debug!("refresh token for another user");
         return Err(ConnectError::Disconnect(Disconnect::INVALID_TOKEN));
@@ -143,9 +153,10 @@ pub fn refresh(verifier: &Verifier, user: &str, token: &str) -> Result<Option<u6
     Ok(claims.expires_at())
 }
 
-fn verify_connection(verifier: &Verifier, token: &str) -> Result<Claims, ConnectError> {
-    let claims: Claims = verifier.verify(token).map_err(|e| match e {
+async fn verify_connection(verifier: &Verifier, token: &str) -> Result<Claims, ConnectError> {
+    let claims: Claims = verifier.verify(token).await.map_err(|e| match e {
         TokenError::Expired => ConnectError::Expired,
+        TokenError::Unavailable => ConnectError::Unavailable,
         TokenError::Invalid(why) => {
             tracing::debug!(why, "invalid connection token");
             ConnectError::Disconnect(Disconnect::INVALID_TOKEN)
@@ -176,18 +187,21 @@ pub enum SubscriptionError {
     Invalid,
     /// For another channel, user or connection: close 3500.
     Mismatch,
+    /// The token's key could not be had (JWKS unreachable): error 100, temporary.
+    Unavailable,
 }
 
 /// Verifies a subscription token for `channel`, presented by connection `client` of `user`.
-pub fn subscription(
+pub async fn subscription(
     verifier: &Verifier,
     token: &str,
     channel: &str,
     user: &str,
     client: &str,
 ) -> Result<SubscriptionGrant, SubscriptionError> {
-    let claims: Claims = verifier.verify(token).map_err(|e| match e {
+    let claims: Claims = verifier.verify(token).await.map_err(|e| match e {
         TokenError::Expired => SubscriptionError::Expired,
+        TokenError::Unavailable => SubscriptionError::Unavailable,
         TokenError::Invalid(why) => {
             tracing::debug!(why, channel, "invalid subscription token");
             SubscriptionError::Invalid

@@ -6,18 +6,28 @@
 //! names any other algorithm — `none`, or HS256 when only an RSA public key is configured (the classic
 //! key-confusion attack) — is refused before any key is used. Tokens are Centrifugo's, so tokens minted
 //! for Centrifugo verify here unchanged.
+//!
+//! With `auth.jwks_url`, the keys of that JWKS are used **instead** (as Centrifugo does; combining it
+//! with the static keys is a configuration error): the token's `kid` picks the key, and the key's type
+//! and curve (or its `alg`) decide which algorithms the token may name. See [`super::jwks`].
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::jwks::{Jwks, Lookup};
 
 /// The `auth` section of the configuration: the keys tokens are verified with.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// HMAC secret for HS256/HS384/HS512 tokens; also what `connector token` mints with. Prefer the
@@ -43,10 +53,46 @@ pub struct AuthConfig {
     /// (3005) or the subscription ended (2501), giving the SDK time to `refresh` (default 25).
     #[serde(default = "default_expired_close_delay")]
     pub expired_close_delay_secs: u64,
+    /// A JWKS URL (http or https). When set, its keys are the only ones used: tokens must carry a
+    /// `kid` of the set, and the static keys above must not be configured.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// How often the JWKS is fetched again, in seconds (default 3600).
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
+    /// A token with an unknown `kid` makes the connector fetch the JWKS again, at most once per this
+    /// many seconds (default 30).
+    #[serde(default = "default_jwks_min_refetch")]
+    pub jwks_min_refetch_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            hmac_secret_key: None,
+            rsa_public_key: None,
+            ecdsa_public_key: None,
+            audience: None,
+            issuer: None,
+            leeway_secs: 0,
+            expired_close_delay_secs: default_expired_close_delay(),
+            jwks_url: None,
+            jwks_refresh_secs: default_jwks_refresh(),
+            jwks_min_refetch_secs: default_jwks_min_refetch(),
+        }
+    }
 }
 
 fn default_expired_close_delay() -> u64 {
     25
+}
+
+fn default_jwks_refresh() -> u64 {
+    3600
+}
+
+fn default_jwks_min_refetch() -> u64 {
+    30
 }
 
 /// Why a token was refused.
@@ -59,6 +105,9 @@ pub enum TokenError {
     /// `aud` or `iss`, claims of the wrong shape. The text is for logs, never for clients.
     #[error("invalid token: {0}")]
     Invalid(String),
+    /// Its key could not be had: the JWKS could not be fetched for an unknown `kid`. Temporary.
+    #[error("token key unavailable")]
+    Unavailable,
 }
 
 /// A key-loading problem (reported by configuration validation).
@@ -77,6 +126,7 @@ pub struct Verifier {
     hmac: Option<DecodingKey>,
     rsa: Option<DecodingKey>,
     ec: Option<DecodingKey>,
+    jwks: Option<Arc<Jwks>>,
     base: Validation,
 }
 
@@ -86,13 +136,16 @@ impl std::fmt::Debug for Verifier {
             .field("hmac", &self.hmac.is_some())
             .field("rsa", &self.rsa.is_some())
             .field("ec", &self.ec.is_some())
+            .field("jwks", &self.jwks)
             .finish_non_exhaustive()
     }
 }
 
 impl Verifier {
-    /// Loads the configured keys (PEM text or files).
+    /// Loads the configured keys (PEM text or files). With a JWKS URL, the cache starts empty: no
+    /// network I/O here ([`Verifier::start`] fetches).
     pub fn new(config: &AuthConfig) -> Result<Self, KeyError> {
+        let jwks = jwks(config)?;
         let hmac = match config.hmac_secret_key.as_deref() {
             Some("") => {
                 return Err(KeyError {
@@ -145,18 +198,44 @@ impl Verifier {
             hmac,
             rsa,
             ec,
+            jwks,
             base,
         })
     }
 
-    /// Whether any key is configured (without one, every token is invalid).
-    pub fn has_keys(&self) -> bool {
-        self.hmac.is_some() || self.rsa.is_some() || self.ec.is_some()
+    /// With a JWKS URL: fetches the set and keeps it fresh until `shutdown`. Nothing otherwise.
+    pub async fn start(&self, shutdown: CancellationToken, tracker: &TaskTracker) {
+        if let Some(jwks) = &self.jwks {
+            jwks.start(shutdown, tracker).await;
+        }
     }
 
-    /// The algorithms tokens may use, from the configured key kinds.
+    /// The JWKS cache, when `auth.jwks_url` is set.
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        self.jwks.as_ref()
+    }
+
+    /// Whether any key is configured (without one, every token is invalid).
+    pub fn has_keys(&self) -> bool {
+        self.hmac.is_some() || self.rsa.is_some() || self.ec.is_some() || self.jwks.is_some()
+    }
+
+    /// The algorithms tokens may use, from the configured key kinds (with JWKS, each key decides).
     pub fn algorithms(&self) -> Vec<Algorithm> {
         let mut algs = Vec::new();
+        if self.jwks.is_some() {
+            algs.extend([
+                Algorithm::RS256,
+                Algorithm::RS384,
+                Algorithm::RS512,
+                Algorithm::PS256,
+                Algorithm::PS384,
+                Algorithm::PS512,
+                Algorithm::ES256,
+                Algorithm::ES384,
+                Algorithm::EdDSA,
+            ]);
+        }
         if self.hmac.is_some() {
             algs.extend([Algorithm::HS256, Algorithm::HS384, Algorithm::HS512]);
         }
@@ -169,20 +248,73 @@ impl Verifier {
         algs
     }
 
-    /// Verifies `token` and returns its claims.
-    pub fn verify<T: DeserializeOwned>(&self, token: &str) -> Result<T, TokenError> {
-        // An unknown `alg` (including "none") fails here: the header does not parse.
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| TokenError::Invalid(format!("header: {e}")))?;
-        let key = match header.alg {
+    /// Verifies `token` and returns its claims. With JWKS, a `kid` missing from the cached set makes
+    /// the set be fetched again (at a bounded rate, waited for a few seconds at most).
+    pub async fn verify<T: DeserializeOwned>(&self, token: &str) -> Result<T, TokenError> {
+        let header = header(token)?;
+        let Some(jwks) = &self.jwks else {
+            return self.verify_static(token, header.alg);
+        };
+        let kid = jwks_kid(&header)?;
+        match jwks.lookup(kid).await {
+            Lookup::Found(key) => self.verify_jwk(token, header.alg, kid, &key),
+            Lookup::Unknown => Err(TokenError::Invalid(format!("kid {kid:?} not in the JWKS"))),
+            Lookup::Unavailable => Err(TokenError::Unavailable),
+        }
+    }
+
+    /// Verifies `token` with the keys at hand, without any network I/O: with JWKS, a `kid` missing
+    /// from the cached set is invalid.
+    pub fn verify_cached<T: DeserializeOwned>(&self, token: &str) -> Result<T, TokenError> {
+        let header = header(token)?;
+        let Some(jwks) = &self.jwks else {
+            return self.verify_static(token, header.alg);
+        };
+        let kid = jwks_kid(&header)?;
+        match jwks.cached(kid) {
+            Some(key) => self.verify_jwk(token, header.alg, kid, &key),
+            None => Err(TokenError::Invalid(format!("kid {kid:?} not in the JWKS"))),
+        }
+    }
+
+    fn verify_static<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        alg: Algorithm,
+    ) -> Result<T, TokenError> {
+        let key = match alg {
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => self.hmac.as_ref(),
             Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => self.rsa.as_ref(),
             Algorithm::ES256 | Algorithm::ES384 => self.ec.as_ref(),
             _ => None,
         }
-        .ok_or_else(|| TokenError::Invalid(format!("algorithm {:?} not allowed", header.alg)))?;
+        .ok_or_else(|| TokenError::Invalid(format!("algorithm {alg:?} not allowed")))?;
+        self.decode(token, alg, key)
+    }
+
+    fn verify_jwk<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        alg: Algorithm,
+        kid: &str,
+        key: &super::jwks::JwkKey,
+    ) -> Result<T, TokenError> {
+        if !key.algorithms.contains(&alg) {
+            return Err(TokenError::Invalid(format!(
+                "algorithm {alg:?} not allowed for JWKS key {kid:?}"
+            )));
+        }
+        self.decode(token, alg, &key.key)
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        token: &str,
+        alg: Algorithm,
+        key: &DecodingKey,
+    ) -> Result<T, TokenError> {
         let mut validation = self.base.clone();
-        validation.algorithms = vec![header.alg];
+        validation.algorithms = vec![alg];
         jsonwebtoken::decode::<T>(token, key, &validation)
             .map(|d| d.claims)
             .map_err(|e| match e.kind() {
@@ -190,6 +322,67 @@ impl Verifier {
                 _ => TokenError::Invalid(e.to_string()),
             })
     }
+}
+
+/// The token's header. An unknown `alg` (including "none") fails here: the header does not parse.
+fn header(token: &str) -> Result<Header, TokenError> {
+    jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(format!("header: {e}")))
+}
+
+/// With JWKS, the `kid` is required: it picks the key.
+fn jwks_kid(header: &Header) -> Result<&str, TokenError> {
+    match header.kid.as_deref() {
+        Some(kid) if !kid.is_empty() => Ok(kid),
+        _ => Err(TokenError::Invalid(
+            "no kid in the header (required with JWKS)".into(),
+        )),
+    }
+}
+
+/// The JWKS cache from `auth.jwks_url`, checked.
+fn jwks(config: &AuthConfig) -> Result<Option<Arc<Jwks>>, KeyError> {
+    let invalid = |field: &'static str, problem: String| KeyError { field, problem };
+    if config.jwks_refresh_secs == 0 {
+        return Err(invalid(
+            "auth.jwks_refresh_secs",
+            "must be at least 1".into(),
+        ));
+    }
+    if config.jwks_min_refetch_secs == 0 {
+        return Err(invalid(
+            "auth.jwks_min_refetch_secs",
+            "must be at least 1".into(),
+        ));
+    }
+    let Some(url) = config.jwks_url.as_deref() else {
+        return Ok(None);
+    };
+    if config.hmac_secret_key.is_some()
+        || config.rsa_public_key.is_some()
+        || config.ecdsa_public_key.is_some()
+    {
+        return Err(invalid(
+            "auth.jwks_url",
+            "JWKS keys are used exclusively: remove hmac_secret_key, rsa_public_key and \
+             ecdsa_public_key (or jwks_url)"
+                .into(),
+        ));
+    }
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| invalid("auth.jwks_url", format!("not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(invalid(
+            "auth.jwks_url",
+            "must be an http:// or https:// URL with a host".into(),
+        ));
+    }
+    let jwks = Jwks::new(
+        parsed,
+        Duration::from_secs(config.jwks_refresh_secs),
+        Duration::from_secs(config.jwks_min_refetch_secs),
+    )
+    .map_err(|e| invalid("auth.jwks_url", e))?;
+    Ok(Some(Arc::new(jwks)))
 }
 
 fn load_pem(
@@ -248,21 +441,24 @@ mod tests {
     fn hmac_tokens() {
         let v = verifier(|_| {});
         let t = mint_hs256(SECRET, &json!({"sub": "alice", "exp": now() + 60})).unwrap();
-        let c: serde_json::Value = v.verify(&t).unwrap();
+        let c: serde_json::Value = v.verify_cached(&t).unwrap();
         assert_eq!(c["sub"], "alice");
         // no exp at all: valid (never expires)
         let t = mint_hs256(SECRET, &json!({"sub": "alice"})).unwrap();
-        assert!(v.verify::<serde_json::Value>(&t).is_ok());
+        assert!(v.verify_cached::<serde_json::Value>(&t).is_ok());
         let t = mint_hs256(SECRET, &json!({"sub": "a", "exp": now() - 10})).unwrap();
-        assert_eq!(v.verify::<serde_json::Value>(&t), Err(TokenError::Expired));
+        assert_eq!(
+            v.verify_cached::<serde_json::Value>(&t),
+            Err(TokenError::Expired)
+        );
         let t = mint_hs256(SECRET, &json!({"sub": "a", "nbf": now() + 600})).unwrap();
         assert!(matches!(
-            v.verify::<serde_json::Value>(&t),
+            v.verify_cached::<serde_json::Value>(&t),
             Err(TokenError::Invalid(_))
         ));
         let forged = mint_hs256("another-secret-another-secret-xx", &json!({"sub": "a"})).unwrap();
         assert!(matches!(
-            v.verify::<serde_json::Value>(&forged),
+            v.verify_cached::<serde_json::Value>(&forged),
             Err(TokenError::Invalid(_))
         ));
         // an expired token with a bad signature is invalid, not expired
@@ -272,7 +468,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            v.verify::<serde_json::Value>(&forged),
+            v.verify_cached::<serde_json::Value>(&forged),
             Err(TokenError::Invalid(_))
         ));
     }
@@ -283,7 +479,7 @@ mod tests {
         // {"alg":"none","typ":"JWT"} . {"sub":"alice"} . (empty)
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSJ9.";
         assert!(matches!(
-            v.verify::<serde_json::Value>(none),
+            v.verify_cached::<serde_json::Value>(none),
             Err(TokenError::Invalid(_))
         ));
     }
@@ -299,7 +495,7 @@ mod tests {
             &json!({"sub": "a", "aud": "relay", "iss": "https://auth.example"}),
         )
         .unwrap();
-        assert!(v.verify::<serde_json::Value>(&ok).is_ok());
+        assert!(v.verify_cached::<serde_json::Value>(&ok).is_ok());
         for claims in [
             json!({"sub": "a", "aud": "other", "iss": "https://auth.example"}),
             json!({"sub": "a", "iss": "https://auth.example"}),
@@ -309,7 +505,7 @@ mod tests {
             let t = mint_hs256(SECRET, &claims).unwrap();
             assert!(
                 matches!(
-                    v.verify::<serde_json::Value>(&t),
+                    v.verify_cached::<serde_json::Value>(&t),
                     Err(TokenError::Invalid(_))
                 ),
                 "{claims}"
@@ -318,7 +514,54 @@ mod tests {
         // without configured audience, a token's aud is not checked
         let v = verifier(|_| {});
         let t = mint_hs256(SECRET, &json!({"sub": "a", "aud": "anything"})).unwrap();
-        assert!(v.verify::<serde_json::Value>(&t).is_ok());
+        assert!(v.verify_cached::<serde_json::Value>(&t).is_ok());
+    }
+
+    #[test]
+    fn jwks_configuration() {
+        let jwks = |url: &str, extra: fn(&mut AuthConfig)| {
+            let mut c = AuthConfig {
+                jwks_url: Some(url.into()),
+                ..Default::default()
+            };
+            extra(&mut c);
+            Verifier::new(&c)
+        };
+        let v = jwks("https://idp.example/.well-known/jwks.json", |_| {}).unwrap();
+        assert!(v.has_keys() && v.jwks().is_some());
+        // Nothing fetched yet: a token's kid is unknown to the cache, a token without kid is invalid.
+        let t = mint_hs256(SECRET, &json!({"sub": "a"})).unwrap();
+        assert!(matches!(
+            v.verify_cached::<serde_json::Value>(&t),
+            Err(TokenError::Invalid(_))
+        ));
+        for (url, extra, field) in [
+            (
+                "https://idp.example/jwks",
+                (|c: &mut AuthConfig| c.hmac_secret_key = Some(SECRET.into()))
+                    as fn(&mut AuthConfig),
+                "auth.jwks_url",
+            ),
+            (
+                "https://idp.example/jwks",
+                |c: &mut AuthConfig| c.rsa_public_key = Some("/some.pem".into()),
+                "auth.jwks_url",
+            ),
+            ("file:///etc/jwks.json", |_| {}, "auth.jwks_url"),
+            ("idp.example/jwks", |_| {}, "auth.jwks_url"),
+            (
+                "http://idp.example/jwks",
+                |c: &mut AuthConfig| c.jwks_refresh_secs = 0,
+                "auth.jwks_refresh_secs",
+            ),
+            (
+                "http://idp.example/jwks",
+                |c: &mut AuthConfig| c.jwks_min_refetch_secs = 0,
+                "auth.jwks_min_refetch_secs",
+            ),
+        ] {
+            assert_eq!(jwks(url, extra).unwrap_err().field, field, "{url}");
+        }
     }
 
     #[test]
