@@ -656,8 +656,9 @@ class SdkSubscriber(ClientEventHandler):
 class PublishLog:
     """Client publishes through a rule: per logical message (its content), the attempts' outcomes."""
 
-    attempts: dict[str, list[str]] = field(default_factory=dict)  # content -> ["ok" | "error 100" | "timeout" | ...]
+    attempts: dict[str, list[str]] = field(default_factory=dict)  # content -> ["ok" | "error 100" | "silence" | ...]
     latencies: list[float] = field(default_factory=list)
+    unacked_written: list[str] = field(default_factory=list)  # set by verify()
 
     def record(self, content: str, outcome: str) -> None:
         self.attempts.setdefault(content, []).append(outcome)
@@ -1175,7 +1176,11 @@ async def verify(results: Results, case: str, db_url: str, ws_url: str, subs: li
         ok_missing = [c for c, atts in plog.attempts.items() if "ok" in atts and contents.get(c, 0) == 0]
         multi = [c for c in plog.attempts if contents.get(c, 0) > 1]
         silent = sum(a.count("silence") for a in plog.attempts.values())
-        detail = f"{len(plog.attempts)} logical messages; attempts {plog.outcomes()}"
+        unacked = [c for c, atts in plog.attempts.items() if "ok" not in atts]
+        unacked_written = [c for c in unacked if contents.get(c, 0) > 0]
+        detail = (f"{len(plog.attempts)} logical messages; attempts {plog.outcomes()}; of the {len(unacked)} never "
+                  f"acknowledged, {len(unacked_written)} were written")
+        plog.unacked_written = unacked_written
         results.check(f"{case}: every acknowledged client publish is in the table", not ok_missing, detail,
                       f"{len(ok_missing)} acknowledged but absent: {ok_missing[:5]}; {detail}")
         results.check(f"{case}: every client publish got an answer (success or error), never silence", silent == 0,
