@@ -256,6 +256,16 @@ impl Verifier {
             return self.verify_static(token, header.alg);
         };
         let kid = jwks_kid(&header)?;
+        // No JWKS key is ever an HMAC secret: such a token is refused without a lookup or a fetch.
+        if matches!(
+            header.alg,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
+            return Err(TokenError::Invalid(format!(
+                "algorithm {:?} not allowed with JWKS",
+                header.alg
+            )));
+        }
         match jwks.lookup(kid).await {
             Lookup::Found(key) => self.verify_jwk(token, header.alg, kid, &key),
             Lookup::Unknown => Err(TokenError::Invalid(format!("kid {kid:?} not in the JWKS"))),
