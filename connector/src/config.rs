@@ -46,6 +46,12 @@ pub struct Config {
     /// History retention: per channel pattern, by count and by age (first match wins).
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// Presence: which channels have it, member caps, the node heartbeat.
+    #[serde(default)]
+    pub presence: crate::presence::PresenceConfig,
+    /// The HTTP server API (`/api`); off without a key.
+    #[serde(default)]
+    pub api: crate::api::ApiConfig,
 }
 
 /// History retention and its pruning task.
@@ -573,6 +579,12 @@ impl Config {
             ));
         }
         crate::auth::validate_config(self).map_err(|(field, problem)| invalid(&field, problem))?;
+        self.presence
+            .validate()
+            .map_err(|(field, problem)| invalid(&field, problem))?;
+        self.api
+            .validate()
+            .map_err(|(field, problem)| invalid(&field, problem))?;
         check_range(
             "retention.prune_interval_secs",
             self.retention.prune_interval_secs,

@@ -1,4 +1,5 @@
-//! The HTTP router: the WebSocket endpoint, health, readiness, metrics and the chat page at `/`.
+//! The HTTP router: the WebSocket endpoint, health, readiness, metrics, the server API (`/api`)
+//! and the chat page at `/`.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(crate::page::routes())
+        .merge(crate::api::routes())
         .with_state(state)
 }
 

@@ -140,6 +140,36 @@ impl Hub {
             epoch: Arc::from(epoch),
             frame: Utf8Bytes::from(frame),
         });
+        self.fan_out(subs, &delivery);
+    }
+
+    /// Hands an event frame (a `join` or `leave` push) to every subscriber of `channel`. It travels
+    /// like a publication (same mailbox, same byte bound) with offset 0; the session passes it on only
+    /// to subscriptions that asked for join/leave.
+    pub fn push_event(&self, channel: &str, frame: String) {
+        let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
+        let Some((name, subs)) = channels.get_key_value(channel) else {
+            return;
+        };
+        let delivery = Arc::new(Delivery {
+            channel: name.clone(),
+            offset: 0,
+            epoch: Arc::from(""),
+            frame: Utf8Bytes::from(frame),
+        });
+        self.fan_out(subs, &delivery);
+    }
+
+    /// Channels with subscribers on this node and their subscription counts.
+    pub fn channel_counts(&self) -> Vec<(String, u64)> {
+        let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
+        channels
+            .iter()
+            .map(|(name, subs)| (name.to_string(), subs.len() as u64))
+            .collect()
+    }
+
+    fn fan_out(&self, subs: &HashMap<u64, Subscriber>, delivery: &Arc<Delivery>) {
         let len = delivery.frame.as_str().len();
         for sub in subs.values() {
             if sub.slow.is_cancelled() {

@@ -18,9 +18,12 @@
 //! - [`rules`]: client publications to the writer Lambda or a webhook.
 //! - [`http`]: the router (WebSocket, `/healthz`, `/readyz`, `/metrics`).
 //! - [`page`]: the chat page at `/` (static files built into the binary).
+//! - [`presence`]: channel members on every node (PostgreSQL), join/leave pushes, the node heartbeat.
+//! - [`api`]: the Centrifugo-compatible HTTP server API (`/api`).
 //! - [`state`]: the shared state and counters.
 //! - [`error`]: error types.
 
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
@@ -29,6 +32,7 @@ pub mod http;
 pub mod hub;
 pub mod limits;
 pub mod page;
+pub mod presence;
 pub mod rules;
 pub mod session;
 pub mod state;
@@ -98,6 +102,7 @@ pub async fn run(
     // With a JWKS URL: the first fetch, then a refresh task.
     verifier.start(token.clone(), &tracker).await;
     let max_connections = config.client.max_connections;
+    let presence = Arc::new(presence::Presence::new(config.presence.clone()));
     let state = Arc::new(AppState {
         config: Arc::new(config),
         pool: pool.clone(),
@@ -108,9 +113,13 @@ pub async fn run(
         metrics: Metrics::default(),
         verifier,
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        presence,
         shutdown: token.clone(),
         tracker: tracker.clone(),
     });
+    // Registered before serving: a member is visible only while its node is.
+    state.presence.start(&state).await?;
+    tracker.spawn(presence::Presence::run(state.clone(), token.clone()));
     tracker.spawn(stream.run(token.clone(), tracker.clone()));
     tracker.spawn(db::retention::run(
         stream_pool.clone(),

@@ -60,6 +60,8 @@ pub struct AppState {
     pub verifier: crate::auth::Verifier,
     /// One permit per open WebSocket (`client.max_connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
+    /// This node's presence (shared with the other nodes through PostgreSQL).
+    pub presence: Arc<crate::presence::Presence>,
     /// Cancelled when the connector shuts down.
     pub shutdown: CancellationToken,
     /// Tracks every task, so shutdown can wait for them.

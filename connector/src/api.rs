@@ -1,0 +1,481 @@
+//! The server API: what a backend calls over HTTP, compatible with Centrifugo's server API so its
+//! libraries (`cent` on PyPI, `gocent`, …) work unchanged.
+//!
+//! `POST /api/<method>` with the method's parameters as the JSON body (Centrifugo ≥ v5), or `POST /api`
+//! with `{"method": M, "params": P}` (the older envelope). The key from `api.key` goes in `X-API-Key: K`
+//! or `Authorization: apikey K`; without a configured key the API is off (404). A wrong or missing key
+//! is HTTP 401. Everything else is HTTP 200 with `{"result": …}` or `{"error": {"code", "message"}}`
+//! (the codes of the client protocol: 102 unknown channel, 104 method not found, 107 bad request, 100
+//! internal, …).
+//!
+//! Methods:
+//! - `publish {channel, data, idempotency_key?}`: on a channel with a publish rule, `data` must be
+//!   `{"name", "data"}` and goes through the rule exactly like a client's publication (the envelope's
+//!   `clientId` / `connectionId` are `"api"`; `idempotency_key`, when given, is the message id, so the
+//!   writer applies a retried call once); on any other channel it is recorded with `relay.publish()`,
+//!   delivered in commit order through the change stream like every publication. The result has no
+//!   offset (it is assigned when the change is sequenced, a few milliseconds later).
+//! - `broadcast {channels, data}`: `publish` to each channel; one response per channel.
+//! - `history {channel, limit?, since?, reverse?}`: as the client command (limit 0 = position only,
+//!   −1 = all up to `client.history_max_limit`).
+//! - `history_remove {channel}`: `relay.reset_channel()`: the history goes, the channel gets a new
+//!   epoch, subscribers are told to resubscribe.
+//! - `channels {pattern?}`: channels with subscribers (on the node that answers, and presence members
+//!   on every node), with their subscriber counts.
+//! - `info`: the connector nodes alive (they heartbeat in the database) with their counts.
+//! - `presence {channel}`, `presence_stats {channel}`: the channel's members on every node.
+//! - `disconnect {user, client?, whitelist?, disconnect?}`: closes the user's connections on every node.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use relay_protocol::channel::{ChannelPattern, validate_channel};
+use relay_protocol::{ErrorCode, ReplyError};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::db::history::{self, Bound};
+use crate::rules::{self, NamedData};
+use crate::state::AppState;
+
+/// The `api` section of the configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The key backends present (`X-API-Key` or `Authorization: apikey …`); unset = API off. Prefer
+    /// the environment (`RELAY__API__KEY`) to the file.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+impl ApiConfig {
+    /// Checks the section; the error names the field.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        match &self.key {
+            Some(k) if k.len() < 16 || k.chars().any(char::is_whitespace) => Err((
+                "api.key".to_owned(),
+                "must be at least 16 characters without spaces (or unset: API off)".to_owned(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The API's routes.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api", post(envelope))
+        .route("/api/{method}", post(method))
+}
+
+type ApiResult = Result<Value, ReplyError>;
+
+async fn method(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = authorize(&state, &headers) {
+        return refused;
+    }
+    let params = if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(json!({}))
+    } else {
+        serde_json::from_slice::<Value>(&body)
+            .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, format!("body: {e}")))
+    };
+    let result = match params {
+        Ok(p) => call(&state, &name, p).await,
+        Err(e) => Err(e),
+    };
+    answer(result)
+}
+
+/// `POST /api` with `{"method": M, "params": P}`.
+async fn envelope(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = authorize(&state, &headers) {
+        return refused;
+    }
+    #[derive(Deserialize)]
+    struct Envelope {
+        method: String,
+        #[serde(default)]
+        params: Option<Value>,
+    }
+    let result = match serde_json::from_slice::<Envelope>(&body) {
+        Ok(e) => call(&state, &e.method, e.params.unwrap_or_else(|| json!({}))).await,
+        Err(e) => Err(ReplyError::with_message(
+            ErrorCode::BadRequest,
+            format!("body must be {{\"method\": …, \"params\": …}}: {e}"),
+        )),
+    };
+    answer(result)
+}
+
+/// `None` when the request may go on; otherwise the refusal (404 when the API is off, 401 for a wrong
+/// key).
+fn authorize(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let Some(key) = state.config.api.key.as_deref() else {
+        return Some((StatusCode::NOT_FOUND, "server API disabled (no api.key)").into_response());
+    };
+    let given = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .or_else(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    let (scheme, rest) = v.trim().split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("apikey").then(|| rest.trim())
+                })
+        });
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => None,
+        _ => Some((StatusCode::UNAUTHORIZED, "unauthorized").into_response()),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn answer(result: ApiResult) -> Response {
+    let body = match result {
+        Ok(v) => json!({ "result": v }),
+        Err(e) => json!({ "error": e }),
+    };
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn bad(message: impl Into<String>) -> ReplyError {
+    ReplyError::with_message(ErrorCode::BadRequest, message)
+}
+
+fn params<T: serde::de::DeserializeOwned>(p: Value) -> Result<T, ReplyError> {
+    serde_json::from_value(p).map_err(|e| bad(e.to_string()))
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> ReplyError {
+    tracing::warn!(error = %e, "server API: {what} failed");
+    ReplyError::new(ErrorCode::Internal)
+}
+
+async fn call(state: &AppState, method: &str, p: Value) -> ApiResult {
+    match method {
+        "publish" => publish(state, params(p)?).await,
+        "broadcast" => broadcast(state, params(p)?).await,
+        "history" => history(state, params(p)?).await,
+        "history_remove" => history_remove(state, params(p)?).await,
+        "channels" => channels(state, params(p)?).await,
+        "info" => info(state).await,
+        "presence" => presence(state, params(p)?).await,
+        "presence_stats" => presence_stats(state, params(p)?).await,
+        "disconnect" => disconnect(state, params(p)?).await,
+        _ => Err(ErrorCode::MethodNotFound.into()),
+    }
+}
+
+fn check_channel(channel: &str) -> Result<(), ReplyError> {
+    validate_channel(channel)
+        .map_err(|e| ReplyError::with_message(ErrorCode::UnknownChannel, e.to_string()))
+}
+
+#[derive(Deserialize)]
+struct PublishParams {
+    channel: String,
+    data: Box<RawValue>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    // Accepted and ignored: every publication is kept in history; tags are not supported.
+    #[serde(default, rename = "skip_history")]
+    _skip_history: Option<bool>,
+    #[serde(default, rename = "tags")]
+    _tags: Option<Value>,
+}
+
+async fn publish(state: &AppState, p: PublishParams) -> ApiResult {
+    publish_one(state, &p.channel, &p.data, p.idempotency_key.as_deref()).await?;
+    Ok(json!({}))
+}
+
+async fn publish_one(
+    state: &AppState,
+    channel: &str,
+    data: &RawValue,
+    idempotency_key: Option<&str>,
+) -> Result<(), ReplyError> {
+    check_channel(channel)?;
+    if let Some(rule) = state.config.rule_for(channel) {
+        let named: NamedData<'_> = serde_json::from_str(data.get()).map_err(|_| {
+            bad("publication data on a rule channel must be {\"name\": string, \"data\": any}")
+        })?;
+        let id = match idempotency_key {
+            Some(k) if !k.is_empty() && k.len() <= 256 => k.to_owned(),
+            Some(_) => return Err(bad("idempotency_key must be 1-256 bytes")),
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        let envelope = rules::envelope(channel, "api", "api", &named, id);
+        return rules::deliver(&state.http, &state.lambda, rule, &envelope)
+            .await
+            .map_err(|e| {
+                tracing::warn!(channel, error = %e, "server API: publish target failed");
+                ReplyError::with_message(ErrorCode::Internal, "publish target failed").temporary()
+            });
+    }
+    sqlx::query("SELECT relay.publish($1, $2::text::jsonb)")
+        .bind(channel)
+        .bind(data.get())
+        .execute(&state.pool)
+        .await
+        .map_err(|e| internal("publish", e))?;
+    state
+        .metrics
+        .publications_in
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct BroadcastParams {
+    channels: Vec<String>,
+    data: Box<RawValue>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default, rename = "skip_history")]
+    _skip_history: Option<bool>,
+    #[serde(default, rename = "tags")]
+    _tags: Option<Value>,
+}
+
+/// Most channels of one broadcast.
+const MAX_BROADCAST: usize = 1000;
+
+async fn broadcast(state: &AppState, p: BroadcastParams) -> ApiResult {
+    if p.channels.is_empty() || p.channels.len() > MAX_BROADCAST {
+        return Err(bad(format!("channels: 1 to {MAX_BROADCAST} channels")));
+    }
+    let mut responses = Vec::with_capacity(p.channels.len());
+    for channel in &p.channels {
+        // Each channel's message gets its own id: the key is made distinct per channel.
+        let key = p.idempotency_key.as_ref().map(|k| format!("{k}:{channel}"));
+        responses.push(
+            match publish_one(state, channel, &p.data, key.as_deref()).await {
+                Ok(()) => json!({"result": {}}),
+                Err(e) => json!({"error": e}),
+            },
+        );
+    }
+    Ok(json!({ "responses": responses }))
+}
+
+#[derive(Deserialize)]
+struct Position {
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    epoch: String,
+}
+
+#[derive(Deserialize)]
+struct HistoryParams {
+    channel: String,
+    #[serde(default)]
+    limit: Option<i64>,
+    #[serde(default)]
+    since: Option<Position>,
+    #[serde(default)]
+    reverse: Option<bool>,
+}
+
+async fn history(state: &AppState, p: HistoryParams) -> ApiResult {
+    check_channel(&p.channel)?;
+    let max = state.config.client.history_max_limit;
+    let limit = match p.limit.unwrap_or(0) {
+        0 => 0,
+        n if n < 0 => max,
+        n => u32::try_from(n).unwrap_or(u32::MAX).min(max),
+    };
+    let reverse = p.reverse.unwrap_or(false);
+    let bound = match (&p.since, reverse) {
+        (Some(s), true) if s.offset == 0 => {
+            return Err(bad("reverse history needs since.offset > 0"));
+        }
+        (Some(s), true) => Bound::Before(s.offset),
+        (Some(s), false) => Bound::After(s.offset),
+        (None, true) => Bound::Before(u64::MAX),
+        (None, false) => Bound::After(0),
+    };
+    let slice = history::read(&state.pool, &p.channel, bound, limit)
+        .await
+        .map_err(|e| internal("history", e))?;
+    if let Some(s) = &p.since
+        && !s.epoch.is_empty()
+        && s.epoch != slice.epoch
+    {
+        return Err(ErrorCode::UnrecoverablePosition.into());
+    }
+    let publications: Vec<Value> = slice
+        .publications
+        .iter()
+        .map(|pb| {
+            let mut v = json!({"data": &pb.data, "offset": pb.offset});
+            if let Some(info) = &pb.info {
+                v["info"] = serde_json::from_str(info.get()).unwrap_or(Value::Null);
+            }
+            v
+        })
+        .collect();
+    Ok(json!({"publications": publications, "offset": slice.top, "epoch": slice.epoch}))
+}
+
+#[derive(Deserialize)]
+struct ChannelParams {
+    channel: String,
+}
+
+async fn history_remove(state: &AppState, p: ChannelParams) -> ApiResult {
+    check_channel(&p.channel)?;
+    sqlx::query("SELECT relay.reset_channel($1)")
+        .bind(&p.channel)
+        .execute(&state.pool)
+        .await
+        .map_err(|e| internal("history_remove", e))?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+struct ChannelsParams {
+    #[serde(default)]
+    pattern: Option<String>,
+}
+
+async fn channels(state: &AppState, p: ChannelsParams) -> ApiResult {
+    let pattern = p
+        .pattern
+        .filter(|s| !s.is_empty())
+        .map(|s| ChannelPattern::new(&s));
+    let mut out = serde_json::Map::new();
+    for (name, n) in crate::presence::channel_counts(state)
+        .await
+        .map_err(|e| internal("channels", e))?
+    {
+        if pattern.as_ref().is_none_or(|p| p.matches(&name)) {
+            out.insert(name, json!({"num_clients": n}));
+        }
+    }
+    Ok(json!({ "channels": out }))
+}
+
+async fn info(state: &AppState) -> ApiResult {
+    let nodes = crate::presence::nodes(state)
+        .await
+        .map_err(|e| internal("info", e))?;
+    Ok(json!({ "nodes": nodes }))
+}
+
+async fn presence(state: &AppState, p: ChannelParams) -> ApiResult {
+    check_channel(&p.channel)?;
+    let members = crate::presence::members(state, &p.channel)
+        .await
+        .map_err(|e| internal("presence", e))?;
+    let map: serde_json::Map<String, Value> = members
+        .into_iter()
+        .map(|m| (m.client.clone(), m.to_json()))
+        .collect();
+    Ok(json!({ "presence": map }))
+}
+
+async fn presence_stats(state: &AppState, p: ChannelParams) -> ApiResult {
+    check_channel(&p.channel)?;
+    let (clients, users) = crate::presence::stats(state, &p.channel)
+        .await
+        .map_err(|e| internal("presence_stats", e))?;
+    Ok(json!({"num_clients": clients, "num_users": users}))
+}
+
+#[derive(Deserialize)]
+struct DisconnectAdvice {
+    #[serde(default)]
+    code: u32,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Deserialize)]
+struct DisconnectParams {
+    user: String,
+    #[serde(default)]
+    client: Option<String>,
+    #[serde(default)]
+    whitelist: Vec<String>,
+    #[serde(default)]
+    disconnect: Option<DisconnectAdvice>,
+}
+
+async fn disconnect(state: &AppState, p: DisconnectParams) -> ApiResult {
+    let (code, reason) = match p.disconnect {
+        Some(d) if d.code != 0 => {
+            if !(3000..5000).contains(&d.code) || d.reason.is_empty() || d.reason.len() > 100 {
+                return Err(bad(
+                    "disconnect: code 3000-4999 and a reason of 1-100 bytes",
+                ));
+            }
+            (d.code, d.reason)
+        }
+        _ => (3503, "force disconnect".to_owned()),
+    };
+    crate::presence::disconnect(
+        state,
+        &crate::presence::DisconnectOrder {
+            user: p.user,
+            client: p.client.filter(|c| !c.is_empty()),
+            whitelist: p.whitelist,
+            code,
+            reason,
+        },
+    )
+    .await
+    .map_err(|e| internal("disconnect", e))?;
+    Ok(json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_whole() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn short_keys_are_refused() {
+        let c = ApiConfig {
+            key: Some("short".into()),
+        };
+        assert_eq!(c.validate().unwrap_err().0, "api.key");
+        let c = ApiConfig {
+            key: Some("a-long-enough-api-key".into()),
+        };
+        assert!(c.validate().is_ok());
+        assert!(ApiConfig::default().validate().is_ok());
+    }
+}
