@@ -327,6 +327,9 @@ COMMIT;
             "RESTART_TIMEOUT_MS": "90000",
             "JWT_HMAC_SECRET": JWT_SECRET,
             "JWT_RSA_PRIVATE_KEY": str(KEYS / "rsa_private.pem"),
+            # For jwt_scenario.py's second connector (JWKS): the run's configuration and binaries.
+            "RELAY_CONFIG": str(self.dir / "config.json"),
+            "RELAY_BIN_DIR": str(self.bin_dir),
         })
         log(f"[{label}] {' '.join(argv)}")
         with open(stderr_path, "wb") as err_fh:

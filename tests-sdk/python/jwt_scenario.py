@@ -2,19 +2,37 @@
 """Tokens minted by a third-party JWT library (PyJWT) are accepted by the connector, through the
 official centrifuge-python SDK; a forged one is refused with 3500 and an expired one is refreshed.
 
+Then the same through a JWKS served by this script: PyJWT (with `cryptography`) makes fresh RSA and
+EC key pairs, this script serves their public halves as a JWKS on 127.0.0.1 (counting requests) and
+starts a second connector on the run's database with `auth.jwks_url` pointing at it. A PyJWT RS256
+token with a `kid` is accepted; a key added later (rotation, ES256) is accepted after one refetch;
+unknown-`kid` and HS256 tokens are refused with 3500.
+
 Environment: RELAY_WS_URL, JWT_HMAC_SECRET (the connector's auth.hmac_secret_key), JWT_RSA_PRIVATE_KEY
-(the path of the private key whose public half is the connector's auth.rsa_public_key).
+(the path of the private key whose public half is the connector's auth.rsa_public_key); for the JWKS
+part RELAY_CONFIG (the run's connector configuration) and RELAY_BIN_DIR (where `connector` is).
 stdout: PASS/FAIL lines, then `RESULT passed=N failed=M`; exit code 0 only when nothing failed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
 import os
+import signal
+import socket
+import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import jwt  # PyJWT
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from centrifuge import (
     Client,
     ClientEventHandler,
@@ -27,6 +45,8 @@ from centrifuge import (
 URL = os.environ.get("RELAY_WS_URL", "")
 SECRET = os.environ.get("JWT_HMAC_SECRET", "")
 RSA_KEY = os.environ.get("JWT_RSA_PRIVATE_KEY", "")
+RELAY_CONFIG = os.environ.get("RELAY_CONFIG", "")
+RELAY_BIN_DIR = os.environ.get("RELAY_BIN_DIR", "")
 STEP_S = 10.0
 
 passed = 0
@@ -74,9 +94,9 @@ def hs256(claims: dict, secret: str = "") -> str:
     return jwt.encode(claims, secret or SECRET, algorithm="HS256")
 
 
-async def connect(token: str = "", get_token=None) -> tuple[Client, Events]:
+async def connect(token: str = "", get_token=None, url: str = "") -> tuple[Client, Events]:
     events = Events()
-    client = Client(URL, events=events, token=token, get_token=get_token, name="pyjwt-test",
+    client = Client(url or URL, events=events, token=token, get_token=get_token, name="pyjwt-test",
                     min_reconnect_delay=0.2, max_reconnect_delay=1.0)
     await client.connect()
     return client, events
@@ -147,8 +167,145 @@ async def main() -> int:
     finally:
         await client.disconnect()
 
+    await jwks_checks()
+
     out(f"RESULT passed={passed} failed={failed}")
     return 0 if failed == 0 else 1
+
+
+# ---- through a JWKS served here ------------------------------------------------------------------
+
+
+class JwksServer:
+    """Serves {"keys": [...]} at /jwks.json on 127.0.0.1:<free port>, counting requests."""
+
+    def __init__(self) -> None:
+        self.keys: list[dict] = []
+        self.hits = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                outer.hits += 1
+                body = json.dumps({"keys": outer.keys}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_jwks_connector(jwks_url: str) -> tuple[subprocess.Popen, str, str]:
+    """A second connector on the run's database, verifying tokens with the JWKS only."""
+    cfg_path = Path(RELAY_CONFIG)
+    config = json.loads(cfg_path.read_text())
+    port = free_port()
+    config["listen"] = f"127.0.0.1:{port}"
+    config["auth"] = {"jwks_url": jwks_url, "jwks_min_refetch_secs": 1}
+    jwks_cfg = cfg_path.parent / "config-jwks.json"
+    jwks_cfg.write_text(json.dumps(config, indent=2))
+    env = dict(os.environ, DATABASE_URL=config["database"]["url"], RELAY_LISTEN=f"127.0.0.1:{port}", NO_COLOR="1")
+    env.pop("RELAY__AUTH__HMAC_SECRET_KEY", None)
+    log = open(cfg_path.parent / "connector-jwks.log", "ab")
+    proc = subprocess.Popen([str(Path(RELAY_BIN_DIR) / "connector"), "--config", str(jwks_cfg)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    else:
+        raise RuntimeError(f"the JWKS connector did not become ready (see {cfg_path.parent / 'connector-jwks.log'})")
+    return proc, f"ws://127.0.0.1:{port}/connection/websocket", str(cfg_path.parent / "connector-jwks.log")
+
+
+async def expect_connected(name: str, token: str, url: str) -> None:
+    client, events = await connect(token, url=url)
+    try:
+        ctx = await asyncio.wait_for(events.connected, STEP_S)
+        check(name, bool(ctx.client))
+    except Exception as e:  # noqa: BLE001
+        check(name, False, repr(e))
+    finally:
+        await client.disconnect()
+
+
+async def expect_refused(name: str, token: str, url: str) -> None:
+    client, events = await connect(token, url=url)
+    try:
+        d = await asyncio.wait_for(events.disconnected, STEP_S)
+        check(name, d.code == 3500, f"code {d.code} {d.reason!r}")
+    except Exception as e:  # noqa: BLE001
+        check(name, False, repr(e))
+    finally:
+        await client.disconnect()
+
+
+async def jwks_checks() -> None:
+    if not (RELAY_CONFIG and RELAY_BIN_DIR):
+        check("JWKS: setup", False, "RELAY_CONFIG and RELAY_BIN_DIR are required")
+        return
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    server = JwksServer()
+    rsa_jwk = RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True)
+    server.keys = [dict(rsa_jwk, kid="py-rsa-1", use="sig", alg="RS256")]
+    proc = None
+    try:
+        proc, url, _log = await asyncio.to_thread(start_jwks_connector, server.url)
+        check("JWKS: connector fetched the JWKS at start-up", server.hits == 1, f"{server.hits} requests")
+        now = int(time.time())
+        rs = jwt.encode({"sub": "py-jwks", "exp": now + 3600}, rsa_key, algorithm="RS256",
+                        headers={"kid": "py-rsa-1"})
+        await expect_connected("JWKS: PyJWT RS256 token with kid accepted", rs, url)
+
+        # Rotation: a new EC key appears in the set; its first token makes the connector refetch once.
+        ec_jwk = ECAlgorithm.to_jwk(ec_key.public_key(), as_dict=True)
+        server.keys.append(dict(ec_jwk, kid="py-ec-2", use="sig", alg="ES256"))
+        before = server.hits
+        es = jwt.encode({"sub": "py-jwks-ec", "exp": now + 3600}, ec_key, algorithm="ES256",
+                        headers={"kid": "py-ec-2"})
+        await expect_connected("JWKS: rotated-in PyJWT ES256 key accepted after a refetch", es, url)
+        check("JWKS: the rotation cost one refetch", server.hits == before + 1, f"{server.hits - before} requests")
+
+        await asyncio.sleep(1.2)  # past jwks_min_refetch_secs
+        bogus = jwt.encode({"sub": "py-mallory"}, rsa_key, algorithm="RS256", headers={"kid": "py-unknown"})
+        await expect_refused("JWKS: unknown kid refused with 3500", bogus, url)
+        hs = jwt.encode({"sub": "py-mallory"}, SECRET, algorithm="HS256", headers={"kid": "py-rsa-1"})
+        await expect_refused("JWKS: HS256 refused (JWKS keys only)", hs, url)
+    except Exception as e:  # noqa: BLE001
+        check("JWKS: scenario", False, repr(e))
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=35)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        server.close()
 
 
 if __name__ == "__main__":
