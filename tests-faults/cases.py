@@ -567,7 +567,9 @@ async def case_slow_client(ctx: Ctx) -> None:
         await asyncio.wait_for(asyncio.gather(asyncio.shield(stalled.subscribed), asyncio.shield(slow.subscribed)), 20)
         t_join = time.time()
         await asyncio.sleep(0.5)
-        with_both = conns[-1][1]
+        while not any(t > t_join for t, _ in conns):
+            await asyncio.sleep(0.1)
+        with_both = max(c for t, c in conns if t > t_join)  # every client, the two misbehaving ones included
         await writer
         t_end = time.time()
         # Both misbehaving clients must be gone: wait for it (write_timeout_secs after a write blocked).
