@@ -58,6 +58,10 @@ struct SubState {
     expires_at: Option<u64>,
     /// Channel info from the subscription token.
     chan_info: Option<Arc<RawValue>>,
+    /// The subscription gets join/leave pushes.
+    join_leave: bool,
+    /// Its membership in the channel's presence (the id [`crate::presence::Presence::leave`] takes).
+    membership: Option<String>,
 }
 
 /// What the handling of a frame asks the loop to do.
@@ -83,6 +87,8 @@ struct Session {
     queued: Arc<AtomicUsize>,
     pending: FuturesUnordered<BoxFuture<'static, String>>,
     pong_deadline: Option<Instant>,
+    /// Fired by a server-API `disconnect` order (registered at `connect`).
+    kick: Option<Arc<crate::presence::Kick>>,
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -106,6 +112,7 @@ pub async fn serve(socket: WebSocket, state: Arc<AppState>) {
         queued: Arc::new(AtomicUsize::new(0)),
         pending: FuturesUnordered::new(),
         pong_deadline: None,
+        kick: None,
         state,
     };
     session
@@ -119,6 +126,12 @@ pub async fn serve(socket: WebSocket, state: Arc<AppState>) {
         .metrics
         .connections
         .fetch_sub(1, Ordering::Relaxed);
+    // Its memberships leave presence now (join/leave pushes announce it on every node).
+    session
+        .state
+        .presence
+        .end_session(&session.state.pool, &session.client)
+        .await;
     for channel in session.subs.keys() {
         session.state.hub.unsubscribe(channel, session.id);
     }
@@ -137,11 +150,21 @@ impl Session {
         let shutdown = self.state.shutdown.clone();
         let slow = self.slow.clone();
 
-        let close: Option<(u16, &'static str)> = loop {
+        let close: Option<(u16, Utf8Bytes)> = loop {
             let pong_deadline = self.pong_deadline;
             let pong_timeout = async move {
                 match pong_deadline {
                     Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let kick = self.kick.clone();
+            let kicked = async move {
+                match kick {
+                    Some(k) => {
+                        k.kicked().await;
+                        k.advice()
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -156,6 +179,7 @@ impl Session {
                 biased;
                 _ = shutdown.cancelled() => break Some(code(Disconnect::SHUTDOWN)),
                 _ = slow.cancelled() => break Some(code(Disconnect::SLOW)),
+                (kick_code, reason) = kicked => break Some((kick_code, Utf8Bytes::from(reason))),
                 _ = &mut connect_deadline, if !self.connected => break Some(code(Disconnect::STALE)),
                 _ = pong_timeout => break Some(code(Disconnect::NO_PONG)),
                 _ = expiry => {
@@ -198,7 +222,7 @@ impl Session {
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
                         if is_capacity_error(e) {
-                            break Some((CLOSE_MESSAGE_TOO_BIG, "message size limit"));
+                            break Some((CLOSE_MESSAGE_TOO_BIG, Utf8Bytes::from_static("message size limit")));
                         }
                         break None;
                     }
@@ -222,7 +246,11 @@ impl Session {
                 }
             }
         };
-        if close == Some(code(Disconnect::SHUTDOWN)) && !self.pending.is_empty() {
+        if close
+            .as_ref()
+            .is_some_and(|(c, _)| *c == Disconnect::SHUTDOWN.code)
+            && !self.pending.is_empty()
+        {
             // Publishes already handed to their target get their reply before the shutdown close, so
             // the client knows whether they were written (it would otherwise retry with a new id).
             let grace = Duration::from_secs(self.state.config.shutdown_grace_secs / 2)
@@ -237,11 +265,8 @@ impl Session {
             let _ = tokio::time::timeout(grace, drain).await;
         }
         if let Some((code, reason)) = close {
-            tracing::debug!(client = %self.client, code, reason, "closing connection");
-            let frame = CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(reason),
-            };
+            tracing::debug!(client = %self.client, code, reason = reason.as_str(), "closing connection");
+            let frame = CloseFrame { code, reason };
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
                 sink.send(Message::Close(Some(frame))),
@@ -302,19 +327,14 @@ impl Session {
                 Err(SubscribeError::Reply(e)) => Err(e),
                 Ok(body) => Ok(body),
             },
-            Request::Unsubscribe(u) => Ok(self.unsubscribe(u)),
+            Request::Unsubscribe(u) => Ok(self.unsubscribe(u).await),
             Request::Publish(p) => match self.publish(id, p) {
                 Ok(()) => return Flow::Continue,
                 Err(e) => Err(e),
             },
             Request::History(h) => self.history(h).await,
-            Request::Presence(r) | Request::PresenceStats(r) => {
-                if self.allowed(&r.channel, Op::Presence) {
-                    Err(ErrorCode::NotAvailable.into())
-                } else {
-                    Err(ErrorCode::PermissionDenied.into())
-                }
-            }
+            Request::Presence(r) => self.presence(r, false).await,
+            Request::PresenceStats(r) => self.presence(r, true).await,
             Request::Ping | Request::Refresh(_) | Request::SubRefresh(_) => {
                 Err(ErrorCode::NotAvailable.into())
             }
@@ -333,6 +353,11 @@ impl Session {
                 let ttl = ttl(identity.expires_at);
                 self.identity = identity;
                 self.connected = true;
+                self.kick = Some(
+                    self.state
+                        .presence
+                        .register_session(&self.client, &self.identity.user),
+                );
                 let result = ConnectResult {
                     client: self.client.clone(),
                     version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -459,7 +484,9 @@ impl Session {
             .map(|(c, _)| c.clone())
             .collect();
         for channel in expired {
-            self.subs.remove(&channel);
+            if let Some(sub) = self.subs.remove(&channel) {
+                self.leave_later(&channel, sub);
+            }
             self.state.hub.unsubscribe(&channel, self.id);
             out.push(reply::encode_unsubscribe_push(
                 &channel,
@@ -602,6 +629,65 @@ impl Session {
         };
         let body =
             serde_json::to_string(&result).map_err(|_| ReplyError::new(ErrorCode::Internal))?;
+        // Presence: the subscription becomes a member before the reply, so a `presence` call that
+        // follows it sees the subscriber; its join push (to those who asked) follows the reply.
+        let mut join_leave = false;
+        let mut membership = None;
+        if let Some(rule) = self.state.presence.rule_for(&channel).cloned() {
+            let chan_info = match (&grant.chan_info, &req.data) {
+                (Some(info), _) => Some(info.clone()),
+                (None, Some(data)) if rule.info_from_subscribe_data && req.token.is_empty() => {
+                    if data.get().len() > 1024 || !data.get().starts_with('{') {
+                        self.state.hub.unsubscribe(&channel, self.id);
+                        return Err(ReplyError::with_message(
+                            ErrorCode::BadRequest,
+                            "subscribe data must be a JSON object of at most 1024 bytes",
+                        )
+                        .into());
+                    }
+                    Some(Arc::from(data.clone()))
+                }
+                _ => None,
+            };
+            let member = crate::presence::Member {
+                user: self.identity.user.clone(),
+                client: self.client.clone(),
+                conn_info: self.identity.conn_info.clone(),
+                chan_info,
+            };
+            match self
+                .state
+                .presence
+                .join(&self.state.pool, &channel, member, rule.join_leave)
+                .await
+            {
+                Ok(id) => membership = Some(id),
+                Err(e) => {
+                    self.state.hub.unsubscribe(&channel, self.id);
+                    return Err(match e {
+                        crate::presence::JoinError::Full => ReplyError::with_message(
+                            ErrorCode::LimitExceeded,
+                            "channel presence is full (max_members)",
+                        ),
+                        crate::presence::JoinError::Db(e) => {
+                            tracing::warn!(error = %e, channel, "presence join failed");
+                            ReplyError::new(ErrorCode::Internal)
+                        }
+                    }
+                    .into());
+                }
+            }
+            // Pushes only to subscribers that may see presence, as Centrifugo does.
+            join_leave = req.join_leave
+                && rule.join_leave
+                && auth::permissions::allowed(
+                    &self.state.config.channels,
+                    &channel,
+                    Op::Presence,
+                    &self.identity,
+                    true,
+                );
+        }
         self.subs.insert(
             channel,
             SubState {
@@ -609,16 +695,76 @@ impl Session {
                 offset: delivered,
                 expires_at: grant.expires_at,
                 chan_info: grant.chan_info,
+                join_leave,
+                membership,
             },
         );
         Ok(body)
     }
 
-    fn unsubscribe(&mut self, req: ChannelRequest) -> String {
-        if self.subs.remove(&req.channel).is_some() {
+    async fn unsubscribe(&mut self, req: ChannelRequest) -> String {
+        if let Some(sub) = self.subs.remove(&req.channel) {
             self.state.hub.unsubscribe(&req.channel, self.id);
+            if let Some(id) = sub.membership {
+                self.state
+                    .presence
+                    .leave(&self.state.pool, &req.channel, &self.client, &id)
+                    .await;
+            }
         }
         "{}".to_owned()
+    }
+
+    /// Removes a subscription's presence membership without waiting (from code that cannot wait);
+    /// a later membership of the same channel is never touched by it.
+    fn leave_later(&self, channel: &str, sub: SubState) {
+        let Some(id) = sub.membership else {
+            return;
+        };
+        let state = self.state.clone();
+        let channel = channel.to_owned();
+        let client = self.client.clone();
+        self.state.tracker.spawn(async move {
+            state
+                .presence
+                .leave(&state.pool, &channel, &client, &id)
+                .await;
+        });
+    }
+
+    /// `presence` / `presence_stats`: the channel's members on every node.
+    async fn presence(&mut self, req: ChannelRequest, stats: bool) -> Result<String, ReplyError> {
+        validate_channel(&req.channel)
+            .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
+        if !self.allowed(&req.channel, Op::Presence) {
+            return Err(ErrorCode::PermissionDenied.into());
+        }
+        if self.state.presence.rule_for(&req.channel).is_none() {
+            return Err(ErrorCode::NotAvailable.into());
+        }
+        let failed = |e: sqlx::Error| {
+            tracing::warn!(error = %e, "presence read failed");
+            ReplyError::new(ErrorCode::Internal)
+        };
+        if stats {
+            let (clients, users) = crate::presence::stats(&self.state, &req.channel)
+                .await
+                .map_err(failed)?;
+            let result = reply::PresenceStatsResult {
+                num_clients: u32::try_from(clients).unwrap_or(u32::MAX),
+                num_users: u32::try_from(users).unwrap_or(u32::MAX),
+            };
+            return serde_json::to_string(&result)
+                .map_err(|_| ReplyError::new(ErrorCode::Internal));
+        }
+        let members = crate::presence::members(&self.state, &req.channel)
+            .await
+            .map_err(failed)?;
+        let map: serde_json::Map<String, serde_json::Value> = members
+            .into_iter()
+            .map(|m| (m.client.clone(), m.to_json()))
+            .collect();
+        Ok(serde_json::json!({ "presence": map }).to_string())
     }
 
     /// Starts a publish; its reply is written when the target or the database answered.
@@ -783,6 +929,13 @@ impl Session {
         let Some(sub) = self.subs.get_mut(&*delivery.channel) else {
             return Flow::Continue; // unsubscribed meanwhile, or its subscribe has not been answered
         };
+        if delivery.offset == 0 {
+            // A join or leave push, not a publication.
+            if sub.join_leave {
+                out.push(delivery.frame.clone());
+            }
+            return Flow::Continue;
+        }
         if sub.epoch.is_empty() && sub.offset == 0 {
             sub.epoch = delivery.epoch.to_string();
         }
@@ -807,7 +960,9 @@ impl Session {
     /// The subscription lost track of its stream: tell the client to resubscribe and recover.
     fn insufficient_state(&mut self, channel: &str, out: &mut Vec<Utf8Bytes>) -> Flow {
         tracing::warn!(client = %self.client, channel, "gap in a channel stream; client told to recover");
-        self.subs.remove(channel);
+        if let Some(sub) = self.subs.remove(channel) {
+            self.leave_later(channel, sub);
+        }
         self.state.hub.unsubscribe(channel, self.id);
         out.push(Utf8Bytes::from(reply::encode_unsubscribe_push(
             channel,
@@ -862,8 +1017,8 @@ fn boxed(raw: &RawValue) -> Box<RawValue> {
     raw.to_owned()
 }
 
-fn code(d: Disconnect) -> (u16, &'static str) {
-    (d.code, d.reason)
+fn code(d: Disconnect) -> (u16, Utf8Bytes) {
+    (d.code, Utf8Bytes::from_static(d.reason))
 }
 
 fn is_capacity_error(e: axum::Error) -> bool {

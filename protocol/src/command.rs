@@ -141,6 +141,9 @@ pub struct SubscribeRequest {
     /// Feature flags (bit 2: reject unrecovered with error 112).
     #[serde(default)]
     pub flag: i64,
+    /// Custom data of the subscribe request (the SDKs' subscription `data` option).
+    #[serde(default)]
+    pub data: Option<Box<RawValue>>,
 }
 
 /// Requests that name only a channel (`unsubscribe`, `presence`, `presence_stats`).
