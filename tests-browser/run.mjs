@@ -34,7 +34,7 @@ const args = process.argv.slice(2);
 const BIN_DIR = args.includes('--bin-dir') ? args[args.indexOf('--bin-dir') + 1] : path.join(ROOT, 'target', 'debug');
 const KEEP_DB = args.includes('--keep-db');
 // Presence (who is online, join/leave) is checked once the connector has it.
-const PRESENCE = false;
+const PRESENCE = true;
 
 let passed = 0;
 let failed = 0;
