@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KEYS = ROOT / "connector" / "tests" / "keys"  # test-only keys, also used by connector/tests/auth.rs
 JWT_SECRET = "sdk-test-secret-sdk-test-secret-0123"
+API_KEY = "sdk-test-api-key-0123456789"
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 READY_TIMEOUT_S = 60
 SCENARIO_TIMEOUT_S = 300
@@ -221,6 +222,8 @@ class Run:
         # Keys for the PyJWT scenario (anonymous connections stay allowed, as config.json has them).
         config["auth"] = dict(config.get("auth", {}), hmac_secret_key=JWT_SECRET,
                               rsa_public_key=str(KEYS / "rsa_public.pem"))
+        # The server API, for the cent scenario.
+        config["api"] = {"key": API_KEY}
         cfg_path = self.dir / "config.json"
         cfg_path.write_text(json.dumps(config, indent=2))
 
@@ -326,6 +329,9 @@ COMMIT;
             "STEP_TIMEOUT_MS": os.environ.get("STEP_TIMEOUT_MS", "20000"),
             "RESTART_TIMEOUT_MS": "90000",
             "JWT_HMAC_SECRET": JWT_SECRET,
+            "RELAY_API_URL": f"{self.base}/api",
+            "RELAY_API_KEY": API_KEY,
+            "RELAY_DATABASE_URL": self.db_url,
             "JWT_RSA_PRIVATE_KEY": str(KEYS / "rsa_private.pem"),
             # For jwt_scenario.py's second connector (JWKS): the run's configuration and binaries.
             "RELAY_CONFIG": str(self.dir / "config.json"),
@@ -408,11 +414,16 @@ COMMIT;
                 only = self.args.only
                 if only in (None, "node"):
                     self.scenario("node", ["node", "scenario.mjs"], HERE / "node")
+                    # Presence and join/leave, a SIGKILLed client process.
+                    self.scenario("node-presence", ["node", "presence.mjs"], HERE / "node")
                 if only in (None, "python"):
                     py = HERE / ".venv" / "bin" / "python"
                     self.scenario("python", [str(py if py.exists() else sys.executable), "scenario.py"], HERE / "python")
                     # Tokens minted by a third-party JWT library (PyJWT), through centrifuge-python.
                     self.scenario("python-jwt", [str(py if py.exists() else sys.executable), "jwt_scenario.py"],
+                                  HERE / "python")
+                    # The server API with cent, presence, notifications, relay.publish transactions.
+                    self.scenario("python-api", [str(py if py.exists() else sys.executable), "api_scenario.py"],
                                   HERE / "python")
         except KeyboardInterrupt:
             self.results.fail("run", "interrupted")
