@@ -171,7 +171,9 @@ pub struct ClientConfig {
     /// Largest accepted WebSocket message in bytes (default 65536); larger closes with 1009.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
-    /// Pushes buffered per connection before it counts as slow and is disconnected with 3008.
+    /// Pushes buffered per connection before it counts as slow and is disconnected with 3008
+    /// (default 16384: a safety net; `outbound_queue_bytes` is the limit that normally counts, so a
+    /// client that keeps up is not cut off by one large transaction's burst).
     #[serde(default = "default_outbound_queue")]
     pub outbound_queue: usize,
     /// Bytes of pushes buffered per connection before it counts as slow (3008); default 4 MiB.
