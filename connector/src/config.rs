@@ -343,7 +343,7 @@ fn default_outbound_queue_bytes() -> usize {
     4 << 20
 }
 fn default_outbound_queue() -> usize {
-    1024
+    16_384
 }
 fn default_history_limit() -> u32 {
     300
