@@ -349,7 +349,10 @@ async fn user_notifications_reach_every_connection_of_the_user_and_no_one_else()
         );
     }
     let m = bob.try_next(std::time::Duration::from_millis(500)).await;
-    assert!(m.as_ref().is_none_or(|m| m["push"].is_null()), "bob got {m:?}");
+    assert!(
+        m.as_ref().is_none_or(|m| m["push"].is_null()),
+        "bob got {m:?}"
+    );
 
     // disconnect: every connection of the user, on every node, with the given code.
     let r = api(
