@@ -152,6 +152,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
         state.hub.subscription_count(),
     );
     line(
+        "relay_presence_members",
+        "gauge",
+        "Presence memberships of this node's connections.",
+        state.presence.local_members() as u64,
+    );
+    line(
         "relay_publications_in_total",
         "counter",
         "Client publications accepted.",

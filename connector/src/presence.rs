@@ -334,6 +334,11 @@ impl Presence {
         }
     }
 
+    /// Presence memberships held by this node's sessions.
+    pub fn local_members(&self) -> usize {
+        self.members.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Users of the sessions on this node.
     fn local_users(&self) -> usize {
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());

@@ -95,6 +95,17 @@ async fn members_stats_join_leave_and_close() {
         json!({"num_clients": 2, "num_users": 1})
     );
 
+    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\nrelay_presence_members 2\n"),
+        "{metrics}"
+    );
+
     // Unsubscribe: a leave.
     let r = b.call(json!({"unsubscribe": {"channel": "room:1"}})).await;
     assert_eq!(r["unsubscribe"], json!({}));
