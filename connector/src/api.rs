@@ -429,6 +429,10 @@ struct DisconnectParams {
 }
 
 async fn disconnect(state: &AppState, p: DisconnectParams) -> ApiResult {
+    if p.user.is_empty() {
+        // Anonymous connections all have the empty user: never a way to close them all at once.
+        return Err(bad("user must not be empty"));
+    }
     let (code, reason) = match p.disconnect {
         Some(d) if d.code != 0 => {
             if !(3000..5000).contains(&d.code) || d.reason.is_empty() || d.reason.len() > 100 {

@@ -354,6 +354,9 @@ async fn user_notifications_reach_every_connection_of_the_user_and_no_one_else()
         "bob got {m:?}"
     );
 
+    let r = api(&server, "disconnect", json!({"user": ""})).await;
+    assert_eq!(r["error"]["code"], 107, "{r}");
+
     // disconnect: every connection of the user, on every node, with the given code.
     let r = api(
         &server,
