@@ -262,8 +262,9 @@ impl Presence {
         kick
     }
 
-    /// Forgets a session and removes its memberships everywhere (leaves announced).
-    pub async fn end_session(&self, pool: &PgPool, client: &str) {
+    /// Forgets a session and removes its memberships everywhere (leaves announced). During shutdown
+    /// (`bulk`), the database rows are left to the node's deregistration, one statement for all.
+    pub async fn end_session(&self, pool: &PgPool, client: &str, bulk: bool) {
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -275,6 +276,7 @@ impl Presence {
             before != members.len()
         };
         if had
+            && !bulk
             && let Err(e) = sqlx::query("SELECT relay.presence_leave($1)")
                 .bind(client)
                 .execute(pool)

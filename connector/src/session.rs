@@ -126,11 +126,16 @@ pub async fn serve(socket: WebSocket, state: Arc<AppState>) {
         .metrics
         .connections
         .fetch_sub(1, Ordering::Relaxed);
-    // Its memberships leave presence now (join/leave pushes announce it on every node).
+    // Its memberships leave presence now (join/leave pushes announce it on every node); on shutdown
+    // the node removes all of its members at once.
     session
         .state
         .presence
-        .end_session(&session.state.pool, &session.client)
+        .end_session(
+            &session.state.pool,
+            &session.client,
+            session.state.shutdown.is_cancelled(),
+        )
         .await;
     for channel in session.subs.keys() {
         session.state.hub.unsubscribe(channel, session.id);
