@@ -40,6 +40,7 @@ ROOT = HERE.parent
 KEYS = ROOT / "connector" / "tests" / "keys"  # test-only keys, also used by connector/tests/auth.rs
 JWT_SECRET = "sdk-test-secret-sdk-test-secret-0123"
 API_KEY = "sdk-test-api-key-0123456789"
+NODE_TTL_SECS = 6
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 READY_TIMEOUT_S = 60
 SCENARIO_TIMEOUT_S = 300
@@ -222,8 +223,9 @@ class Run:
         # Keys for the PyJWT scenario (anonymous connections stay allowed, as config.json has them).
         config["auth"] = dict(config.get("auth", {}), hmac_secret_key=JWT_SECRET,
                               rsa_public_key=str(KEYS / "rsa_public.pem"))
-        # The server API, for the cent scenario.
+        # The server API, for the cent scenario; a short node TTL, so a killed node's members go quickly.
         config["api"] = {"key": API_KEY}
+        config.setdefault("presence", {})["node_ttl_secs"] = NODE_TTL_SECS
         cfg_path = self.dir / "config.json"
         cfg_path.write_text(json.dumps(config, indent=2))
 
@@ -332,6 +334,7 @@ COMMIT;
             "RELAY_API_URL": f"{self.base}/api",
             "RELAY_API_KEY": API_KEY,
             "RELAY_DATABASE_URL": self.db_url,
+            "RELAY_NODE_TTL_SECS": str(NODE_TTL_SECS),
             "JWT_RSA_PRIVATE_KEY": str(KEYS / "rsa_private.pem"),
             # For jwt_scenario.py's second connector (JWKS): the run's configuration and binaries.
             "RELAY_CONFIG": str(self.dir / "config.json"),

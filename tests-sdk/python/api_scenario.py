@@ -11,7 +11,9 @@ join and leave pushes, and a client whose process is SIGKILLed leaves within a f
 publication to the rule channel goes through the writer; broadcast and relay.notify_users() reach
 both connections of a user and not another user; history and history_remove; relay.publish() in a
 rolled-back transaction delivers nothing and in a committed one exactly once, between the
-transaction's row changes; disconnect closes every connection of a user.
+transaction's row changes; disconnect closes every connection of a user; when the connector is
+SIGKILLed (READY_FOR_RESTART, as in scenario.py) and restarted, the members it served leave within the
+node TTL, announced to the reconnected watcher.
 """
 
 import asyncio
@@ -51,6 +53,7 @@ API = os.environ.get("RELAY_API_URL", "")
 KEY = os.environ.get("RELAY_API_KEY", "")
 DB = os.environ.get("RELAY_DATABASE_URL", "")
 SECRET = os.environ.get("JWT_HMAC_SECRET", "")
+NODE_TTL_S = float(os.environ.get("RELAY_NODE_TTL_SECS", "15"))
 STEP_S = float(os.environ.get("STEP_TIMEOUT_MS", "20000")) / 1000
 CHAT = "incoming-chat"
 # A SIGKILLed client's socket is reset by the OS: the connector sees it at once. The bound leaves room
@@ -313,8 +316,24 @@ COMMIT;
 
     await check("cent: disconnect closes every connection of the user (3503, no reconnect)", disconnect)
 
+    async def killed_node_members_expire():
+        old = watcher_events.joins[0][0]
+        out("READY_FOR_RESTART {}")
+        line = await asyncio.to_thread(sys.stdin.readline)
+        expect(line.startswith("RESTARTED"), f"orchestrator answered {line!r}")
+        restarted = time.monotonic()
+        await until(lambda: any(c == old for c, _ in watcher_events.leaves),
+                    "leave of the watcher's membership on the killed node", NODE_TTL_S + 10)
+        took = next(t for c, t in watcher_events.leaves if c == old) - restarted
+        members = cent.presence(PresenceRequest(channel=CHAT)).presence
+        expect(old not in members, "the killed node's member is still in presence")
+        return f"leave {took:.1f} s after the restart (node TTL {NODE_TTL_S:.0f} s)"
+
+    await check("presence: members of a SIGKILLed connector node leave within the node TTL",
+                killed_node_members_expire)
+
     async def leave_on_disconnect():
-        me = watcher_events.joins[0][0]
+        me = [j[0] for j in watcher_events.joins if j[1].get("username") == "py-watcher"][-1]
         await watcher.disconnect()
         stats = cent.presence(PresenceRequest(channel=CHAT)).presence
         await until(lambda: me not in cent.presence(PresenceRequest(channel=CHAT)).presence, "watcher gone")
