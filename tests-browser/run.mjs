@@ -273,6 +273,14 @@ async function scenario(base, proxyBase, proxy, dbUrl) {
     return;
   }
   try {
+    await check('the name form (phone size), screenshot login-phone.png', async () => {
+      const context = await browser.newContext({ viewport: { width: 390, height: 760 } });
+      const page = await context.newPage();
+      await page.goto(base + '/', { waitUntil: 'load' });
+      if (!(await page.isVisible('#login-form')) || (await page.isVisible('#chat'))) throw new Error('name form not shown alone');
+      await page.screenshot({ path: path.join(ARTIFACTS, 'login-phone.png') });
+      await context.close();
+    });
     const A = await openChat(browser, proxyBase, 'alice');
     const B = await openChat(browser, base, 'bob');
     ok('both pages connected, history loaded');

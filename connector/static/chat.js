@@ -342,6 +342,8 @@
     try { localStorage.setItem(NAME_KEY, name); } catch (_) { /* private mode */ }
     $('login').hidden = true;
     $('chat').hidden = false;
+    $('state').hidden = false;
+    $('online-toggle').hidden = false;
     const sub = centrifuge.newSubscription(INCOMING, {
       recoverable: true,
       positioned: true,
