@@ -406,7 +406,7 @@ fn load_pem(
     let pem = if value.trim_start().starts_with("-----BEGIN") {
         value.as_bytes().to_vec()
     } else {
-        std::fs::read(Path::new(value)).map_err(|e| KeyError {
+        read_pem_file(Path::new(value)).map_err(|e| KeyError {
             field,
             problem: format!("cannot read PEM file {value:?}: {e}"),
         })?
@@ -415,6 +415,28 @@ fn load_pem(
         field,
         problem: format!("not a usable public key in PEM: {e}"),
     })
+}
+
+/// The largest PEM file read (a public key is a few KiB at most).
+const MAX_PEM_BYTES: u64 = 64 * 1024;
+
+/// Reads a PEM file: a regular file (not a FIFO or a device such as `/dev/zero`), at most
+/// [`MAX_PEM_BYTES`].
+fn read_pem_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    // Before opening: opening a FIFO would block.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let file = std::fs::File::open(path)?;
+    let mut pem = Vec::new();
+    file.take(MAX_PEM_BYTES + 1).read_to_end(&mut pem)?;
+    if pem.len() as u64 > MAX_PEM_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_PEM_BYTES} bytes"
+        )));
+    }
+    Ok(pem)
 }
 
 /// Mints an HS256 token with `claims` (for `connector token` and tests).
@@ -582,12 +604,14 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(e.field, "auth.hmac_secret_key");
-        let e = Verifier::new(&AuthConfig {
-            rsa_public_key: Some("/nonexistent.pem".into()),
-            ..Default::default()
-        })
-        .unwrap_err();
-        assert_eq!(e.field, "auth.rsa_public_key");
+        for path in ["/nonexistent.pem", "/dev/zero", "/"] {
+            let e = Verifier::new(&AuthConfig {
+                rsa_public_key: Some(path.into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert_eq!(e.field, "auth.rsa_public_key", "{path}");
+        }
         let e = Verifier::new(&AuthConfig {
             rsa_public_key: Some("-----BEGIN PUBLIC KEY-----\nxx\n-----END PUBLIC KEY-----".into()),
             ..Default::default()
