@@ -18,7 +18,8 @@
 //! - [`rules`]: client publications to the writer Lambda or a webhook.
 //! - [`http`]: the router (WebSocket, `/healthz`, `/readyz`, `/metrics`).
 //! - [`page`]: the chat page at `/` (static files built into the binary).
-//! - [`presence`]: channel members on every node (PostgreSQL), join/leave pushes, the node heartbeat.
+//! - [`presence`]: channel members on every node (a PostgreSQL or in-memory store), join/leave
+//!   pushes, the node heartbeat.
 //! - [`api`]: the Centrifugo-compatible HTTP server API (`/api`).
 //! - [`state`]: the shared state and counters.
 //! - [`error`]: error types.
@@ -88,7 +89,7 @@ pub async fn run(
     })?;
     let stream = Stream {
         pool: stream_pool.clone(),
-        listen_url,
+        listen_url: listen_url.clone(),
         config: config.stream.clone(),
         hub: hub.clone(),
         status: status.clone(),
@@ -102,7 +103,13 @@ pub async fn run(
     // With a JWKS URL: the first fetch, then a refresh task.
     verifier.start(token.clone(), &tracker).await;
     let max_connections = config.client.max_connections;
-    let presence = Arc::new(presence::Presence::new(config.presence.clone()));
+    let store: Arc<dyn presence::PresenceStore> = match config.presence.engine {
+        presence::Engine::Postgres => {
+            Arc::new(presence::pg::PgStore::new(pool.clone(), listen_url.clone()))
+        }
+        presence::Engine::Memory => Arc::new(presence::memory::MemoryStore::default()),
+    };
+    let presence = Arc::new(presence::Presence::new(config.presence.clone(), store));
     let state = Arc::new(AppState {
         config: Arc::new(config),
         pool: pool.clone(),

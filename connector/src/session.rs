@@ -131,11 +131,7 @@ pub async fn serve(socket: WebSocket, state: Arc<AppState>) {
     session
         .state
         .presence
-        .end_session(
-            &session.state.pool,
-            &session.client,
-            session.state.shutdown.is_cancelled(),
-        )
+        .end_session(&session.client, session.state.shutdown.is_cancelled())
         .await;
     for channel in session.subs.keys() {
         session.state.hub.unsubscribe(channel, session.id);
@@ -663,7 +659,7 @@ impl Session {
             match self
                 .state
                 .presence
-                .join(&self.state.pool, &channel, member, rule.join_leave)
+                .join(&channel, member, rule.join_leave)
                 .await
             {
                 Ok(id) => membership = Some(id),
@@ -674,7 +670,7 @@ impl Session {
                             ErrorCode::LimitExceeded,
                             "channel presence is full (max_members)",
                         ),
-                        crate::presence::JoinError::Db(e) => {
+                        crate::presence::JoinError::Store(e) => {
                             tracing::warn!(error = %e, channel, "presence join failed");
                             ReplyError::new(ErrorCode::Internal)
                         }
@@ -713,7 +709,7 @@ impl Session {
             if let Some(id) = sub.membership {
                 self.state
                     .presence
-                    .leave(&self.state.pool, &req.channel, &self.client, &id)
+                    .leave(&req.channel, &self.client, &id)
                     .await;
             }
         }
@@ -730,10 +726,7 @@ impl Session {
         let channel = channel.to_owned();
         let client = self.client.clone();
         self.state.tracker.spawn(async move {
-            state
-                .presence
-                .leave(&state.pool, &channel, &client, &id)
-                .await;
+            state.presence.leave(&channel, &client, &id).await;
         });
     }
 
@@ -747,7 +740,7 @@ impl Session {
         if self.state.presence.rule_for(&req.channel).is_none() {
             return Err(ErrorCode::NotAvailable.into());
         }
-        let failed = |e: sqlx::Error| {
+        let failed = |e: crate::Error| {
             tracing::warn!(error = %e, "presence read failed");
             ReplyError::new(ErrorCode::Internal)
         };

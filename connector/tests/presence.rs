@@ -10,10 +10,15 @@ use serde_json::{Value, json};
 use support::{Client, Server, TestDb, config_json};
 
 fn presence_config(db: &TestDb) -> String {
+    presence_config_on(db, "postgres")
+}
+
+fn presence_config_on(db: &TestDb, engine: &str) -> String {
     config_json(
         &db.url,
         json!({
             "presence": {
+                "engine": engine,
                 "node_ttl_secs": 3,
                 "channels": [
                     {"channel": "room:capped", "max_members": 2},
@@ -62,8 +67,17 @@ async fn wait_presence(c: &mut Client, channel: &str, pred: impl Fn(&Value) -> b
 
 #[tokio::test]
 async fn members_stats_join_leave_and_close() {
+    members_stats_join_leave_and_close_on("postgres").await;
+}
+
+#[tokio::test]
+async fn the_memory_engine_behaves_the_same_on_one_node() {
+    members_stats_join_leave_and_close_on("memory").await;
+}
+
+async fn members_stats_join_leave_and_close_on(engine: &str) {
     let db = TestDb::new().await;
-    let server = Server::start(&presence_config(&db)).await;
+    let server = Server::start(&presence_config_on(&db, engine)).await;
     let mut a = Client::connected(&server.ws_url()).await;
     let r = a
         .call(json!({"subscribe": {"channel": "room:1", "join_leave": true, "data": {"username": "ada"}}}))

@@ -18,26 +18,35 @@
 //!   node announces their leave.
 //!
 //! Join and leave events travel to every node by `pg_notify('relay_presence')` from the transaction
-//! that changes the table. Each node keeps one LISTEN connection for them (this module's task) and
-//! pushes `join` / `leave` to its subscribers that asked for them (`join_leave` in subscribe, allowed by
-//! the channel's entry). Like Centrifugo's, these pushes are best-effort: while a node's LISTEN
-//! connection is down it misses events; presence queries stay exact. The same notification channel
-//! carries the server API's `disconnect` orders.
+//! that changes the table. Each node keeps one LISTEN connection for them and pushes `join` / `leave`
+//! to its subscribers that asked for them (`join_leave` in subscribe, allowed by the channel's entry).
+//! Like Centrifugo's, these pushes are best-effort: while a node's LISTEN connection is down it misses
+//! events; presence queries stay exact. The same notification channel carries the server API's
+//! `disconnect` orders.
+//!
+//! The store is a seam ([`PresenceStore`]): [`pg::PgStore`] (the default, shared by every node) and
+//! [`memory::MemoryStore`] (one process; `presence.engine = "memory"`), which pass one test suite
+//! ([`conformance`]). [`Presence`] is the node's side: its sessions (for `disconnect` orders), its
+//! members (registered again if its heartbeat ever lapsed), the heartbeat and the event task.
+
+pub mod conformance;
+pub mod memory;
+pub mod pg;
 
 use std::collections::HashMap;
-use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use relay_protocol::channel::ChannelPattern;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use sqlx::PgPool;
-use tokio_postgres::AsyncMessage;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Result;
 use crate::state::AppState;
 
 /// The `presence` section of the configuration.
@@ -51,6 +60,20 @@ pub struct PresenceConfig {
     /// Channels with presence, by pattern (first match wins); other channels answer presence with 108.
     #[serde(default)]
     pub channels: Vec<PresenceRule>,
+    /// Where members live: `postgres` (default; shared by every node) or `memory` (this process only).
+    #[serde(default)]
+    pub engine: Engine,
+}
+
+/// The presence store of a deployment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// `relay.presence` in PostgreSQL, shared by every node.
+    #[default]
+    Postgres,
+    /// This process's memory: a single node only.
+    Memory,
 }
 
 impl Default for PresenceConfig {
@@ -58,6 +81,7 @@ impl Default for PresenceConfig {
         Self {
             node_ttl_secs: default_node_ttl(),
             channels: Vec::new(),
+            engine: Engine::default(),
         }
     }
 }
@@ -191,6 +215,106 @@ impl Kick {
     }
 }
 
+/// A join, leave or disconnect order, as every node receives it.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// `info` joined `channel`.
+    Join {
+        /// The channel.
+        channel: String,
+        /// Who.
+        info: Member,
+    },
+    /// `info` left `channel`.
+    Leave {
+        /// The channel.
+        channel: String,
+        /// Who.
+        info: Member,
+    },
+    /// Close connections of a user.
+    Disconnect(DisconnectOrder),
+}
+
+/// One membership to add.
+#[derive(Debug, Clone, Copy)]
+pub struct Join<'a> {
+    /// The channel.
+    pub channel: &'a str,
+    /// The member.
+    pub member: &'a Member,
+    /// The node serving the member's connection.
+    pub node: &'a str,
+    /// The membership id (a later leave names it).
+    pub id: &'a str,
+    /// Refuse when the channel has this many other live members (0: no cap).
+    pub max_members: u32,
+    /// Send a join event.
+    pub announce: bool,
+}
+
+/// A node's heartbeat record.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// The node id.
+    pub id: String,
+    /// Host name.
+    pub name: String,
+    /// Connector version.
+    pub version: String,
+    /// Counts shown by the server API's `info`.
+    pub stats: Value,
+}
+
+/// Where presence lives. Every method is one atomic step; events (join, leave, disconnect) reach
+/// every node's [`PresenceStore::listen`] sink.
+pub trait PresenceStore: Send + Sync + std::fmt::Debug {
+    /// Adds or renews a membership; `false` when the channel is full (`max_members`).
+    fn join<'a>(&'a self, join: Join<'a>) -> BoxFuture<'a, Result<bool>>;
+    /// Removes the membership `(channel, id)` of `client`, or all of its memberships (`None`),
+    /// announcing each leave. An id that is no longer current removes nothing.
+    fn leave<'a>(
+        &'a self,
+        client: &'a str,
+        membership: Option<(&'a str, &'a str)>,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Deregisters a node and removes its members (leaves announced).
+    fn remove_node<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// The live members of `channel`, in join order.
+    fn members<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<Member>>>;
+    /// (members, distinct users) of `channel`.
+    fn stats<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(u64, u64)>>;
+    /// Live members per channel.
+    fn channel_counts(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>>>;
+    /// Registers or renews a node for `ttl`; `true` when it was not registered (first beat, or it
+    /// had expired).
+    fn heartbeat<'a>(&'a self, node: &'a NodeInfo, ttl: Duration) -> BoxFuture<'a, Result<bool>>;
+    /// Removes expired nodes and the members of nodes that are gone (leaves announced); how many.
+    fn expire(&self) -> BoxFuture<'_, Result<u64>>;
+    /// The live nodes (`info` objects).
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<Value>>>;
+    /// Sends a disconnect order to every node.
+    fn disconnect<'a>(&'a self, order: &'a DisconnectOrder) -> BoxFuture<'a, Result<()>>;
+    /// Delivers every event to `sink` until `shutdown`.
+    fn listen(
+        self: Arc<Self>,
+        sink: mpsc::UnboundedSender<Event>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()>;
+}
+
+/// A node as the server API's `info` shows it.
+fn node_json(uid: &str, name: &str, version: &str, stats: Option<Value>) -> Value {
+    let mut v = match stats {
+        Some(v @ Value::Object(_)) => v,
+        _ => json!({}),
+    };
+    v["uid"] = json!(uid);
+    v["name"] = json!(name);
+    v["version"] = json!(version);
+    v
+}
+
 struct LocalSession {
     user: String,
     kick: Arc<Kick>,
@@ -202,11 +326,12 @@ struct LocalMember {
     announce: bool,
 }
 
-/// This node's presence: its id, the sessions and members it serves.
+/// This node's presence: its id, the store, the sessions and members it serves.
 pub struct Presence {
     /// This node's id (a new one per process).
     pub node: String,
     config: PresenceConfig,
+    store: Arc<dyn PresenceStore>,
     sessions: Mutex<HashMap<String, LocalSession>>,
     members: Mutex<HashMap<(String, String), LocalMember>>,
     started: std::time::Instant,
@@ -216,6 +341,7 @@ impl std::fmt::Debug for Presence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Presence")
             .field("node", &self.node)
+            .field("store", &self.store)
             .finish()
     }
 }
@@ -225,20 +351,26 @@ impl std::fmt::Debug for Presence {
 pub enum JoinError {
     /// The channel has `max_members` members.
     Full,
-    /// The database failed.
-    Db(sqlx::Error),
+    /// The store failed.
+    Store(crate::Error),
 }
 
 impl Presence {
-    /// Presence for a new node.
-    pub fn new(config: PresenceConfig) -> Self {
+    /// Presence for a new node, on `store`.
+    pub fn new(config: PresenceConfig, store: Arc<dyn PresenceStore>) -> Self {
         Self {
             node: uuid::Uuid::new_v4().to_string(),
             config,
+            store,
             sessions: Mutex::default(),
             members: Mutex::default(),
             started: std::time::Instant::now(),
         }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn PresenceStore {
+        &*self.store
     }
 
     /// The presence entry of `channel` (None: no presence there).
@@ -263,8 +395,8 @@ impl Presence {
     }
 
     /// Forgets a session and removes its memberships everywhere (leaves announced). During shutdown
-    /// (`bulk`), the database rows are left to the node's deregistration, one statement for all.
-    pub async fn end_session(&self, pool: &PgPool, client: &str, bulk: bool) {
+    /// (`bulk`), the store's rows are left to the node's deregistration, one step for all.
+    pub async fn end_session(&self, client: &str, bulk: bool) {
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -277,10 +409,7 @@ impl Presence {
         };
         if had
             && !bulk
-            && let Err(e) = sqlx::query("SELECT relay.presence_leave($1)")
-                .bind(client)
-                .execute(pool)
-                .await
+            && let Err(e) = self.store.leave(client, None).await
         {
             tracing::warn!(error = %e, client, "presence: leave at close failed (the node's TTL will clear it)");
         }
@@ -289,16 +418,24 @@ impl Presence {
     /// Adds `member` to `channel`'s presence; returns the membership id (for [`Presence::leave`]).
     pub async fn join(
         &self,
-        pool: &PgPool,
         channel: &str,
         member: Member,
         announce: bool,
-    ) -> Result<String, JoinError> {
-        let max = self.rule_for(channel).map_or(0, |r| r.max_members);
+    ) -> std::result::Result<String, JoinError> {
+        let max_members = self.rule_for(channel).map_or(0, |r| r.max_members);
         let id = uuid::Uuid::new_v4().to_string();
-        let joined = join_sql(pool, channel, &member, &self.node, &id, max, announce)
+        let joined = self
+            .store
+            .join(Join {
+                channel,
+                member: &member,
+                node: &self.node,
+                id: &id,
+                max_members,
+                announce,
+            })
             .await
-            .map_err(JoinError::Db)?;
+            .map_err(JoinError::Store)?;
         if !joined {
             return Err(JoinError::Full);
         }
@@ -317,7 +454,7 @@ impl Presence {
     }
 
     /// Removes one membership (a late call for an older membership of the same pair removes nothing).
-    pub async fn leave(&self, pool: &PgPool, channel: &str, client: &str, id: &str) {
+    pub async fn leave(&self, channel: &str, client: &str, id: &str) {
         {
             let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
             let key = (channel.to_owned(), client.to_owned());
@@ -325,13 +462,7 @@ impl Presence {
                 members.remove(&key);
             }
         }
-        if let Err(e) = sqlx::query("SELECT relay.presence_leave($1, $2, $3)")
-            .bind(client)
-            .bind(channel)
-            .bind(id)
-            .execute(pool)
-            .await
-        {
+        if let Err(e) = self.store.leave(client, Some((channel, id))).await {
             tracing::warn!(error = %e, client, channel, "presence: leave failed");
         }
     }
@@ -368,31 +499,23 @@ impl Presence {
         n
     }
 
-    /// Writes this node's heartbeat; when the row had expired (the node was stalled longer than its
-    /// TTL and others removed its members), puts its members back.
-    async fn heartbeat(&self, state: &AppState) -> Result<(), sqlx::Error> {
-        let stats = json!({
-            "num_clients": state.metrics.connections.load(Ordering::Relaxed),
-            "num_subs": state.hub.subscription_count(),
-            "num_channels": state.hub.channel_count(),
-            "num_users": self.local_users(),
-            "uptime": self.started.elapsed().as_secs(),
-        });
-        let inserted: bool = sqlx::query_scalar(
-            "INSERT INTO relay.nodes AS n (id, name, version, expires_at, stats)
-             VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5::text::jsonb)
-             ON CONFLICT (id) DO UPDATE
-                SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at, stats = EXCLUDED.stats
-             RETURNING (xmax = 0)",
-        )
-        .bind(&self.node)
-        .bind(node_name())
-        .bind(env!("CARGO_PKG_VERSION"))
-        .bind(self.config.node_ttl_secs as f64)
-        .bind(stats.to_string())
-        .fetch_one(&state.pool)
-        .await?;
-        if inserted {
+    /// Writes this node's heartbeat; when it had lapsed (the node was stalled longer than its TTL and
+    /// others removed its members), puts its members back; then expires dead nodes.
+    async fn heartbeat(&self, state: &AppState) -> Result<()> {
+        let info = NodeInfo {
+            id: self.node.clone(),
+            name: node_name(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            stats: json!({
+                "num_clients": state.metrics.connections.load(Ordering::Relaxed),
+                "num_subs": state.hub.subscription_count(),
+                "num_channels": state.hub.channel_count(),
+                "num_users": self.local_users(),
+                "uptime": self.started.elapsed().as_secs(),
+            }),
+        };
+        let ttl = Duration::from_secs(self.config.node_ttl_secs);
+        if self.store.heartbeat(&info, ttl).await? {
             let again: Vec<(String, Member, String, bool)> = self
                 .members
                 .lock()
@@ -403,16 +526,23 @@ impl Presence {
             if !again.is_empty() {
                 tracing::warn!(
                     members = again.len(),
-                    "presence: this node's heartbeat had expired; members registered again"
+                    "presence: this node's heartbeat had lapsed; members registered again"
                 );
             }
             for (channel, member, id, announce) in again {
-                join_sql(&state.pool, &channel, &member, &self.node, &id, 0, announce).await?;
+                self.store
+                    .join(Join {
+                        channel: &channel,
+                        member: &member,
+                        node: &self.node,
+                        id: &id,
+                        max_members: 0,
+                        announce,
+                    })
+                    .await?;
             }
         }
-        let gone: i32 = sqlx::query_scalar("SELECT relay.presence_expire()")
-            .fetch_one(&state.pool)
-            .await?;
+        let gone = self.store.expire().await?;
         if gone > 0 {
             tracing::info!(members = gone, "presence: members of expired nodes removed");
         }
@@ -420,12 +550,12 @@ impl Presence {
     }
 
     /// Registers the node before it serves (its members are only visible while it is registered).
-    pub async fn start(&self, state: &AppState) -> Result<(), sqlx::Error> {
+    pub async fn start(&self, state: &AppState) -> Result<()> {
         self.heartbeat(state).await
     }
 
-    /// Heartbeats and listens for join / leave events and disconnect orders until `shutdown`; then
-    /// removes the node and its remaining members.
+    /// Heartbeats and hands events (join/leave pushes, disconnect orders) to this node's sessions
+    /// until `shutdown`; then removes the node and its remaining members.
     pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
         let presence = state.presence.clone();
         let every = Duration::from_secs(presence.config.node_ttl_secs).div_f64(3.0);
@@ -446,54 +576,36 @@ impl Presence {
                 }
             }
         };
-        let listen = listen(state.clone(), shutdown.clone());
-        tokio::join!(heartbeat, listen);
-        // Leaving: this node's members go now rather than after the TTL.
-        let left = async {
-            sqlx::query(
-                "SELECT relay.presence_leave(client) FROM
-                   (SELECT DISTINCT client FROM relay.presence WHERE node = $1) c",
-            )
-            .bind(&presence.node)
-            .execute(&state.pool)
-            .await?;
-            sqlx::query("DELETE FROM relay.nodes WHERE id = $1")
-                .bind(&presence.node)
-                .execute(&state.pool)
-                .await
+        let (sink, mut events) = mpsc::unbounded_channel();
+        let listen = presence.store.clone().listen(sink, shutdown.clone());
+        let handle = {
+            let state = state.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        event = events.recv() => match event {
+                            Some(e) => handle_event(&state, e),
+                            None => break,
+                        },
+                    }
+                }
+            }
         };
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(3), left)
-            .await
-            .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut))
+        tokio::join!(heartbeat, listen, handle);
+        // Leaving: this node's members go now rather than after the TTL.
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            presence.store.remove_node(&presence.node),
+        )
+        .await
         {
-            tracing::warn!(error = %e, "presence: could not deregister the node");
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "presence: could not deregister the node"),
+            Err(_) => tracing::warn!("presence: deregistering the node timed out"),
         }
     }
-}
-
-async fn join_sql(
-    pool: &PgPool,
-    channel: &str,
-    member: &Member,
-    node: &str,
-    id: &str,
-    max_members: u32,
-    announce: bool,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT relay.presence_join($1, $2, $3, $4::text::jsonb, $5::text::jsonb, $6, $7, $8, $9)",
-    )
-    .bind(channel)
-    .bind(&member.client)
-    .bind(&member.user)
-    .bind(member.conn_info.as_deref().map(RawValue::get))
-    .bind(member.chan_info.as_deref().map(RawValue::get))
-    .bind(node)
-    .bind(id)
-    .bind(i32::try_from(max_members).unwrap_or(i32::MAX))
-    .bind(announce)
-    .fetch_one(pool)
-    .await
 }
 
 fn node_name() -> String {
@@ -503,161 +615,47 @@ fn node_name() -> String {
         .unwrap_or_else(|| "connector".to_owned())
 }
 
-/// An event from `relay_presence`.
-#[derive(Deserialize)]
-struct Event {
-    k: String,
-    #[serde(default)]
-    c: String,
-    #[serde(default)]
-    i: Option<Box<RawValue>>,
-    #[serde(default)]
-    d: Option<DisconnectOrder>,
-}
-
-/// The LISTEN connection for presence events, reconnecting with backoff until `shutdown`.
-async fn listen(state: Arc<AppState>, shutdown: CancellationToken) {
-    let url = state
-        .config
-        .database
-        .listen_url
-        .clone()
-        .unwrap_or_else(|| state.config.database.url.clone());
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let result = listen_once(&state, &url, &shutdown).await;
-        if shutdown.is_cancelled() {
-            return;
-        }
-        match result {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err(e) => tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
-                                     "presence events: LISTEN connection lost (join/leave pushes missed meanwhile)"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-async fn listen_once(
-    state: &AppState,
-    url: &str,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let target = crate::db::tls::listen_target(url)?;
-    let (client, mut connection) = target.config.connect(target.tls).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let driver = async move {
-        loop {
-            match poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    if tx.send(n.payload().to_owned()).is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "presence LISTEN connection failed");
-                    break;
-                }
-                None => break,
-            }
-        }
-    };
-    let work = async {
-        client.batch_execute("LISTEN relay_presence").await?;
-        while let Some(payload) = rx.recv().await {
-            handle_event(state, &payload);
-        }
-        anyhow::Ok(())
-    };
-    tokio::select! {
-        _ = shutdown.cancelled() => Ok(()),
-        _ = driver => anyhow::bail!("LISTEN connection closed"),
-        r = work => r,
-    }
-}
-
-fn handle_event(state: &AppState, payload: &str) {
-    let Ok(event) = serde_json::from_str::<Event>(payload) else {
-        tracing::debug!(payload, "presence: unreadable event");
-        return;
-    };
-    match (event.k.as_str(), event.i, event.d) {
-        (kind @ ("join" | "leave"), Some(info), _) => {
-            if !state.hub.has_subscribers(&event.c) {
-                return;
-            }
-            let frame = format!(
-                "{{\"push\":{{\"channel\":{},\"{kind}\":{{\"info\":{}}}}}}}",
-                Value::String(event.c.clone()),
-                info.get()
-            );
-            state.hub.push_event(&event.c, frame);
-        }
-        ("disconnect", _, Some(order)) => {
+fn handle_event(state: &AppState, event: Event) {
+    match event {
+        Event::Join { channel, info } => push(state, &channel, "join", &info),
+        Event::Leave { channel, info } => push(state, &channel, "leave", &info),
+        Event::Disconnect(order) => {
             let n = state.presence.apply_disconnect(&order);
             if n > 0 {
                 tracing::info!(user = %order.user, connections = n, "disconnected by the server API");
             }
         }
-        _ => tracing::debug!(payload, "presence: unknown event"),
     }
 }
 
+/// Hands a `join` / `leave` push to the channel's subscribers on this node.
+fn push(state: &AppState, channel: &str, kind: &str, info: &Member) {
+    if !state.hub.has_subscribers(channel) {
+        return;
+    }
+    let frame = format!(
+        "{{\"push\":{{\"channel\":{},\"{kind}\":{{\"info\":{}}}}}}}",
+        Value::String(channel.to_owned()),
+        info.to_json()
+    );
+    state.hub.push_event(channel, frame);
+}
+
 /// Members of `channel` on every live node.
-pub async fn members(state: &AppState, channel: &str) -> Result<Vec<Member>, sqlx::Error> {
-    let rows: Vec<(String, String, Option<String>, Option<String>)> = sqlx::query_as(
-        r#"SELECT p.client, p."user", p.conn_info::text, p.chan_info::text
-           FROM relay.presence p JOIN relay.nodes n ON n.id = p.node
-           WHERE p.channel = $1 AND n.expires_at > now()
-           ORDER BY p.joined_at"#,
-    )
-    .bind(channel)
-    .fetch_all(&state.pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(client, user, conn, chan)| Member {
-            client,
-            user,
-            conn_info: conn
-                .and_then(|t| RawValue::from_string(t).ok())
-                .map(Arc::from),
-            chan_info: chan
-                .and_then(|t| RawValue::from_string(t).ok())
-                .map(Arc::from),
-        })
-        .collect())
+pub async fn members(state: &AppState, channel: &str) -> Result<Vec<Member>> {
+    state.presence.store.members(channel).await
 }
 
 /// (clients, distinct users) of `channel` on every live node.
-pub async fn stats(state: &AppState, channel: &str) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as(
-        r#"SELECT count(*), count(DISTINCT p."user")
-           FROM relay.presence p JOIN relay.nodes n ON n.id = p.node
-           WHERE p.channel = $1 AND n.expires_at > now()"#,
-    )
-    .bind(channel)
-    .fetch_one(&state.pool)
-    .await
+pub async fn stats(state: &AppState, channel: &str) -> Result<(u64, u64)> {
+    state.presence.store.stats(channel).await
 }
 
 /// Channels with subscribers and their counts: this node's subscriptions, and presence members of
 /// every node (the larger of the two per channel).
-pub async fn channel_counts(state: &AppState) -> Result<Vec<(String, u64)>, sqlx::Error> {
+pub async fn channel_counts(state: &AppState) -> Result<Vec<(String, u64)>> {
     let mut counts: HashMap<String, u64> = state.hub.channel_counts().into_iter().collect();
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT p.channel, count(*) FROM relay.presence p JOIN relay.nodes n ON n.id = p.node
-         WHERE n.expires_at > now() GROUP BY p.channel",
-    )
-    .fetch_all(&state.pool)
-    .await?;
-    for (channel, n) in rows {
-        let n = u64::try_from(n).unwrap_or(0);
+    for (channel, n) in state.presence.store.channel_counts().await? {
         let e = counts.entry(channel).or_default();
         *e = (*e).max(n);
     }
@@ -667,39 +665,15 @@ pub async fn channel_counts(state: &AppState) -> Result<Vec<(String, u64)>, sqlx
 }
 
 /// The live nodes, as the server API's `info` shows them.
-pub async fn nodes(state: &AppState) -> Result<Vec<Value>, sqlx::Error> {
-    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
-        "SELECT id, name, version, stats::text FROM relay.nodes WHERE expires_at > now() ORDER BY started_at",
-    )
-    .fetch_all(&state.pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(uid, name, version, stats)| {
-            let mut v: Value = serde_json::from_str(&stats).unwrap_or_else(|_| json!({}));
-            v["uid"] = json!(uid);
-            v["name"] = json!(name);
-            v["version"] = json!(version);
-            v
-        })
-        .collect())
+pub async fn nodes(state: &AppState) -> Result<Vec<Value>> {
+    state.presence.store.nodes().await
 }
 
 /// Sends a disconnect order to every node (this one included).
-pub async fn disconnect(state: &AppState, order: &DisconnectOrder) -> Result<(), sqlx::Error> {
+pub async fn disconnect(state: &AppState, order: &DisconnectOrder) -> Result<()> {
     let mut order = order.clone();
     order.whitelist.truncate(100);
-    let payload = json!({"k": "disconnect", "d": order}).to_string();
-    if payload.len() > 7900 {
-        return Err(sqlx::Error::Protocol(
-            "disconnect order too large".to_owned(),
-        ));
-    }
-    sqlx::query("SELECT pg_notify('relay_presence', $1)")
-        .bind(payload)
-        .execute(&state.pool)
-        .await?;
-    Ok(())
+    state.presence.store.disconnect(&order).await
 }
 
 #[cfg(test)]
@@ -728,7 +702,10 @@ mod tests {
 
     #[test]
     fn kicks_carry_their_advice() {
-        let p = Presence::new(PresenceConfig::default());
+        let p = Presence::new(
+            PresenceConfig::default(),
+            Arc::new(memory::MemoryStore::default()),
+        );
         let a = p.register_session("c1", "alice");
         let b = p.register_session("c2", "alice");
         let c = p.register_session("c3", "bob");

@@ -1,0 +1,346 @@
+//! The PostgreSQL presence store (`presence.engine = "postgres"`, the default): shared by every node.
+//!
+//! Members are rows of `relay.presence`, nodes rows of `relay.nodes` (migration 0006). Join, leave
+//! and disconnect events go to every node with `pg_notify('relay_presence', …)` from the transaction
+//! that changes the table; [`PgStore::listen`] keeps one LISTEN connection per node for them,
+//! reconnecting with backoff (events sent while it is down are missed: join/leave pushes are
+//! best-effort, the table stays exact).
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+
+use super::{DisconnectOrder, Event, Join, Member, NodeInfo, PresenceStore};
+use crate::error::Result;
+
+/// Presence in PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    listen_url: String,
+}
+
+impl PgStore {
+    /// A store on `pool`; events are received on a LISTEN connection to `listen_url`.
+    pub fn new(pool: PgPool, listen_url: String) -> Self {
+        Self { pool, listen_url }
+    }
+}
+
+/// Members are visible while their node's heartbeat is fresh.
+const LIVE: &str = "JOIN relay.nodes n ON n.id = p.node AND n.expires_at > now()";
+
+impl PresenceStore for PgStore {
+    fn join<'a>(&'a self, j: Join<'a>) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let joined: bool = sqlx::query_scalar(
+                "SELECT relay.presence_join($1, $2, $3, $4::text::jsonb, $5::text::jsonb, $6, $7, $8, $9)",
+            )
+            .bind(j.channel)
+            .bind(&j.member.client)
+            .bind(&j.member.user)
+            .bind(j.member.conn_info.as_deref().map(RawValue::get))
+            .bind(j.member.chan_info.as_deref().map(RawValue::get))
+            .bind(j.node)
+            .bind(j.id)
+            .bind(i32::try_from(j.max_members).unwrap_or(i32::MAX))
+            .bind(j.announce)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(joined)
+        })
+    }
+
+    fn leave<'a>(
+        &'a self,
+        client: &'a str,
+        membership: Option<(&'a str, &'a str)>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let (channel, id) = membership.unzip();
+            sqlx::query("SELECT relay.presence_leave($1, $2, $3)")
+                .bind(client)
+                .bind(channel)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn remove_node<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            sqlx::query(
+                "SELECT relay.presence_leave(client) FROM
+                   (SELECT DISTINCT client FROM relay.presence WHERE node = $1) c",
+            )
+            .bind(node)
+            .execute(&self.pool)
+            .await?;
+            sqlx::query("DELETE FROM relay.nodes WHERE id = $1")
+                .bind(node)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn members<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<Member>>> {
+        Box::pin(async move {
+            let rows: Vec<(String, String, Option<String>, Option<String>)> =
+                sqlx::query_as(&format!(
+                    r#"SELECT p.client, p."user", p.conn_info::text, p.chan_info::text
+                       FROM relay.presence p {LIVE} WHERE p.channel = $1 ORDER BY p.joined_at"#
+                ))
+                .bind(channel)
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(client, user, conn, chan)| Member {
+                    client,
+                    user,
+                    conn_info: conn.and_then(raw),
+                    chan_info: chan.and_then(raw),
+                })
+                .collect())
+        })
+    }
+
+    fn stats<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(u64, u64)>> {
+        Box::pin(async move {
+            let (clients, users): (i64, i64) = sqlx::query_as(&format!(
+                r#"SELECT count(*), count(DISTINCT p."user") FROM relay.presence p {LIVE}
+                   WHERE p.channel = $1"#
+            ))
+            .bind(channel)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok((clients.unsigned_abs(), users.unsigned_abs()))
+        })
+    }
+
+    fn channel_counts(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>>> {
+        Box::pin(async move {
+            let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+                "SELECT p.channel, count(*) FROM relay.presence p {LIVE} GROUP BY p.channel"
+            ))
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(c, n)| (c, n.unsigned_abs()))
+                .collect())
+        })
+    }
+
+    fn heartbeat<'a>(&'a self, node: &'a NodeInfo, ttl: Duration) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let inserted: bool = sqlx::query_scalar(
+                "INSERT INTO relay.nodes AS n (id, name, version, expires_at, stats)
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5::text::jsonb)
+                 ON CONFLICT (id) DO UPDATE
+                    SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at, stats = EXCLUDED.stats
+                 RETURNING (xmax = 0)",
+            )
+            .bind(&node.id)
+            .bind(&node.name)
+            .bind(&node.version)
+            .bind(ttl.as_secs_f64())
+            .bind(node.stats.to_string())
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(inserted)
+        })
+    }
+
+    fn expire(&self) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let gone: i32 = sqlx::query_scalar("SELECT relay.presence_expire()")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(u64::try_from(gone).unwrap_or(0))
+        })
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<Value>>> {
+        Box::pin(async move {
+            let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+                "SELECT id, name, version, stats::text FROM relay.nodes WHERE expires_at > now()
+                 ORDER BY started_at",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(uid, name, version, stats)| {
+                    super::node_json(&uid, &name, &version, serde_json::from_str(&stats).ok())
+                })
+                .collect())
+        })
+    }
+
+    fn disconnect<'a>(&'a self, order: &'a DisconnectOrder) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let payload = json!({"k": "disconnect", "d": order}).to_string();
+            if payload.len() > 7900 {
+                return Err(crate::Error::Io(std::io::Error::other(
+                    "disconnect order too large for NOTIFY",
+                )));
+            }
+            sqlx::query("SELECT pg_notify('relay_presence', $1)")
+                .bind(payload)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn listen(
+        self: Arc<Self>,
+        sink: mpsc::UnboundedSender<Event>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let result = listen_once(&self.listen_url, &sink, &shutdown).await;
+                if shutdown.is_cancelled() || sink.is_closed() {
+                    return;
+                }
+                match result {
+                    Ok(()) => backoff = Duration::from_millis(100),
+                    Err(e) => tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                        "presence events: LISTEN connection lost (join/leave pushes missed meanwhile)"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        })
+    }
+}
+
+fn raw(text: String) -> Option<Arc<RawValue>> {
+    RawValue::from_string(text).ok().map(Arc::from)
+}
+
+async fn listen_once(
+    url: &str,
+    sink: &mpsc::UnboundedSender<Event>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let target = crate::db::tls::listen_target(url)?;
+    let (client, mut connection) = target.config.connect(target.tls).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let driver = async move {
+        loop {
+            match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_owned()).is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "presence LISTEN connection failed");
+                    break;
+                }
+                None => break,
+            }
+        }
+    };
+    let work = async {
+        client.batch_execute("LISTEN relay_presence").await?;
+        while let Some(payload) = rx.recv().await {
+            match parse(&payload) {
+                Some(event) => {
+                    if sink.send(event).is_err() {
+                        break;
+                    }
+                }
+                None => tracing::debug!(payload, "presence: unreadable event"),
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => Ok(()),
+        _ = driver => anyhow::bail!("LISTEN connection closed"),
+        r = work => r,
+    }
+}
+
+/// A NOTIFY payload of `relay_presence` (see `relay.presence_event()`).
+#[derive(Deserialize)]
+struct Payload {
+    k: String,
+    #[serde(default)]
+    c: String,
+    #[serde(default)]
+    i: Option<Info>,
+    #[serde(default)]
+    d: Option<DisconnectOrder>,
+}
+
+#[derive(Deserialize)]
+struct Info {
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    client: String,
+    #[serde(default)]
+    conn_info: Option<Box<RawValue>>,
+    #[serde(default)]
+    chan_info: Option<Box<RawValue>>,
+}
+
+fn parse(payload: &str) -> Option<Event> {
+    let p: Payload = serde_json::from_str(payload).ok()?;
+    let member = |i: Info| Member {
+        user: i.user,
+        client: i.client,
+        conn_info: i.conn_info.map(Arc::from),
+        chan_info: i.chan_info.map(Arc::from),
+    };
+    match (p.k.as_str(), p.i, p.d) {
+        ("join", Some(i), _) => Some(Event::Join {
+            channel: p.c,
+            info: member(i),
+        }),
+        ("leave", Some(i), _) => Some(Event::Leave {
+            channel: p.c,
+            info: member(i),
+        }),
+        ("disconnect", _, Some(order)) => Some(Event::Disconnect(order)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_parse() {
+        let e = parse(r#"{"k":"join","c":"ch","i":{"user":"u","client":"c","chan_info":{"a":1}}}"#);
+        assert!(matches!(e, Some(Event::Join { ref channel, ref info })
+            if channel == "ch" && info.client == "c" && info.chan_info.as_deref().map(RawValue::get) == Some(r#"{"a":1}"#)));
+        let e = parse(
+            r#"{"k":"disconnect","d":{"user":"u","client":null,"whitelist":[],"code":3503,"reason":"x"}}"#,
+        );
+        assert!(matches!(e, Some(Event::Disconnect(ref o)) if o.user == "u"));
+        assert!(parse("{}").is_none() && parse("nope").is_none());
+    }
+}

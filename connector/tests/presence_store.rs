@@ -1,0 +1,18 @@
+//! The presence store suite (`connector::presence::conformance`) against PostgreSQL; the in-memory
+//! store runs the same suite as a unit test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+
+use connector::presence::{conformance, pg::PgStore};
+use support::TestDb;
+
+#[tokio::test]
+async fn the_postgres_store_passes_the_store_suite() {
+    let db = TestDb::new().await;
+    connector::db::migrate(&db.pool).await.unwrap();
+    conformance::run(Arc::new(PgStore::new(db.pool.clone(), db.url.clone()))).await;
+    db.drop_db().await;
+}
