@@ -152,7 +152,7 @@ async def case_listen_kill(ctx: Ctx) -> None:
                 while not found and time.monotonic() - t0 < 8:
                     rows = await admin.fetch(
                         "SELECT pid, pg_terminate_backend(pid) AS ok FROM pg_stat_activity "
-                        "WHERE query ILIKE 'LISTEN%' AND datname = $1", stack.db_name)
+                        "WHERE query ILIKE 'LISTEN relay_changes%' AND datname = $1", stack.db_name)
                     found = sum(1 for row in rows if row["ok"])
                     if not found:
                         await asyncio.sleep(0.02)
