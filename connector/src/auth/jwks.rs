@@ -187,10 +187,11 @@ impl Jwks {
         }
         let mut outcome = {
             let mut demand = self.demand.lock().unwrap_or_else(PoisonError::into_inner);
+            // Running: no outcome yet, and its task is alive (a task that died sends nothing).
             let running = demand
                 .outcome
                 .as_ref()
-                .is_some_and(|rx| rx.borrow().is_none());
+                .is_some_and(|rx| rx.borrow().is_none() && rx.has_changed().is_ok());
             let recent = demand
                 .last
                 .is_some_and(|at| at.elapsed() < self.min_refetch);
