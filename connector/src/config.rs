@@ -52,6 +52,9 @@ pub struct Config {
     /// The HTTP server API (`/api`); off without a key.
     #[serde(default)]
     pub api: crate::api::ApiConfig,
+    /// The demo token endpoint (off by default; never in production).
+    #[serde(default)]
+    pub demo: crate::demo::DemoConfig,
 }
 
 /// History retention and its pruning task.
@@ -460,6 +463,13 @@ impl Config {
     /// Checks every field; the error names the field and the problem.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        if self.demo.token_endpoint && self.auth.hmac_secret_key.is_none() {
+            return Err(invalid(
+                "demo.token_endpoint",
+                "needs auth.hmac_secret_key: the endpoint mints HS256 connection tokens",
+            ));
+        }
+        check_range("demo.token_ttl_secs", self.demo.ttl(), 60, 7 * 86_400)?;
         let url = &self.database.url;
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(invalid(

@@ -23,6 +23,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::page::routes())
         .merge(crate::api::routes())
+        .merge(crate::demo::routes(state.config.demo.token_endpoint))
         .with_state(state)
 }
 

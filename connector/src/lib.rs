@@ -16,6 +16,7 @@
 //!   channel (permissions from `channels[]`).
 //! - [`limits`]: the publish rate per connection and the WebSocket `Origin` allow-list.
 //! - [`rules`]: client publications to the writer Lambda or a webhook.
+//! - [`demo`]: the demo token endpoint (off by default).
 //! - [`http`]: the router (WebSocket, `/healthz`, `/readyz`, `/metrics`).
 //! - [`page`]: the chat page at `/` (static files built into the binary).
 //! - [`presence`]: channel members on every node (a PostgreSQL or in-memory store), join/leave
@@ -28,6 +29,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod error;
 pub mod http;
 pub mod hub;
