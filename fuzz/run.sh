@@ -5,7 +5,7 @@
 #
 # FUZZ_SECS (default 45) is each target's run time. The corpus of a run is fuzz/corpus/<target>/ (the
 # committed seeds, never written) plus fuzz/work/<target>/ (what runs find: kept between runs, not
-# committed). A crash, a panic, an allocation over 512 MiB, an RSS over 2 GiB or an input taking more
+# committed; minimized with `cargo fuzz cmin` once it holds over 10000 inputs). A crash, a panic, an allocation over 512 MiB, an RSS over 2 GiB or an input taking more
 # than 10 s fails the target; libFuzzer saves the input in fuzz/artifacts/<target>/ and this script
 # prints the command that reproduces it. Logs: artifacts/fuzz/<target>.log. The last line is
 # `fuzz: N passed, N failed`; the exit status is 0 only when nothing failed.
@@ -56,6 +56,10 @@ passed=0
 failed=0
 for t in "${TARGETS[@]}"; do
     mkdir -p "work/$t" "artifacts/$t"
+    if [[ $(find "work/$t" -type f | wc -l) -gt 10000 ]]; then
+        echo "fuzz: $t: minimizing the kept corpus (cargo fuzz cmin)"
+        cargo +nightly fuzz cmin "$t" "work/$t" >"$LOGS/$t-cmin.log" 2>&1 || echo "fuzz: $t: cmin failed (log: artifacts/fuzz/$t-cmin.log); going on"
+    fi
     before=$(find "artifacts/$t" -type f | sort)
     log="$LOGS/$t.log"
     seeds=$(find "corpus/$t" -type f | wc -l)
