@@ -109,12 +109,7 @@ async fn members_stats_join_leave_and_close_on(engine: &str) {
         json!({"num_clients": 2, "num_users": 1})
     );
 
-    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains("\nrelay_presence_members 2\n"),
         "{metrics}"

@@ -341,12 +341,7 @@ async fn a_stalled_client_is_dropped_and_never_slows_the_others() {
         }
     }
     assert!(got < rows, "stalled client got {got} of {rows}");
-    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains("relay_slow_disconnects_total 1"),
         "{metrics}"

@@ -305,12 +305,7 @@ async fn a_long_transaction_holds_changes_back_visibly_and_loses_nothing() {
             .await
             .is_none_or(|m| m == json!({}))
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains("relay_changelog_unsequenced 1"),
         "{metrics}"
@@ -333,12 +328,7 @@ async fn a_long_transaction_holds_changes_back_visibly_and_loses_nothing() {
     );
     assert_eq!(a["data"]["row"]["msg_id"], "long");
     assert_eq!(b["data"]["row"]["msg_id"], "short");
-    let metrics = reqwest::get(format!("http://{}/metrics", server.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains("relay_delivery_lag_seconds_count 2"),
         "{metrics}"

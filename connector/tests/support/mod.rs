@@ -139,6 +139,16 @@ impl Server {
         panic!("connector not ready");
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://{}/connection/websocket", self.addr)
     }
