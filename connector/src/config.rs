@@ -153,6 +153,10 @@ pub struct StreamConfig {
     /// Changes moved or read per query (default 1000).
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
+    /// The sequencer's poll interval in milliseconds while changes flow (default 2). Writers do not
+    /// NOTIFY while the sequencer polls, so this bounds the delay a change waits to be sequenced.
+    #[serde(default = "default_active_poll")]
+    pub active_poll_ms: u64,
 }
 
 /// Client-connection settings and limits.
@@ -330,6 +334,9 @@ fn default_poll_interval() -> u64 {
 fn default_batch_size() -> u32 {
     1000
 }
+fn default_active_poll() -> u64 {
+    2
+}
 fn yes() -> bool {
     true
 }
@@ -390,6 +397,7 @@ impl Default for StreamConfig {
         Self {
             poll_interval_ms: default_poll_interval(),
             batch_size: default_batch_size(),
+            active_poll_ms: default_active_poll(),
         }
     }
 }
@@ -502,6 +510,12 @@ impl Config {
             self.stream.poll_interval_ms,
             10,
             60_000,
+        )?;
+        check_range(
+            "stream.active_poll_ms",
+            self.stream.active_poll_ms,
+            1,
+            1_000,
         )?;
         check_range(
             "stream.batch_size",

@@ -206,6 +206,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
         "Catch-up reads of the changelog after a (re)connect of the LISTEN connection.",
         state.stream.catch_ups.load(Ordering::Relaxed),
     );
+    line(
+        "relay_sequencer_polls_total",
+        "counter",
+        "Calls of the sequencer (relay.sequence_batch) by this node.",
+        state.stream.polls.load(Ordering::Relaxed),
+    );
     out.push_str(&state.stream.lag.render(
         "relay_delivery_lag_seconds",
         "From a change being written (in the writer's transaction) to its publication reaching the hub.",

@@ -43,6 +43,8 @@ pub struct StreamStatus {
     pub reconnects: AtomicU64,
     /// Catch-up reads (after every (re)connect of the LISTEN connection).
     pub catch_ups: AtomicU64,
+    /// Calls of the sequencer (`relay.sequence_batch()`) by this node.
+    pub polls: AtomicU64,
     /// Time from a change being written to its publication being handed to the hub.
     pub lag: LagHistogram,
 }
@@ -107,11 +109,33 @@ pub struct Stream {
 
 #[derive(Default)]
 struct Wakes {
-    changes: AtomicBool,
-    notify: Notify,
+    /// A writer committed a change while the sequencer slept (NOTIFY `relay_changes`).
+    changes: Notify,
+    /// New publications are in the history (this node's sequencer, or NOTIFY `relay_publications`).
+    publications: Notify,
 }
 
 type Row = (i64, String, i64, String, String, Option<String>, f64);
+
+/// One call of `relay.sequence_batch()`.
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    /// Changes moved, or -1 when another node was sequencing.
+    moved: i32,
+    /// A transaction of this database is running: more changes may be ready soon.
+    busy: bool,
+    /// The writers' wake-up is armed after the call.
+    armed: bool,
+    /// The global sequence number after the call (another node's work shows here).
+    last_seq: i64,
+}
+
+/// Quiet polls (nothing moved, nothing running) before the sequencer arms the writers' wake-up and
+/// sleeps: with the doubling delay that is about 7 x `active_poll_ms` of quiet.
+const QUIET_POLLS: u32 = 3;
+/// While only a running transaction keeps it awake, the sequencer's delay grows up to this multiple of
+/// `active_poll_ms`.
+const BUSY_BACKOFF: u32 = 16;
 
 impl Stream {
     /// Runs until `shutdown` is cancelled.
@@ -161,9 +185,10 @@ impl Stream {
                     match poll_fn(|cx| connection.poll_message(cx)).await {
                         Some(Ok(AsyncMessage::Notification(n))) => {
                             if n.channel() == CHANGES {
-                                wakes.changes.store(true, Ordering::Relaxed);
+                                wakes.changes.notify_one();
+                            } else {
+                                wakes.publications.notify_one();
                             }
-                            wakes.notify.notify_one();
                         }
                         Some(Ok(_)) => {}
                         Some(Err(e)) => {
@@ -188,33 +213,112 @@ impl Stream {
         }
         // Catch up: whatever committed while no connection listened.
         self.status.catch_ups.fetch_add(1, Ordering::Relaxed);
-        self.sequence().await?;
+        self.sequence_all().await?;
         self.read(cursor).await?;
         self.status.ready.store(true, Ordering::Relaxed);
         tracing::info!(cursor = cursor.unwrap_or(0), "change stream ready");
 
-        let mut tick = tokio::time::interval(Duration::from_millis(self.config.poll_interval_ms));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Sequencing and reading run side by side: the next batch is sequenced while the last one is
+        // read and fanned out.
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => Ok(()),
+            _ = closed.cancelled() => Err(anyhow::anyhow!("LISTEN connection closed")),
+            r = self.sequencer(&wakes) => r,
+            r = self.reader(&wakes, cursor) => r,
+        };
+        drop(client);
+        if result.is_ok() {
+            let _ = driver.await;
+        }
+        result
+    }
+
+    /// The sequencer's loop: polls every `active_poll_ms` while changes flow (writers do not notify
+    /// then), backs off while only a running transaction may still add changes, and after a quiet
+    /// spell arms the writers' wake-up and sleeps until a NOTIFY or the `poll_interval_ms` safety net.
+    /// Only one node sequences at a time; the others see its work and stay asleep.
+    async fn sequencer(&self, wakes: &Wakes) -> anyhow::Result<()> {
+        let active = Duration::from_millis(self.config.active_poll_ms);
+        let idle = Duration::from_millis(self.config.poll_interval_ms);
+        let mut delay = Duration::ZERO;
+        let mut quiet = 0u32;
+        // Armed and asleep; `verify`: armed by the last call, one more look is due.
+        let mut asleep = false;
+        let mut verify = false;
+        let mut seen_seq: Option<i64> = None;
+        loop {
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = wakes.changes.notified() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            let arm = asleep || quiet >= QUIET_POLLS;
+            let b = self.sequence_batch(arm).await?;
+            let others = seen_seq.is_some_and(|s| b.last_seq - i64::from(b.moved.max(0)) != s);
+            seen_seq = Some(b.last_seq);
+            if b.moved > 0 {
+                wakes.publications.notify_one();
+                (quiet, asleep, verify) = (0, false, false);
+                let full = u32::try_from(b.moved).unwrap_or(0) >= self.config.batch_size;
+                delay = if full { Duration::ZERO } else { active };
+            } else if b.moved < 0 || others {
+                // Another node is sequencing: its NOTIFY wakes this node's reader; this one naps.
+                (quiet, asleep, verify) = (0, false, false);
+                delay = idle;
+            } else if b.busy {
+                // Nothing ready, but a transaction of this database may still add changes.
+                (quiet, asleep, verify) = (0, false, false);
+                delay = (delay * 2).clamp(active, active * BUSY_BACKOFF);
+            } else if asleep || verify {
+                // Armed, and nothing arrived since: sleep until a writer notifies (or the timer).
+                (asleep, verify) = (true, false);
+                delay = idle;
+            } else if arm && b.armed {
+                // Just armed: look once more, for a writer that read the flag before it was set.
+                verify = true;
+                delay = Duration::ZERO;
+            } else {
+                quiet += 1;
+                delay = (delay * 2).clamp(active, idle);
+            }
+        }
+    }
+
+    /// The reader's loop: reads the history after every local batch, every other node's NOTIFY, and
+    /// every `poll_interval_ms`.
+    async fn reader(&self, wakes: &Wakes, cursor: &mut Option<u64>) -> anyhow::Result<()> {
+        let idle = Duration::from_millis(self.config.poll_interval_ms);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    drop(client);
-                    let _ = driver.await;
-                    return Ok(());
-                }
-                _ = closed.cancelled() => anyhow::bail!("LISTEN connection closed"),
-                _ = wakes.notify.notified() => {}
-                _ = tick.tick() => { wakes.changes.store(true, Ordering::Relaxed); }
-            }
-            if wakes.changes.swap(false, Ordering::Relaxed) {
-                self.sequence().await?;
+                _ = wakes.publications.notified() => {}
+                _ = tokio::time::sleep(idle) => {}
             }
             self.read(cursor).await?;
         }
     }
 
-    /// Moves every change below the horizon from the changelog into the history.
-    async fn sequence(&self) -> anyhow::Result<()> {
+    /// One `relay.sequence_batch()` call.
+    async fn sequence_batch(&self, arm: bool) -> anyhow::Result<Batch> {
+        let batch = i32::try_from(self.config.batch_size).unwrap_or(i32::MAX);
+        let (moved, busy, armed, last_seq): (i32, bool, bool, i64) =
+            sqlx::query_as("SELECT moved, busy, armed, last_seq FROM relay.sequence_batch($1, $2)")
+                .bind(batch)
+                .bind(arm)
+                .fetch_one(&self.pool)
+                .await?;
+        self.status.polls.fetch_add(1, Ordering::Relaxed);
+        Ok(Batch {
+            moved,
+            busy,
+            armed,
+            last_seq,
+        })
+    }
+
+    /// Moves every change below the horizon from the changelog into the history, waiting for its turn
+    /// if another node is sequencing.
+    async fn sequence_all(&self) -> anyhow::Result<()> {
         let batch = i32::try_from(self.config.batch_size).unwrap_or(i32::MAX);
         loop {
             let moved: i32 = sqlx::query_scalar("SELECT relay.sequence_changes($1)")

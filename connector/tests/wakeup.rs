@@ -1,0 +1,247 @@
+//! The trigger-mode wake-up and horizon (issue 8): writers notify only while the sequencer sleeps, a
+//! change after a quiet spell is delivered by the writer's NOTIFY (not by the safety-net timer), bursts
+//! separated by quiet spells lose nothing to the arming race, and a transaction held open in another
+//! database of the cluster holds nothing back.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::postgres::PgListener;
+use support::{Client, Server, TestDb, config_json};
+
+/// A safety-net poll so long that a test relying on it would time out: delivery must come from the
+/// sequencer's own polling or from a writer's NOTIFY.
+const NO_SAFETY_NET: u64 = 60_000;
+
+async fn armed(db: &TestDb) -> bool {
+    let v: i64 = sqlx::query_scalar("SELECT last_value FROM relay.wakeup_armed")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    v == 1
+}
+
+async fn insert(db: &TestDb, id: &str) {
+    sqlx::query(
+        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+         VALUES ($1, 'w', $1, 'w', 0)",
+    )
+    .bind(id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn writers_notify_only_while_the_sequencer_is_armed() {
+    let db = TestDb::new().await;
+    // Migrations and triggers, without a running stream that would flip the flag.
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    server.stop().await;
+    let mut listener = PgListener::connect(&db.url).await.unwrap();
+    listener.listen("relay_changes").await.unwrap();
+
+    sqlx::query("SELECT setval('relay.wakeup_armed', 0)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    insert(&db, "disarmed").await;
+    let got = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
+    assert!(got.is_err(), "a writer notified while disarmed: {got:?}");
+
+    sqlx::query("SELECT setval('relay.wakeup_armed', 1)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    insert(&db, "armed").await;
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("no NOTIFY from a writer while armed")
+        .unwrap();
+    assert_eq!(n.channel(), "relay_changes");
+
+    // relay.writer_notify = 'off' wins over the flag; 'on' notifies even when disarmed.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL relay.writer_notify = 'off'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+         VALUES ('off', 'w', 'off', 'w', 0)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
+    assert!(got.is_err(), "writer_notify = off notified: {got:?}");
+
+    sqlx::query("SELECT setval('relay.wakeup_armed', 0)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL relay.writer_notify = 'on'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+         VALUES ('on', 'w', 'on', 'w', 0)",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("writer_notify = on did not notify")
+        .unwrap();
+    drop(listener);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn the_sequencer_arms_when_quiet_and_a_writer_wakes_it() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(
+        &db.url,
+        json!({"stream": {"poll_interval_ms": NO_SAFETY_NET}}),
+    ))
+    .await;
+    let mut client = Client::connected(&server.ws_url()).await;
+    client
+        .call(json!({"subscribe": {"channel": "incoming-chat"}}))
+        .await;
+    for round in 0..5 {
+        // Quiet: the sequencer arms the writers' wake-up and sleeps.
+        let mut waited = 0;
+        while !armed(&db).await {
+            waited += 1;
+            assert!(waited < 200, "the sequencer never armed the wake-up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Only the writer's NOTIFY can wake it now (the safety net is a minute away).
+        let id = format!("after-quiet-{round}");
+        insert(&db, &id).await;
+        let p = client.next_pub("incoming-chat").await;
+        assert_eq!(p["data"]["row"]["msg_id"], id.as_str());
+    }
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_between_quiet_spells_lose_nothing_to_the_arming_race() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(
+        &db.url,
+        json!({"stream": {"poll_interval_ms": NO_SAFETY_NET, "active_poll_ms": 1}}),
+    ))
+    .await;
+    let mut client = Client::connected(&server.ws_url()).await;
+    client
+        .call(json!({"subscribe": {"channel": "incoming-chat"}}))
+        .await;
+    // Bursts from 4 writers, separated by pauses around the sequencer's quiet spell (a few ms), so
+    // writers keep committing just as it arms. A change lost to the race would wait for the
+    // one-minute safety net, and the test would time out waiting for it.
+    const BURSTS: usize = 60;
+    const WRITERS: usize = 4;
+    let mut expected = HashSet::new();
+    for b in 0..BURSTS {
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let pool = db.pool.clone();
+            let id = format!("b{b}-w{w}");
+            expected.insert(id.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tx = pool.begin().await.unwrap();
+                sqlx::query(
+                    "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+                     VALUES ($1, 'w', $1, 'w', 0)",
+                )
+                .bind(&id)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+                // Hold the transaction a little, across the sequencer's decision to arm.
+                tokio::time::sleep(Duration::from_millis((w as u64 * 3) % 7)).await;
+                tx.commit().await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(2 + (b as u64 * 5) % 23)).await;
+    }
+    let mut last = 0;
+    let mut seen = HashSet::new();
+    while seen.len() < expected.len() {
+        let p = client.next_pub("incoming-chat").await;
+        let offset = p["offset"].as_u64().unwrap();
+        assert_eq!(offset, last + 1, "offsets are contiguous");
+        last = offset;
+        let id = p["data"]["row"]["msg_id"].as_str().unwrap().to_owned();
+        assert!(expected.contains(&id), "unexpected row {id}");
+        assert!(seen.insert(id), "a row arrived twice");
+    }
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_transaction_open_in_another_database_holds_nothing_back() {
+    let db = TestDb::new().await;
+    let other = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    let mut client = Client::connected(&server.ws_url()).await;
+    client
+        .call(json!({"subscribe": {"channel": "incoming-chat"}}))
+        .await;
+
+    // A transaction in another database of the cluster takes an xid and stays open.
+    let mut stranger = other.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *stranger)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let id = format!("while-open-{i}");
+        insert(&db, &id).await;
+        // next_pub waits up to 20 s; before issue 8 the row waited for the stranger to end.
+        let p = client.next_pub("incoming-chat").await;
+        assert_eq!(p["data"]["row"]["msg_id"], id.as_str());
+    }
+    // The stranger was open the whole time.
+    sqlx::query("SELECT 1")
+        .execute(&mut *stranger)
+        .await
+        .unwrap();
+    stranger.rollback().await.unwrap();
+
+    // A transaction of this database that took an xid still holds later changes back (ordering needs
+    // it), and they arrive once it ends.
+    let mut local = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *local)
+        .await
+        .unwrap();
+    insert(&db, "after-local").await;
+    assert!(
+        client.try_next(Duration::from_millis(700)).await.is_none(),
+        "a change passed a running transaction of its own database"
+    );
+    local.rollback().await.unwrap();
+    let p = client.next_pub("incoming-chat").await;
+    assert_eq!(p["data"]["row"]["msg_id"], "after-local");
+
+    server.stop().await;
+    other.drop_db().await;
+    db.drop_db().await;
+}
