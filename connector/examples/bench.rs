@@ -112,6 +112,8 @@ struct Opts {
     lat_reps: usize,
     /// Rates (rows/s) of the latency part.
     rates: Vec<u32>,
+    /// WebSocket subscribers of the latency part.
+    subscribers: usize,
     /// Seconds per latency run.
     lat_secs: f64,
     /// How long the long transactions stay open.
@@ -127,6 +129,7 @@ impl Opts {
         let mut reps = None;
         let mut lat_reps = None;
         let mut rates = None;
+        let mut subscribers = None;
         while let Some(a) = args.next() {
             let mut value =
                 |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -143,6 +146,9 @@ impl Opts {
                 "--secs" => secs = Some(value("--secs")?.parse::<f64>()?),
                 "--reps" => reps = Some(value("--reps")?.parse::<usize>()?),
                 "--lat-reps" => lat_reps = Some(value("--lat-reps")?.parse::<usize>()?),
+                "--subscribers" => {
+                    subscribers = Some(value("--subscribers")?.parse::<usize>()?);
+                }
                 "--rates" => {
                     rates = Some(
                         value("--rates")?
@@ -153,7 +159,7 @@ impl Opts {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--lat-reps N] [--rates R1,R2,..]"
+                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--lat-reps N] [--rates R1,R2,..] [--subscribers N]"
                     );
                     std::process::exit(0);
                 }
@@ -168,13 +174,13 @@ impl Opts {
             }
         }
         let (d_secs, d_reps, d_lat_reps, d_rates, lat_secs, hold) = if quick {
-            (1.0, 1, 1, vec![100, 1000], 1.5, Duration::from_secs(1))
+            (1.0, 1, 1, vec![500, 1000], 1.5, Duration::from_secs(1))
         } else {
             (
                 1.0,
                 7,
                 3,
-                vec![100, 1000, 3000],
+                vec![500, 1000, 5000, 8000],
                 2.0,
                 Duration::from_secs(2),
             )
@@ -186,6 +192,7 @@ impl Opts {
             reps: reps.unwrap_or(d_reps).max(1),
             lat_reps: lat_reps.unwrap_or(d_lat_reps).max(1),
             rates: rates.unwrap_or(d_rates),
+            subscribers: subscribers.unwrap_or(if quick { 10 } else { 100 }).max(1),
             lat_secs,
             hold,
         })
@@ -386,12 +393,12 @@ async fn subscribe(relay: &Relay, channel: &str) -> Result<(Arc<Sink>, JoinHandl
                     pong = true;
                     continue;
                 }
-                let v: Value = serde_json::from_str(line)?;
-                let p = &v["push"]["pub"];
-                if !p.is_object() {
+                // A cheap scan instead of a JSON parse: with 100 subscribers at thousands of rows/s
+                // this process must not become the bottleneck it measures.
+                if !line.contains("\"pub\":") {
                     continue;
                 }
-                if let Some(off) = p["offset"].as_u64() {
+                if let Some(off) = field_u64(line, "\"offset\":") {
                     if let Some(prev) = last_offset
                         && off != prev + 1
                     {
@@ -399,7 +406,7 @@ async fn subscribe(relay: &Relay, channel: &str) -> Result<(Arc<Sink>, JoinHandl
                     }
                     last_offset = Some(off);
                 }
-                if let Some(id) = p["data"]["row"]["msg_id"].as_str() {
+                if let Some(id) = field_str(line, "\"msg_id\":\"") {
                     got.push((id.to_owned(), now));
                 }
             }
@@ -411,6 +418,21 @@ async fn subscribe(relay: &Relay, channel: &str) -> Result<(Arc<Sink>, JoinHandl
         Ok(())
     });
     Ok((sink, task))
+}
+
+/// The unsigned integer after `key` in `line`.
+fn field_u64(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// The string after `key` (which ends with the opening quote) in `line`, up to the closing quote.
+fn field_str<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = &line[line.find(key)? + key.len()..];
+    Some(&rest[..rest.find('"')?])
 }
 
 /// A raw LISTEN connection on `bench_raw`; its task fills the sink with the payloads.
@@ -516,16 +538,20 @@ enum WriteCfg {
     TriggerNoWake,
     /// (b') the capture trigger while a connector sequences the changelog (the whole system).
     TriggerWithConnector,
+    /// (b'') the same, with every writing transaction notifying (`relay.writer_notify = on`, the
+    /// wake-up before issue 8).
+    TriggerWithConnectorNotifyAll,
     /// (d/e) Algorithm B: per-channel counter row locked to commit.
     AlgB { channels: u32, wake: bool },
 }
 
 impl WriteCfg {
-    const ALL: [WriteCfg; 8] = [
+    const ALL: [WriteCfg; 9] = [
         WriteCfg::Baseline,
         WriteCfg::Trigger,
         WriteCfg::TriggerNoWake,
         WriteCfg::TriggerWithConnector,
+        WriteCfg::TriggerWithConnectorNotifyAll,
         WriteCfg::AlgB {
             channels: 1,
             wake: true,
@@ -547,9 +573,12 @@ impl WriteCfg {
     fn label(self) -> String {
         match self {
             Self::Baseline => "(a)  no trigger (baseline)".into(),
-            Self::Trigger => "(b)  relay trigger: changelog + wake".into(),
+            Self::Trigger => "(b)  relay trigger: changelog + wake()".into(),
             Self::TriggerNoWake => "(c)  relay trigger, wake() no-op".into(),
-            Self::TriggerWithConnector => "(b') relay trigger + connector sequencing".into(),
+            Self::TriggerWithConnector => "(b') trigger + connector (as shipped)".into(),
+            Self::TriggerWithConnectorNotifyAll => {
+                "(b\") trigger + connector, writer_notify=on".into()
+            }
             Self::AlgB { channels, wake } => format!(
                 "({})  Alg. B, {channels} channel{}, {}",
                 if wake { "d" } else { "e" },
@@ -578,6 +607,11 @@ async fn apply(
 ) -> Result<Option<Relay>> {
     db.exec("DROP TRIGGER IF EXISTS bench_b ON chat_data")
         .await?;
+    db.exec(&format!(
+        "ALTER DATABASE {} RESET relay.writer_notify",
+        db.name
+    ))
+    .await?;
     connector::db::triggers::sync(&db.pool, &[]).await?;
     db.exec(wake_sql).await?;
     db.exec(
@@ -598,6 +632,15 @@ async fn apply(
             db.exec(WAKE_NOOP).await?;
         }
         WriteCfg::TriggerWithConnector => return Ok(Some(Relay::start(&db.url).await?)),
+        WriteCfg::TriggerWithConnectorNotifyAll => {
+            let relay = Relay::start(&db.url).await?;
+            db.exec(&format!(
+                "ALTER DATABASE {} SET relay.writer_notify = 'on'",
+                db.name
+            ))
+            .await?;
+            return Ok(Some(relay));
+        }
         WriteCfg::AlgB { wake, .. } => {
             db.exec(&format!(
                 "CREATE TRIGGER bench_b AFTER INSERT ON chat_data FOR EACH ROW
@@ -615,6 +658,7 @@ async fn write_run(
     db: &BenchDb,
     cfg: WriteCfg,
     rows: i32,
+    sync: bool,
     secs: f64,
     run: usize,
 ) -> Result<WriteRun> {
@@ -624,7 +668,13 @@ async fn write_run(
     };
     let mut conns = Vec::with_capacity(WRITERS);
     for _ in 0..WRITERS {
-        conns.push(connect(&db.url).await?);
+        let mut conn = connect(&db.url).await?;
+        if !sync {
+            sqlx::query("SET synchronous_commit = off")
+                .execute(&mut conn)
+                .await?;
+        }
+        conns.push(conn);
     }
     let warm = Duration::from_millis(250);
     let start = Instant::now() + Duration::from_millis(50);
@@ -715,76 +765,84 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
             .await?;
     db.exec(ALGORITHM_B).await?;
     let config = connector::Config::from_json(&config_json(&db.url))?;
-    let mut results: HashMap<(usize, i32), Vec<WriteRun>> = HashMap::new();
+    let mut results: HashMap<(usize, i32, bool), Vec<WriteRun>> = HashMap::new();
     let mut run = 0;
     for rep in 0..opts.reps {
-        for rows in [1, 10] {
-            let mut order: Vec<usize> = (0..WriteCfg::ALL.len()).collect();
-            order.shuffle(&mut rand::rng());
-            for i in order {
-                let cfg = WriteCfg::ALL[i];
-                run += 1;
-                let relay = apply(db, cfg, &wake_sql, &config.mappings).await?;
-                let r = write_run(db, cfg, rows, opts.secs, run).await;
-                if let Some(relay) = relay {
-                    relay.stop().await?;
+        for sync in [true, false] {
+            for rows in [1, 10] {
+                let mut order: Vec<usize> = (0..WriteCfg::ALL.len()).collect();
+                order.shuffle(&mut rand::rng());
+                for i in order {
+                    let cfg = WriteCfg::ALL[i];
+                    run += 1;
+                    let relay = apply(db, cfg, &wake_sql, &config.mappings).await?;
+                    let r = write_run(db, cfg, rows, sync, opts.secs, run).await;
+                    if let Some(relay) = relay {
+                        relay.stop().await?;
+                    }
+                    let r = r?;
+                    println!(
+                        "  rep {} sync {:<3} rows/tx {rows:>2} {:<42} {:>8.0} commits/s",
+                        rep + 1,
+                        if sync { "on" } else { "off" },
+                        cfg.label(),
+                        r.commits_per_s
+                    );
+                    results.entry((i, rows, sync)).or_default().push(r);
                 }
-                let r = r?;
-                println!(
-                    "  rep {} rows/tx {rows:>2} {:<42} {:>8.0} commits/s",
-                    rep + 1,
-                    cfg.label(),
-                    r.commits_per_s
-                );
-                results.entry((i, rows)).or_default().push(r);
             }
         }
     }
     // Leave the real wake-up in place (the database is dropped anyway).
     db.exec(&wake_sql).await?;
     println!();
-    for rows in [1, 10] {
-        let med = |i: usize, f: fn(&WriteRun) -> f64| -> f64 {
-            median(&results[&(i, rows)].iter().map(f).collect::<Vec<_>>())
-        };
-        let base_c = med(0, |r| r.commits_per_s);
-        let mut out = Vec::new();
-        for (i, cfg) in WriteCfg::ALL.iter().enumerate() {
-            let c = med(i, |r| r.commits_per_s);
-            let rs = med(i, |r| r.rows_per_s);
-            let runs = &results[&(i, rows)];
-            out.push(vec![
-                cfg.label(),
-                format!("{c:.0}"),
-                format!("{:.2}", c / base_c),
-                format!("{rs:.0}"),
-                format!("{:.2}", med(i, |r| r.p50_us as f64) / 1000.0),
-                format!("{:.2}", med(i, |r| r.p99_us as f64) / 1000.0),
-                format!(
-                    "{:.0}-{:.0}",
-                    runs.iter()
-                        .map(|r| r.commits_per_s)
-                        .fold(f64::INFINITY, f64::min),
-                    runs.iter().map(|r| r.commits_per_s).fold(0.0, f64::max)
-                ),
-                runs.iter().map(|r| r.retries).sum::<u64>().to_string(),
-            ]);
+    for sync in [true, false] {
+        for rows in [1, 10] {
+            let med = |i: usize, f: fn(&WriteRun) -> f64| -> f64 {
+                median(&results[&(i, rows, sync)].iter().map(f).collect::<Vec<_>>())
+            };
+            let base_c = med(0, |r| r.commits_per_s);
+            let mut out = Vec::new();
+            for (i, cfg) in WriteCfg::ALL.iter().enumerate() {
+                let c = med(i, |r| r.commits_per_s);
+                let rs = med(i, |r| r.rows_per_s);
+                let runs = &results[&(i, rows, sync)];
+                out.push(vec![
+                    cfg.label(),
+                    format!("{c:.0}"),
+                    format!("{:.2}", c / base_c),
+                    format!("{rs:.0}"),
+                    format!("{:.2}", med(i, |r| r.p50_us as f64) / 1000.0),
+                    format!("{:.2}", med(i, |r| r.p99_us as f64) / 1000.0),
+                    format!(
+                        "{:.0}-{:.0}",
+                        runs.iter()
+                            .map(|r| r.commits_per_s)
+                            .fold(f64::INFINITY, f64::min),
+                        runs.iter().map(|r| r.commits_per_s).fold(0.0, f64::max)
+                    ),
+                    runs.iter().map(|r| r.retries).sum::<u64>().to_string(),
+                ]);
+            }
+            println!(
+                "{rows}-row transactions, synchronous_commit = {}:",
+                if sync { "on" } else { "off" }
+            );
+            table(
+                &[
+                    "configuration",
+                    "commits/s",
+                    "x (a)",
+                    "rows/s",
+                    "commit p50 ms",
+                    "p99 ms",
+                    "commits/s range",
+                    "retries",
+                ],
+                &out,
+            );
+            println!();
         }
-        println!("{rows}-row transactions:");
-        table(
-            &[
-                "configuration",
-                "commits/s",
-                "x (a)",
-                "rows/s",
-                "commit p50 ms",
-                "p99 ms",
-                "commits/s range",
-                "retries",
-            ],
-            &out,
-        );
-        println!();
     }
     Ok(())
 }
@@ -958,8 +1016,8 @@ struct LatAgg {
 
 async fn latency_part(opts: &Opts) -> Result<()> {
     println!(
-        "\n## 2. End-to-end latency: {LAT_WRITERS} writers, single-row commits at fixed rates, {} s per run, {} interleaved repetition(s)\n",
-        opts.lat_secs, opts.lat_reps
+        "\n## 2. End-to-end latency: {LAT_WRITERS} writers, single-row commits at fixed rates, {} WebSocket subscribers, {} s per run, {} interleaved repetition(s)\n",
+        opts.subscribers, opts.lat_secs, opts.lat_reps
     );
     let db = BenchDb::create().await?;
     let r = latency_part_in(&db, opts).await;
@@ -975,8 +1033,14 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
     db.exec("CREATE TABLE chat_plain (LIKE chat_data INCLUDING ALL)")
         .await?;
     let relay = Relay::start(&db.url).await?;
-    let (ws_sink, ws_task) = subscribe(&relay, CHANNEL).await?;
+    // Every subscriber's every row is a sample: the p99 is the slow end of the whole fan-out.
+    let mut ws = Vec::with_capacity(opts.subscribers);
+    for _ in 0..opts.subscribers {
+        ws.push(subscribe(&relay, CHANNEL).await?);
+    }
     let (raw_sink, raw_task) = raw_listener(&db.url).await?;
+    let raw_sinks = [raw_sink];
+    let ws_sinks: Vec<Arc<Sink>> = ws.iter().map(|(s, _)| s.clone()).collect();
     let mut agg: HashMap<(Path, u32), LatAgg> = HashMap::new();
     let mut run = 0;
     for rep in 0..opts.lat_reps {
@@ -989,13 +1053,21 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
             for path in paths {
                 run += 1;
                 let tag = format!("L{run}");
-                let sink = match path {
-                    Path::Relay => &ws_sink,
-                    Path::RawNotify => &raw_sink,
+                let sinks: &[Arc<Sink>] = match path {
+                    Path::Relay => &ws_sinks,
+                    Path::RawNotify => &raw_sinks,
                 };
-                sink.take();
+                for sink in sinks {
+                    sink.take();
+                }
                 let commits = drive(&db.url, path, rate, opts.lat_secs, &tag).await?;
-                let j = collect(sink, &commits, &tag).await;
+                let mut j = collect(&sinks[0], &commits, &tag).await;
+                for sink in &sinks[1..] {
+                    let more = collect(sink, &commits, &tag).await;
+                    j.lat.extend(more.lat);
+                    j.missing += more.missing;
+                    j.last_recv = j.last_recv.max(more.last_recv);
+                }
                 let a = agg.entry((path, rate)).or_default();
                 let first = commits.iter().map(|c| c.1).min();
                 let last = commits.iter().map(|c| c.1).max();
@@ -1008,8 +1080,10 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                 if let (Some(f), Some(l)) = (j.first_recv, j.last_recv)
                     && l > f
                 {
+                    // Per subscriber: rows delivered to each, over the span of deliveries.
+                    let per_sub = j.lat.len() / sinks.len();
                     a.delivered
-                        .push((j.lat.len() - 1) as f64 / (l - f).as_secs_f64());
+                        .push(per_sub.saturating_sub(1) as f64 / (l - f).as_secs_f64());
                 }
                 a.missing += j.missing;
                 if path == Path::Relay {
@@ -1033,9 +1107,14 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
             }
         }
     }
-    ws_task.abort();
+    let gaps: u64 = ws_sinks
+        .iter()
+        .map(|s| s.offset_gaps.load(Ordering::Relaxed))
+        .sum();
+    for (_, task) in ws {
+        task.abort();
+    }
     raw_task.abort();
-    let gaps = ws_sink.offset_gaps.load(Ordering::Relaxed);
     relay.stop().await?;
 
     println!();
