@@ -578,7 +578,7 @@ async fn apply(
 ) -> Result<Option<Relay>> {
     db.exec("DROP TRIGGER IF EXISTS bench_b ON chat_data")
         .await?;
-    connector::db::triggers::sync(&db.pool, &[]).await?;
+    connector::db::triggers::sync(&db.pool, &[], None).await?;
     db.exec(wake_sql).await?;
     db.exec(
         "TRUNCATE chat_data, relay.changelog, relay.publications, relay.channels, bench_b_channels,
@@ -591,10 +591,10 @@ async fn apply(
     match cfg {
         WriteCfg::Baseline => {}
         WriteCfg::Trigger => {
-            connector::db::triggers::sync(&db.pool, mappings).await?;
+            connector::db::triggers::sync(&db.pool, mappings, None).await?;
         }
         WriteCfg::TriggerNoWake => {
-            connector::db::triggers::sync(&db.pool, mappings).await?;
+            connector::db::triggers::sync(&db.pool, mappings, None).await?;
             db.exec(WAKE_NOOP).await?;
         }
         WriteCfg::TriggerWithConnector => return Ok(Some(Relay::start(&db.url).await?)),

@@ -153,6 +153,11 @@ pub struct StreamConfig {
     /// Changes moved or read per query (default 1000).
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
+    /// Seconds between checks that this node's capture triggers are still in place as it installed
+    /// them (default 5; also the period of its entry in the capture-owner registry, which lives 3×
+    /// this, at least 15 s). A node whose capture was changed is not ready until it is back.
+    #[serde(default = "default_capture_check")]
+    pub capture_check_secs: u64,
 }
 
 /// Client-connection settings and limits.
@@ -327,6 +332,9 @@ fn default_connect_timeout() -> u64 {
 fn default_poll_interval() -> u64 {
     250
 }
+fn default_capture_check() -> u64 {
+    5
+}
 fn default_batch_size() -> u32 {
     1000
 }
@@ -390,6 +398,7 @@ impl Default for StreamConfig {
         Self {
             poll_interval_ms: default_poll_interval(),
             batch_size: default_batch_size(),
+            capture_check_secs: default_capture_check(),
         }
     }
 }
@@ -502,6 +511,12 @@ impl Config {
             self.stream.poll_interval_ms,
             10,
             60_000,
+        )?;
+        check_range(
+            "stream.capture_check_secs",
+            self.stream.capture_check_secs,
+            1,
+            3600,
         )?;
         check_range(
             "stream.batch_size",
