@@ -10,7 +10,8 @@
 //
 // Scenario, two browser contexts (separate storage) as users alice (A) and bob (B):
 //   both see each other online; A sends, B sees it; A edits, B sees the "edited" mark; B has no edit
-//   control on A's message and a forged edit from B's page is refused (and visibly so); B closes, A
+//   control on A's message and a forged edit from B's page is refused with
+//   the writer's answer (code 420 and its reason, shown when the publish is answered); B closes, A
 //   sees B leave; A's connection is cut and restored while a new page of B sends, and A ends with every
 //   message once, in the order of the table; screenshots of A's page (desktop and phone sizes).
 //
@@ -322,18 +323,25 @@ async function scenario(base, proxyBase, proxy, dbUrl) {
       const mine = (await shown(B.page)).find((m) => m.id === helloId);
       if (!mine) throw new Error("B does not show A's message");
       if (mine.editable) throw new Error("B's page offers edit on A's message");
+      // The page awaits the publish's answer (the writer's): when edit() returns, the refusal must
+      // already be shown, with the writer's reason (no timer guessing).
+      const t0 = Date.now();
       await B.page.evaluate((id) => window.chat.edit(id, 'bob was here'), helloId);
-      await waitMessage(B, {
-        fn: (id) => {
-          const li = document.querySelector(`#messages li[data-msg-id="${id}"]`);
-          return li && !!li.querySelector('.refused');
-        },
-        arg: helloId,
-      }, 'the refused mark');
+      const ms = Date.now() - t0;
+      const mark = await B.page.evaluate((id) => {
+        const li = document.querySelector(`#messages li[data-msg-id="${id}"]`);
+        const r = li && li.querySelector('.refused');
+        return r ? r.textContent : null;
+      }, helloId);
+      if (mark === null) throw new Error('no refused mark when the publish was answered');
+      if (!mark.startsWith('Edit refused: ') || !mark.includes('only its author can edit it')) {
+        throw new Error(`the mark ${JSON.stringify(mark)} is not the writer's answer (code 420 and its reason)`);
+      }
       const rowNow = psql(dbUrl, `SELECT msg_data FROM chat_data WHERE msg_id = '${helloId.replace(/'/g, "''")}'`).trim();
       if (rowNow !== edited) throw new Error(`the row changed to ${JSON.stringify(rowNow)}`);
       const onA = (await shown(A.page)).find((m) => m.id === helloId);
       if (!onA || onA.text !== edited) throw new Error(`A shows ${JSON.stringify(onA)}`);
+      return `refusal shown ${ms} ms after sending: ${JSON.stringify(mark)}`;
     });
 
     await check('B closes' + (PRESENCE ? ', A sees B leave' : ''), async () => {

@@ -612,7 +612,7 @@ async fn apply(
         db.name
     ))
     .await?;
-    connector::db::triggers::sync(&db.pool, &[]).await?;
+    connector::db::triggers::sync(&db.pool, &[], None).await?;
     db.exec(wake_sql).await?;
     db.exec(
         "TRUNCATE chat_data, relay.changelog, relay.publications, relay.channels, bench_b_channels,
@@ -625,10 +625,10 @@ async fn apply(
     match cfg {
         WriteCfg::Baseline => {}
         WriteCfg::Trigger => {
-            connector::db::triggers::sync(&db.pool, mappings).await?;
+            connector::db::triggers::sync(&db.pool, mappings, None).await?;
         }
         WriteCfg::TriggerNoWake => {
-            connector::db::triggers::sync(&db.pool, mappings).await?;
+            connector::db::triggers::sync(&db.pool, mappings, None).await?;
             db.exec(WAKE_NOOP).await?;
         }
         WriteCfg::TriggerWithConnector => return Ok(Some(Relay::start(&db.url).await?)),

@@ -234,6 +234,10 @@ async fn publish_one(
         return rules::deliver(&state.http, &state.lambda, rule, &envelope)
             .await
             .map_err(|e| {
+                // A refusal by the target is an error answer with its code and reason (420-422).
+                if let rules::TargetError::Refused(r) = &e {
+                    return r.reply_error();
+                }
                 tracing::warn!(channel, error = %e, "server API: publish target failed");
                 ReplyError::with_message(ErrorCode::Internal, "publish target failed").temporary()
             });

@@ -157,6 +157,11 @@ pub struct StreamConfig {
     /// NOTIFY while the sequencer polls, so this bounds the delay a change waits to be sequenced.
     #[serde(default = "default_active_poll")]
     pub active_poll_ms: u64,
+    /// Seconds between checks that this node's capture triggers are still in place as it installed
+    /// them (default 5; also the period of its entry in the capture-owner registry, which lives 3×
+    /// this, at least 15 s). A node whose capture was changed is not ready until it is back.
+    #[serde(default = "default_capture_check")]
+    pub capture_check_secs: u64,
 }
 
 /// Client-connection settings and limits.
@@ -331,6 +336,9 @@ fn default_connect_timeout() -> u64 {
 fn default_poll_interval() -> u64 {
     250
 }
+fn default_capture_check() -> u64 {
+    5
+}
 fn default_batch_size() -> u32 {
     1000
 }
@@ -398,6 +406,7 @@ impl Default for StreamConfig {
             poll_interval_ms: default_poll_interval(),
             batch_size: default_batch_size(),
             active_poll_ms: default_active_poll(),
+            capture_check_secs: default_capture_check(),
         }
     }
 }
@@ -516,6 +525,12 @@ impl Config {
             self.stream.active_poll_ms,
             1,
             1_000,
+        )?;
+        check_range(
+            "stream.capture_check_secs",
+            self.stream.capture_check_secs,
+            1,
+            3600,
         )?;
         check_range(
             "stream.batch_size",

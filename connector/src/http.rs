@@ -74,6 +74,13 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if let Some(problem) = state.stream.capture.problem() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("capture changed under this node: {problem}"),
+        )
+            .into_response();
+    }
     if state.stream.ready.load(Ordering::Relaxed) && !state.shutdown.is_cancelled() {
         (StatusCode::OK, "ready").into_response()
     } else {

@@ -66,8 +66,17 @@ pub async fn run(
     let lambda = rules::LambdaClients::for_rules(&config.rules).await?;
     let pool = db::pool(&config.database)?;
     db::migrate(&pool).await?;
-    let report = db::triggers::sync(&pool, &config.mappings).await?;
-    tracing::info!(installed = ?report.installed, removed = ?report.removed, "capture triggers in place");
+    // The node's id: its presence identity and its entry in the capture-owner registry.
+    let node = uuid::Uuid::new_v4().to_string();
+    let capture_every = Duration::from_secs(config.stream.capture_check_secs);
+    let owner = db::triggers::Owner {
+        node: &node,
+        ttl: db::triggers::owner_ttl(capture_every),
+    };
+    let report = db::triggers::sync(&pool, &config.mappings, Some(owner)).await?;
+    tracing::info!(installed = ?report.installed, removed = ?report.removed,
+        kept_for_other_nodes = ?report.kept, "capture triggers in place");
+    let capture_specs = db::triggers::specs(&config.mappings)?;
 
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -111,7 +120,9 @@ pub async fn run(
         }
         presence::Engine::Memory => Arc::new(presence::memory::MemoryStore::default()),
     };
-    let presence = Arc::new(presence::Presence::new(config.presence.clone(), store));
+    let mut presence = presence::Presence::new(config.presence.clone(), store);
+    presence.node = node.clone();
+    let presence = Arc::new(presence);
     let state = Arc::new(AppState {
         config: Arc::new(config),
         pool: pool.clone(),
@@ -130,6 +141,14 @@ pub async fn run(
     state.presence.start(&state).await?;
     tracker.spawn(presence::Presence::run(state.clone(), token.clone()));
     tracker.spawn(stream.run(token.clone(), tracker.clone()));
+    tracker.spawn(db::triggers::watch(
+        pool.clone(),
+        capture_specs,
+        node,
+        capture_every,
+        state.stream.capture.clone(),
+        token.clone(),
+    ));
     tracker.spawn(db::retention::run(
         stream_pool.clone(),
         Arc::new(state.config.retention.clone()),

@@ -124,11 +124,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let pool = connector::db::pool(&config.database)?;
             connector::db::migrate(&pool).await?;
-            let report = connector::db::triggers::sync(&pool, &config.mappings).await?;
+            let report = connector::db::triggers::sync(&pool, &config.mappings, None).await?;
             #[allow(clippy::print_stdout)]
             {
                 for t in &report.installed {
                     println!("installed {t}");
+                }
+                for t in &report.kept {
+                    println!("kept {t} (a running node's mappings need it)");
                 }
                 for t in &report.removed {
                     println!("removed {t}");

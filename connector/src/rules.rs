@@ -7,6 +7,28 @@
 //!
 //! A `lambda` target without `endpoint` is invoked in AWS with the AWS SDK ([`LambdaClients`], built
 //! once at start-up); with `endpoint` (the local writer), by a plain HTTP POST to the same Invoke path.
+//!
+//! # The outcome contract between the connector and a target
+//! A target that answered (Lambda: no `X-Amz-Function-Error`; webhook: a 2xx status) reports what it
+//! did with the message in its answer's body (the function's result, or the webhook's response):
+//!
+//! ```json
+//! {"results": [{"id": "<the envelope message id>", "status": "rejected",
+//!               "reason": "only its author can edit it"}]}
+//! ```
+//!
+//! - `status` `inserted`, `updated`, `duplicate` (already applied: the connector's own retries) or
+//!   `accepted`: success, the publisher gets `{"publish":{}}` (API: `{"result":{}}`).
+//! - `rejected` / `invalid` / `skipped`: a refusal, the publisher gets error 420 / 421 / 422 with the
+//!   entry's `reason` (at most [`MAX_REASON_CHARS`] characters; the client sees it, so it must not
+//!   carry secrets) as the message. Nothing is retried.
+//! - **Missing outcome** — an empty body, a body that is not JSON, or JSON without a `results` key:
+//!   the target does not report per-message outcomes, and its success answer is success (a plain
+//!   webhook that answers `204` or `{"ok":true}` keeps working).
+//! - **Invalid outcome** — `results` that is not an array, no entry whose `id` is the message id (or,
+//!   without ids, `index` 0), a `status` that is not one of the above, or a body over
+//!   [`MAX_OUTCOME_BYTES`]: error 100 "publish target failed" (not retried; the target may have acted,
+//!   so the connector does not claim success).
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,6 +49,10 @@ use crate::error::ConfigError;
 
 /// Longest error detail kept from a target's answer.
 const MAX_DETAIL_CHARS: usize = 500;
+/// Largest answer body read for the message's outcome (a larger one is an invalid outcome).
+pub const MAX_OUTCOME_BYTES: usize = 64 * 1024;
+/// Longest refusal reason passed on to the publisher.
+pub const MAX_REASON_CHARS: usize = 300;
 
 /// Why a target did not accept a publication.
 #[derive(Debug, Error)]
@@ -34,9 +60,117 @@ pub enum TargetError {
     /// The target could not be reached or did not answer in time (a retry may help).
     #[error("target unreachable: {0}")]
     Unreachable(String),
-    /// The target answered with an error.
+    /// The target answered with an error, or with an unreadable outcome.
     #[error("target failed: {0}")]
     Failed(String),
+    /// The target answered and refused the message (a per-message outcome; not an error of the
+    /// target).
+    #[error("target refused the message ({}): {}", .0.status.as_str(), .0.reason)]
+    Refused(Refusal),
+}
+
+/// A message the target refused, with its reason (see the module's outcome contract).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Which refusal.
+    pub status: RefusalStatus,
+    /// The target's reason (may be empty).
+    pub reason: String,
+}
+
+/// The refusing statuses of the outcome contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalStatus {
+    /// `rejected`: not allowed (e.g. an edit of someone else's message).
+    Rejected,
+    /// `invalid`: the message or its data is malformed or over a limit.
+    Invalid,
+    /// `skipped`: the target does not handle this message.
+    Skipped,
+}
+
+impl RefusalStatus {
+    /// The status as the target writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rejected => "rejected",
+            Self::Invalid => "invalid",
+            Self::Skipped => "skipped",
+        }
+    }
+
+    /// The reply code the publisher gets.
+    pub fn code(self) -> relay_protocol::codes::ErrorCode {
+        use relay_protocol::codes::ErrorCode;
+        match self {
+            Self::Rejected => ErrorCode::PublishRejected,
+            Self::Invalid => ErrorCode::PublishInvalid,
+            Self::Skipped => ErrorCode::PublishSkipped,
+        }
+    }
+}
+
+impl Refusal {
+    /// The error reply of this refusal: the status's code, the target's reason as the message (the
+    /// code's standard message when the target gave none).
+    pub fn reply_error(&self) -> relay_protocol::codes::ReplyError {
+        let code = self.status.code();
+        if self.reason.is_empty() {
+            code.into()
+        } else {
+            relay_protocol::codes::ReplyError::with_message(code, self.reason.clone())
+        }
+    }
+}
+
+/// Reads the outcome of message `message_id` from a target's success answer (the contract in the
+/// module docs): `Ok` for success or a missing outcome, [`TargetError::Refused`] for a refusal,
+/// [`TargetError::Failed`] for an invalid outcome.
+pub fn outcome(body: &[u8], message_id: &str) -> Result<(), TargetError> {
+    use serde_json::Value;
+    if body.len() > MAX_OUTCOME_BYTES {
+        return Err(TargetError::Failed(format!(
+            "invalid outcome: the answer is over {MAX_OUTCOME_BYTES} bytes"
+        )));
+    }
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return Ok(()); // empty or not JSON: no outcome reported
+    };
+    let Some(results) = value.as_object().and_then(|o| o.get("results")) else {
+        return Ok(()); // no `results`: no outcome reported
+    };
+    let invalid = |why: String| Err(TargetError::Failed(format!("invalid outcome: {why}")));
+    let Some(results) = results.as_array() else {
+        return invalid("\"results\" is not an array".to_owned());
+    };
+    let entry = results
+        .iter()
+        .find(|r| r.get("id").and_then(Value::as_str) == Some(message_id))
+        .or_else(|| {
+            results.iter().find(|r| {
+                r.get("id").is_none_or(Value::is_null) && r.get("index") == Some(&Value::from(0))
+            })
+        });
+    let Some(entry) = entry else {
+        return invalid(format!("no result for message {message_id:?}"));
+    };
+    let status = match entry.get("status").and_then(Value::as_str) {
+        Some("inserted" | "updated" | "duplicate" | "accepted") => return Ok(()),
+        Some("rejected") => RefusalStatus::Rejected,
+        Some("invalid") => RefusalStatus::Invalid,
+        Some("skipped") => RefusalStatus::Skipped,
+        Some(other) => return invalid(format!("unknown status {:?}", truncate(other))),
+        None => return invalid("the result has no \"status\" string".to_owned()),
+    };
+    let reason = entry
+        .get("reason")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_REASON_CHARS)
+        .collect();
+    Err(TargetError::Refused(Refusal { status, reason }))
 }
 
 /// One message of the envelope.
@@ -298,11 +432,11 @@ async fn deliver_once(
         .map_err(|e| TargetError::Unreachable(e.without_url().to_string()))?;
     let status = response.status();
     let function_error = response.headers().get("X-Amz-Function-Error").is_some();
+    let body = read_bounded(response).await?;
     if status.is_success() && !function_error {
-        return Ok(());
+        return outcome(&body, message_id(envelope));
     }
-    let body = response.text().await.unwrap_or_default();
-    let detail = truncate(&body);
+    let detail = truncate(&String::from_utf8_lossy(&body));
     if function_error {
         Err(TargetError::Failed(format!("function error: {detail}")))
     } else if status.is_server_error() || status.as_u16() == 429 {
@@ -331,7 +465,10 @@ async fn invoke_aws(
         .await
         .map_err(classify)?;
     match output.function_error() {
-        None => Ok(()),
+        None => outcome(
+            output.payload().map(Blob::as_ref).unwrap_or_default(),
+            message_id(envelope),
+        ),
         Some(kind) => {
             let payload = output.payload().map(Blob::as_ref).unwrap_or_default();
             let message = serde_json::from_slice::<serde_json::Value>(payload)
@@ -382,6 +519,28 @@ fn classify(e: SdkError<InvokeError, aws_sdk_lambda::config::http::HttpResponse>
     }
 }
 
+/// The id of the envelope's (single) message.
+fn message_id<'e>(envelope: &'e Envelope<'_>) -> &'e str {
+    envelope.messages.first().map_or("", |m| m.id.as_str())
+}
+
+/// The answer's body, read up to one byte over [`MAX_OUTCOME_BYTES`] (enough to tell it is too large).
+async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, TargetError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| TargetError::Unreachable(e.without_url().to_string()))?
+    {
+        let room = (MAX_OUTCOME_BYTES + 1).saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() > MAX_OUTCOME_BYTES {
+            break;
+        }
+    }
+    Ok(body)
+}
+
 fn truncate(text: &str) -> String {
     text.chars().take(MAX_DETAIL_CHARS).collect()
 }
@@ -389,6 +548,64 @@ fn truncate(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_follow_the_contract() {
+        let refused = |body: &str| match outcome(body.as_bytes(), "m1") {
+            Err(TargetError::Refused(r)) => Some((r.status, r.reason)),
+            _ => None,
+        };
+        // Success and missing outcomes.
+        for ok in [
+            "",
+            "ok",
+            "{}",
+            r#"{"ok":true}"#,
+            "[1]",
+            r#"{"results":[{"index":0,"id":"m1","status":"inserted"}]}"#,
+            r#"{"results":[{"id":"m1","status":"duplicate","reason":"again"}]}"#,
+            r#"{"results":[{"index":0,"id":null,"status":"accepted"}]}"#,
+        ] {
+            assert!(outcome(ok.as_bytes(), "m1").is_ok(), "{ok}");
+        }
+        assert_eq!(
+            refused(
+                r#"{"results":[{"index":0,"id":"m1","status":"rejected","reason":"not yours"}]}"#
+            ),
+            Some((RefusalStatus::Rejected, "not yours".to_owned()))
+        );
+        assert_eq!(
+            refused(r#"{"results":[{"id":"m1","status":"invalid","reason":"a\nb"}]}"#),
+            Some((RefusalStatus::Invalid, "ab".to_owned()))
+        );
+        assert_eq!(
+            refused(r#"{"results":[{"id":"m1","status":"skipped"}]}"#),
+            Some((RefusalStatus::Skipped, String::new()))
+        );
+        // Invalid outcomes are failures, never success.
+        for bad in [
+            r#"{"results":{}}"#,
+            r#"{"results":[]}"#,
+            r#"{"results":[{"id":"other","status":"inserted"}]}"#,
+            r#"{"results":[{"id":"m1","status":"maybe"}]}"#,
+            r#"{"results":[{"id":"m1"}]}"#,
+        ] {
+            assert!(
+                matches!(outcome(bad.as_bytes(), "m1"), Err(TargetError::Failed(_))),
+                "{bad}"
+            );
+        }
+        let huge = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_OUTCOME_BYTES));
+        assert!(matches!(
+            outcome(huge.as_bytes(), "m1"),
+            Err(TargetError::Failed(_))
+        ));
+        let long = format!(
+            r#"{{"results":[{{"id":"m1","status":"rejected","reason":"{}"}}]}}"#,
+            "x".repeat(5000)
+        );
+        assert_eq!(refused(&long).unwrap().1.len(), MAX_REASON_CHARS);
+    }
 
     #[test]
     fn envelope_encodes_object_data_as_json_text() {

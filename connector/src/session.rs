@@ -817,9 +817,16 @@ impl Session {
                             .fetch_add(1, Ordering::Relaxed);
                         reply::encode_reply(id, "publish", &Empty {})
                     }
+                    // A per-message refusal of the target is the publisher's error reply, with
+                    // the target's reason (codes 420-422).
+                    Err(rules::TargetError::Refused(r)) => {
+                        tracing::info!(channel = %req.channel, status = r.status.as_str(), reason = %r.reason, "publish refused by the target");
+                        reply::encode_error(id, &r.reply_error())
+                    }
                     Err(e) => {
                         tracing::warn!(channel = %req.channel, error = %e, "publish target failed");
                         let err = match e {
+                            rules::TargetError::Refused(r) => r.reply_error(),
                             rules::TargetError::Unreachable(_) => ReplyError::with_message(
                                 ErrorCode::Internal,
                                 "publish target unavailable",

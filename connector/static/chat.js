@@ -10,7 +10,9 @@
 //   it to the writer, which inserts the row; the row comes back on `incoming-chat`. Editing publishes
 //   "editedMsg"; the writer applies it only for the row's author (the row's client_id is the identity
 //   of the connection that sent it: its client id, as this page connects anonymously). The page offers
-//   "edit" only on rows of the current connection, and marks an edit that did not come back as refused.
+//   "edit" only on rows of the current connection. The publish's answer is the writer's: success once
+//   the row is updated, or an error with the writer's reason (420 rejected, 421 invalid, 422 not
+//   handled), shown on the message at once.
 // - Who is online: presence of `incoming-chat` (the subscribe request's `data` carries the name), kept
 //   up to date by join/leave pushes.
 (() => {
@@ -19,7 +21,6 @@
   const INCOMING = 'incoming-chat';
   const OUTGOING = 'outgoing-chat';
   const HISTORY_LIMIT = 100;
-  const EDIT_WAIT_MS = 6000;
   const NAME_KEY = 'relay-chat-username';
 
   const $ = (id) => document.getElementById(id);
@@ -43,7 +44,7 @@
     loading: false,
     buffered: [], // live publications that arrived while history was loading
     members: new Map(), // client id -> ClientInfo
-    pendingEdits: new Map(), // msg_id -> {content, timer}
+    pendingEdits: new Map(), // msg_id -> {content} (published, the writer's answer not yet in)
     refused: new Map(), // msg_id -> reason
     applied: 0, // publications applied (for tests and the banner)
   };
@@ -100,7 +101,6 @@
     state.rows.set(row.msg_id, row);
     const pending = state.pendingEdits.get(row.msg_id);
     if (pending && data.type === 'UPDATE' && row.msg_data === pending.content) {
-      clearTimeout(pending.timer);
       state.pendingEdits.delete(row.msg_id);
       state.refused.delete(row.msg_id);
     }
@@ -226,29 +226,28 @@
     input.focus();
   }
 
-  /** Publishes an edit; it is marked refused when the writer does not apply it in time. */
+  /** The relay's codes for a publication the writer refused (protocol/src/codes.rs). */
+  const REFUSED = { 420: 'Edit refused', 421: 'Edit invalid', 422: 'Edit not handled' };
+
+  /** Publishes an edit; the publish's answer is the writer's: applied, or refused with its reason. */
   async function edit(msgId, content) {
-    const old = state.pendingEdits.get(msgId);
-    if (old) clearTimeout(old.timer);
     state.refused.delete(msgId);
-    const timer = setTimeout(() => {
-      state.pendingEdits.delete(msgId);
-      state.refused.set(msgId, 'Edit refused: only the author of a message can edit it.');
-      fill(msgId);
-    }, EDIT_WAIT_MS);
-    state.pendingEdits.set(msgId, { content, timer });
+    state.pendingEdits.set(msgId, { content });
     fill(msgId);
     try {
       await centrifuge.publish(OUTGOING, {
         name: 'editedMsg',
         data: { username: state.username, content, msgIdToEdit: msgId },
       });
+      // Applied: the UPDATE arrives on incoming-chat (it may already have).
+      const row = state.rows.get(msgId);
+      if (row && row.msg_data === content) state.pendingEdits.delete(msgId);
     } catch (e) {
-      clearTimeout(timer);
       state.pendingEdits.delete(msgId);
-      state.refused.set(msgId, 'Edit not saved: ' + describe(e));
-      fill(msgId);
+      const refused = e && REFUSED[e.code];
+      state.refused.set(msgId, refused ? refused + ': ' + e.message : 'Edit not saved: ' + describe(e));
     }
+    fill(msgId);
   }
 
   async function send(content) {

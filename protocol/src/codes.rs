@@ -2,6 +2,17 @@
 //!
 //! A reply error fails one command; a [`Disconnect`] closes the socket with a code whose range tells
 //! the SDK whether to reconnect (3000–3499, 4000–4499: reconnect; 3500–3999, 4500–4999: terminal).
+//!
+//! Reply codes 100–112 are Centrifugo's own. Codes the relay adds are taken from the range Centrifugo
+//! leaves to applications (400–1999; 0–399 are reserved):
+//!
+//! | code | meaning | temporary |
+//! |---|---|---|
+//! | 420 | publication refused by the rule's target (status `rejected`: e.g. an edit of another user's message) | no |
+//! | 421 | publication invalid for the rule's target (status `invalid`: malformed or out-of-limit data) | no |
+//! | 422 | publication not handled by the rule's target (status `skipped`: a name it does not handle) | no |
+//!
+//! The reply's `message` of 420–422 is the target's `reason`, so the SDK shows the writer's own words.
 
 use serde::Serialize;
 
@@ -32,6 +43,12 @@ pub enum ErrorCode {
     TooManyRequests,
     /// 112: unrecoverable position.
     UnrecoverablePosition,
+    /// 420: the rule's target refused the publication (its status `rejected`).
+    PublishRejected,
+    /// 421: the rule's target found the publication invalid (its status `invalid`).
+    PublishInvalid,
+    /// 422: the rule's target does not handle the publication (its status `skipped`).
+    PublishSkipped,
 }
 
 impl ErrorCode {
@@ -50,6 +67,9 @@ impl ErrorCode {
             Self::TokenExpired => 109,
             Self::TooManyRequests => 111,
             Self::UnrecoverablePosition => 112,
+            Self::PublishRejected => 420,
+            Self::PublishInvalid => 421,
+            Self::PublishSkipped => 422,
         }
     }
 
@@ -68,6 +88,9 @@ impl ErrorCode {
             Self::TokenExpired => "token expired",
             Self::TooManyRequests => "too many requests",
             Self::UnrecoverablePosition => "unrecoverable position",
+            Self::PublishRejected => "publication rejected",
+            Self::PublishInvalid => "publication invalid",
+            Self::PublishSkipped => "publication not handled",
         }
     }
 

@@ -238,6 +238,29 @@ const steps = [
     state.updateOffset = p.offset;
     return `offset ${p.offset}`;
   }],
+  ['a refused edit (another connection edits our message) rejects the publish promise with 420', async () => {
+    // The attack: a second connection, so a different identity, edits this connection's message.
+    const intruder = new Centrifuge(url, { websocket: LoggingWebSocket, name: `sdk-test-${label}-intruder`, timeout: 5000 });
+    intruder.connect();
+    try {
+      let err = null;
+      try {
+        await withTimeout(intruder.publish(OUT_CHANNEL, {
+          name: 'editedMsg',
+          data: { username: 'intruder', content: `FORGED ${tag}`, msgIdToEdit: state.msgId },
+        }), 'publish of the forged edit');
+      } catch (e) {
+        err = e;
+      }
+      expect(err !== null, 'the forged edit was answered as a success');
+      expect(err.code === 420, `error code ${describe(err.code)}, want 420 (publication rejected): ${describe(err)}`);
+      expect(typeof err.message === 'string' && err.message.includes('author'),
+        `error message ${describe(err.message)} should be the writer's reason (only the author can edit)`);
+      return `code ${err.code}: ${err.message}`;
+    } finally {
+      intruder.disconnect();
+    }
+  }],
   ['history(limit 10) returns both in order', async () => {
     const h = await withTimeout(sub.history({ limit: 10, since: state.startPos }), 'history since subscribe position');
     const got = h.publications.map(pubSummary);

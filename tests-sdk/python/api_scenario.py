@@ -27,6 +27,7 @@ import time
 import jwt
 from cent import (
     BroadcastRequest,
+    CentApiResponseError,
     CentUnauthorizedError,
     ChannelsRequest,
     Client as Cent,
@@ -240,6 +241,26 @@ async def main() -> None:
 
     await check("cent: publish on the rule channel goes through the writer (row comes back live)",
                 publish_through_rule)
+
+    async def refused_edit():
+        # A row written by someone else: the API's identity ("api") is not its author.
+        victim = f"victim-{secrets.token_hex(4)}"
+        psql("INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp) "
+             f"VALUES ('{victim}', 'bob', 'original', 'bob-client', 0)")
+        try:
+            cent.publish(PublishRequest(channel="outgoing-chat", data={
+                "name": "editedMsg",
+                "data": {"username": "x", "content": "FORGED", "msgIdToEdit": victim}}))
+        except CentApiResponseError as e:
+            expect(e.code == 420, f"error code {e.code} ({e.message}), want 420")
+            expect("author" in e.message, f"message {e.message!r} should be the writer's reason")
+        else:
+            raise AssertionError("the forged edit was answered with a result (success)")
+        expect(psql(f"SELECT msg_data FROM chat_data WHERE msg_id = '{victim}'").strip() == "original",
+               "the row was changed")
+
+    await check("cent: a refused edit (not the author) is an API error 420 with the writer's reason; "
+                "nothing written", refused_edit)
 
     # Notifications: alice on two connections, bob on one.
     alice_ev = [Events(), Events()]

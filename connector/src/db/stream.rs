@@ -47,6 +47,8 @@ pub struct StreamStatus {
     pub polls: AtomicU64,
     /// Time from a change being written to its publication being handed to the hub.
     pub lag: LagHistogram,
+    /// Whether this node's capture triggers are in place (see [`crate::db::triggers::watch`]).
+    pub capture: Arc<crate::db::triggers::CaptureStatus>,
 }
 
 /// Upper bounds of the lag histogram's buckets, in seconds.

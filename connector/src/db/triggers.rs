@@ -6,14 +6,32 @@
 //! application's write fail because of the relay: the row image lives in a table, not in a NOTIFY
 //! payload, whatever its size.
 //!
-//! Names are derived from a hash of the mapping (`relay_<hash>` / `relay.capture_<hash>`), so
-//! installing is idempotent, and a sync drops the triggers of mappings that are gone. Identifiers come
-//! from a validated configuration (plain identifiers only) and are always double-quoted; literal text
-//! from channel templates is single-quoted with quotes doubled.
+//! Names are derived from a hash of the mapping's whole definition (schema, table, operations, channel
+//! template, columns: `relay_<hash>` / `relay.capture_<hash>`), so installing is idempotent and two
+//! different mappings of one table never share a trigger. Identifiers come from a validated
+//! configuration (plain identifiers only) and are always double-quoted; literal text from channel
+//! templates is single-quoted with quotes doubled.
+//!
+//! # Ownership: nodes with different mappings side by side
+//! Every running node registers the triggers its mappings need in `relay.capture_owners` (migration
+//! 0010) and renews the entry every `stream.capture_check_secs` ([`watch`]); the entry lives three
+//! periods (at least 15 s) and a node that shuts down removes it. A sync ([`sync`]: a node's
+//! start-up, `connector triggers sync`) installs its own triggers and drops only the relay capture
+//! triggers that neither its configuration nor a live entry names — so during a rolling deploy that
+//! changes a mapping, the old nodes keep their triggers (and their rows) until they stop, and the next
+//! sync after that removes them.
+//!
+//! [`watch`] also checks, on the same timer, that each of the node's triggers is still in place as the
+//! node installed it (present, enabled, calling the function with the body it generated). If not —
+//! an older connector version's sync dropped it, someone disabled or replaced it — the node says so in
+//! its log (error) and in `/readyz` (503 with the reason) until the trigger is back.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Mapping, TemplatePart, parse_template};
 use crate::error::{Error, Result};
@@ -35,6 +53,15 @@ pub struct TriggerSpec {
     pub function_sql: String,
     /// `CREATE OR REPLACE TRIGGER ...`.
     pub trigger_sql: String,
+    /// The function's body, as the catalog keeps it (`pg_proc.prosrc`).
+    pub body: String,
+}
+
+impl TriggerSpec {
+    /// `schema.table.trigger`, as reports and the owner registry name it.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}.{}", self.schema, self.table, self.trigger)
+    }
 }
 
 /// What a sync did.
@@ -44,6 +71,22 @@ pub struct SyncReport {
     pub installed: Vec<String>,
     /// Triggers of mappings that are gone, dropped.
     pub removed: Vec<String>,
+    /// Triggers not in this configuration, kept because a live node's mappings need them.
+    pub kept: Vec<String>,
+}
+
+/// A node's entry in the capture-owner registry.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner<'a> {
+    /// The node's id.
+    pub node: &'a str,
+    /// How long the entry lives without a renewal.
+    pub ttl: Duration,
+}
+
+/// The registry entry's lifetime for a check period: three periods, at least 15 s.
+pub fn owner_ttl(check_every: Duration) -> Duration {
+    (check_every * 3).max(Duration::from_secs(15))
 }
 
 /// FNV-1a, 64 bit: a hash that is stable across builds (the trigger names depend on it).
@@ -177,11 +220,21 @@ FOR EACH ROW EXECUTE FUNCTION relay."{function}"()"#,
         table: m.table.clone(),
         function_sql,
         trigger_sql,
+        body,
     })
 }
 
+/// The trigger specs of every mapping.
+pub fn specs(mappings: &[Mapping]) -> Result<Vec<TriggerSpec>> {
+    mappings
+        .iter()
+        .enumerate()
+        .map(|(i, m)| spec(i, m))
+        .collect()
+}
+
 /// Checks that every mapping's table and columns exist.
-async fn check_tables(pool: &PgPool, mappings: &[Mapping]) -> Result<()> {
+pub async fn check_tables(pool: &PgPool, mappings: &[Mapping]) -> Result<()> {
     for (index, m) in mappings.iter().enumerate() {
         let cols: Vec<String> = sqlx::query_scalar(
             "SELECT column_name::text FROM information_schema.columns
@@ -220,33 +273,45 @@ async fn check_tables(pool: &PgPool, mappings: &[Mapping]) -> Result<()> {
     Ok(())
 }
 
-/// Installs the triggers of `mappings` and drops relay triggers of mappings that are gone, in one
-/// transaction (serialized across nodes by an advisory lock).
-pub async fn sync(pool: &PgPool, mappings: &[Mapping]) -> Result<SyncReport> {
+/// Installs the triggers of `mappings`, registers them for `owner` (a running node) and drops the
+/// relay capture triggers that neither `mappings` nor a live node's registry entry names, in one
+/// transaction (serialized across nodes by an advisory lock). Without `owner` (`connector triggers
+/// sync`) nothing is registered.
+pub async fn sync(
+    pool: &PgPool,
+    mappings: &[Mapping],
+    owner: Option<Owner<'_>>,
+) -> Result<SyncReport> {
     check_tables(pool, mappings).await?;
-    let specs = mappings
-        .iter()
-        .enumerate()
-        .map(|(i, m)| spec(i, m))
-        .collect::<Result<Vec<_>>>()?;
+    let specs = specs(mappings)?;
 
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('relay.triggers_sync'))")
         .execute(&mut *tx)
         .await?;
     let mut report = SyncReport::default();
+    let mut wanted: HashSet<String> = HashSet::new();
     for s in &specs {
         sqlx::query(&s.function_sql).execute(&mut *tx).await?;
         sqlx::query(&s.trigger_sql).execute(&mut *tx).await?;
-        report
-            .installed
-            .push(format!("{}.{}.{}", s.schema, s.table, s.trigger));
+        if wanted.insert(s.qualified()) {
+            report.installed.push(s.qualified());
+        }
     }
+    if let Some(owner) = owner {
+        register(&mut *tx, owner, &specs).await?;
+    }
+    sqlx::query("DELETE FROM relay.capture_owners WHERE expires_at < now()")
+        .execute(&mut *tx)
+        .await?;
+    let owned: HashSet<String> = sqlx::query_scalar(
+        "SELECT DISTINCT unnest(triggers) FROM relay.capture_owners WHERE expires_at >= now()",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
 
-    let wanted: HashSet<(&str, &str, &str)> = specs
-        .iter()
-        .map(|s| (s.schema.as_str(), s.table.as_str(), s.trigger.as_str()))
-        .collect();
     let existing: Vec<(String, String, String)> = sqlx::query_as(
         r"SELECT n.nspname::text, c.relname::text, t.tgname::text
           FROM pg_trigger t
@@ -254,44 +319,196 @@ pub async fn sync(pool: &PgPool, mappings: &[Mapping]) -> Result<SyncReport> {
           JOIN pg_namespace n ON n.oid = c.relnamespace
           JOIN pg_proc p ON p.oid = t.tgfoid
           JOIN pg_namespace pn ON pn.oid = p.pronamespace
-          WHERE NOT t.tgisinternal AND pn.nspname = 'relay' AND p.proname LIKE 'capture\_%'",
+          WHERE NOT t.tgisinternal AND pn.nspname = 'relay' AND p.proname LIKE 'capture\_%'
+          ORDER BY 1, 2, 3",
     )
     .fetch_all(&mut *tx)
     .await?;
     for (schema, table, trigger) in &existing {
-        if !wanted.contains(&(schema.as_str(), table.as_str(), trigger.as_str())) {
-            // Names come from the catalog; quote them (doubling any quote) rather than trust them.
-            let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-            sqlx::query(&format!(
-                "DROP TRIGGER IF EXISTS {} ON {}.{}",
-                q(trigger),
-                q(schema),
-                q(table)
-            ))
-            .execute(&mut *tx)
-            .await?;
-            report.removed.push(format!("{schema}.{table}.{trigger}"));
+        let name = format!("{schema}.{table}.{trigger}");
+        if wanted.contains(&name) {
+            continue;
         }
+        if owned.contains(&name) {
+            report.kept.push(name);
+            continue;
+        }
+        // Names come from the catalog; quote them (doubling any quote) rather than trust them.
+        let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+        sqlx::query(&format!(
+            "DROP TRIGGER IF EXISTS {} ON {}.{}",
+            q(trigger),
+            q(schema),
+            q(table)
+        ))
+        .execute(&mut *tx)
+        .await?;
+        report.removed.push(name);
     }
-    let wanted_fns: HashMap<&str, ()> = specs.iter().map(|s| (s.function.as_str(), ())).collect();
+    // Capture functions that no trigger calls any more.
     let functions: Vec<String> = sqlx::query_scalar(
         r"SELECT p.proname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-          WHERE n.nspname = 'relay' AND p.proname LIKE 'capture\_%'",
+          WHERE n.nspname = 'relay' AND p.proname LIKE 'capture\_%'
+            AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgfoid = p.oid)",
     )
     .fetch_all(&mut *tx)
     .await?;
     for f in functions {
-        if !wanted_fns.contains_key(f.as_str()) {
-            sqlx::query(&format!(
-                "DROP FUNCTION IF EXISTS relay.\"{}\"()",
-                f.replace('"', "\"\"")
-            ))
-            .execute(&mut *tx)
-            .await?;
-        }
+        sqlx::query(&format!(
+            "DROP FUNCTION IF EXISTS relay.\"{}\"()",
+            f.replace('"', "\"\"")
+        ))
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(report)
+}
+
+/// Writes or renews `owner`'s registry entry: the triggers of `specs`.
+async fn register<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    owner: Owner<'_>,
+    specs: &[TriggerSpec],
+) -> Result<()> {
+    let names: Vec<String> = specs.iter().map(TriggerSpec::qualified).collect();
+    sqlx::query(
+        "INSERT INTO relay.capture_owners (node, triggers, expires_at)
+         VALUES ($1, $2, now() + make_interval(secs => $3))
+         ON CONFLICT (node) DO UPDATE
+            SET triggers = EXCLUDED.triggers, heartbeat_at = now(), expires_at = EXCLUDED.expires_at",
+    )
+    .bind(owner.node)
+    .bind(&names)
+    .bind(owner.ttl.as_secs_f64())
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// What is wrong with the node's capture triggers: one line per trigger that is not in place as the
+/// node installed it (empty: all fine).
+pub async fn verify(pool: &PgPool, specs: &[TriggerSpec]) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    for s in specs {
+        let found: Option<(String, String, String, String)> = sqlx::query_as(
+            r"SELECT t.tgenabled::text, pn.nspname::text, p.proname::text, p.prosrc
+              FROM pg_trigger t
+              JOIN pg_class c ON c.oid = t.tgrelid
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+              JOIN pg_proc p ON p.oid = t.tgfoid
+              JOIN pg_namespace pn ON pn.oid = p.pronamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND t.tgname = $3",
+        )
+        .bind(&s.schema)
+        .bind(&s.table)
+        .bind(&s.trigger)
+        .fetch_optional(pool)
+        .await?;
+        let what = format!(
+            "capture trigger {} of mapping {} ({}.{})",
+            s.trigger, s.index, s.schema, s.table
+        );
+        match found {
+            None => problems.push(format!(
+                "{what} is gone (dropped by a sync with another configuration, or by hand)"
+            )),
+            Some((enabled, _, _, _)) if enabled == "D" => {
+                problems.push(format!("{what} is disabled"));
+            }
+            Some((_, schema, function, source)) => {
+                if schema != "relay" || function != s.function || source != s.body {
+                    problems.push(format!(
+                        "{what} was replaced: it no longer runs the function this node installed"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// Removes `node`'s registry entry (at shutdown: its triggers may go at the next sync).
+pub async fn deregister(pool: &PgPool, node: &str) -> Result<()> {
+    sqlx::query("DELETE FROM relay.capture_owners WHERE node = $1")
+        .bind(node)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Where [`watch`] reports the state of the node's capture.
+#[derive(Debug, Default)]
+pub struct CaptureStatus {
+    problem: std::sync::Mutex<Option<String>>,
+}
+
+impl CaptureStatus {
+    /// Why the node's capture is not in place, if it is not.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set(&self, problem: Option<String>) -> Option<String> {
+        std::mem::replace(
+            &mut *self.problem.lock().unwrap_or_else(|e| e.into_inner()),
+            problem,
+        )
+    }
+}
+
+/// Every `every` until `shutdown`: renews the node's registry entry and checks its triggers (see the
+/// module docs); on shutdown removes the entry.
+pub async fn watch(
+    pool: PgPool,
+    specs: Vec<TriggerSpec>,
+    node: String,
+    every: Duration,
+    status: Arc<CaptureStatus>,
+    shutdown: CancellationToken,
+) {
+    let owner = Owner {
+        node: &node,
+        ttl: owner_ttl(every),
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = register(&pool, owner, &specs).await {
+            tracing::warn!(error = %e, "capture: renewing this node's trigger registration failed");
+        }
+        match verify(&pool, &specs).await {
+            Ok(problems) if problems.is_empty() => {
+                if let Some(was) = status.set(None) {
+                    tracing::warn!(was = %was, "capture: this node's triggers are back in place; \
+                        changes written while they were missing were not captured");
+                }
+            }
+            Ok(problems) => {
+                let problem = problems.join("; ");
+                if status.set(Some(problem.clone())).as_deref() != Some(problem.as_str()) {
+                    tracing::error!(problem = %problem, "capture: this node's triggers were changed \
+                        under it; it receives no changes of those mappings (not ready). Run \
+                        `connector triggers sync` with this node's configuration, or restart it");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "capture: checking the triggers failed"),
+        }
+    }
+    match tokio::time::timeout(Duration::from_secs(3), deregister(&pool, &node)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "capture: removing this node's registration failed")
+        }
+        Err(_) => tracing::warn!("capture: removing this node's registration timed out"),
+    }
 }
 
 #[cfg(test)]

@@ -129,6 +129,20 @@ impl PresenceStore for MemoryStore {
         Box::pin(std::future::ready(Ok(())))
     }
 
+    fn node_members<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, String, String)>>> {
+        let rows = self
+            .lock()
+            .members
+            .iter()
+            .filter(|(_, r)| r.node == node)
+            .map(|((channel, client), r)| (channel.clone(), client.clone(), r.id.clone()))
+            .collect();
+        Box::pin(std::future::ready(Ok(rows)))
+    }
+
     fn remove_node<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<()>> {
         let mut inner = self.lock();
         inner.nodes.remove(node);

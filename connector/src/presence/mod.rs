@@ -13,6 +13,9 @@
 //! - a connection whose peer vanished without a FIN (network cut): when the server notices — the pong
 //!   deadline (`client.ping_interval_secs` + `client.pong_timeout_secs`, 25 + 10 s by default) or a
 //!   failed write;
+//! - a leave that failed (pool timeout, database blip): retried every second, and at the latest
+//!   removed by the node's reconciliation of its members with its live sessions
+//!   (`presence.reconcile_interval_secs`);
 //! - a node that died (SIGKILL, lost host): its heartbeat (every `node_ttl_secs` / 3) stops, its members
 //!   drop out of presence after `presence.node_ttl_secs` (default 15 s) and the next heartbeat of any
 //!   node announces their leave.
@@ -63,6 +66,11 @@ pub struct PresenceConfig {
     /// Where members live: `postgres` (default; shared by every node) or `memory` (this process only).
     #[serde(default)]
     pub engine: Engine,
+    /// Seconds between reconciliations of this node's members in the store with its live sessions
+    /// (default 30): a membership whose leave failed (a pool timeout after thousands of clients
+    /// vanished at once) is removed at the latest then, one the store lost is put back. 1–3600.
+    #[serde(default = "default_reconcile")]
+    pub reconcile_interval_secs: u64,
 }
 
 /// The presence store of a deployment.
@@ -82,6 +90,7 @@ impl Default for PresenceConfig {
             node_ttl_secs: default_node_ttl(),
             channels: Vec::new(),
             engine: Engine::default(),
+            reconcile_interval_secs: default_reconcile(),
         }
     }
 }
@@ -89,6 +98,17 @@ impl Default for PresenceConfig {
 fn default_node_ttl() -> u64 {
     15
 }
+
+fn default_reconcile() -> u64 {
+    30
+}
+
+fn default_max_listed() -> u32 {
+    1000
+}
+
+/// Most failed leaves kept for a retry; beyond it, the reconciliation removes them.
+const MAX_RETRY_LEAVES: usize = 100_000;
 
 fn yes() -> bool {
     true
@@ -111,6 +131,15 @@ pub struct PresenceRule {
     /// does for anonymous users (default false).
     #[serde(default)]
     pub info_from_subscribe_data: bool,
+    /// `presence` lists one entry per user (a user's oldest connection; anonymous connections are
+    /// each their own entry) instead of one per connection (default false). `presence_stats` still
+    /// counts both.
+    #[serde(default)]
+    pub per_user: bool,
+    /// Most entries a `presence` answer lists (default 1000, the oldest members first; 1–100000).
+    /// `presence_stats` gives the full counts.
+    #[serde(default = "default_max_listed")]
+    pub max_listed: u32,
 }
 
 impl PresenceConfig {
@@ -129,7 +158,19 @@ impl PresenceConfig {
                 format!("{} is out of range 3..=3600", self.node_ttl_secs),
             ));
         }
+        if !(1..=3600).contains(&self.reconcile_interval_secs) {
+            return Err((
+                "presence.reconcile_interval_secs".into(),
+                format!("{} is out of range 1..=3600", self.reconcile_interval_secs),
+            ));
+        }
         for (i, r) in self.channels.iter().enumerate() {
+            if !(1..=100_000).contains(&r.max_listed) {
+                return Err((
+                    format!("presence.channels[{i}].max_listed"),
+                    format!("{} is out of range 1..=100000", r.max_listed),
+                ));
+            }
             if r.channel.is_empty()
                 || r.channel.len() > 255
                 || !r.channel.bytes().all(|b| b.is_ascii_graphic())
@@ -278,6 +319,11 @@ pub trait PresenceStore: Send + Sync + std::fmt::Debug {
         client: &'a str,
         membership: Option<(&'a str, &'a str)>,
     ) -> BoxFuture<'a, Result<()>>;
+    /// The memberships `(channel, client, membership id)` the store holds for `node`.
+    fn node_members<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, String, String)>>>;
     /// Deregisters a node and removes its members (leaves announced).
     fn remove_node<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<()>>;
     /// The live members of `channel`, in join order.
@@ -315,6 +361,9 @@ fn node_json(uid: &str, name: &str, version: &str, stats: Option<Value>) -> Valu
     v
 }
 
+/// A leave to retry: the client, and one (channel, membership id) or all of its memberships.
+type FailedLeave = (String, Option<(String, String)>);
+
 struct LocalSession {
     user: String,
     kick: Arc<Kick>,
@@ -334,6 +383,10 @@ pub struct Presence {
     store: Arc<dyn PresenceStore>,
     sessions: Mutex<HashMap<String, LocalSession>>,
     members: Mutex<HashMap<(String, String), LocalMember>>,
+    /// (channel, client) of joins on their way (in the store, not yet in `members`).
+    joining: Mutex<HashMap<(String, String), usize>>,
+    /// Leaves that failed, retried every second: (client, one membership or all).
+    retry: Mutex<Vec<FailedLeave>>,
     started: std::time::Instant,
 }
 
@@ -364,6 +417,8 @@ impl Presence {
             store,
             sessions: Mutex::default(),
             members: Mutex::default(),
+            joining: Mutex::default(),
+            retry: Mutex::default(),
             started: std::time::Instant::now(),
         }
     }
@@ -411,8 +466,96 @@ impl Presence {
             && !bulk
             && let Err(e) = self.store.leave(client, None).await
         {
-            tracing::warn!(error = %e, client, "presence: leave at close failed (the node's TTL will clear it)");
+            tracing::warn!(error = %e, client, "presence: leave at close failed (retried)");
+            self.retry_later(client, None);
         }
+    }
+
+    /// Keeps a failed leave for the retry task (bounded: past the bound the reconciliation removes it).
+    fn retry_later(&self, client: &str, membership: Option<(&str, &str)>) {
+        let mut retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+        if retry.len() < MAX_RETRY_LEAVES {
+            retry.push((
+                client.to_owned(),
+                membership.map(|(c, i)| (c.to_owned(), i.to_owned())),
+            ));
+        }
+    }
+
+    /// Retries the failed leaves once; those that fail again stay for the next round.
+    async fn retry_leaves(&self) {
+        let batch = std::mem::take(&mut *self.retry.lock().unwrap_or_else(|e| e.into_inner()));
+        if batch.is_empty() {
+            return;
+        }
+        let mut failed = 0usize;
+        for (client, membership) in batch {
+            let m = membership.as_ref().map(|(c, i)| (c.as_str(), i.as_str()));
+            if self.store.leave(&client, m).await.is_err() {
+                failed += 1;
+                self.retry_later(&client, m);
+            }
+        }
+        if failed > 0 {
+            tracing::warn!(
+                failed,
+                "presence: leaves failed again (retried in a second)"
+            );
+        }
+    }
+
+    /// Makes the store's members of this node match its live sessions: memberships the store has
+    /// and no session holds (failed leaves) are removed, leaves announced; memberships a session holds
+    /// and the store lost are put back. Returns (removed, restored).
+    pub async fn reconcile(&self) -> Result<(usize, usize)> {
+        let stored = self.store.node_members(&self.node).await?;
+        let (ghosts, missing) = {
+            let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            let joining = self.joining.lock().unwrap_or_else(|e| e.into_inner());
+            let stored_keys: std::collections::HashSet<(&str, &str)> = stored
+                .iter()
+                .map(|(ch, cl, _)| (ch.as_str(), cl.as_str()))
+                .collect();
+            let ghosts: Vec<(String, String, String)> = stored
+                .iter()
+                .filter(|(ch, cl, id)| {
+                    let key = (ch.clone(), cl.clone());
+                    !joining.contains_key(&key) && members.get(&key).is_none_or(|m| &m.id != id)
+                })
+                .cloned()
+                .collect();
+            let missing: Vec<(String, Member, String, bool)> = members
+                .iter()
+                .filter(|((ch, cl), _)| !stored_keys.contains(&(ch.as_str(), cl.as_str())))
+                .map(|((ch, _), m)| (ch.clone(), m.member.clone(), m.id.clone(), m.announce))
+                .collect();
+            (ghosts, missing)
+        };
+        for (channel, client, id) in &ghosts {
+            self.store.leave(client, Some((channel, id))).await?;
+        }
+        for (channel, member, id, announce) in &missing {
+            // Only if the session still holds it (it may have left meanwhile).
+            let current = self
+                .members
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&(channel.clone(), member.client.clone()))
+                .is_some_and(|m| &m.id == id);
+            if current {
+                self.store
+                    .join(Join {
+                        channel,
+                        member,
+                        node: &self.node,
+                        id,
+                        max_members: 0,
+                        announce: *announce,
+                    })
+                    .await?;
+            }
+        }
+        Ok((ghosts.len(), missing.len()))
     }
 
     /// Adds `member` to `channel`'s presence; returns the membership id (for [`Presence::leave`]).
@@ -424,33 +567,63 @@ impl Presence {
     ) -> std::result::Result<String, JoinError> {
         let max_members = self.rule_for(channel).map_or(0, |r| r.max_members);
         let id = uuid::Uuid::new_v4().to_string();
+        let key = (channel.to_owned(), member.client.clone());
+        *self
+            .joining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default() += 1;
         let joined = self
-            .store
+            .join_store(channel, &member, &id, max_members, announce)
+            .await;
+        if let Ok(true) = joined {
+            self.members
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    key.clone(),
+                    LocalMember {
+                        member,
+                        id: id.clone(),
+                        announce,
+                    },
+                );
+        }
+        {
+            let mut joining = self.joining.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = joining.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    joining.remove(&key);
+                }
+            }
+        }
+        match joined {
+            Ok(true) => Ok(id),
+            Ok(false) => Err(JoinError::Full),
+            Err(e) => Err(JoinError::Store(e)),
+        }
+    }
+
+    async fn join_store(
+        &self,
+        channel: &str,
+        member: &Member,
+        id: &str,
+        max_members: u32,
+        announce: bool,
+    ) -> Result<bool> {
+        self.store
             .join(Join {
                 channel,
-                member: &member,
+                member,
                 node: &self.node,
-                id: &id,
+                id,
                 max_members,
                 announce,
             })
             .await
-            .map_err(JoinError::Store)?;
-        if !joined {
-            return Err(JoinError::Full);
-        }
-        self.members
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                (channel.to_owned(), member.client.clone()),
-                LocalMember {
-                    member,
-                    id: id.clone(),
-                    announce,
-                },
-            );
-        Ok(id)
     }
 
     /// Removes one membership (a late call for an older membership of the same pair removes nothing).
@@ -463,7 +636,8 @@ impl Presence {
             }
         }
         if let Err(e) = self.store.leave(client, Some((channel, id))).await {
-            tracing::warn!(error = %e, client, channel, "presence: leave failed");
+            tracing::warn!(error = %e, client, channel, "presence: leave failed (retried)");
+            self.retry_later(client, Some((channel, id)));
         }
     }
 
@@ -576,6 +750,37 @@ impl Presence {
                 }
             }
         };
+        // Failed leaves are retried every second; the members are reconciled every
+        // `reconcile_interval_secs`.
+        let repair = {
+            let presence = presence.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                let reconcile_every = Duration::from_secs(presence.config.reconcile_interval_secs);
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut next_reconcile = tokio::time::Instant::now() + reconcile_every;
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    presence.retry_leaves().await;
+                    if tokio::time::Instant::now() >= next_reconcile {
+                        next_reconcile = tokio::time::Instant::now() + reconcile_every;
+                        match presence.reconcile().await {
+                            Ok((0, 0)) => {}
+                            Ok((removed, restored)) => tracing::info!(
+                                removed,
+                                restored,
+                                "presence: reconciled this node's members with its sessions"
+                            ),
+                            Err(e) => tracing::warn!(error = %e, "presence: reconciliation failed"),
+                        }
+                    }
+                }
+            }
+        };
         let (sink, mut events) = mpsc::unbounded_channel();
         let listen = presence.store.clone().listen(sink, shutdown.clone());
         let handle = {
@@ -593,7 +798,7 @@ impl Presence {
                 }
             }
         };
-        tokio::join!(heartbeat, listen, handle);
+        tokio::join!(heartbeat, listen, handle, repair);
         // Leaving: this node's members go now rather than after the TTL.
         match tokio::time::timeout(
             Duration::from_secs(3),
@@ -641,9 +846,25 @@ fn push(state: &AppState, channel: &str, kind: &str, info: &Member) {
     state.hub.push_event(channel, frame);
 }
 
-/// Members of `channel` on every live node.
+/// Members of `channel` on every live node, as its presence entry lists them: one per user where
+/// `per_user` is set, at most `max_listed`, oldest first.
 pub async fn members(state: &AppState, channel: &str) -> Result<Vec<Member>> {
-    state.presence.store.members(channel).await
+    let members = state.presence.store.members(channel).await?;
+    Ok(match state.presence.rule_for(channel) {
+        Some(rule) => listed(members, rule.per_user, rule.max_listed as usize),
+        None => members,
+    })
+}
+
+/// The members a `presence` answer lists: one per user (its oldest connection; anonymous members
+/// are each their own) when `per_user`, at most `max`.
+fn listed(members: Vec<Member>, per_user: bool, max: usize) -> Vec<Member> {
+    let mut seen = std::collections::HashSet::new();
+    members
+        .into_iter()
+        .filter(|m| !per_user || m.user.is_empty() || seen.insert(m.user.clone()))
+        .take(max)
+        .collect()
 }
 
 /// (clients, distinct users) of `channel` on every live node.

@@ -77,6 +77,22 @@ impl PresenceStore for PgStore {
         })
     }
 
+    fn node_members<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<(String, String, String)>>> {
+        Box::pin(async move {
+            Ok(
+                sqlx::query_as(
+                    "SELECT channel, client, member FROM relay.presence WHERE node = $1",
+                )
+                .bind(node)
+                .fetch_all(&self.pool)
+                .await?,
+            )
+        })
+    }
+
     fn remove_node<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             sqlx::query(
