@@ -764,8 +764,9 @@ def writer_fault(content: str) -> str:
 async def connector_accepts(stack: Stack, overrides: dict) -> bool:
     """Whether this connector's configuration knows the keys in `overrides` (unknown keys are errors)."""
     cfg = stack.write_config("probe", 1, overrides)
+    # With the stack's environment: `check` also checks the mappings in DATABASE_URL's database.
     r = await asyncio.to_thread(subprocess.run, [str(stack.bin_dir / "connector"), "--config", str(cfg), "check"],
-                                capture_output=True, text=True, timeout=60)
+                                env=stack.env, capture_output=True, text=True, timeout=60)
     return r.returncode == 0
 
 

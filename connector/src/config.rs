@@ -695,6 +695,40 @@ impl Config {
                 }
             }
         }
+        // A mapping listed twice would capture every change twice (one trigger, or two on one
+        // channel); a fixed mapping channel that a rule also binds could never be published on.
+        for (i, m) in self.mappings.iter().enumerate() {
+            fn def(m: &Mapping) -> (&str, &str, Vec<&str>, &str, Option<&[String]>) {
+                let mut ops: Vec<&str> = m.operations.iter().map(|o| o.sql()).collect();
+                ops.sort_unstable();
+                (&m.schema, &m.table, ops, &m.channel, m.columns.as_deref())
+            }
+            if let Some(j) = self.mappings[..i].iter().position(|o| def(o) == def(m)) {
+                return Err(invalid(
+                    &format!("mappings[{i}]"),
+                    format!(
+                        "duplicates mappings[{j}] (same table, operations, channel and columns)"
+                    ),
+                ));
+            }
+            let fixed = parse_template(&m.channel)
+                .is_ok_and(|parts| parts.iter().all(|p| matches!(p, TemplatePart::Literal(_))));
+            if fixed
+                && let Some(j) = self
+                    .rules
+                    .iter()
+                    .position(|r| ChannelPattern::new(&r.channel).matches(&m.channel))
+            {
+                return Err(invalid(
+                    &format!("mappings[{i}].channel"),
+                    format!(
+                        "{:?} is also bound by rules[{j}]: a table-fed channel cannot be published on, \
+                         so the rule would never run; use another channel",
+                        m.channel
+                    ),
+                ));
+            }
+        }
         for (i, r) in self.rules.iter().enumerate() {
             let field = |f: &str| format!("rules[{i}].{f}");
             if r.channel.is_empty()

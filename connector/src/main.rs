@@ -20,6 +20,12 @@ struct Cli {
         global = true
     )]
     config: PathBuf,
+    /// Allow `run`, `migrate` and `triggers sync` to write into the `postgres` maintenance database
+    /// (refused by default: the relay's schema belongs in the application's database).
+    #[arg(long, global = true, env = "RELAY_ALLOW_POSTGRES_DB",
+          action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    allow_postgres_db: bool,
     /// What to do (default: run).
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -31,7 +37,8 @@ enum Cmd {
     Run,
     /// Apply the migrations and exit.
     Migrate,
-    /// Validate the configuration and exit.
+    /// Validate the configuration and, when the database is reachable, the mappings against it
+    /// (tables, columns, template columns); read-only. Says which checks it could not run.
     Check,
     /// Manage the capture triggers.
     Triggers {
@@ -97,34 +104,137 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("connector: {e:#}");
+            eprintln!("connector: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// The error and its causes, each named once (a cause whose text its parent already shows is
+/// skipped: sqlx and the migrator repeat their sources in their own messages).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// A database error names the database's host, port and name; other errors stay as they are.
+fn at_database(e: connector::Error, db: &str) -> anyhow::Error {
+    match e {
+        connector::Error::Database(_) | connector::Error::Migrate(_) => {
+            anyhow::anyhow!("PostgreSQL at {db}: {}", error_chain(&e.into()))
+        }
+        other => other.into(),
+    }
+}
+
+/// Refuses to write into the `postgres` maintenance database unless allowed; then checks that the
+/// database can be reached, naming host, port and the real cause when it cannot.
+async fn writable_database(config: &Config, allow_postgres_db: bool) -> anyhow::Result<()> {
+    let url = &config.database.url;
+    let name = connector::db::database_name(url)?;
+    if name == "postgres" && !allow_postgres_db {
+        anyhow::bail!(
+            "refusing to write the relay's schema into the \"postgres\" maintenance database at {}: \
+             point database.url / DATABASE_URL at the application's database (e.g. createdb relay; \
+             DATABASE_URL=postgres://…/relay), or pass --allow-postgres-db (RELAY_ALLOW_POSTGRES_DB=1) \
+             if you really mean it",
+            connector::db::describe(url)
+        );
+    }
+    reachable(config).await
+}
+
+/// Opens one connection to the database, or fails naming host, port, database and the cause.
+async fn reachable(config: &Config) -> anyhow::Result<()> {
+    let url = &config.database.url;
+    let timeout = std::time::Duration::from_secs(config.database.connect_timeout_secs);
+    connector::db::probe(url, timeout).await.map_err(|e| {
+        let cause = match e {
+            connector::Error::Database(e) => error_chain(&e.into()),
+            other => error_chain(&other.into()),
+        };
+        anyhow::anyhow!(
+            "cannot connect to PostgreSQL at {}: {cause}",
+            connector::db::describe(url),
+        )
+    })
+}
+
+/// `connector check`: the file, then (read-only) the mappings against the database when it is
+/// reachable. Every check that could not run is named.
+async fn check(path: &std::path::Path, config: &Config) -> anyhow::Result<()> {
+    #[allow(clippy::print_stdout)]
+    let say = |line: String| println!("{line}");
+    say(format!(
+        "{}: configuration is valid (fields, limits, mapping identifiers and templates, no duplicated \
+         mapping)",
+        path.display()
+    ));
+    let db = connector::db::describe(&config.database.url);
+    if config.mappings.is_empty() {
+        say("no mappings: nothing to check against the database".to_owned());
+        return Ok(());
+    }
+    if let Err(e) = reachable(config).await {
+        say(format!(
+            "NOT CHECKED against the database ({}): whether the mappings' tables, columns and \
+             channel-template columns exist",
+            error_chain(&e)
+        ));
+        return Ok(());
+    }
+    let pool = connector::db::pool(&config.database)?;
+    let problems = connector::db::triggers::mapping_problems(&pool, &config.mappings).await;
+    pool.close().await;
+    let problems = problems.map_err(|e| anyhow::anyhow!("checking the mappings in {db}: {e}"))?;
+    if problems.is_empty() {
+        say(format!(
+            "database {db}: the tables, columns and channel-template columns of all {} mappings exist",
+            config.mappings.len()
+        ));
+        return Ok(());
+    }
+    for p in &problems {
+        say(format!("database {db}: {p}"));
+    }
+    anyhow::bail!("{} problem(s) with the mappings in {db}", problems.len())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(&cli.config)?;
+    let db = connector::db::describe(&config.database.url);
     match cli.command.unwrap_or(Cmd::Run) {
-        Cmd::Check => {
-            #[allow(clippy::print_stdout)]
-            {
-                println!("{}: configuration is valid", cli.config.display());
-            }
-            Ok(())
-        }
+        Cmd::Check => check(&cli.config, &config).await,
         Cmd::Migrate => {
+            writable_database(&config, cli.allow_postgres_db).await?;
             let pool = connector::db::pool(&config.database)?;
-            connector::db::migrate(&pool).await?;
-            tracing::info!("migrations applied");
+            connector::db::migrate(&pool)
+                .await
+                .map_err(|e| at_database(e, &db))?;
+            tracing::info!(database = %db, "migrations applied");
             Ok(())
         }
         Cmd::Triggers {
             action: TriggerCmd::Sync,
         } => {
+            writable_database(&config, cli.allow_postgres_db).await?;
             let pool = connector::db::pool(&config.database)?;
-            connector::db::migrate(&pool).await?;
-            let report = connector::db::triggers::sync(&pool, &config.mappings, None).await?;
+            connector::db::migrate(&pool)
+                .await
+                .map_err(|e| at_database(e, &db))?;
+            let report = connector::db::triggers::sync(&pool, &config.mappings, None)
+                .await
+                .map_err(|e| at_database(e, &db))?;
             #[allow(clippy::print_stdout)]
             {
                 for t in &report.installed {
@@ -176,9 +286,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run => {
+            writable_database(&config, cli.allow_postgres_db).await?;
             let addr = config.listen_addr()?;
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            connector::run(config, listener, shutdown_signal()).await?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            connector::run(config, listener, shutdown_signal())
+                .await
+                .map_err(|e| at_database(e, &db))?;
             Ok(())
         }
     }

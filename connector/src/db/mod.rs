@@ -13,10 +13,11 @@ pub mod stream;
 pub mod tls;
 pub mod triggers;
 
+use std::str::FromStr as _;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::config::DatabaseConfig;
 use crate::error::Result;
@@ -24,13 +25,64 @@ use crate::error::Result;
 /// The migrations of `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
+/// The `application_name` of the connector's PostgreSQL sessions (unless the URL sets one), so
+/// `pg_stat_activity` shows who they are.
+pub const APPLICATION_NAME: &str = "pg-relay connector";
+
+/// The connection options of `url`, with [`APPLICATION_NAME`] unless the URL names one.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(url)?;
+    Ok(if options.get_application_name().is_some() {
+        options
+    } else {
+        options.application_name(APPLICATION_NAME)
+    })
+}
+
+/// `host:port/database` of `url`, for messages (never the password).
+pub fn describe(url: &str) -> String {
+    match PgConnectOptions::from_str(url) {
+        Ok(o) => format!(
+            "{}:{}/{}",
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or(o.get_username())
+        ),
+        Err(_) => "an unparsable database URL".to_owned(),
+    }
+}
+
+/// The database `url` names (PostgreSQL's default: the user's name).
+pub fn database_name(url: &str) -> Result<String> {
+    let o = PgConnectOptions::from_str(url)?;
+    Ok(o.get_database().unwrap_or(o.get_username()).to_owned())
+}
+
 /// Builds the query pool (connections are opened lazily, so start-up does not fail on a slow database).
 pub fn pool(config: &DatabaseConfig) -> Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(config.pool_size)
         .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
-        .connect_lazy(&config.url)?;
+        .connect_lazy_with(connect_options(&config.url)?);
     Ok(pool)
+}
+
+/// Opens one connection within `timeout` and closes it: the real cause (refused, unknown host,
+/// authentication, missing database) where a pool would only say that it timed out.
+pub async fn probe(url: &str, timeout: Duration) -> Result<()> {
+    use sqlx::Connection as _;
+    let options = connect_options(url)?;
+    match tokio::time::timeout(timeout, sqlx::PgConnection::connect_with(&options)).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(crate::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection within {} s", timeout.as_secs()),
+        ))),
+    }
 }
 
 /// Applies the migrations.

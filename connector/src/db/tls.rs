@@ -47,6 +47,9 @@ pub fn listen_target(url: &str) -> anyhow::Result<ListenTarget> {
         parsed.query_pairs_mut().extend_pairs(kept);
     }
     let mut config: tokio_postgres::Config = parsed.as_str().parse()?;
+    if config.get_application_name().is_none() {
+        config.application_name(super::APPLICATION_NAME);
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;

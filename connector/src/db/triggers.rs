@@ -233,8 +233,18 @@ pub fn specs(mappings: &[Mapping]) -> Result<Vec<TriggerSpec>> {
         .collect()
 }
 
-/// Checks that every mapping's table and columns exist.
+/// Checks that every mapping's table and columns exist; fails with the first problem.
 pub async fn check_tables(pool: &PgPool, mappings: &[Mapping]) -> Result<()> {
+    match mapping_problems(pool, mappings).await?.into_iter().next() {
+        Some(problem) => Err(problem),
+        None => Ok(()),
+    }
+}
+
+/// Every mapping whose table, `columns` or channel-template columns do not exist in the database, one
+/// [`Error::Mapping`] per problem (read-only: what `connector check` reports).
+pub async fn mapping_problems(pool: &PgPool, mappings: &[Mapping]) -> Result<Vec<Error>> {
+    let mut problems = Vec::new();
     for (index, m) in mappings.iter().enumerate() {
         let cols: Vec<String> = sqlx::query_scalar(
             "SELECT column_name::text FROM information_schema.columns
@@ -246,31 +256,33 @@ pub async fn check_tables(pool: &PgPool, mappings: &[Mapping]) -> Result<()> {
         .await?;
         let table = format!("{}.{}", m.schema, m.table);
         if cols.is_empty() {
-            return Err(Error::Mapping {
+            problems.push(Error::Mapping {
                 index,
                 table,
                 problem: "table does not exist".to_owned(),
             });
+            continue;
         }
         let have: HashSet<&str> = cols.iter().map(String::as_str).collect();
         let template_cols = parse_template(&m.channel)
             .unwrap_or_default()
             .into_iter()
             .filter_map(|p| match p {
-                TemplatePart::Column(c) => Some(c),
+                TemplatePart::Column(c) => Some(("channel template", c)),
                 TemplatePart::Literal(_) => None,
             });
-        for col in template_cols.chain(m.columns.iter().flatten().cloned()) {
+        let listed = m.columns.iter().flatten().map(|c| ("columns", c.clone()));
+        for (place, col) in template_cols.chain(listed) {
             if !have.contains(col.as_str()) {
-                return Err(Error::Mapping {
+                problems.push(Error::Mapping {
                     index,
-                    table,
-                    problem: format!("column {col:?} does not exist"),
+                    table: table.clone(),
+                    problem: format!("column {col:?} ({place}) does not exist"),
                 });
             }
         }
     }
-    Ok(())
+    Ok(problems)
 }
 
 /// Installs the triggers of `mappings`, registers them for `owner` (a running node) and drops the
