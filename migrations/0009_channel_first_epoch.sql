@@ -26,3 +26,45 @@ $$;
 
 CREATE TRIGGER channels_first_epoch BEFORE INSERT ON relay.channels
 FOR EACH ROW EXECUTE FUNCTION relay.channels_first_epoch();
+
+-- A channel's publications from an offset, in either direction, up to max_rows and until their text
+-- passes max_bytes: the row that crosses it is the last one returned (so the caller can tell), and the
+-- scan stops there, however many rows max_rows allows. STABLE: it reads in the calling statement's
+-- snapshot, so the position read beside it matches.
+CREATE FUNCTION relay.read_publications(
+    channel_name text, from_offset bigint, forward boolean, max_rows bigint, max_bytes bigint
+) RETURNS TABLE ("offset" bigint, data text, info text)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+    r record;
+    total bigint := 0;
+BEGIN
+    IF max_rows <= 0 THEN
+        RETURN;
+    END IF;
+    IF forward THEN
+        FOR r IN
+            SELECT p."offset" AS o, p.data::text AS d, p.info::text AS i FROM relay.publications p
+            WHERE p.channel = channel_name AND p."offset" > from_offset
+            ORDER BY p."offset" LIMIT max_rows
+        LOOP
+            "offset" := r.o; data := r.d; info := r.i;
+            RETURN NEXT;
+            total := total + octet_length(r.d) + coalesce(octet_length(r.i), 0);
+            EXIT WHEN total > max_bytes;
+        END LOOP;
+    ELSE
+        FOR r IN
+            SELECT p."offset" AS o, p.data::text AS d, p.info::text AS i FROM relay.publications p
+            WHERE p.channel = channel_name AND p."offset" < from_offset
+            ORDER BY p."offset" DESC LIMIT max_rows
+        LOOP
+            "offset" := r.o; data := r.d; info := r.i;
+            RETURN NEXT;
+            total := total + octet_length(r.d) + coalesce(octet_length(r.i), 0);
+            EXIT WHEN total > max_bytes;
+        END LOOP;
+    END IF;
+END
+$$;

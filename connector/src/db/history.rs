@@ -50,44 +50,22 @@ impl StoredPublication {
     }
 }
 
-/// The publications of a read, with a running total of their sizes so that PostgreSQL sends no more
-/// than the byte cap ($4) plus the one row that crosses it (the caller then reports an overflow).
-macro_rules! stream_query {
-    ($cmp:literal, $order:literal) => {
-        concat!(
-            r#"
-SELECT coalesce(c.epoch, relay.first_epoch($1)), c.top_offset, p."offset", p.data::text, p.info::text
+/// The position and the publications of a read. `relay.read_publications` (migration 0009) stops its
+/// scan as soon as the rows' text passes the byte cap ($4), returning the row that crosses it, so
+/// PostgreSQL neither reads nor sends more than the cap plus one row, whatever the count allows.
+const FORWARD: &str = r#"
+SELECT coalesce(c.epoch, relay.first_epoch($1)), c.top_offset, p."offset", p.data, p.info
 FROM (SELECT 1) AS one
 LEFT JOIN relay.channels c ON c.name = $1
-LEFT JOIN LATERAL (
-    SELECT "offset", data, info FROM (
-        SELECT "offset", data, info, size,
-               sum(size) OVER (ORDER BY "offset" "#,
-            $order,
-            r#") AS running
-        FROM (
-            SELECT "offset", data, info,
-                   octet_length(data::text) + coalesce(octet_length(info::text), 0) AS size
-            FROM relay.publications
-            WHERE channel = $1 AND "offset" "#,
-            $cmp,
-            r#" $2
-            ORDER BY "offset" "#,
-            $order,
-            r#" LIMIT $3
-        ) sized
-    ) w
-    WHERE running - size <= $4
-) p ON true
-ORDER BY p."offset" "#,
-            $order
-        )
-    };
-}
+LEFT JOIN LATERAL relay.read_publications($1, $2, true, $3, $4) p ON true
+ORDER BY p."offset""#;
 
-const FORWARD: &str = stream_query!(">", "ASC");
-
-const BACKWARD: &str = stream_query!("<", "DESC");
+const BACKWARD: &str = r#"
+SELECT coalesce(c.epoch, relay.first_epoch($1)), c.top_offset, p."offset", p.data, p.info
+FROM (SELECT 1) AS one
+LEFT JOIN relay.channels c ON c.name = $1
+LEFT JOIN LATERAL relay.read_publications($1, $2, false, $3, $4) p ON true
+ORDER BY p."offset" DESC"#;
 
 type Row = (
     Option<String>,
