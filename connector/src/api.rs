@@ -339,6 +339,10 @@ async fn history(state: &AppState, p: HistoryParams) -> ApiResult {
     if slice.overflow {
         return Err(too_large());
     }
+    // Held while the reply is built (the process-wide allowance of large replies).
+    let _held = state.limits.reserve_reply(slice.bytes).ok_or_else(|| {
+        ReplyError::with_message(ErrorCode::TooManyRequests, "server busy with large replies")
+    })?;
     if let Some(s) = &p.since
         && !s.epoch.is_empty()
         && s.epoch != slice.epoch

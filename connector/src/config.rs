@@ -187,6 +187,12 @@ pub struct ClientConfig {
     /// `recovered: false`.
     #[serde(default = "default_outbound_queue_bytes")]
     pub outbound_queue_bytes: usize,
+    /// Bytes of large replies (history, presence, recovery) held by all connections of the process
+    /// at once, from their read until their write completes (default 256 MiB). A reply that would
+    /// pass it is error 111 (temporary: the SDK retries), so many connections asking for large
+    /// replies at once, or not reading them, cannot add up to more memory than this.
+    #[serde(default = "default_replies_in_flight")]
+    pub replies_in_flight_bytes: usize,
     /// Most publications returned by one history call (default 300).
     #[serde(default = "default_history_limit")]
     pub history_max_limit: u32,
@@ -391,6 +397,9 @@ fn default_max_message() -> usize {
 fn default_outbound_queue_bytes() -> usize {
     16 << 20
 }
+fn default_replies_in_flight() -> usize {
+    256 << 20
+}
 fn default_recovery_max() -> u32 {
     1_000_000
 }
@@ -482,6 +491,7 @@ impl Default for ClientConfig {
             outbound_queue_bytes: default_outbound_queue_bytes(),
             history_max_limit: default_history_limit(),
             recovery_max_publications: default_recovery_max(),
+            replies_in_flight_bytes: default_replies_in_flight(),
             max_channels_per_connection: default_max_channels(),
             max_pending_publishes: default_max_pending(),
             connect_timeout_secs: default_connect_timeout_client(),
@@ -632,6 +642,12 @@ impl Config {
             c.recovery_max_publications.into(),
             1,
             100_000_000,
+        )?;
+        check_range(
+            "client.replies_in_flight_bytes",
+            c.replies_in_flight_bytes as u64,
+            64 << 10,
+            1 << 40,
         )?;
         check_range(
             "client.handshake_timeout_secs",

@@ -22,6 +22,8 @@ pub struct Shared {
     pub trusted_proxies: Vec<Cidr>,
     /// Deliveries in flight per rule (`rules[].max_concurrency`).
     pub targets: crate::rules::Concurrency,
+    /// KiB of large replies held process-wide (`client.replies_in_flight_bytes`).
+    pub replies_in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Most keys (IPs, users) a [`KeyedLimiter`] of [`Shared`] tracks at once.
@@ -48,7 +50,19 @@ impl Shared {
                 .filter_map(|p| Cidr::parse(p))
                 .collect(),
             targets: crate::rules::Concurrency::for_rules(&config.rules),
+            replies_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                (c.replies_in_flight_bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         }
+    }
+
+    /// Reserves `bytes` of the process-wide allowance for large replies; `None` when it is used up.
+    pub fn reserve_reply(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        self.replies_in_flight
+            .clone()
+            .try_acquire_many_owned(kib)
+            .ok()
     }
 }
 

@@ -51,6 +51,15 @@ const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 
 /// The error of a command whose reply would not fit in what is left of the connection's outbound
 /// byte budget (`client.outbound_queue_bytes`).
+/// The error of a command whose large reply would pass the process-wide allowance
+/// (`client.replies_in_flight_bytes`): temporary, the SDK retries.
+fn replies_busy() -> ReplyError {
+    ReplyError::with_message(
+        ErrorCode::TooManyRequests,
+        "server busy with large replies: retry",
+    )
+}
+
 fn reply_too_large() -> ReplyError {
     ReplyError::with_message(
         ErrorCode::LimitExceeded,
@@ -93,6 +102,8 @@ struct Session {
     ip: String,
     /// Bytes the replies of the frame being handled may still take.
     reply_budget: usize,
+    /// The process-wide allowance its large replies hold until they are written.
+    held: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// The earliest moment a token expiry (connection or subscription) must be acted on.
     next_expiry: Option<Instant>,
     subs: HashMap<String, SubState>,
@@ -126,6 +137,7 @@ pub async fn serve(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAddr
         ),
         ip: ip.to_string(),
         reply_budget: 0,
+        held: Vec::new(),
         next_expiry: None,
         subs: HashMap::new(),
         mailbox,
@@ -239,6 +251,7 @@ impl Session {
                         let sent = out.is_empty() || send_lines(&mut sink, &out, write_timeout).await.is_ok();
                         self.queued.fetch_sub(bytes, Ordering::Relaxed);
                         drop(out);
+                        self.held.clear();
                         if !sent {
                             break None;
                         }
@@ -636,6 +649,15 @@ impl Session {
                 return Err(ReplyError::from(ErrorCode::Internal).into());
             }
         };
+        if slice.bytes > 0 {
+            match self.state.limits.reserve_reply(slice.bytes) {
+                Some(permit) => self.held.push(permit),
+                None => {
+                    self.state.hub.unsubscribe(&channel, self.id);
+                    return Err(replies_busy().into());
+                }
+            }
+        }
         let mut recovered = false;
         let mut publications: Vec<&StoredPublication> = Vec::new();
         if req.recover {
@@ -826,6 +848,12 @@ impl Session {
             }
             map.insert(m.client.clone(), info);
         }
+        self.held.push(
+            self.state
+                .limits
+                .reserve_reply(bytes)
+                .ok_or_else(replies_busy)?,
+        );
         Ok(serde_json::json!({ "presence": map }).to_string())
     }
 
@@ -1003,6 +1031,12 @@ impl Session {
         if slice.overflow {
             return Err(reply_too_large());
         }
+        self.held.push(
+            self.state
+                .limits
+                .reserve_reply(slice.bytes)
+                .ok_or_else(replies_busy)?,
+        );
         if let Some(since) = &req.since
             && !since.epoch.is_empty()
             && since.epoch != slice.epoch

@@ -685,3 +685,68 @@ async fn oversized_message_closes_with_1009_and_no_reset() {
     server.stop().await;
     db.drop_db().await;
 }
+
+/// Item 1, across connections: large replies held by all connections together stay under
+/// `client.replies_in_flight_bytes`. A client that asks for a 10 MB history and never reads holds
+/// its share until its write times out or it goes away; meanwhile another large reply is error 111
+/// (temporary), and succeeds once the allowance is free again.
+#[tokio::test]
+async fn large_replies_share_a_process_wide_allowance() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(
+        &db.url,
+        json!({"client": {"history_max_limit": 2000, "replies_in_flight_bytes": 12 << 20, "write_timeout_secs": 30}}),
+    ))
+    .await;
+    insert_rows(&db, "r", 1500, 7000).await;
+    wait_top(&db, "incoming-chat", 1500).await;
+
+    // A client with a tiny receive buffer that asks for everything and reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut hog = socket.connect(server.addr).await.unwrap();
+    handshake(&mut hog, server.addr).await;
+    let ask = r#"{"id":1,"connect":{}}
+{"id":2,"history":{"channel":"incoming-chat","limit":-1}}"#;
+    hog.write_all(&client_frame(1, ask.as_bytes()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let mut c = Client::connected(&server.ws_url()).await;
+    let r = c
+        .call(json!({"history": {"channel": "incoming-chat", "limit": -1}}))
+        .await;
+    assert_eq!(
+        r["error"]["code"],
+        111,
+        "{}",
+        &r.to_string()[..200.min(r.to_string().len())]
+    );
+    assert_eq!(r["error"]["temporary"], true);
+    // Small replies are not affected.
+    let small = c
+        .call(json!({"history": {"channel": "incoming-chat", "limit": 2}}))
+        .await;
+    assert_eq!(
+        small["history"]["publications"].as_array().unwrap().len(),
+        2
+    );
+    // The hog goes away: its share comes back, the retry succeeds.
+    drop(hog);
+    let mut got = None;
+    for _ in 0..50 {
+        let r = c
+            .call(json!({"history": {"channel": "incoming-chat", "limit": -1}}))
+            .await;
+        if r["history"].is_object() {
+            got = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = got.expect("the allowance never came back");
+    assert_eq!(r["history"]["publications"].as_array().unwrap().len(), 1500);
+    server.stop().await;
+    db.drop_db().await;
+}
