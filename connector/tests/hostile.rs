@@ -750,3 +750,55 @@ async fn large_replies_share_a_process_wide_allowance() {
     server.stop().await;
     db.drop_db().await;
 }
+
+/// Item 6: publishes of one user are limited across all its connections (a new connection is not
+/// a new allowance); another user is unaffected.
+#[tokio::test]
+async fn publishes_are_limited_per_user_across_connections() {
+    const SECRET: &str = "hostile-test-secret-hostile-test-0123";
+    let token = |sub: &str| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"sub": sub, "exp": 4_000_000_000u64}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(
+        &db.url,
+        json!({"auth": {"hmac_secret_key": SECRET},
+               "client": {"publish_rate_per_user_per_sec": 1, "publish_burst_per_user": 4}}),
+    ))
+    .await;
+    let mut accepted = 0;
+    for _ in 0..4 {
+        let mut c = Client::connect(&server.ws_url()).await;
+        let r = c
+            .call(json!({"connect": {"token": token("mallory")}}))
+            .await;
+        assert!(r["connect"].is_object(), "{r}");
+        for _ in 0..3 {
+            let r = c
+                .call(json!({"publish": {"channel": "free:chat", "data": {"x": 1}}}))
+                .await;
+            if r["publish"].is_object() {
+                accepted += 1;
+            } else {
+                assert_eq!(r["error"]["code"], 111, "{r}");
+                assert_eq!(r["error"]["message"], "publish rate limit (user)");
+            }
+        }
+    }
+    assert!((4..=6).contains(&accepted), "accepted {accepted} of 12");
+    let mut other = Client::connect(&server.ws_url()).await;
+    other
+        .call(json!({"connect": {"token": token("alice")}}))
+        .await;
+    let r = other
+        .call(json!({"publish": {"channel": "free:chat", "data": {"x": 1}}}))
+        .await;
+    assert!(r["publish"].is_object(), "{r}");
+    server.stop().await;
+    db.drop_db().await;
+}
