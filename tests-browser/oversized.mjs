@@ -3,7 +3,8 @@
 // WebSocket to a real connector, sends `connect`, then a text message over client.max_message_bytes,
 // and records the close event. Before the lingering close, 9 of 12 such sends ended as code 1006
 // (a TCP reset overtook the close frame: the SDK saw "transport closed" and reconnected); each must
-// now end with 1009. Prints `N passed, N failed` last; exit code 0 only when nothing failed.
+// now end with 1009, and the same sends through the vendored centrifuge-js must end in its terminal
+// "message size limit exceeded" (never "transport closed" and a reconnect). Prints `N passed, N failed` last; exit code 0 only when nothing failed.
 //
 // Usage: node oversized.mjs [--bin-dir DIR] [--rounds N]   (DATABASE_URL, CHROMIUM as in run.mjs)
 
@@ -89,6 +90,32 @@ async function main() {
       }
     }
     console.log(`[oversized] close codes of ${ROUNDS} oversized sends: ${codes.join(' ')}`);
+    // The same through the vendored SDK (centrifuge-js 5.8.0, as the chat page uses it): the send must
+    // end in the terminal "message size limit exceeded", not "transport closed" and a reconnect.
+    await page.addScriptTag({ url: `${base}/static/centrifuge-5.8.0.js` });
+    const outcomes = [];
+    for (let round = 0; round < ROUNDS / 2; round += 1) {
+      const size = round % 2 === 0 ? 70_000 : 1_000_000;
+      const result = await page.evaluate(([url, size]) => new Promise((resolve) => {
+        const c = new Centrifuge(url, { minReconnectDelay: 60000 });
+        c.on('connected', () => {
+          c.publish('x', { text: 'a'.repeat(size) }).catch(() => {});
+        });
+        c.on('connecting', (ctx) => {
+          if (ctx.code !== 0) { resolve(`${ctx.code} ${ctx.reason}`); c.disconnect(); }
+        });
+        c.on('disconnected', (ctx) => resolve(`${ctx.code} ${ctx.reason}`));
+        c.connect();
+      }), [`ws://127.0.0.1:${port}/connection/websocket`, size]);
+      outcomes.push(result);
+      if (result === '3 message size limit exceeded') {
+        passed += 1;
+      } else {
+        failed += 1;
+        console.log(`[oversized] FAIL SDK round ${round} (${size} bytes): ${result}`);
+      }
+    }
+    console.log(`[oversized] centrifuge-js outcomes: ${outcomes.join(' | ')}`);
   } catch (e) {
     failed += 1;
     console.log(`[oversized] FAIL ${e && e.message ? e.message : e}`);
