@@ -231,16 +231,28 @@ async fn publish_one(
             None => uuid::Uuid::new_v4().to_string(),
         };
         let envelope = rules::envelope(channel, "api", "api", &named, id);
-        return rules::deliver(&state.http, &state.lambda, rule, &envelope)
-            .await
-            .map_err(|e| {
-                // A refusal by the target is an error answer with its code and reason (420-422).
-                if let rules::TargetError::Refused(r) = &e {
-                    return r.reply_error();
+        return rules::deliver_limited(
+            &state.limits.targets,
+            &state.http,
+            &state.lambda,
+            rule,
+            &envelope,
+        )
+        .await
+        .map_err(|e| {
+            // A refusal by the target is an error answer with its code and reason (420-422).
+            if let rules::TargetError::Refused(r) = &e {
+                return r.reply_error();
+            }
+            tracing::warn!(channel, error = %e, "server API: publish target failed");
+            match e {
+                rules::TargetError::Busy(_) => {
+                    ReplyError::with_message(ErrorCode::TooManyRequests, "publish target busy")
                 }
-                tracing::warn!(channel, error = %e, "server API: publish target failed");
-                ReplyError::with_message(ErrorCode::Internal, "publish target failed").temporary()
-            });
+                _ => ReplyError::with_message(ErrorCode::Internal, "publish target failed")
+                    .temporary(),
+            }
+        });
     }
     sqlx::query("SELECT relay.publish($1, $2::text::jsonb)")
         .bind(channel)
@@ -325,9 +337,16 @@ async fn history(state: &AppState, p: HistoryParams) -> ApiResult {
         (None, true) => Bound::Before(u64::MAX),
         (None, false) => Bound::After(0),
     };
-    let slice = history::read(&state.pool, &p.channel, bound, limit)
+    let slice = history::read(&state.pool, &p.channel, bound, limit, reply_budget(state))
         .await
         .map_err(|e| internal("history", e))?;
+    if slice.overflow {
+        return Err(too_large());
+    }
+    // Held while the reply is built (the process-wide allowance of large replies).
+    let _held = state.limits.reserve_reply(slice.bytes).ok_or_else(|| {
+        ReplyError::with_message(ErrorCode::TooManyRequests, "server busy with large replies")
+    })?;
     if let Some(s) = &p.since
         && !s.epoch.is_empty()
         && s.epoch != slice.epoch
@@ -375,11 +394,17 @@ async fn channels(state: &AppState, p: ChannelsParams) -> ApiResult {
         .filter(|s| !s.is_empty())
         .map(|s| ChannelPattern::new(&s));
     let mut out = serde_json::Map::new();
+    let budget = reply_budget(state);
+    let mut bytes = 0usize;
     for (name, n) in crate::presence::channel_counts(state)
         .await
         .map_err(|e| internal("channels", e))?
     {
         if pattern.as_ref().is_none_or(|p| p.matches(&name)) {
+            bytes += name.len() + 40;
+            if bytes > budget {
+                return Err(too_large());
+            }
             out.insert(name, json!({"num_clients": n}));
         }
     }
@@ -398,11 +423,32 @@ async fn presence(state: &AppState, p: ChannelParams) -> ApiResult {
     let members = crate::presence::members(state, &p.channel)
         .await
         .map_err(|e| internal("presence", e))?;
-    let map: serde_json::Map<String, Value> = members
-        .into_iter()
-        .map(|m| (m.client.clone(), m.to_json()))
-        .collect();
+    let budget = reply_budget(state);
+    let mut bytes = 0usize;
+    let mut map = serde_json::Map::new();
+    for m in members {
+        let info = m.to_json();
+        bytes += m.client.len() + info.to_string().len() + 8;
+        if bytes > budget {
+            return Err(too_large());
+        }
+        map.insert(m.client.clone(), info);
+    }
     Ok(json!({ "presence": map }))
+}
+
+/// The most bytes one reply of the API may take: the same budget as a client connection's
+/// (`client.outbound_queue_bytes`, less the eighth a connection keeps for pushes).
+fn reply_budget(state: &AppState) -> usize {
+    let b = state.config.client.outbound_queue_bytes;
+    b - b / 8
+}
+
+fn too_large() -> ReplyError {
+    ReplyError::with_message(
+        ErrorCode::LimitExceeded,
+        "reply too large (client.outbound_queue_bytes): ask for less",
+    )
 }
 
 async fn presence_stats(state: &AppState, p: ChannelParams) -> ApiResult {

@@ -65,7 +65,7 @@ pub struct RetentionConfig {
     #[serde(default = "default_prune_interval")]
     pub prune_interval_secs: u64,
     /// Rules by channel pattern; the first match wins; channels that match none use the last resort
-    /// of 10000 publications and 1 day.
+    /// of 100000 publications and 1 day.
     #[serde(default)]
     pub rules: Vec<RetentionRule>,
 }
@@ -76,7 +76,8 @@ pub struct RetentionConfig {
 pub struct RetentionRule {
     /// Channel pattern (`*` matches any run of characters).
     pub channel: String,
-    /// Most publications kept (default 10000).
+    /// Most publications kept (default 100000: a busy channel keeps minutes of history to recover
+    /// from).
     #[serde(default = "default_max_publications")]
     pub max_publications: u64,
     /// Oldest publication kept, in seconds (default 86400).
@@ -120,7 +121,7 @@ fn default_prune_interval() -> u64 {
     30
 }
 fn default_max_publications() -> u64 {
-    10_000
+    100_000
 }
 fn default_max_age() -> u64 {
     86_400
@@ -188,14 +189,25 @@ pub struct ClientConfig {
     /// client that keeps up is not cut off by one large transaction's burst).
     #[serde(default = "default_outbound_queue")]
     pub outbound_queue: usize,
-    /// Bytes of pushes buffered per connection before it counts as slow (3008); default 4 MiB.
+    /// The connection's outbound byte budget (default 16 MiB): pushes waiting in its mailbox plus
+    /// replies being written. Pushes over it close the connection as slow (3008); the replies to one
+    /// frame may use what pushes leave of it, less an eighth kept for the pushes that arrive while
+    /// they are written: a reply that does not fit is an error (106) or, for a recovery,
+    /// `recovered: false`.
     #[serde(default = "default_outbound_queue_bytes")]
     pub outbound_queue_bytes: usize,
+    /// Bytes of large replies (history, presence, recovery) held by all connections of the process
+    /// at once, from their read until their write completes (default 256 MiB). A reply that would
+    /// pass it is error 111 (temporary: the SDK retries), so many connections asking for large
+    /// replies at once, or not reading them, cannot add up to more memory than this.
+    #[serde(default = "default_replies_in_flight")]
+    pub replies_in_flight_bytes: usize,
     /// Most publications returned by one history call (default 300).
     #[serde(default = "default_history_limit")]
     pub history_max_limit: u32,
-    /// Most publications a recovery returns; more means `recovered: false` (default 300).
-    #[serde(default = "default_history_limit")]
+    /// Most publications a recovery returns; more means `recovered: false` (default 1000000: the
+    /// byte budget, `outbound_queue_bytes`, is what normally bounds a recovery).
+    #[serde(default = "default_recovery_max")]
     pub recovery_max_publications: u32,
     /// Most channels one connection may subscribe to (default 128).
     #[serde(default = "default_max_channels")]
@@ -223,6 +235,42 @@ pub struct ClientConfig {
     /// (non-browser clients) always pass. Disallowed → HTTP 403 before upgrade.
     #[serde(default)]
     pub allowed_origins: Option<Vec<String>>,
+    /// Seconds a TCP connection has to send a complete HTTP request head (default 10): a connection
+    /// that sends nothing, or half a header, is closed. It also closes idle HTTP keep-alive
+    /// connections. An upgraded WebSocket is no longer subject to it.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+    /// Most TCP connections that are not (yet) WebSockets at once (default 1024). A new one over it
+    /// closes the oldest of them, so health checks and new clients always get through while idle
+    /// sockets cost at most this many file descriptors.
+    #[serde(default = "default_max_pending_connections")]
+    pub max_pending_connections: usize,
+    /// Subscribes per second one connection may sustain (token bucket; default 10); over → error
+    /// 111. An unsubscribe always succeeds but spends a token too.
+    #[serde(default = "default_subscribe_rate")]
+    pub subscribe_rate_per_sec: u32,
+    /// Subscribes one connection may send in a burst (default 160: a first frame subscribing to
+    /// every allowed channel passes).
+    #[serde(default = "default_subscribe_burst")]
+    pub subscribe_burst: u32,
+    /// Publishes per second from one client IP, over all its connections (default 50); over → 111.
+    #[serde(default = "default_ip_publish_rate")]
+    pub publish_rate_per_ip_per_sec: u32,
+    /// Burst of publishes from one client IP (default 100).
+    #[serde(default = "default_ip_publish_burst")]
+    pub publish_burst_per_ip: u32,
+    /// Publishes per second of one authenticated user, over all its connections and nodes' local
+    /// share (per process; default 20); over → 111.
+    #[serde(default = "default_user_publish_rate")]
+    pub publish_rate_per_user_per_sec: u32,
+    /// Burst of publishes of one authenticated user (default 40).
+    #[serde(default = "default_user_publish_burst")]
+    pub publish_burst_per_user: u32,
+    /// Proxies whose `X-Forwarded-For` is believed (IPs or CIDRs, e.g. the load balancer's subnet
+    /// `10.0.0.0/16`); default none: the client IP is the socket's peer. From a trusted peer, the
+    /// client IP is the rightmost `X-Forwarded-For` entry that is not itself a trusted proxy.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// An operation a mapping captures.
@@ -284,6 +332,10 @@ pub struct Rule {
     /// Milliseconds before the first retry, doubling after each (default 100).
     #[serde(default = "default_retry_backoff")]
     pub retry_backoff_ms: u64,
+    /// Most deliveries to this rule's target at once, from this process (default 32). A publish
+    /// that finds them all busy waits for a free one within `timeout_ms`, else error 111.
+    #[serde(default = "default_rule_concurrency")]
+    pub max_concurrency: u32,
 }
 
 /// A publish target.
@@ -358,7 +410,40 @@ fn default_max_message() -> usize {
     65536
 }
 fn default_outbound_queue_bytes() -> usize {
-    4 << 20
+    16 << 20
+}
+fn default_replies_in_flight() -> usize {
+    256 << 20
+}
+fn default_recovery_max() -> u32 {
+    1_000_000
+}
+fn default_handshake_timeout() -> u64 {
+    10
+}
+fn default_max_pending_connections() -> usize {
+    1024
+}
+fn default_subscribe_rate() -> u32 {
+    10
+}
+fn default_subscribe_burst() -> u32 {
+    160
+}
+fn default_ip_publish_rate() -> u32 {
+    50
+}
+fn default_ip_publish_burst() -> u32 {
+    100
+}
+fn default_user_publish_rate() -> u32 {
+    20
+}
+fn default_user_publish_burst() -> u32 {
+    40
+}
+fn default_rule_concurrency() -> u32 {
+    32
 }
 fn default_outbound_queue() -> usize {
     16_384
@@ -422,7 +507,8 @@ impl Default for ClientConfig {
             outbound_queue: default_outbound_queue(),
             outbound_queue_bytes: default_outbound_queue_bytes(),
             history_max_limit: default_history_limit(),
-            recovery_max_publications: default_history_limit(),
+            recovery_max_publications: default_recovery_max(),
+            replies_in_flight_bytes: default_replies_in_flight(),
             max_channels_per_connection: default_max_channels(),
             max_pending_publishes: default_max_pending(),
             connect_timeout_secs: default_connect_timeout_client(),
@@ -431,6 +517,15 @@ impl Default for ClientConfig {
             publish_burst: default_publish_burst(),
             max_connections: default_max_connections(),
             allowed_origins: None,
+            handshake_timeout_secs: default_handshake_timeout(),
+            max_pending_connections: default_max_pending_connections(),
+            subscribe_rate_per_sec: default_subscribe_rate(),
+            subscribe_burst: default_subscribe_burst(),
+            publish_rate_per_ip_per_sec: default_ip_publish_rate(),
+            publish_burst_per_ip: default_ip_publish_burst(),
+            publish_rate_per_user_per_sec: default_user_publish_rate(),
+            publish_burst_per_user: default_user_publish_burst(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -575,8 +670,50 @@ impl Config {
             "client.recovery_max_publications",
             c.recovery_max_publications.into(),
             1,
-            100_000,
+            100_000_000,
         )?;
+        check_range(
+            "client.replies_in_flight_bytes",
+            c.replies_in_flight_bytes as u64,
+            64 << 10,
+            1 << 40,
+        )?;
+        check_range(
+            "client.handshake_timeout_secs",
+            c.handshake_timeout_secs,
+            1,
+            600,
+        )?;
+        check_range(
+            "client.max_pending_connections",
+            c.max_pending_connections as u64,
+            1,
+            10_000_000,
+        )?;
+        for (field, value) in [
+            ("client.subscribe_rate_per_sec", c.subscribe_rate_per_sec),
+            ("client.subscribe_burst", c.subscribe_burst),
+            (
+                "client.publish_rate_per_ip_per_sec",
+                c.publish_rate_per_ip_per_sec,
+            ),
+            ("client.publish_burst_per_ip", c.publish_burst_per_ip),
+            (
+                "client.publish_rate_per_user_per_sec",
+                c.publish_rate_per_user_per_sec,
+            ),
+            ("client.publish_burst_per_user", c.publish_burst_per_user),
+        ] {
+            check_range(field, value.into(), 1, 1_000_000)?;
+        }
+        for (i, proxy) in c.trusted_proxies.iter().enumerate() {
+            if crate::limits::Cidr::parse(proxy).is_none() {
+                return Err(invalid(
+                    &format!("client.trusted_proxies[{i}]"),
+                    format!("{proxy:?} is not an IP address or CIDR like 10.0.0.0/16"),
+                ));
+            }
+        }
         check_range(
             "client.max_channels_per_connection",
             c.max_channels_per_connection as u64,
@@ -743,6 +880,12 @@ impl Config {
             check_range(&field("timeout_ms"), r.timeout_ms, 1, 900_000)?;
             check_range(&field("retries"), r.retries.into(), 0, 10)?;
             check_range(&field("retry_backoff_ms"), r.retry_backoff_ms, 1, 60_000)?;
+            check_range(
+                &field("max_concurrency"),
+                r.max_concurrency.into(),
+                1,
+                100_000,
+            )?;
             match &r.target {
                 Target::Lambda {
                     function,

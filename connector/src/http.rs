@@ -1,18 +1,323 @@
-//! The HTTP router: the WebSocket endpoint, health, readiness, metrics, the server API (`/api`)
-//! and the chat page at `/`.
+//! The accept loop and the HTTP router: the WebSocket endpoint, health, readiness, metrics, the
+//! server API (`/api`) and the chat page at `/`.
+//!
+//! Connections that never become sessions cost nothing lasting ([`serve`]):
+//! - a connection must send a complete request head within `client.handshake_timeout_secs` (silent
+//!   sockets, slowloris headers and idle keep-alive connections are closed);
+//! - at most `client.max_pending_connections` connections that are not WebSockets are open at once:
+//!   a new one over the cap closes the oldest, so idle sockets can never use up the file descriptors
+//!   that health checks and new clients need;
+//! - accepted sockets get `TCP_NODELAY` (small frames leave at once) and TCP keepalive.
+//!
+//! A WebSocket the server closes is not torn down at once: after the close frame the socket is
+//! half-closed and what the client still sends is read and discarded until it closes too (at most
+//! [`LINGER`]), so the close frame is not overtaken by a TCP reset caused by unread data (a browser
+//! would report a reset as "transport closed" and reconnect, even after a terminal close code).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Extension, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::session;
 use crate::state::AppState;
+
+/// The longest a closed WebSocket's socket is kept to read what the client still sends.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// Serves HTTP and WebSockets on `listener` until `shutdown` completes; then asks every connection
+/// to finish (upgraded sessions end through the state's shutdown token).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let cfg = &state.config.client;
+    let pending = Arc::new(Pending::new(cfg.max_pending_connections));
+    let handshake = Duration::from_secs(cfg.handshake_timeout_secs);
+    let linger = Arc::new(LingerSlots {
+        free: AtomicUsize::new(cfg.max_pending_connections),
+    });
+    let tracker = state.tracker.clone();
+    let stop = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let router = router(state.clone());
+    tokio::pin!(shutdown);
+    let mut last_error_log: Option<tokio::time::Instant> = None;
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was accepted: log at
+                    // most once a second, and give the process a moment.
+                    if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!(error = %e, "accept error");
+                        last_error_log = Some(tokio::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        configure_socket(&stream);
+        let guard = pending.admit();
+        let upgraded = Arc::new(AtomicBool::new(false));
+        let meta = ConnMeta {
+            peer,
+            pending: pending.clone(),
+            id: guard.id,
+            upgraded: upgraded.clone(),
+        };
+        let io = TokioIo::new(Lingering {
+            stream: Some(stream),
+            upgraded,
+            slots: linger.clone(),
+            tracker: tracker.clone(),
+        });
+        let tower = TowerToHyperService::new(router.clone());
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req.extensions_mut().insert(meta.clone());
+                hyper::service::Service::call(&tower, req)
+            });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(handshake)
+            .serve_connection(io, service)
+            .with_upgrades();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            let evicted = guard.token.clone();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                // Over the cap of connections that are not WebSockets: this one was the oldest.
+                _ = evicted.cancelled() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await;
+                }
+            }
+            drop(guard);
+        });
+    }
+    stop.cancel();
+    connections.close();
+    connections.wait().await;
+}
+
+/// `TCP_NODELAY` (Nagle's algorithm would hold small frames back waiting for an ACK) and TCP
+/// keepalive (a peer that vanished without a FIN is found within about two minutes).
+fn configure_socket(stream: &TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY not set");
+    }
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(15));
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
+    }
+}
+
+/// What a request knows about its connection (a request extension).
+#[derive(Clone, Debug)]
+pub struct ConnMeta {
+    /// The socket's peer.
+    pub peer: SocketAddr,
+    pending: Arc<Pending>,
+    id: u64,
+    upgraded: Arc<AtomicBool>,
+}
+
+impl ConnMeta {
+    /// The connection becomes a WebSocket: it leaves the pending set (no eviction, no handshake
+    /// limit) and lingers when closed.
+    fn upgrading(&self) {
+        self.upgraded.store(true, Ordering::Relaxed);
+        self.pending.release(self.id);
+    }
+}
+
+/// The connections that are not WebSockets: at most `cap`, the oldest closed to admit a new one.
+#[derive(Debug)]
+struct Pending {
+    cap: usize,
+    open: Mutex<(u64, BTreeMap<u64, CancellationToken>)>,
+    evicted: AtomicU64,
+}
+
+/// A connection's place in [`Pending`]; leaving it (dropped, or upgraded) frees the place.
+struct PendingGuard {
+    pending: Arc<Pending>,
+    id: u64,
+    token: CancellationToken,
+}
+
+impl Pending {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            open: Mutex::new((0, BTreeMap::new())),
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    fn admit(self: &Arc<Self>) -> PendingGuard {
+        let token = CancellationToken::new();
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while open.1.len() >= self.cap {
+            match open.1.pop_first() {
+                Some((_, oldest)) => {
+                    oldest.cancel();
+                    self.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                None => break,
+            }
+        }
+        open.0 += 1;
+        let id = open.0;
+        open.1.insert(id, token.clone());
+        PendingGuard {
+            pending: self.clone(),
+            id,
+            token,
+        }
+    }
+
+    fn release(&self, id: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .remove(&id);
+    }
+
+    fn len(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).1.len()
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.pending.release(self.id);
+    }
+}
+
+/// Lingering sockets allowed at once (so closing many WebSockets cannot hold many descriptors).
+#[derive(Debug)]
+struct LingerSlots {
+    free: AtomicUsize,
+}
+
+/// An accepted socket that, once its WebSocket is dropped, half-closes and drains before closing.
+struct Lingering {
+    stream: Option<TcpStream>,
+    upgraded: Arc<AtomicBool>,
+    slots: Arc<LingerSlots>,
+    tracker: TaskTracker,
+}
+
+impl Lingering {
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        match self.stream.as_mut() {
+            Some(s) => Pin::new(s),
+            // Only `drop` takes the stream.
+            None => unreachable!("stream taken before drop"),
+        }
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.stream().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(mut stream) = self.stream.take() else {
+            return;
+        };
+        if !self.upgraded.load(Ordering::Relaxed) {
+            return;
+        }
+        let slots = self.slots.clone();
+        let took = slots
+            .free
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        if !took || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        self.tracker.spawn(async move {
+            let deadline = tokio::time::Instant::now() + LINGER;
+            // FIN after the close frame; then read until the peer closes.
+            let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
+            let mut buf = [0u8; 8192];
+            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            drop(stream);
+            slots.free.fetch_add(1, Ordering::AcqRel);
+        });
+    }
+}
 
 /// Builds the router.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -35,6 +340,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// another node).
 async fn websocket(
     State(state): State<Arc<AppState>>,
+    meta: Option<Extension<ConnMeta>>,
     headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -53,6 +359,18 @@ async fn websocket(
     let Ok(slot) = state.connection_slots.clone().try_acquire_owned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "connection limit").into_response();
     };
+    let peer = meta
+        .as_ref()
+        .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |m| m.peer.ip());
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let ip = crate::limits::client_ip(peer, &state.limits.trusted_proxies, &forwarded);
+    if let Some(Extension(meta)) = &meta {
+        meta.upgrading();
+    }
     let max = state.config.client.max_message_bytes;
     let tracker = state.tracker.clone();
     // Client frames are small: an 8 KiB read buffer (it grows for a larger frame) instead of the
@@ -63,7 +381,7 @@ async fn websocket(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
-                session::serve(socket, state).await;
+                session::serve(socket, state, ip).await;
                 drop(slot);
             })
         })
@@ -116,9 +434,21 @@ async fn db_gauges(state: &AppState) -> Option<DbGauges> {
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> String {
+async fn metrics(State(state): State<Arc<AppState>>, meta: Option<Extension<ConnMeta>>) -> String {
     let m = &state.metrics;
     let mut out = String::new();
+    if let Some(Extension(meta)) = meta {
+        let _ = writeln!(
+            out,
+            "# HELP relay_pending_connections TCP connections that are not WebSockets (yet).\n\
+             # TYPE relay_pending_connections gauge\nrelay_pending_connections {}\n\
+             # HELP relay_pending_evictions_total Connections closed to admit a new one over \
+             client.max_pending_connections.\n\
+             # TYPE relay_pending_evictions_total counter\nrelay_pending_evictions_total {}",
+            meta.pending.len(),
+            meta.pending.evicted.load(Ordering::Relaxed)
+        );
+    }
     if let Some(g) = db_gauges(&state).await {
         let _ = writeln!(
             out,
@@ -224,4 +554,47 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
         "From a change being written (in the writer's transaction) to its publication reaching the hub.",
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_get_nodelay_and_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let _client = TcpStream::connect(addr).await;
+        let (stream, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+        let sock = socket2::SockRef::from(&stream);
+        assert!(!stream.nodelay().unwrap_or(true));
+        assert!(!sock.keepalive().unwrap_or(true));
+        configure_socket(&stream);
+        assert!(stream.nodelay().unwrap_or(false));
+        assert!(sock.keepalive().unwrap_or(false));
+        assert_eq!(
+            sock.tcp_keepalive_time().ok(),
+            Some(Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn the_oldest_pending_connection_makes_room() {
+        let pending = Arc::new(Pending::new(2));
+        let a = pending.admit();
+        let b = pending.admit();
+        assert_eq!(pending.len(), 2);
+        let c = pending.admit();
+        assert!(a.token.is_cancelled() && !b.token.is_cancelled() && !c.token.is_cancelled());
+        assert_eq!(pending.len(), 2);
+        // An upgraded connection leaves the set: it is never evicted.
+        pending.release(b.id);
+        let _d = pending.admit();
+        assert!(!b.token.is_cancelled() && !c.token.is_cancelled());
+        drop(c);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending.evicted.load(Ordering::Relaxed), 1);
+    }
 }

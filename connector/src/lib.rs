@@ -14,10 +14,13 @@
 //! - [`session`]: one task per WebSocket: commands, replies, pushes, pings, close codes.
 //! - [`auth`]: who a connection is (JWT connection and subscription tokens) and what it may do on a
 //!   channel (permissions from `channels[]`).
-//! - [`limits`]: the publish rate per connection and the WebSocket `Origin` allow-list.
+//! - [`limits`]: publish and subscribe rates (per connection, per client IP, per user), the client
+//!   IP behind trusted proxies, and the WebSocket `Origin` allow-list.
 //! - [`rules`]: client publications to the writer Lambda or a webhook.
 //! - [`demo`]: the demo token endpoint (off by default).
-//! - [`http`]: the router (WebSocket, `/healthz`, `/readyz`, `/metrics`).
+//! - [`http`]: the accept loop (handshake timeout, cap on connections not yet WebSockets, socket
+//!   options, closes that are not overtaken by a reset) and the router (WebSocket, `/healthz`,
+//!   `/readyz`, `/metrics`).
 //! - [`page`]: the chat page at `/` (static files built into the binary).
 //! - [`presence`]: channel members on every node (a PostgreSQL or in-memory store), join/leave
 //!   pushes, the node heartbeat.
@@ -123,6 +126,7 @@ pub async fn run(
     let mut presence = presence::Presence::new(config.presence.clone(), store);
     presence.node = node.clone();
     let presence = Arc::new(presence);
+    let limits = limits::Shared::new(&config);
     let state = Arc::new(AppState {
         config: Arc::new(config),
         pool: pool.clone(),
@@ -133,6 +137,7 @@ pub async fn run(
         metrics: Metrics::default(),
         verifier,
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        limits,
         presence,
         shutdown: token.clone(),
         tracker: tracker.clone(),
@@ -157,16 +162,15 @@ pub async fn run(
 
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let stop = token.clone();
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = shutdown => {}
-                _ = stop.cancelled() => {}
-            }
-            tracing::info!("shutting down");
-            stop.cancel();
-        })
-        .await?;
+    http::serve(listener, state, async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = stop.cancelled() => {}
+        }
+        tracing::info!("shutting down");
+        stop.cancel();
+    })
+    .await;
     token.cancel();
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {

@@ -1,10 +1,70 @@
-//! Per-connection and per-process limits that are not part of the protocol itself: the publish rate
-//! (a token bucket per connection) and the WebSocket `Origin` allow-list (cross-site WebSocket
-//! hijacking: a page on another site must not ride on a user's cookies or network position).
+//! Per-connection and per-process limits that are not part of the protocol itself: the publish and
+//! subscribe rates (token buckets per connection), the publish rates per client IP and per user
+//! across connections ([`KeyedLimiter`]), the client IP behind trusted proxies ([`client_ip`]) and
+//! the WebSocket `Origin` allow-list (cross-site WebSocket hijacking: a page on another site must not
+//! ride on a user's cookies or network position).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use relay_protocol::channel::ChannelPattern;
+
+/// The limits shared by every connection of the process.
+#[derive(Debug)]
+pub struct Shared {
+    /// Publishes per client IP (`client.publish_rate_per_ip_per_sec`).
+    pub publish_per_ip: KeyedLimiter,
+    /// Publishes per authenticated user (`client.publish_rate_per_user_per_sec`).
+    pub publish_per_user: KeyedLimiter,
+    /// Peers whose `X-Forwarded-For` is believed (`client.trusted_proxies`).
+    pub trusted_proxies: Vec<Cidr>,
+    /// Deliveries in flight per rule (`rules[].max_concurrency`).
+    pub targets: crate::rules::Concurrency,
+    /// KiB of large replies held process-wide (`client.replies_in_flight_bytes`).
+    pub replies_in_flight: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// Most keys (IPs, users) a [`KeyedLimiter`] of [`Shared`] tracks at once.
+const MAX_KEYS: usize = 100_000;
+
+impl Shared {
+    /// The limits of a validated configuration.
+    pub fn new(config: &crate::Config) -> Self {
+        let c = &config.client;
+        Self {
+            publish_per_ip: KeyedLimiter::new(
+                c.publish_rate_per_ip_per_sec,
+                c.publish_burst_per_ip,
+                MAX_KEYS,
+            ),
+            publish_per_user: KeyedLimiter::new(
+                c.publish_rate_per_user_per_sec,
+                c.publish_burst_per_user,
+                MAX_KEYS,
+            ),
+            trusted_proxies: c
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| Cidr::parse(p))
+                .collect(),
+            targets: crate::rules::Concurrency::for_rules(&config.rules),
+            replies_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                (c.replies_in_flight_bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+        }
+    }
+
+    /// Reserves `bytes` of the process-wide allowance for large replies; `None` when it is used up.
+    pub fn reserve_reply(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        self.replies_in_flight
+            .clone()
+            .try_acquire_many_owned(kib)
+            .ok()
+    }
+}
 
 /// A token bucket: `rate` tokens per second, at most `burst` saved up.
 #[derive(Debug)]
@@ -38,6 +98,143 @@ impl TokenBucket {
             false
         }
     }
+
+    /// Spends a token even when none is left (down to minus one burst): for what must not be
+    /// refused but must slow down what follows.
+    pub fn take_forced(&mut self, now: Instant) {
+        if !self.try_take(now) {
+            self.tokens = (self.tokens - 1.0).max(-self.burst);
+        }
+    }
+
+    fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+}
+
+/// Token buckets by key (a client IP, a user), shared by every connection of the process. The map
+/// holds at most `max_keys` buckets: when it is full, buckets that have refilled completely (they
+/// carry no state) are dropped; if none has, the key is refused, which fails safe.
+#[derive(Debug)]
+pub struct KeyedLimiter {
+    rate: u32,
+    burst: u32,
+    max_keys: usize,
+    buckets: Mutex<HashMap<String, TokenBucket>>,
+}
+
+impl KeyedLimiter {
+    /// `rate` per second and `burst` per key, for at most `max_keys` keys at once.
+    pub fn new(rate: u32, burst: u32, max_keys: usize) -> Self {
+        Self {
+            rate,
+            burst,
+            max_keys: max_keys.max(1),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a token of `key`'s bucket if one is available.
+    pub fn try_take(&self, key: &str, now: Instant) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = buckets.get_mut(key) {
+            return b.try_take(now);
+        }
+        if buckets.len() >= self.max_keys {
+            buckets.retain(|_, b| !b.is_full(now));
+            if buckets.len() >= self.max_keys {
+                return false;
+            }
+        }
+        let mut bucket = TokenBucket::new(self.rate, self.burst);
+        let taken = bucket.try_take(now);
+        buckets.insert(key.to_owned(), bucket);
+        taken
+    }
+
+    /// Keys tracked at the moment.
+    pub fn len(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An IP network: an address and a prefix length (`10.0.0.0/16`, `fd00::/8`; a bare address is a /32
+/// or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `addr` or `addr/prefix`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (addr, prefix) = match text.trim().split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (text.trim().parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Self { addr, prefix })
+    }
+
+    /// Whether `ip` is in the network (an IPv4-mapped IPv6 address counts as its IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The client's IP: the socket's peer, unless the peer is a trusted proxy; then the rightmost
+/// `X-Forwarded-For` entry (over all such headers) that is not itself a trusted proxy. Entries a
+/// client put further left are never believed.
+pub fn client_ip(peer: IpAddr, trusted: &[Cidr], forwarded_for: &[&str]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let mut ip = peer;
+    for entry in forwarded_for
+        .iter()
+        .rev()
+        .flat_map(|h| h.rsplit(','))
+        .map(str::trim)
+    {
+        match entry.parse::<IpAddr>() {
+            Ok(hop) => {
+                ip = hop;
+                if !is_trusted(hop) {
+                    break;
+                }
+            }
+            // A malformed entry ends what can be believed: the last trusted hop is the client.
+            Err(_) => break,
+        }
+    }
+    ip
 }
 
 /// Whether a WebSocket upgrade with these `Origin` and `Host` headers is allowed.
@@ -102,6 +299,63 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         assert!(b.try_take(later) && b.try_take(later) && b.try_take(later));
         assert!(!b.try_take(later));
+    }
+
+    #[test]
+    fn keyed_buckets_and_forced_takes() {
+        let t0 = Instant::now();
+        let l = KeyedLimiter::new(1, 2, 2);
+        assert!(l.try_take("a", t0) && l.try_take("a", t0));
+        assert!(!l.try_take("a", t0));
+        assert!(l.try_take("b", t0));
+        // full map, no refilled bucket: a third key is refused
+        assert!(!l.try_take("c", t0));
+        // later both refilled: they are dropped to make room
+        assert!(l.try_take("c", t0 + Duration::from_secs(10)));
+        assert_eq!(l.len(), 1);
+        let mut b = TokenBucket::new(1, 2);
+        for _ in 0..5 {
+            b.take_forced(t0);
+        }
+        assert!(!b.try_take(t0 + Duration::from_secs(2)));
+        assert!(b.try_take(t0 + Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn client_ip_behind_trusted_proxies() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let trusted = [Cidr::parse("10.0.0.0/16").unwrap()];
+        // untrusted peer: its header is ignored
+        assert_eq!(
+            client_ip(ip("203.0.113.9"), &trusted, &["1.2.3.4"]),
+            ip("203.0.113.9")
+        );
+        // trusted peer: the rightmost untrusted entry; a spoofed left entry is not believed
+        assert_eq!(
+            client_ip(
+                ip("10.0.1.5"),
+                &trusted,
+                &["6.6.6.6, 198.51.100.7, 10.0.2.2"]
+            ),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.1.5"), &trusted, &["6.6.6.6", "198.51.100.7"]),
+            ip("198.51.100.7")
+        );
+        assert_eq!(client_ip(ip("10.0.1.5"), &trusted, &[]), ip("10.0.1.5"));
+        assert_eq!(
+            client_ip(ip("10.0.1.5"), &trusted, &["junk"]),
+            ip("10.0.1.5")
+        );
+        assert!(Cidr::parse("::ffff:0:0/96").is_some());
+        assert!(Cidr::parse("10.0.0.0/33").is_none() && Cidr::parse("x").is_none());
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
+        assert!(
+            Cidr::parse("127.0.0.1")
+                .unwrap()
+                .contains(ip("::ffff:127.0.0.1"))
+        );
     }
 
     #[test]

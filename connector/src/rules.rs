@@ -67,6 +67,9 @@ pub enum TargetError {
     /// target).
     #[error("target refused the message ({}): {}", .0.status.as_str(), .0.reason)]
     Refused(Refusal),
+    /// The rule's `max_concurrency` deliveries were all busy for the whole `timeout_ms`.
+    #[error("target busy: {0} deliveries already in flight")]
+    Busy(u32),
 }
 
 /// A message the target refused, with its reason (see the module's outcome contract).
@@ -171,6 +174,61 @@ pub fn outcome(body: &[u8], message_id: &str) -> Result<(), TargetError> {
         .take(MAX_REASON_CHARS)
         .collect();
     Err(TargetError::Refused(Refusal { status, reason }))
+}
+
+/// How many deliveries may run at once per rule (`rules[].max_concurrency`): one semaphore per rule,
+/// so a burst of publishes from many connections opens at most that many requests to the target.
+#[derive(Debug, Default)]
+pub struct Concurrency {
+    permits: std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>,
+}
+
+impl Concurrency {
+    /// One semaphore per rule (keyed by its channel pattern: the first rule of a pattern is the
+    /// only one that ever matches).
+    pub fn for_rules(rules: &[Rule]) -> Self {
+        let mut permits = std::collections::HashMap::new();
+        for rule in rules {
+            permits.entry(rule.channel.clone()).or_insert_with(|| {
+                std::sync::Arc::new(tokio::sync::Semaphore::new(rule.max_concurrency as usize))
+            });
+        }
+        Self { permits }
+    }
+
+    /// Deliveries of `rule` in flight now.
+    pub fn in_flight(&self, rule: &Rule) -> usize {
+        self.permits.get(&rule.channel).map_or(0, |s| {
+            (rule.max_concurrency as usize).saturating_sub(s.available_permits())
+        })
+    }
+}
+
+/// [`deliver`], holding one of the rule's `max_concurrency` permits. The wait for a permit takes at
+/// most half of the rule's `timeout_ms` (then [`TargetError::Busy`]), the delivery the rest.
+pub async fn deliver_limited(
+    limits: &Concurrency,
+    http: &reqwest::Client,
+    lambda: &LambdaClients,
+    rule: &Rule,
+    envelope: &Envelope<'_>,
+) -> Result<(), TargetError> {
+    let Some(semaphore) = limits.permits.get(&rule.channel) else {
+        return deliver(http, lambda, rule, envelope).await;
+    };
+    let started = tokio::time::Instant::now();
+    let budget = Duration::from_millis(rule.timeout_ms);
+    let _permit = match tokio::time::timeout(budget / 2, semaphore.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        _ => return Err(TargetError::Busy(rule.max_concurrency)),
+    };
+    // The rule (and so its AWS client, chosen by timeout) is unchanged; the wait is taken off the
+    // delivery's time from outside.
+    let rest = budget.saturating_sub(started.elapsed());
+    match tokio::time::timeout(rest, deliver(http, lambda, rule, envelope)).await {
+        Ok(r) => r,
+        Err(_) => Err(TargetError::Unreachable("timed out".to_owned())),
+    }
 }
 
 /// One message of the envelope.

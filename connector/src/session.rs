@@ -49,6 +49,24 @@ use crate::state::AppState;
 /// WebSocket close code for a message over the size limit (the SDKs treat it as terminal).
 const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 
+/// The error of a command whose reply would not fit in what is left of the connection's outbound
+/// byte budget (`client.outbound_queue_bytes`).
+/// The error of a command whose large reply would pass the process-wide allowance
+/// (`client.replies_in_flight_bytes`): temporary, the SDK retries.
+fn replies_busy() -> ReplyError {
+    ReplyError::with_message(
+        ErrorCode::TooManyRequests,
+        "server busy with large replies: retry",
+    )
+}
+
+fn reply_too_large() -> ReplyError {
+    ReplyError::with_message(
+        ErrorCode::LimitExceeded,
+        "reply too large for the connection's byte budget: ask for fewer publications",
+    )
+}
+
 /// The position a subscription has delivered up to.
 #[derive(Debug)]
 struct SubState {
@@ -78,6 +96,14 @@ struct Session {
     identity: Identity,
     connected: bool,
     publish_bucket: TokenBucket,
+    /// Subscribes and unsubscribes of this connection.
+    subscribe_bucket: TokenBucket,
+    /// The client's IP (the socket's peer, or the trusted proxies' `X-Forwarded-For`).
+    ip: String,
+    /// Bytes the replies of the frame being handled may still take.
+    reply_budget: usize,
+    /// The process-wide allowance its large replies hold until they are written.
+    held: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// The earliest moment a token expiry (connection or subscription) must be acted on.
     next_expiry: Option<Instant>,
     subs: HashMap<String, SubState>,
@@ -93,8 +119,8 @@ struct Session {
 
 type Sink = SplitSink<WebSocket, Message>;
 
-/// Serves one upgraded WebSocket until it closes.
-pub async fn serve(socket: WebSocket, state: Arc<AppState>) {
+/// Serves one upgraded WebSocket, from the client at `ip`, until it closes.
+pub async fn serve(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAddr) {
     let (mailbox, inbox) = mpsc::channel(state.config.client.outbound_queue);
     let mut session = Session {
         id: state.hub.next_session_id(),
@@ -105,6 +131,13 @@ pub async fn serve(socket: WebSocket, state: Arc<AppState>) {
             state.config.client.publish_rate_per_sec,
             state.config.client.publish_burst,
         ),
+        subscribe_bucket: TokenBucket::new(
+            state.config.client.subscribe_rate_per_sec,
+            state.config.client.subscribe_burst,
+        ),
+        ip: ip.to_string(),
+        reply_budget: 0,
+        held: Vec::new(),
         next_expiry: None,
         subs: HashMap::new(),
         mailbox,
@@ -211,7 +244,15 @@ impl Session {
                         let mut out = Vec::new();
                         let flow = self.handle_frame(text.as_str(), &mut out).await;
                         self.schedule_expiry();
-                        if !out.is_empty() && send_lines(&mut sink, &out, write_timeout).await.is_err() {
+                        // The replies count against the outbound budget while they are written, so
+                        // the pushes that arrive meanwhile cannot take a whole budget more.
+                        let bytes: usize = out.iter().map(|l| l.len() + 1).sum();
+                        self.queued.fetch_add(bytes, Ordering::Relaxed);
+                        let sent = out.is_empty() || send_lines(&mut sink, &out, write_timeout).await.is_ok();
+                        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+                        drop(out);
+                        self.held.clear();
+                        if !sent {
                             break None;
                         }
                         if let Flow::Close(d) = flow {
@@ -287,6 +328,11 @@ impl Session {
         if lines.len() > self.state.config.client.max_channels_per_connection + 32 {
             return Flow::Close(Disconnect::BAD_REQUEST);
         }
+        // The replies of this frame may take what the pushes waiting leave of the outbound budget,
+        // less an eighth kept for the pushes that arrive while they are written.
+        let budget = self.state.config.client.outbound_queue_bytes;
+        self.reply_budget =
+            (budget - budget / 8).saturating_sub(self.queued.load(Ordering::Relaxed));
         for line in lines {
             let command = match Command::parse(line) {
                 Ok(c) => c,
@@ -299,7 +345,11 @@ impl Session {
                 Command::Pong => self.pong_deadline = None,
                 Command::Send(_) => {}
                 Command::Request { id, request } => {
-                    if let Flow::Close(d) = self.handle_request(id, request, out).await {
+                    let before = out.len();
+                    let flow = self.handle_request(id, request, out).await;
+                    let used: usize = out[before..].iter().map(|l| l.len() + 1).sum();
+                    self.reply_budget = self.reply_budget.saturating_sub(used);
+                    if let Flow::Close(d) = flow {
                         return Flow::Close(d);
                     }
                 }
@@ -522,6 +572,13 @@ impl Session {
         if self.subs.contains_key(&channel) {
             return Err(ReplyError::from(ErrorCode::AlreadySubscribed).into());
         }
+        if !self.subscribe_bucket.try_take(std::time::Instant::now()) {
+            return Err(ReplyError::with_message(
+                ErrorCode::TooManyRequests,
+                "subscribe rate limit",
+            )
+            .into());
+        }
         let cfg = &self.state.config.client;
         if self.subs.len() >= cfg.max_channels_per_connection {
             return Err(ReplyError::from(ErrorCode::LimitExceeded).into());
@@ -570,11 +627,21 @@ impl Session {
             },
         );
         let limit = if req.recover {
-            cfg.recovery_max_publications + 1
+            cfg.recovery_max_publications.saturating_add(1)
         } else {
             0
         };
-        let slice = match read_stream(&self.state.pool, &channel, req.offset, limit).await {
+        // A recovery is bounded by the reply budget, not by a count: the publications it would
+        // return must fit in what is left of the connection's outbound budget.
+        let slice = match history::read(
+            &self.state.pool,
+            &channel,
+            Bound::After(req.offset),
+            limit,
+            self.reply_budget,
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 self.state.hub.unsubscribe(&channel, self.id);
@@ -582,12 +649,22 @@ impl Session {
                 return Err(ReplyError::from(ErrorCode::Internal).into());
             }
         };
+        if slice.bytes > 0 {
+            match self.state.limits.reserve_reply(slice.bytes) {
+                Some(permit) => self.held.push(permit),
+                None => {
+                    self.state.hub.unsubscribe(&channel, self.id);
+                    return Err(replies_busy().into());
+                }
+            }
+        }
         let mut recovered = false;
         let mut publications: Vec<&StoredPublication> = Vec::new();
         if req.recover {
             let epoch_ok = req.epoch.is_empty() || req.epoch == slice.epoch;
             let missed = slice.top.saturating_sub(req.offset);
             let complete = req.offset <= slice.top
+                && !slice.overflow
                 && slice.publications.len() as u64 == missed
                 && slice
                     .publications
@@ -704,6 +781,9 @@ impl Session {
     }
 
     async fn unsubscribe(&mut self, req: ChannelRequest) -> String {
+        // Never refused (the SDKs reconnect on an unsubscribe error), but it spends a subscribe
+        // token: a subscribe/unsubscribe loop runs at the subscribe rate.
+        self.subscribe_bucket.take_forced(std::time::Instant::now());
         if let Some(sub) = self.subs.remove(&req.channel) {
             self.state.hub.unsubscribe(&req.channel, self.id);
             if let Some(id) = sub.membership {
@@ -758,10 +838,22 @@ impl Session {
         let members = crate::presence::members(&self.state, &req.channel)
             .await
             .map_err(failed)?;
-        let map: serde_json::Map<String, serde_json::Value> = members
-            .into_iter()
-            .map(|m| (m.client.clone(), m.to_json()))
-            .collect();
+        let mut map = serde_json::Map::new();
+        let mut bytes = 0usize;
+        for m in members {
+            let info = m.to_json();
+            bytes += m.client.len() + info.to_string().len() + 8;
+            if bytes > self.reply_budget {
+                return Err(reply_too_large());
+            }
+            map.insert(m.client.clone(), info);
+        }
+        self.held.push(
+            self.state
+                .limits
+                .reserve_reply(bytes)
+                .ok_or_else(replies_busy)?,
+        );
         Ok(serde_json::json!({ "presence": map }).to_string())
     }
 
@@ -769,10 +861,30 @@ impl Session {
     fn publish(&mut self, id: u32, req: PublishRequest) -> Result<(), ReplyError> {
         validate_channel(&req.channel)
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
-        if !self.publish_bucket.try_take(std::time::Instant::now()) {
+        let now = std::time::Instant::now();
+        if !self.publish_bucket.try_take(now) {
             return Err(ReplyError::with_message(
                 ErrorCode::TooManyRequests,
                 "publish rate limit",
+            ));
+        }
+        // Across connections: a new connection is not a new allowance.
+        if !self.state.limits.publish_per_ip.try_take(&self.ip, now) {
+            return Err(ReplyError::with_message(
+                ErrorCode::TooManyRequests,
+                "publish rate limit (client IP)",
+            ));
+        }
+        if !self.identity.user.is_empty()
+            && !self
+                .state
+                .limits
+                .publish_per_user
+                .try_take(&self.identity.user, now)
+        {
+            return Err(ReplyError::with_message(
+                ErrorCode::TooManyRequests,
+                "publish rate limit (user)",
             ));
         }
         if self.pending.len() >= self.state.config.client.max_pending_publishes {
@@ -809,7 +921,15 @@ impl Session {
                 let message_id = uuid::Uuid::new_v4().to_string();
                 let envelope =
                     rules::envelope(&req.channel, &sender, &connection, &named, message_id);
-                match rules::deliver(&state.http, &state.lambda, &rule, &envelope).await {
+                match rules::deliver_limited(
+                    &state.limits.targets,
+                    &state.http,
+                    &state.lambda,
+                    &rule,
+                    &envelope,
+                )
+                .await
+                {
                     Ok(()) => {
                         state
                             .metrics
@@ -834,6 +954,10 @@ impl Session {
                             rules::TargetError::Failed(_) => ReplyError::with_message(
                                 ErrorCode::Internal,
                                 "publish target failed",
+                            ),
+                            rules::TargetError::Busy(_) => ReplyError::with_message(
+                                ErrorCode::TooManyRequests,
+                                "publish target busy",
                             ),
                         };
                         reply::encode_error(id, &err)
@@ -899,12 +1023,27 @@ impl Session {
             (None, true) => Bound::Before(u64::MAX),
             (None, false) => Bound::After(0),
         };
-        let slice = history::read(&self.state.pool, &req.channel, bound, limit)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "history read failed");
-                ReplyError::new(ErrorCode::Internal)
-            })?;
+        let slice = history::read(
+            &self.state.pool,
+            &req.channel,
+            bound,
+            limit,
+            self.reply_budget,
+        )
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "history read failed");
+            ReplyError::new(ErrorCode::Internal)
+        })?;
+        if slice.overflow {
+            return Err(reply_too_large());
+        }
+        self.held.push(
+            self.state
+                .limits
+                .reserve_reply(slice.bytes)
+                .ok_or_else(replies_busy)?,
+        );
         if let Some(since) = &req.since
             && !since.epoch.is_empty()
             && since.epoch != slice.epoch
@@ -976,22 +1115,6 @@ impl Session {
         )));
         Flow::Continue
     }
-}
-
-/// Reads a channel's position and the publications after `after`; a channel that never had a
-/// publication gets its stream row first, so the reply carries the epoch publications will have.
-async fn read_stream(
-    pool: &sqlx::PgPool,
-    channel: &str,
-    after: u64,
-    limit: u32,
-) -> crate::Result<history::StreamSlice> {
-    let slice = history::read(pool, channel, Bound::After(after), limit).await?;
-    if !slice.epoch.is_empty() {
-        return Ok(slice);
-    }
-    history::ensure_channel(pool, channel).await?;
-    history::read(pool, channel, Bound::After(after), limit).await
 }
 
 /// A subscribe that fails: an error reply, or (a token for another channel, user or connection) a

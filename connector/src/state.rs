@@ -58,6 +58,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Verifies connection and subscription tokens.
     pub verifier: crate::auth::Verifier,
+    /// Limits shared by all connections: publishes per IP and per user, rule target concurrency.
+    pub limits: crate::limits::Shared,
     /// One permit per open WebSocket (`client.max_connections`).
     pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// This node's presence (shared with the other nodes through PostgreSQL).

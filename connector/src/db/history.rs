@@ -2,7 +2,15 @@
 //!
 //! A channel's position and its publications are read in one statement, so they come from one
 //! snapshot: a recovery never pairs a top offset with a history that does not reach it.
+//!
+//! Reads are streamed with a byte cap: rows are taken one at a time and the read stops as soon as
+//! what it holds passes the cap ([`StreamSlice::overflow`]), so a history of large rows never becomes
+//! one large allocation, whatever the count asked for.
+//!
+//! A channel that never had a publication has no row (subscribing writes nothing); its position is
+//! offset 0 in the epoch its first publication will get, `relay.first_epoch(name)`.
 
+use futures_util::TryStreamExt;
 use serde_json::value::RawValue;
 use sqlx::PgPool;
 
@@ -26,30 +34,37 @@ pub struct StreamSlice {
     pub epoch: String,
     /// The offset of the newest publication (0 when none).
     pub top: u64,
-    /// The publications asked for, in the order asked for.
+    /// The publications asked for, in the order asked for (cut short when `overflow`).
     pub publications: Vec<StoredPublication>,
+    /// The read stopped at the byte cap: more publications were asked for than it allows.
+    pub overflow: bool,
+    /// Bytes of publication data and info held (the size a reply will have, within a few bytes
+    /// per publication).
+    pub bytes: usize,
 }
 
+impl StoredPublication {
+    /// Bytes this publication takes in a reply (data, info and the JSON around them).
+    pub fn reply_bytes(&self) -> usize {
+        self.data.get().len() + self.info.as_ref().map_or(0, |i| i.get().len() + 8) + 32
+    }
+}
+
+/// The position and the publications of a read. `relay.read_publications` (migration 0009) stops its
+/// scan as soon as the rows' text passes the byte cap ($4), returning the row that crosses it, so
+/// PostgreSQL neither reads nor sends more than the cap plus one row, whatever the count allows.
 const FORWARD: &str = r#"
-SELECT c.epoch, c.top_offset, p."offset", p.data::text, p.info::text
+SELECT coalesce(c.epoch, relay.first_epoch($1)), c.top_offset, p."offset", p.data, p.info
 FROM (SELECT 1) AS one
 LEFT JOIN relay.channels c ON c.name = $1
-LEFT JOIN LATERAL (
-    SELECT "offset", data, info FROM relay.publications
-    WHERE channel = $1 AND "offset" > $2
-    ORDER BY "offset" LIMIT $3
-) p ON true
+LEFT JOIN LATERAL relay.read_publications($1, $2, true, $3, $4) p ON true
 ORDER BY p."offset""#;
 
 const BACKWARD: &str = r#"
-SELECT c.epoch, c.top_offset, p."offset", p.data::text, p.info::text
+SELECT coalesce(c.epoch, relay.first_epoch($1)), c.top_offset, p."offset", p.data, p.info
 FROM (SELECT 1) AS one
 LEFT JOIN relay.channels c ON c.name = $1
-LEFT JOIN LATERAL (
-    SELECT "offset", data, info FROM relay.publications
-    WHERE channel = $1 AND "offset" < $2
-    ORDER BY "offset" DESC LIMIT $3
-) p ON true
+LEFT JOIN LATERAL relay.read_publications($1, $2, false, $3, $4) p ON true
 ORDER BY p."offset" DESC"#;
 
 type Row = (
@@ -61,28 +76,45 @@ type Row = (
 );
 
 /// Reads the position of `channel` and up to `limit` publications after offset `after` (exclusive),
-/// oldest first; with `reverse`, before offset `before` (exclusive), newest first.
-pub async fn read(pool: &PgPool, channel: &str, bound: Bound, limit: u32) -> Result<StreamSlice> {
+/// oldest first; with `reverse`, before offset `before` (exclusive), newest first. The read stops
+/// once the publications held pass `max_bytes` (see [`StreamSlice::overflow`]); what it holds then is
+/// at most `max_bytes` plus one row.
+pub async fn read(
+    pool: &PgPool,
+    channel: &str,
+    bound: Bound,
+    limit: u32,
+    max_bytes: usize,
+) -> Result<StreamSlice> {
     let (sql, offset) = match bound {
         Bound::After(o) => (FORWARD, o),
         Bound::Before(o) => (BACKWARD, o),
     };
-    let rows: Vec<Row> = sqlx::query_as(sql)
+    let mut rows = sqlx::query_as::<_, Row>(sql)
         .bind(channel)
         .bind(i64::try_from(offset).unwrap_or(i64::MAX))
         .bind(i64::from(limit))
-        .fetch_all(pool)
-        .await?;
+        .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+        .fetch(pool);
     let mut slice = StreamSlice::default();
-    for (epoch, top, offset, data, info) in rows {
+    while let Some((epoch, top, offset, data, info)) = rows.try_next().await? {
         slice.epoch = epoch.unwrap_or_default();
         slice.top = top.map_or(0, |t| u64::try_from(t).unwrap_or(0));
         if let (Some(offset), Some(data)) = (offset, data) {
-            slice.publications.push(StoredPublication {
+            let publication = StoredPublication {
                 offset: u64::try_from(offset).unwrap_or(0),
                 data: raw(data),
                 info: info.map(raw),
-            });
+            };
+            slice.bytes += publication.reply_bytes();
+            if slice.bytes > max_bytes {
+                // Dropping the stream discards the rest of the result without keeping it.
+                slice.overflow = true;
+                slice.publications.clear();
+                slice.publications.shrink_to_fit();
+                break;
+            }
+            slice.publications.push(publication);
         }
     }
     Ok(slice)
@@ -95,27 +127,6 @@ pub enum Bound {
     After(u64),
     /// Publications with offsets less than this, newest first.
     Before(u64),
-}
-
-/// Gives `channel` its stream row (and so its epoch) if it has none yet, so that a subscriber gets
-/// the epoch its first publication will carry. Returns the channel's epoch.
-pub async fn ensure_channel(pool: &PgPool, channel: &str) -> Result<String> {
-    let inserted: Option<String> = sqlx::query_scalar(
-        "INSERT INTO relay.channels (name, epoch) VALUES ($1, relay.new_epoch())
-         ON CONFLICT (name) DO NOTHING RETURNING epoch",
-    )
-    .bind(channel)
-    .fetch_optional(pool)
-    .await?;
-    if let Some(epoch) = inserted {
-        return Ok(epoch);
-    }
-    // Someone else (the sequencer, another subscriber) created it: read it with a fresh snapshot.
-    let epoch: String = sqlx::query_scalar("SELECT epoch FROM relay.channels WHERE name = $1")
-        .bind(channel)
-        .fetch_one(pool)
-        .await?;
-    Ok(epoch)
 }
 
 /// PostgreSQL's jsonb text is valid JSON on one line; a value that somehow is not becomes `null`.

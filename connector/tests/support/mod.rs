@@ -189,6 +189,25 @@ impl Client {
         }
     }
 
+    /// Connects with extra upgrade-request headers (e.g. `X-Forwarded-For`).
+    pub async fn connect_with_headers(url: &str, headers: &[(&str, &str)]) -> Self {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request().unwrap();
+        for (name, value) in headers {
+            request.headers_mut().append(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        let (ws, _) = connect_async(request).await.unwrap();
+        Self {
+            ws,
+            pending: Default::default(),
+            next_id: 1,
+        }
+    }
+
     /// Connects and sends the `connect` command.
     pub async fn connected(url: &str) -> Self {
         let mut c = Self::connect(url).await;
