@@ -675,6 +675,9 @@ impl Session {
                     .last()
                     .is_none_or(|p| p.offset == slice.top);
             recovered = epoch_ok && complete;
+            if slice.overflow {
+                self.reply_budget = 0;
+            }
             if recovered {
                 publications = slice.publications.iter().collect();
             }
@@ -1011,6 +1014,9 @@ impl Session {
             n if n < 0 => max,
             n => u32::try_from(n).unwrap_or(u32::MAX).min(max),
         };
+        if limit > 0 && self.reply_budget == 0 {
+            return Err(reply_too_large());
+        }
         let bound = match (&req.since, req.reverse) {
             (Some(since), true) if since.offset == 0 => {
                 return Err(ReplyError::with_message(
@@ -1036,6 +1042,9 @@ impl Session {
             ReplyError::new(ErrorCode::Internal)
         })?;
         if slice.overflow {
+            // The attempt used up the frame's budget: the frame's other large replies are refused
+            // without reading (the database is never asked for more than the budget per frame).
+            self.reply_budget = 0;
             return Err(reply_too_large());
         }
         self.held.push(

@@ -58,6 +58,25 @@ async fn wait_top(db: &TestDb, channel: &str, top: i64) {
     panic!("channel {channel} never reached offset {top}");
 }
 
+/// Waits until the node's change stream has read up to global sequence `seq` (so a burst is no
+/// longer being fanned out when a test subscribes).
+async fn wait_cursor(server: &Server, seq: u64) {
+    for _ in 0..1200 {
+        let metrics = server.metrics().await;
+        let cursor: u64 = metrics
+            .lines()
+            .find(|l| l.starts_with("relay_stream_cursor "))
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if cursor >= seq {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the stream never read up to {seq}");
+}
+
 /// Inserts `n` chat rows of `size` bytes of text each, in one statement.
 async fn insert_rows(db: &TestDb, prefix: &str, n: i64, size: i32) {
     sqlx::query(
@@ -97,6 +116,7 @@ async fn replies_are_bounded_by_the_connection_budget() {
     .await;
     insert_rows(&db, "big", 300, 10_000).await;
     wait_top(&db, "incoming-chat", 300).await;
+    wait_cursor(&server, 300).await;
     // Subscribed after the burst (3 MB of pushes would close it as slow with a 1 MiB budget).
     let mut observer = Client::connected(&server.ws_url()).await;
     let sub = observer
@@ -799,6 +819,64 @@ async fn publishes_are_limited_per_user_across_connections() {
         .call(json!({"publish": {"channel": "free:chat", "data": {"x": 1}}}))
         .await;
     assert!(r["publish"].is_object(), "{r}");
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// Item 1, the review's attack with the default configuration: 4 connections each send one frame
+/// of 160 `history` (limit −1, reverse) over 300 rows of 10 KB (before: 480 MB per frame, peak RSS
+/// 4.5 GB). Each connection gets what fits in its 14 MiB of replies, the rest 106.
+#[tokio::test]
+async fn the_review_attack_with_defaults() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    insert_rows(&db, "big", 300, 10_000).await;
+    wait_top(&db, "incoming-chat", 300).await;
+    let rss_before = status_kib("VmRSS");
+    let frame: Vec<String> = (0..160)
+        .map(|i| {
+            json!({"id": 100 + i, "history": {"channel": "incoming-chat", "limit": -1, "reverse": true}})
+                .to_string()
+        })
+        .collect();
+    let frame = Arc::new(frame.join("\n"));
+    // The four read at once (a client that reads slowly would be cut by the write timeout).
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = server.ws_url();
+        let frame = frame.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = Client::connected(&url).await;
+            c.send_raw(&frame).await;
+            let all = replies(&mut c, 160).await;
+            let full = all
+                .iter()
+                .filter(|r| r["history"]["publications"].is_array())
+                .count();
+            assert!(
+                all.iter()
+                    .all(|r| r["history"]["publications"].is_array() || r["error"]["code"] == 106)
+            );
+            let bytes: usize = all.iter().map(|r| r.to_string().len() + 1).sum();
+            (full, bytes)
+        }));
+    }
+    let mut totals = Vec::new();
+    for t in tasks {
+        let (full, bytes) = t.await.unwrap();
+        assert!(bytes <= 16 << 20, "{bytes}");
+        totals.push((full, bytes));
+    }
+    let rss_after = status_kib("VmRSS");
+    let peak = status_kib("VmHWM");
+    println!(
+        "item 1 (defaults): 4 × 160 × history(300 × 10 KB): (full replies, bytes) per connection \
+         {totals:?} (before: 160 × 3 MB = 480 MB each); RSS {rss_before} → {rss_after} KiB, peak {peak} KiB"
+    );
+    assert!(
+        peak < rss_before + 400 * 1024,
+        "peak {peak} KiB from {rss_before} KiB"
+    );
     server.stop().await;
     db.drop_db().await;
 }
