@@ -10,6 +10,7 @@
 //! the database pool once, before serving, and call the same [`handler::handle`].
 //!
 //! # Layout
+//! - [`auth`]: the signature that local invocations must carry (`WRITER_SECRET`).
 //! - [`config`]: environment variables, the pool.
 //! - [`event`]: the envelope, message parsing and `data` decoding, input limits.
 //! - [`handler`]: one invocation: [`handler::State`], [`handler::handle`], the result format.
@@ -32,6 +33,7 @@
 //! (`InvalidEvent`, not retryable) or a database failure (`DatabaseError`, retryable) fails the
 //! invocation.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod event;
