@@ -23,9 +23,10 @@
 //!
 //! # Messages
 //! - `chatMsg`, data `{username, content}`: inserts `chat_data(msg_id = id, username,
-//!   msg_data = content, client_id = clientId, created_at_timestamp = timestamp)`.
+//!   msg_data = content, client_id = clientId, client_kind = clientKind, created_at_timestamp = timestamp)`.
 //! - `editedMsg`, data `{username, content, msgIdToEdit}`: sets `msg_data`, `is_edited = true`,
-//!   `updated_at = now()` on row `msgIdToEdit` only if its `client_id` is the sender's `clientId`.
+//!   `updated_at = now()` on row `msgIdToEdit` only if its `client_kind` and `client_id` are the
+//!   sender's (see [`event`]: the same id in another namespace is another author).
 //! - any other name: skipped.
 //!
 //! The result is `{"results": [{"index", "id", "name", "status", "reason"?}]}` with status `inserted`,
