@@ -19,8 +19,6 @@ ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS builder
-# Lets deploy/test.sh remove this stage's image after a test build.
-LABEL pg-relay.stage=builder
 WORKDIR /build
 # sqlx's macros must not look for a database while the image builds.
 ENV SQLX_OFFLINE=true \

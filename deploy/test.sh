@@ -20,7 +20,8 @@
 #
 # Environment: DATABASE_URL (the test PostgreSQL, default postgres://postgres@127.0.0.1:5432/postgres),
 # PYTHON (a Python with the `websockets` package, default tests-sdk/.venv/bin/python), KEEP_IMAGE=1 keeps
-# the built image (tagged pg-relay:test).
+# the built image (tagged pg-relay:test), BUILD_ARGS replaces the base-image build arguments (skipping
+# deploy/docker/bases.sh; e.g. a builder image that already holds a target/ directory, for quick re-runs).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,26 +51,34 @@ lint() {
 }
 
 image() {
-    local started tag=pg-relay:test build_args status=0
+    local build_args status=0
+    # Globals: the EXIT trap below runs after this function has returned.
+    tag=pg-relay:test
     started=$(deploy/docker/engine.sh)
+    dangling_before=$(docker images -q -f dangling=true | sort)
     cleanup() {
         if [[ ${KEEP_IMAGE:-0} != 1 ]]; then
             docker rmi -f "$tag" >/dev/null 2>&1 || true
         fi
-        # The builder stage (labelled) and any dangling layers of this build.
-        docker image prune -f --filter label=pg-relay.stage=builder >/dev/null 2>&1 || true
+        # The builder stage's image and any other image this build left untagged.
+        comm -13 <(printf '%s\n' "$dangling_before") <(docker images -q -f dangling=true | sort) |
+            xargs -r docker rmi -f >/dev/null 2>&1 || true
         if [[ $started == started && -f /var/run/pg-relay-dockerd.pid ]]; then
             say "stopping the dockerd this script started"
             kill "$(cat /var/run/pg-relay-dockerd.pid)" 2>/dev/null || true
         fi
     }
     trap cleanup EXIT
-    say "base images"
-    build_args=$(deploy/docker/bases.sh)
+    if [[ -n ${BUILD_ARGS:-} ]]; then
+        build_args=$BUILD_ARGS
+    else
+        say "base images"
+        build_args=$(deploy/docker/bases.sh)
+    fi
     say "docker build $tag ($build_args)"
     local t0=$SECONDS
     # shellcheck disable=SC2086 # build_args is a list of --build-arg words
-    if ! docker build --network host $build_args -t "$tag" . >/tmp/pg-relay-image-build.log 2>&1; then
+    if ! docker build --network host --force-rm $build_args -t "$tag" . >/tmp/pg-relay-image-build.log 2>&1; then
         tail -n 60 /tmp/pg-relay-image-build.log
         echo "FAIL docker build (log above)"
         return 1
