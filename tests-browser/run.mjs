@@ -445,7 +445,9 @@ async function main() {
     const cfgPath = path.join(ARTIFACTS, 'config.json');
     fs.writeFileSync(cfgPath, JSON.stringify(config, null, 2));
 
-    const env = { ...process.env, DATABASE_URL: dbUrl, RUST_LOG: process.env.RUST_LOG || 'info', NO_COLOR: '1' };
+    // WRITER_SECRET: the writer runs only invocations the connector signs with it.
+    const env = { ...process.env, DATABASE_URL: dbUrl, RUST_LOG: process.env.RUST_LOG || 'info', NO_COLOR: '1',
+                  WRITER_SECRET: randomBytes(32).toString('hex') };
     delete env.AWS_LAMBDA_RUNTIME_API;
     const connectorBin = path.join(BIN_DIR, 'connector');
     const m = spawnSync(connectorBin, ['--config', cfgPath, 'migrate'], { env, cwd: ROOT, encoding: 'utf8', timeout: 120000 });

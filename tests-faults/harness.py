@@ -300,7 +300,9 @@ class Stack:
         self.failed_before = results.failed
         self.client_extra: dict[str, Any] = {}
         self.env = dict(os.environ)
-        self.env.update({"DATABASE_URL": self.db_url, "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1"})
+        self.env.update({"DATABASE_URL": self.db_url, "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1",
+                         # The writer accepts only invocations the connector signs with this.
+                         "WRITER_SECRET": secrets.token_hex(32)})
         self.env.pop("AWS_LAMBDA_RUNTIME_API", None)
 
     async def setup(self, writer: bool = True) -> bool:

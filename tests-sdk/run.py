@@ -230,7 +230,9 @@ class Run:
         cfg_path.write_text(json.dumps(config, indent=2))
 
         env = dict(os.environ)
-        env.update({"DATABASE_URL": self.db_url, "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1"})
+        env.update({"DATABASE_URL": self.db_url, "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1",
+                    # The writer accepts only invocations the connector signs with this (issue 9, item 5).
+                    "WRITER_SECRET": secrets.token_hex(32)})
         env_conn = dict(env, RELAY_LISTEN=f"127.0.0.1:{self.connector_port}")
         env_writer = dict(env, WRITER_LISTEN=f"127.0.0.1:{self.writer_port}")
         env_writer.pop("AWS_LAMBDA_RUNTIME_API", None)

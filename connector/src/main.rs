@@ -26,9 +26,28 @@ struct Cli {
           action = clap::ArgAction::SetTrue,
           value_parser = clap::builder::BoolishValueParser::new())]
     allow_postgres_db: bool,
+    /// Log format: `text`, or `json` (one JSON object per line, for CloudWatch and log shippers).
+    /// Colours only when stderr is a terminal.
+    #[arg(
+        long,
+        value_enum,
+        env = "RELAY_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
     /// What to do (default: run).
     #[command(subcommand)]
     command: Option<Cmd>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,13 +113,7 @@ enum TriggerCmd {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_tracing(cli.log_format);
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -208,6 +221,23 @@ async fn check(path: &std::path::Path, config: &Config) -> anyhow::Result<()> {
         say(format!("database {db}: {p}"));
     }
     anyhow::bail!("{} problem(s) with the mappings in {db}", problems.len())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or JSON lines; ANSI colours only
+/// when stderr is a terminal.
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

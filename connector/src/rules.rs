@@ -29,6 +29,16 @@
 //!   without ids, `index` 0), a `status` that is not one of the above, or a body over
 //!   [`MAX_OUTCOME_BYTES`]: error 100 "publish target failed" (not retried; the target may have acted,
 //!   so the connector does not claim success).
+//!
+//! Those POSTs (and webhook POSTs) carry `X-Relay-Signature: t=<unix secs>,v1=<hex HMAC-SHA256(secret,
+//! "<t>.<body>")>` when `WRITER_SECRET` is set, which the local writer requires (see
+//! `writer-lambda/src/auth.rs`); in AWS, IAM authenticates the call instead.
+//!
+//! # Identity
+//! Each message says whose it is with two fields: `clientId` and `clientKind` — `user` (the token's
+//! `sub`), `anonymous` (the connection's id, which the connector generates) or `server` (the server
+//! API). The pair is the author, so a token whose `sub` equals an anonymous client's id is a different
+//! author and cannot edit that person's messages.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,6 +50,7 @@ use aws_sdk_lambda::operation::invoke::InvokeError;
 use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use ring::hmac;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use thiserror::Error;
@@ -53,6 +64,11 @@ const MAX_DETAIL_CHARS: usize = 500;
 pub const MAX_OUTCOME_BYTES: usize = 64 * 1024;
 /// Longest refusal reason passed on to the publisher.
 pub const MAX_REASON_CHARS: usize = 300;
+
+/// The environment variable holding the secret that invocations of local endpoints are signed with.
+pub const WRITER_SECRET_ENV: &str = "WRITER_SECRET";
+/// The header that carries the signature.
+pub const SIGNATURE_HEADER: &str = "X-Relay-Signature";
 
 /// Why a target did not accept a publication.
 #[derive(Debug, Error)]
@@ -239,6 +255,8 @@ pub struct EnvelopeMessage<'a> {
     pub id: String,
     /// The sender: the connection's user, or its client id when anonymous.
     pub client_id: &'a str,
+    /// The namespace of `client_id`: `user`, `anonymous` or `server` (see the module docs).
+    pub client_kind: &'static str,
     /// The connection.
     pub connection_id: &'a str,
     /// Milliseconds since the Unix epoch.
@@ -273,6 +291,21 @@ pub struct NamedData<'a> {
     pub data: Option<&'a RawValue>,
 }
 
+/// The namespace of a sender id, from what the callers pass: the server API passes `"api"` as the
+/// connection (a real connection id is a UUID the connector generates); a session passes its own
+/// connection id as the sender when anonymous, and the token's `sub` otherwise. (A `sub` equal to the
+/// connection's own freshly generated id would be filed as that anonymous connection: it can borrow
+/// nobody else's identity.)
+pub fn client_kind(client_id: &str, connection_id: &str) -> &'static str {
+    if connection_id == "api" {
+        "server"
+    } else if client_id == connection_id {
+        "anonymous"
+    } else {
+        "user"
+    }
+}
+
 /// Builds the envelope for one client publication.
 pub fn envelope<'a>(
     channel: &'a str,
@@ -297,6 +330,7 @@ pub fn envelope<'a>(
         messages: vec![EnvelopeMessage {
             id: message_id,
             client_id,
+            client_kind: client_kind(client_id, connection_id),
             connection_id,
             timestamp,
             name: &named.name,
@@ -312,6 +346,8 @@ pub fn envelope<'a>(
 #[derive(Clone, Default)]
 pub struct LambdaClients {
     clients: Vec<(LambdaKey, aws_sdk_lambda::Client)>,
+    /// `WRITER_SECRET`: signs the POSTs to local endpoints and webhooks.
+    signer: Option<hmac::Key>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,8 +366,43 @@ impl fmt::Debug for LambdaClients {
 
 impl LambdaClients {
     /// Builds the clients the rules need; nothing (and no AWS configuration is read) when no rule
-    /// invokes AWS Lambda. Fails, naming the rule, when a rule's region cannot be determined.
+    /// invokes AWS Lambda. Fails, naming the rule, when a rule's region cannot be determined. Reads
+    /// `WRITER_SECRET` (at least 32 bytes) for the signature of POSTed envelopes.
     pub async fn for_rules(rules: &[Rule]) -> Result<Self, ConfigError> {
+        let signer = match std::env::var(WRITER_SECRET_ENV) {
+            Ok(secret) if !secret.is_empty() => {
+                if secret.len() < 32 {
+                    return Err(ConfigError::Invalid {
+                        field: WRITER_SECRET_ENV.to_owned(),
+                        problem: format!("must be at least 32 bytes (it is {})", secret.len()),
+                    });
+                }
+                Some(hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes()))
+            }
+            _ => None,
+        };
+        let posts = rules.iter().any(|r| {
+            matches!(
+                r.target,
+                Target::Http { .. }
+                    | Target::Lambda {
+                        endpoint: Some(_),
+                        ..
+                    }
+            )
+        });
+        if posts && signer.is_none() {
+            tracing::warn!(
+                "{WRITER_SECRET_ENV} is not set: envelopes POSTed to local endpoints and webhooks are \
+                 unsigned (the local writer refuses them unless started with --insecure-no-auth)"
+            );
+        }
+        let mut built = Self::for_aws_rules(rules).await?;
+        built.signer = signer;
+        Ok(built)
+    }
+
+    async fn for_aws_rules(rules: &[Rule]) -> Result<Self, ConfigError> {
         let aws_rules: Vec<(usize, &Rule, Option<&String>)> = rules
             .iter()
             .enumerate()
@@ -396,7 +467,10 @@ impl LambdaClients {
             tracing::info!(rule = i, channel = %rule.channel, region = %region, "AWS Lambda client ready");
             clients.push((key, aws_sdk_lambda::Client::from_conf(config)));
         }
-        Ok(Self { clients })
+        Ok(Self {
+            clients,
+            signer: None,
+        })
     }
 
     fn client(&self, region: Option<&str>, timeout_ms: u64) -> Option<&aws_sdk_lambda::Client> {
@@ -482,9 +556,16 @@ async fn deliver_once(
         }
         Target::Http { url } => http.post(url),
     };
-    let response = request
+    let body =
+        serde_json::to_vec(envelope).map_err(|e| TargetError::Failed(format!("envelope: {e}")))?;
+    let mut request = request
         .timeout(timeout)
-        .json(envelope)
+        .header(reqwest::header::CONTENT_TYPE, "application/json");
+    if let Some(key) = &lambda.signer {
+        request = request.header(SIGNATURE_HEADER, sign(key, unix_secs(), &body));
+    }
+    let response = request
+        .body(body)
         .send()
         .await
         .map_err(|e| TargetError::Unreachable(e.without_url().to_string()))?;
@@ -599,6 +680,21 @@ async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, Target
     Ok(body)
 }
 
+/// `t=<unix_secs>,v1=<hex HMAC-SHA256(key, "<unix_secs>.<body>")>`: the writer's `X-Relay-Signature`.
+pub fn sign(key: &hmac::Key, unix_secs: u64, body: &[u8]) -> String {
+    let mut signed = format!("{unix_secs}.").into_bytes();
+    signed.extend_from_slice(body);
+    let tag = hmac::sign(key, &signed);
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={unix_secs},v1={hex}")
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn truncate(text: &str) -> String {
     text.chars().take(MAX_DETAIL_CHARS).collect()
 }
@@ -675,9 +771,40 @@ mod tests {
         let v = serde_json::to_value(&env).unwrap();
         assert_eq!(v["messages"][0]["name"], "chatMsg");
         assert_eq!(v["messages"][0]["clientId"], "alice");
+        assert_eq!(v["messages"][0]["clientKind"], "user");
         assert_eq!(v["messages"][0]["encoding"], "json");
         let inner: serde_json::Value =
             serde_json::from_str(v["messages"][0]["data"].as_str().unwrap()).unwrap();
         assert_eq!(inner["content"], "hi");
+    }
+
+    #[test]
+    fn the_sender_namespace_follows_the_caller() {
+        let raw = r#"{"name":"chatMsg","data":{}}"#;
+        let named: NamedData<'_> = serde_json::from_str(raw).unwrap();
+        let kind = |client: &str, connection: &str| {
+            let env = envelope("c", client, connection, &named, "m".into());
+            serde_json::to_value(&env).unwrap()["messages"][0]["clientKind"].clone()
+        };
+        let anon = "0b8f3c2e-1d4a-4f5e-9a7b-2c3d4e5f6a7b";
+        // An anonymous session sends its own connection id; a user whose `sub` is that same id, on
+        // another connection, is a user.
+        assert_eq!(kind(anon, anon), "anonymous");
+        assert_eq!(kind(anon, "another-connection"), "user");
+        assert_eq!(kind("api", "api"), "server");
+    }
+
+    #[test]
+    fn the_signature_is_the_writers_scheme() {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, b"0123456789abcdef0123456789abcdef");
+        let header = sign(&key, 1_700_000_000, br#"{"messages":[]}"#);
+        let (t, v1) = header.split_once(",v1=").unwrap();
+        assert_eq!(t, "t=1700000000");
+        assert_eq!(v1.len(), 64);
+        let tag: Vec<u8> = (0..64)
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&v1[i..i + 2], 16).unwrap())
+            .collect();
+        assert!(hmac::verify(&key, br#"1700000000.{"messages":[]}"#, &tag).is_ok());
     }
 }

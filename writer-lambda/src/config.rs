@@ -5,16 +5,18 @@
 //! | `DATABASE_URL` | `postgres://postgres@127.0.0.1:5432/postgres` | the database the writer writes to |
 //! | `WRITER_DB_MAX_CONNECTIONS` | `4` | size of the pool (a Lambda instance runs one invocation at a time) |
 //! | `WRITER_DB_ACQUIRE_TIMEOUT_MS` | `3000` | how long an invocation waits for a connection (incl. connecting) |
-//! | `WRITER_LISTEN` | `0.0.0.0:9000` | local mode only: address of the invoke server |
-//! | `PORT` | | local mode only: used as `0.0.0.0:$PORT` when `WRITER_LISTEN` is not set |
+//! | `WRITER_LISTEN` | `127.0.0.1:9000` | local mode only: address of the invoke server (loopback unless told) |
+//! | `PORT` | | local mode only: used as `127.0.0.1:$PORT` when `WRITER_LISTEN` is not set |
+//! | `WRITER_SECRET` | | local mode: the secret invocations are signed with ([`crate::auth`]); required unless `--insecure-no-auth` |
 //!
-//! The URL holds a secret (the password), so [`Config`]'s `Debug` hides it and
+//! The URL and the secret are secrets, so [`Config`]'s `Debug` hides them and
 //! [`Config::database_description`] is what gets logged.
 
 use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+use crate::auth::Secret;
 use crate::error::{Error, Result};
 
 /// `DATABASE_URL` when the variable is not set: the local PostgreSQL of a development machine.
@@ -23,8 +25,8 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postg
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 /// Default time an invocation waits for a database connection, connecting included.
 pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_millis(3000);
-/// Default address of the local invoke server.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:9000";
+/// Default address of the local invoke server: loopback, reachable only from this machine.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9000";
 
 /// The writer's configuration.
 #[derive(Clone)]
@@ -37,6 +39,8 @@ pub struct Config {
     pub acquire_timeout: Duration,
     /// Local mode: the address the invoke server listens on.
     pub listen: SocketAddr,
+    /// Local mode: the secret every invocation must be signed with (`WRITER_SECRET`).
+    pub secret: Option<Secret>,
 }
 
 impl fmt::Debug for Config {
@@ -46,6 +50,7 @@ impl fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("acquire_timeout", &self.acquire_timeout)
             .field("listen", &self.listen)
+            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
             .finish()
     }
 }
@@ -97,18 +102,23 @@ impl Config {
         let listen = match (lookup("WRITER_LISTEN"), lookup("PORT")) {
             (Some(addr), _) => addr.trim().parse::<SocketAddr>().map_err(|_| {
                 Error::Config(format!(
-                    "WRITER_LISTEN must be an address such as 0.0.0.0:9000, got {addr:?}"
+                    "WRITER_LISTEN must be an address such as 127.0.0.1:9000, got {addr:?}"
                 ))
             })?,
             (None, Some(port)) => {
                 let port = port.trim().parse::<u16>().map_err(|_| {
                     Error::Config(format!("PORT must be a port number, got {port:?}"))
                 })?;
-                SocketAddr::from(([0, 0, 0, 0], port))
+                SocketAddr::from(([127, 0, 0, 1], port))
             }
             (None, None) => DEFAULT_LISTEN
                 .parse()
                 .map_err(|_| Error::Config("bad default listen address".to_owned()))?,
+        };
+
+        let secret = match lookup("WRITER_SECRET").filter(|s| !s.is_empty()) {
+            None => None,
+            Some(secret) => Some(Secret::new(&secret).map_err(Error::Config)?),
         };
 
         Ok(Config {
@@ -116,6 +126,7 @@ impl Config {
             max_connections,
             acquire_timeout,
             listen,
+            secret,
         })
     }
 
@@ -175,13 +186,23 @@ mod tests {
         assert_eq!(config.database_url, DEFAULT_DATABASE_URL);
         assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(config.acquire_timeout, DEFAULT_ACQUIRE_TIMEOUT);
-        assert_eq!(config.listen, "0.0.0.0:9000".parse().expect("address"));
+        assert_eq!(config.listen, "127.0.0.1:9000".parse().expect("address"));
+        assert!(config.secret.is_none());
+    }
+
+    #[test]
+    fn the_secret_is_checked_and_never_shown() {
+        let c = config(&[("WRITER_SECRET", "0123456789abcdef0123456789abcdef")]).expect("valid");
+        assert!(c.secret.is_some());
+        assert!(!format!("{c:?}").contains("0123456789"));
+        let err = config(&[("WRITER_SECRET", "too-short-s3cr3t")]).expect_err("short");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
     }
 
     #[test]
     fn listen_from_writer_listen_or_port() {
         let c = config(&[("PORT", "8081")]).expect("valid");
-        assert_eq!(c.listen, "0.0.0.0:8081".parse().expect("address"));
+        assert_eq!(c.listen, "127.0.0.1:8081".parse().expect("address"));
         let c = config(&[("PORT", "8081"), ("WRITER_LISTEN", "127.0.0.1:7000")]).expect("valid");
         assert_eq!(c.listen, "127.0.0.1:7000".parse().expect("address"));
         assert!(config(&[("PORT", "x")]).is_err());

@@ -3,9 +3,17 @@
 //!
 //! ```json
 //! {"source": "channel.message", "channel": "outgoing-chat",
-//!  "messages": [{"id": "m1", "clientId": "c1", "connectionId": "k1", "timestamp": 1700000000000,
-//!                "name": "chatMsg", "data": "{\"username\":\"ada\",\"content\":\"hi\"}", "encoding": "json"}]}
+//!  "messages": [{"id": "m1", "clientId": "c1", "clientKind": "anonymous", "connectionId": "k1",
+//!                "timestamp": 1700000000000, "name": "chatMsg",
+//!                "data": "{\"username\":\"ada\",\"content\":\"hi\"}", "encoding": "json"}]}
 //! ```
+//!
+//! # Identity
+//! The author of a message is the pair ([`ClientKind`], `clientId`), never `clientId` alone: `clientKind`
+//! is `user` (the id is a token's `sub`), `anonymous` (the connector's id of an anonymous connection) or
+//! `server` (the server API). The connector always sends it. An envelope without it (an older connector,
+//! another reactor) is [`ClientKind::Legacy`], a namespace of its own. So a token whose `sub` equals an
+//! anonymous client's id is a different author, and cannot edit that person's messages.
 //!
 //! Parsing happens in two steps so that one bad message cannot fail its neighbours:
 //! [`Envelope::from_value`] rejects a malformed envelope as a whole ([`Error::InvalidEvent`]), and
@@ -98,9 +106,13 @@ impl Envelope {
 pub struct Message {
     /// The message id, unique per message: the key of idempotency and the new row's `msg_id`.
     pub id: String,
-    /// The publisher's client id: a new row's `client_id`, and the only client allowed to edit it.
+    /// The publisher's client id: a new row's `client_id`; with [`Message::client_kind`], the only
+    /// author allowed to edit it.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// The namespace of `client_id` (see the [module docs](self)); `None` is [`ClientKind::Legacy`].
+    #[serde(default)]
+    pub client_kind: Option<String>,
     /// The publisher's connection id (informational).
     #[serde(default)]
     pub connection_id: Option<String>,
@@ -116,6 +128,47 @@ pub struct Message {
     /// How `data` is encoded; see [`decode_data`].
     #[serde(default)]
     pub encoding: Option<String>,
+}
+
+/// The namespace of a client id: who vouched for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKind {
+    /// An authenticated user: the id is the token's `sub`.
+    User,
+    /// An anonymous connection: the id is the one the connector gave the connection.
+    Anonymous,
+    /// The server API (a trusted backend).
+    Server,
+    /// No `clientKind` in the envelope (an older connector or another reactor): a namespace of its own,
+    /// which also holds the rows written before namespaces existed.
+    Legacy,
+}
+
+impl ClientKind {
+    /// The value of the envelope's `clientKind` and of the row's `client_kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientKind::User => "user",
+            ClientKind::Anonymous => "anonymous",
+            ClientKind::Server => "server",
+            ClientKind::Legacy => "legacy",
+        }
+    }
+
+    /// Parses the envelope's `clientKind` (`None`: [`ClientKind::Legacy`]). `legacy` itself is not
+    /// accepted from an envelope: it only names the absence of the field.
+    pub fn from_envelope(value: Option<&str>) -> Result<Self, InvalidMessage> {
+        match value {
+            None => Ok(ClientKind::Legacy),
+            Some("user") => Ok(ClientKind::User),
+            Some("anonymous") => Ok(ClientKind::Anonymous),
+            Some("server") => Ok(ClientKind::Server),
+            Some(other) => Err(InvalidMessage(format!(
+                "clientKind must be \"user\", \"anonymous\" or \"server\", got {:?}",
+                other.chars().take(MAX_ID_BYTES).collect::<String>()
+            ))),
+        }
+    }
 }
 
 /// Why a message cannot be applied. Reported for that message with status `invalid`; not retryable.
@@ -140,6 +193,8 @@ pub struct NewChatMessage {
     pub content: String,
     /// Author's client id.
     pub client_id: String,
+    /// The namespace of `client_id`.
+    pub client_kind: ClientKind,
     /// Publish time in milliseconds: the row's `created_at_timestamp`.
     pub created_at_ms: i64,
 }
@@ -155,8 +210,10 @@ pub struct EditChatMessage {
     pub username: String,
     /// The new message text.
     pub content: String,
-    /// The editor's client id: the edit applies only if it is the author's.
+    /// The editor's client id: the edit applies only if it and `client_kind` are the author's.
     pub client_id: String,
+    /// The namespace of `client_id`.
+    pub client_kind: ClientKind,
 }
 
 /// What a message asks the writer to do.
@@ -215,6 +272,7 @@ impl Message {
         match self.name.as_deref() {
             Some(CHAT_MSG) => {
                 let client_id = self.client_id()?;
+                let client_kind = ClientKind::from_envelope(self.client_kind.as_deref())?;
                 let created_at_ms = match self.timestamp {
                     Some(ms) if ms >= 0 => ms,
                     Some(ms) => {
@@ -232,11 +290,13 @@ impl Message {
                     username: data.username,
                     content: data.content,
                     client_id,
+                    client_kind,
                     created_at_ms,
                 }))
             }
             Some(EDITED_MSG) => {
                 let client_id = self.client_id()?;
+                let client_kind = ClientKind::from_envelope(self.client_kind.as_deref())?;
                 let data: EditedData = self.data_as(EDITED_MSG)?;
                 check_text("username", &data.username, MAX_USERNAME_BYTES)?;
                 check_text("content", &data.content, MAX_CONTENT_BYTES)?;
@@ -247,6 +307,7 @@ impl Message {
                     username: data.username,
                     content: data.content,
                     client_id,
+                    client_kind,
                 }))
             }
             _ => Ok(Action::Skip),
@@ -472,6 +533,7 @@ mod tests {
                 username: "ada".into(),
                 content: "hi".into(),
                 client_id: "c1".into(),
+                client_kind: ClientKind::Legacy,
                 created_at_ms: 1_700_000_000_000,
             })
         );
@@ -488,6 +550,33 @@ mod tests {
             Ok(Action::Skip)
         );
         assert_eq!(message(json!({"id": "x"})), Ok(Action::Skip));
+    }
+
+    #[test]
+    fn client_kind_names_the_namespace_of_the_client_id() {
+        let chat = |kind: Value| {
+            let mut m = json!({"id": "m", "clientId": "c", "timestamp": 1, "name": "chatMsg",
+                               "data": {"username": "u", "content": "x"}});
+            if !kind.is_null() {
+                m["clientKind"] = kind;
+            }
+            message(m)
+        };
+        for (kind, want) in [
+            (json!("user"), ClientKind::User),
+            (json!("anonymous"), ClientKind::Anonymous),
+            (json!("server"), ClientKind::Server),
+            (Value::Null, ClientKind::Legacy),
+        ] {
+            assert!(
+                matches!(chat(kind.clone()), Ok(Action::Insert(ref m)) if m.client_kind == want),
+                "{kind}"
+            );
+        }
+        // `legacy` names only the absence of the field; anything else is refused, never guessed.
+        for kind in [json!("legacy"), json!("USER"), json!(""), json!(5)] {
+            assert!(chat(kind.clone()).is_err(), "{kind}");
+        }
     }
 
     #[test]

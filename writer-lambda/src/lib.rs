@@ -10,6 +10,7 @@
 //! the database pool once, before serving, and call the same [`handler::handle`].
 //!
 //! # Layout
+//! - [`auth`]: the signature that local invocations must carry (`WRITER_SECRET`).
 //! - [`config`]: environment variables, the pool.
 //! - [`event`]: the envelope, message parsing and `data` decoding, input limits.
 //! - [`handler`]: one invocation: [`handler::State`], [`handler::handle`], the result format.
@@ -22,9 +23,10 @@
 //!
 //! # Messages
 //! - `chatMsg`, data `{username, content}`: inserts `chat_data(msg_id = id, username,
-//!   msg_data = content, client_id = clientId, created_at_timestamp = timestamp)`.
+//!   msg_data = content, client_id = clientId, client_kind = clientKind, created_at_timestamp = timestamp)`.
 //! - `editedMsg`, data `{username, content, msgIdToEdit}`: sets `msg_data`, `is_edited = true`,
-//!   `updated_at = now()` on row `msgIdToEdit` only if its `client_id` is the sender's `clientId`.
+//!   `updated_at = now()` on row `msgIdToEdit` only if its `client_kind` and `client_id` are the
+//!   sender's (see [`event`]: the same id in another namespace is another author).
 //! - any other name: skipped.
 //!
 //! The result is `{"results": [{"index", "id", "name", "status", "reason"?}]}` with status `inserted`,
@@ -32,6 +34,7 @@
 //! (`InvalidEvent`, not retryable) or a database failure (`DatabaseError`, retryable) fails the
 //! invocation.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod event;

@@ -15,11 +15,16 @@
 //!     running; `Event` runs the handler before answering `202` (errors are logged, not retried —
 //!     unlike Lambda's asynchronous invocation); anything else is `400`;
 //!   - an empty body is treated as `{}`, like Lambda.
+//!   - every invocation must carry `X-Relay-Signature` made with the shared secret (see [`crate::auth`])
+//!     unless the server runs without one (`--insecure-no-auth`): no header is `403`
+//!     `MissingAuthenticationTokenException`; a bad or stale signature is `403`
+//!     `InvalidSignatureException`, before the body is parsed.
 //! - `GET /healthz` — liveness: `200 ok` while the process serves.
 //! - `GET /readyz` — readiness: `200 ready` if the database answers `SELECT 1` within the pool's acquire
 //!   timeout, else `503`.
 //!
-//! [`serve`] takes a bound listener and a shutdown future, so tests run the real server on port 0.
+//! [`serve`] takes a bound listener, the secret (`None`: unsigned invocations are accepted) and a
+//! shutdown future, so tests run the real server on port 0.
 
 use std::{future::Future, sync::Arc};
 
@@ -36,6 +41,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument as _;
 
 use crate::{
+    auth::{Refusal, SIGNATURE_HEADER, Secret},
     handler::{self, State},
     store,
 };
@@ -52,27 +58,36 @@ const INVOCATION_TYPE_HEADER: &str = "x-amz-invocation-type";
 const EXECUTED_VERSION_HEADER: &str = "x-amz-executed-version";
 const REQUEST_ID_HEADER: &str = "x-amzn-requestid";
 
-/// The router of the local invoke server.
-pub fn router(state: Arc<State>) -> Router {
+/// What the routes share: the handler's state and the secret invocations are signed with.
+#[derive(Debug, Clone)]
+struct Local {
+    state: Arc<State>,
+    secret: Option<Secret>,
+}
+
+/// The router of the local invoke server. With `secret`, every invocation must be signed with it; with
+/// `None`, anyone who reaches the port may invoke.
+pub fn router(state: Arc<State>, secret: Option<Secret>) -> Router {
     Router::new()
         .route(INVOKE_PATH, post(invoke))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .layer(DefaultBodyLimit::max(MAX_PAYLOAD_BYTES))
-        .with_state(state)
+        .with_state(Arc::new(Local { state, secret }))
 }
 
 /// Serves the local invoke server on `listener` until `shutdown` completes, then finishes the requests
-/// in flight and returns.
+/// in flight and returns. See [`router`] for `secret`.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<State>,
+    secret: Option<Secret>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "local invoke server listening");
+        tracing::info!(%addr, signed = secret.is_some(), "local invoke server listening");
     }
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state, secret))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -87,14 +102,14 @@ enum InvocationType {
 /// `POST /2015-03-31/functions/{name}/invocations`: every invocation gets a request id, returned in
 /// `x-amzn-RequestId` (as Lambda does) and attached to its logs.
 async fn invoke(
-    state: AxumState<Arc<State>>,
+    AxumState(local): AxumState<Arc<Local>>,
     Path(function): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let span = tracing::info_span!("invoke", %function, %request_id);
-    let mut response = invoke_function(state, &headers, body)
+    let mut response = invoke_function(&local, &headers, body)
         .instrument(span)
         .await;
     if let Ok(value) = HeaderValue::from_str(&request_id) {
@@ -106,10 +121,11 @@ async fn invoke(
 }
 
 async fn invoke_function(
-    AxumState(state): AxumState<Arc<State>>,
+    local: &Local,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let state = &local.state;
     let invocation_type = match headers
         .get(INVOCATION_TYPE_HEADER)
         .map(|v| v.to_str().unwrap_or(""))
@@ -146,6 +162,19 @@ async fn invoke_function(
             );
         }
     };
+    if let Some(secret) = &local.secret {
+        let header = headers
+            .get(SIGNATURE_HEADER)
+            .map(|v| v.to_str().unwrap_or(""));
+        if let Err(refusal) = secret.verify(header, &body) {
+            tracing::warn!(%refusal, "invocation refused: not signed with WRITER_SECRET");
+            let error_type = match refusal {
+                Refusal::Missing => "MissingAuthenticationTokenException",
+                _ => "InvalidSignatureException",
+            };
+            return api_error(StatusCode::FORBIDDEN, error_type, refusal.to_string());
+        }
+    }
     let event: Value = if body.iter().all(u8::is_ascii_whitespace) {
         json!({})
     } else {
@@ -165,7 +194,7 @@ async fn invoke_function(
     if matches!(invocation_type, InvocationType::DryRun) {
         return StatusCode::NO_CONTENT.into_response();
     }
-    let outcome = handler::handle(&state, event).await;
+    let outcome = handler::handle(state, event).await;
     if matches!(invocation_type, InvocationType::Event) {
         if let Err(error) = &outcome {
             tracing::error!(
@@ -221,8 +250,8 @@ fn api_error(status: StatusCode, error_type: &'static str, message: String) -> R
 }
 
 /// `GET /readyz`.
-async fn ready(AxumState(state): AxumState<Arc<State>>) -> Response {
-    match store::ping(state.pool()).await {
+async fn ready(AxumState(local): AxumState<Arc<Local>>) -> Response {
+    match store::ping(local.state.pool()).await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(error) => {
             tracing::warn!(%error, "readiness check: database unavailable");

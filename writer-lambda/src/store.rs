@@ -66,13 +66,14 @@ pub async fn insert_message(
         return Ok(InsertOutcome::AlreadyProcessed);
     }
     let inserted = sqlx::query(
-        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (msg_id) DO NOTHING",
+        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, client_kind, created_at_timestamp) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (msg_id) DO NOTHING",
     )
     .bind(&message.msg_id)
     .bind(&message.username)
     .bind(&message.content)
     .bind(&message.client_id)
+    .bind(message.client_kind.as_str())
     .bind(message.created_at_ms)
     .execute(&mut *tx)
     .await?
@@ -85,7 +86,8 @@ pub async fn insert_message(
     })
 }
 
-/// Applies an edit, at most once per message id, and only to a row whose `client_id` is the editor's.
+/// Applies an edit, at most once per message id, and only to a row whose `client_id` and `client_kind`
+/// are the editor's (the same id in another namespace is another author).
 ///
 /// A rejected edit (no such row, or not the author) is still recorded as processed: replaying it later,
 /// for example after the row appeared, must not apply it out of order.
@@ -100,11 +102,12 @@ pub async fn edit_message(
     }
     let updated = sqlx::query(
         "UPDATE chat_data SET msg_data = $1, is_edited = true, updated_at = now() \
-         WHERE msg_id = $2 AND client_id = $3",
+         WHERE msg_id = $2 AND client_id = $3 AND client_kind = $4",
     )
     .bind(&edit.content)
     .bind(&edit.msg_id_to_edit)
     .bind(&edit.client_id)
+    .bind(edit.client_kind.as_str())
     .execute(&mut *tx)
     .await?
     .rows_affected();

@@ -9,7 +9,9 @@ use std::{process::Stdio, time::Duration};
 
 use sqlx::PgPool;
 use support::*;
-use writer_lambda::{InvocationResult, Status};
+use writer_lambda::{InvocationResult, Status, auth::Secret};
+
+const SECRET: &str = "the-binary-test-secret-0123456789abcdef";
 
 #[sqlx::test(migrations = "../migrations")]
 async fn serves_locally_and_stops_on_sigterm(pool: PgPool) {
@@ -30,6 +32,7 @@ async fn serves_locally_and_stops_on_sigterm(pool: PgPool) {
         .env_remove("AWS_LAMBDA_RUNTIME_API")
         .env_remove("PORT")
         .env("WRITER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("WRITER_SECRET", SECRET)
         .env("DATABASE_URL", database_url)
         .env(
             "RUST_LOG",
@@ -53,11 +56,23 @@ async fn serves_locally_and_stops_on_sigterm(pool: PgPool) {
     }
     assert!(ready, "the local server came up and reached the database");
 
+    let invoke_url = format!("{base}/2015-03-31/functions/chat-writer/invocations");
+    let body = envelope(vec![chat("m1", "c1", "from the binary")]).to_string();
+    // Unsigned: refused.
     let response = http
-        .post(format!(
-            "{base}/2015-03-31/functions/chat-writer/invocations"
-        ))
-        .body(envelope(vec![chat("m1", "c1", "from the binary")]).to_string())
+        .post(&invoke_url)
+        .body(body.clone())
+        .send()
+        .await
+        .expect("invoke");
+    assert_eq!(response.status(), 403);
+    let signature = Secret::new(SECRET)
+        .expect("secret")
+        .sign(writer_lambda::auth::now_secs(), body.as_bytes());
+    let response = http
+        .post(&invoke_url)
+        .header("X-Relay-Signature", signature)
+        .body(body)
         .send()
         .await
         .expect("invoke");

@@ -160,6 +160,77 @@ async fn edit_by_another_client_changes_nothing(pool: PgPool) {
     assert_eq!(count(&pool, "chat_data").await, 1);
 }
 
+/// `message` with `clientKind` set.
+fn as_kind(mut message: serde_json::Value, kind: &str) -> serde_json::Value {
+    message["clientKind"] = json!(kind);
+    message
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_same_id_in_another_namespace_is_another_author(pool: PgPool) {
+    let state = State::new(pool.clone());
+    // An anonymous client's id is visible in every row it writes; a token's `sub` can be any string.
+    let anon = "5f0c1c1e-8a53-4c1e-9d3e-0a5b7d8e9f10";
+    handle(
+        &state,
+        envelope(vec![as_kind(chat("m1", anon, "mine"), "anonymous")]),
+    )
+    .await
+    .expect("insert");
+    let kind: String = sqlx::query_scalar("SELECT client_kind FROM chat_data WHERE msg_id = 'm1'")
+        .fetch_one(&pool)
+        .await
+        .expect("row");
+    assert_eq!(kind, "anonymous");
+    let before = row(&pool, "m1").await;
+
+    // A user whose `sub` is that id, the server API using it, and an envelope without `clientKind`:
+    // none of them is the author.
+    let result = handle(
+        &state,
+        envelope(vec![
+            as_kind(edit("e1", anon, "m1", "borrowed"), "user"),
+            as_kind(edit("e2", anon, "m1", "borrowed"), "server"),
+            edit("e3", anon, "m1", "borrowed"),
+        ]),
+    )
+    .await
+    .expect("handled");
+    assert_eq!(
+        statuses(&result),
+        [Status::Rejected, Status::Rejected, Status::Rejected]
+    );
+    assert_eq!(row(&pool, "m1").await, before, "nothing changed");
+
+    // The anonymous author itself still can.
+    let result = handle(
+        &state,
+        envelope(vec![as_kind(edit("e4", anon, "m1", "edited"), "anonymous")]),
+    )
+    .await
+    .expect("handled");
+    assert_eq!(statuses(&result), [Status::Updated]);
+
+    // And the other way round: a user's message is not an anonymous client's to edit.
+    handle(
+        &state,
+        envelope(vec![as_kind(chat("m2", "alice", "by alice"), "user")]),
+    )
+    .await
+    .expect("insert");
+    let result = handle(
+        &state,
+        envelope(vec![
+            as_kind(edit("e5", "alice", "m2", "borrowed"), "anonymous"),
+            as_kind(edit("e6", "alice", "m2", "edited"), "user"),
+        ]),
+    )
+    .await
+    .expect("handled");
+    assert_eq!(statuses(&result), [Status::Rejected, Status::Updated]);
+    assert_eq!(row(&pool, "m2").await.expect("row").msg_data, "edited");
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn a_replayed_edit_does_not_revert_a_later_one(pool: PgPool) {
     let state = State::new(pool.clone());

@@ -8,7 +8,10 @@ use serde_json::{Value, json};
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use support::*;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use writer_lambda::{InvocationResult, State, Status, local};
+use writer_lambda::{InvocationResult, State, Status, auth::Secret, local};
+
+/// The secret the test servers and their callers share.
+const SECRET: &str = "the-local-server-test-secret-0123456789";
 
 /// A running local invoke server.
 struct Server {
@@ -16,16 +19,25 @@ struct Server {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
     http: reqwest::Client,
+    /// What [`Server::invoke`] signs with (the server's secret, or `None` for an unsigned call).
+    signer: Option<Secret>,
 }
 
 impl Server {
+    /// A server that requires invocations signed with [`SECRET`]; [`Server::invoke`] signs them.
     async fn start(pool: PgPool) -> Self {
+        let secret = Secret::new(SECRET).expect("secret");
+        Self::start_with(pool, Some(secret.clone()), Some(secret)).await
+    }
+
+    async fn start_with(pool: PgPool, server: Option<Secret>, signer: Option<Secret>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(local::serve(
             listener,
             Arc::new(State::new(pool)),
+            server,
             async move {
                 let _ = stopped.await;
             },
@@ -35,6 +47,7 @@ impl Server {
             stop: Some(stop),
             task,
             http: reqwest::Client::new(),
+            signer,
         }
     }
 
@@ -42,13 +55,17 @@ impl Server {
         format!("{}/2015-03-31/functions/chat-writer/invocations", self.base)
     }
 
-    async fn invoke(&self, body: impl Into<reqwest::Body>) -> reqwest::Response {
-        self.http
-            .post(self.invoke_url())
-            .body(body)
-            .send()
-            .await
-            .expect("request")
+    /// Posts `body` to the invoke path, signed with the server's secret when it has one.
+    async fn invoke(&self, body: impl AsRef<[u8]>) -> reqwest::Response {
+        let body = body.as_ref().to_vec();
+        let mut request = self.http.post(self.invoke_url());
+        if let Some(signer) = &self.signer {
+            request = request.header(
+                "X-Relay-Signature",
+                signer.sign(writer_lambda::auth::now_secs(), &body),
+            );
+        }
+        request.body(body).send().await.expect("request")
     }
 
     async fn stop(mut self) {
@@ -98,12 +115,17 @@ async fn invocations_over_http(pool: PgPool) {
         ]})
     );
 
-    // DryRun validates the request without running the function.
+    // DryRun validates the request (signature included) without running the function.
+    let dry = envelope(vec![chat("dry", "c1", "x")]).to_string();
+    let signature = Secret::new(SECRET)
+        .expect("secret")
+        .sign(writer_lambda::auth::now_secs(), dry.as_bytes());
     let response = server
         .http
         .post(server.invoke_url())
         .header("X-Amz-Invocation-Type", "DryRun")
-        .body(envelope(vec![chat("dry", "c1", "x")]).to_string())
+        .header("X-Relay-Signature", signature)
+        .body(dry)
         .send()
         .await
         .expect("request");
@@ -226,5 +248,66 @@ async fn an_unreachable_database_is_a_function_error() {
         "liveness does not depend on the database"
     );
 
+    server.stop().await;
+}
+
+fn error_type(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get("x-amzn-errortype")
+        .map(|v| v.to_str().expect("ascii").to_owned())
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn only_invocations_signed_with_the_secret_run(pool: PgPool) {
+    let server = Server::start(pool.clone()).await;
+    let body = envelope(vec![chat("m1", "c1", "forged")]).to_string();
+    let secret = Secret::new(SECRET).expect("secret");
+    let now = writer_lambda::auth::now_secs();
+    let other = Secret::new("not-the-server-secret-but-long-enough!!").expect("secret");
+    let cases = [
+        (None, "MissingAuthenticationTokenException"),
+        (Some("t=1,v1=00".to_owned()), "InvalidSignatureException"),
+        (
+            Some(other.sign(now, body.as_bytes())),
+            "InvalidSignatureException",
+        ),
+        // Signed with the right secret, but 10 minutes ago: a replay.
+        (
+            Some(secret.sign(now - 600, body.as_bytes())),
+            "InvalidSignatureException",
+        ),
+        // The right signature of another body.
+        (
+            Some(secret.sign(now, b"{\"messages\":[]}")),
+            "InvalidSignatureException",
+        ),
+    ];
+    for (header, want) in cases {
+        let mut request = server.http.post(server.invoke_url()).body(body.clone());
+        if let Some(header) = &header {
+            request = request.header("X-Relay-Signature", header);
+        }
+        let response = request.send().await.expect("request");
+        assert_eq!(response.status(), 403, "{header:?}");
+        assert_eq!(error_type(&response).as_deref(), Some(want), "{header:?}");
+    }
+    assert_eq!(count(&pool, "chat_data").await, 0, "no refused call wrote");
+
+    // Signed properly, it runs.
+    let response = server.invoke(&body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(count(&pool, "chat_data").await, 1);
+    server.stop().await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn without_a_secret_unsigned_invocations_run(pool: PgPool) {
+    let server = Server::start_with(pool.clone(), None, None).await;
+    let response = server
+        .invoke(envelope(vec![chat("m1", "c1", "hi")]).to_string())
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(count(&pool, "chat_data").await, 1);
     server.stop().await;
 }
