@@ -206,6 +206,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
         "Catch-up reads of the changelog after a (re)connect of the LISTEN connection.",
         state.stream.catch_ups.load(Ordering::Relaxed),
     );
+    out.push_str(&crate::capture::render_metrics(&state.pool, &state.capture).await);
     out.push_str(&state.stream.lag.render(
         "relay_delivery_lag_seconds",
         "From a change being written (in the writer's transaction) to its publication reaching the hub.",

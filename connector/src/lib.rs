@@ -7,6 +7,8 @@
 //! stream task of every node → the hub → each subscriber's session.
 //!
 //! # Layout
+//! - [`capture`]: how changes reach the history: `trigger` mode, or `wal` mode (a leader node reads
+//!   a logical replication slot; [`capture::wal`], [`capture::pgoutput`]).
 //! - [`config`]: configuration, environment overrides, validation; every limit lives here.
 //! - [`db`]: pool and migrations; [`db::triggers`] (generated capture triggers); [`db::stream`] (LISTEN
 //!   wake-ups + gapless reads into the hub); [`db::history`] (positions, history, recovery, publishing).
@@ -27,6 +29,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod capture;
 pub mod config;
 pub mod db;
 pub mod demo;
@@ -66,8 +69,14 @@ pub async fn run(
     let lambda = rules::LambdaClients::for_rules(&config.rules).await?;
     let pool = db::pool(&config.database)?;
     db::migrate(&pool).await?;
-    let report = db::triggers::sync(&pool, &config.mappings).await?;
-    tracing::info!(installed = ?report.installed, removed = ?report.removed, "capture triggers in place");
+    let capture_status = Arc::new(capture::CaptureStatus::default());
+    capture::prepare(&pool, &config.capture, &config.mappings, &capture_status).await?;
+    if config.capture.mode == capture::CaptureMode::Trigger {
+        let report = db::triggers::sync(&pool, &config.mappings).await?;
+        tracing::info!(installed = ?report.installed, removed = ?report.removed, "capture triggers in place");
+    } else {
+        db::triggers::check_tables(&pool, &config.mappings).await?;
+    }
 
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -119,6 +128,7 @@ pub async fn run(
         http,
         lambda,
         stream: status,
+        capture: capture_status.clone(),
         metrics: Metrics::default(),
         verifier,
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
@@ -130,6 +140,26 @@ pub async fn run(
     state.presence.start(&state).await?;
     tracker.spawn(presence::Presence::run(state.clone(), token.clone()));
     tracker.spawn(stream.run(token.clone(), tracker.clone()));
+    if state.config.capture.mode == capture::CaptureMode::Wal {
+        // Its own small pool: the history writes never wait behind the stream's reads.
+        let wal = capture::wal::WalCapture {
+            pool: db::pool(&config::DatabaseConfig {
+                pool_size: 2,
+                ..state.config.database.clone()
+            })?,
+            lock_url: listen_url.clone(),
+            replication_url: state
+                .config
+                .capture
+                .replication_url
+                .clone()
+                .unwrap_or_else(|| listen_url.clone()),
+            config: state.config.capture.clone(),
+            mappings: Arc::new(state.config.mappings.clone()),
+            status: capture_status,
+        };
+        tracker.spawn(wal.run(token.clone()));
+    }
     tracker.spawn(db::retention::run(
         stream_pool.clone(),
         Arc::new(state.config.retention.clone()),

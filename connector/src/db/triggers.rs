@@ -60,7 +60,7 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-fn row_expr(rec: &str, columns: Option<&[String]>) -> String {
+pub(crate) fn row_expr(rec: &str, columns: Option<&[String]>) -> String {
     match columns {
         None => format!("to_jsonb({rec})"),
         Some(cols) => cols
@@ -77,7 +77,7 @@ fn row_expr(rec: &str, columns: Option<&[String]>) -> String {
     }
 }
 
-fn channel_expr(rec: &str, parts: &[TemplatePart]) -> String {
+pub(crate) fn channel_expr(rec: &str, parts: &[TemplatePart]) -> String {
     parts
         .iter()
         .map(|p| match p {
@@ -181,7 +181,7 @@ FOR EACH ROW EXECUTE FUNCTION relay."{function}"()"#,
 }
 
 /// Checks that every mapping's table and columns exist.
-async fn check_tables(pool: &PgPool, mappings: &[Mapping]) -> Result<()> {
+pub(crate) async fn check_tables(pool: &PgPool, mappings: &[Mapping]) -> Result<()> {
     for (index, m) in mappings.iter().enumerate() {
         let cols: Vec<String> = sqlx::query_scalar(
             "SELECT column_name::text FROM information_schema.columns
