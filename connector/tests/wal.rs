@@ -609,3 +609,53 @@ async fn walsender_killed_repeatedly_loses_nothing() {
     server.stop().await;
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_from_trigger_to_wal_keeps_offsets_and_epochs() {
+    let cluster = Cluster::start(&[]);
+    let db = kinds_db(&cluster).await;
+    let trigger = Server::start(&config_json(
+        &db.url,
+        json!({"mappings": mappings(), "capture": {"mode": "trigger"}}),
+    ))
+    .await;
+    let (mut c, epochs) = subscriber(&trigger, &["incoming-chat"]).await;
+    for i in 1..=3 {
+        db.insert_chat(&format!("m{i}"), "trigger mode").await;
+    }
+    let got = read_all(&mut c, 3).await;
+    assert_eq!(got[2], (3, "m3".to_owned()));
+    drop(c);
+    trigger.stop().await;
+    // Committed while no connector runs: through the triggers, into the changelog.
+    for i in 4..=5 {
+        db.insert_chat(&format!("m{i}"), "between").await;
+    }
+    let wal = Server::start(&wal_config(&db, json!({}))).await;
+    wait_leader(&wal).await;
+    for i in 6..=7 {
+        db.insert_chat(&format!("m{i}"), "wal mode").await;
+    }
+    let mut c = Client::connected(&wal.ws_url()).await;
+    let r = c
+        .call(json!({"subscribe": {"channel": "incoming-chat", "recoverable": true, "positioned": true,
+                                   "recover": true, "offset": 3, "epoch": epochs[0]}}))
+        .await;
+    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+    let pubs = c.recovered_then_live(&r, "incoming-chat", 4).await;
+    let ids: Vec<&str> = pubs
+        .iter()
+        .map(|p| p["data"]["row"]["msg_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["m4", "m5", "m6", "m7"]);
+    assert_eq!(pubs[0]["offset"], 4);
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'relay\\_%' AND NOT tgisinternal",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(triggers, 0, "the leader dropped the capture triggers");
+    wal.stop().await;
+    db.drop_db().await;
+}

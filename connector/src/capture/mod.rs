@@ -40,13 +40,27 @@ use crate::error::{Error, Result};
 
 /// Which capture runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum CaptureMode {
     /// Generated triggers write the changelog (any PostgreSQL).
     #[default]
     Trigger,
     /// Logical replication (pgoutput) read by a leader node; needs `wal_level = logical`.
     Wal,
+}
+
+impl TryFrom<String> for CaptureMode {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "trigger" => Ok(Self::Trigger),
+            "wal" => Ok(Self::Wal),
+            _ => Err(format!(
+                "capture.mode: {s:?} is not a capture mode; valid values: \"trigger\", \"wal\""
+            )),
+        }
+    }
 }
 
 impl CaptureMode {
@@ -496,6 +510,26 @@ mod tests {
         assert_ne!(default_slot_name("a-b"), default_slot_name("a_b"));
         assert!(is_slot_name(&default_slot_name(&"x".repeat(63))));
         assert!(!is_slot_name("Relay") && !is_slot_name("") && !is_slot_name("a b"));
+    }
+
+    #[test]
+    fn mode_is_validated_with_the_valid_values() {
+        let c = crate::Config::from_json(
+            r#"{"database":{"url":"postgres://x"},"capture":{"mode":"wal"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.capture.mode, CaptureMode::Wal);
+        let e = crate::Config::from_json(
+            r#"{"database":{"url":"postgres://x"},"capture":{"mode":"logical"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("capture.mode") && e.contains("\"trigger\", \"wal\""),
+            "{e}"
+        );
+        let c = crate::Config::from_json(r#"{"database":{"url":"postgres://x"}}"#).unwrap();
+        assert_eq!(c.capture.mode, CaptureMode::Trigger);
     }
 
     #[test]
