@@ -76,6 +76,16 @@ pub async fn run(
         tracing::info!(installed = ?report.installed, removed = ?report.removed, "capture triggers in place");
     } else {
         db::triggers::check_tables(&pool, &config.mappings).await?;
+        // The slot exists before this node serves: nothing committed from here on is missed.
+        let slot = capture_status.slot.get().cloned().unwrap_or_default();
+        let lock_url = config
+            .database
+            .listen_url
+            .clone()
+            .unwrap_or_else(|| config.database.url.clone());
+        capture::wal::ensure_started(&pool, &lock_url, &slot, &capture_status)
+            .await
+            .map_err(|e| Error::Capture(format!("{e:#}")))?;
     }
 
     let token = CancellationToken::new();

@@ -325,7 +325,7 @@ impl Leader<'_> {
         self.relations.clear();
         self.table_columns.clear();
 
-        let start = self.prepare_slot().await?;
+        let start = prepare_slot(&self.cap.pool, &self.slot, &self.cap.status).await?;
         let t = parse_target(&self.cap.replication_url)?;
         let mut cfg = ReplicationConfig::new(
             t.host,
@@ -698,177 +698,207 @@ impl Leader<'_> {
         status.batches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
 
-    /// Makes sure the slot exists and matches the stored position; hands capture over from the
-    /// triggers on the first start; handles a lost slot. Returns the LSN to stream from.
-    async fn prepare_slot(&mut self) -> anyhow::Result<Lsn> {
-        let pool = &self.cap.pool;
-        let slot = self.slot.clone();
-        let (stored_slot, stored): (Option<String>, Option<String>) =
-            sqlx::query_as("SELECT slot_name, lsn::text FROM relay.wal_state")
-                .fetch_one(pool)
-                .await?;
-        let stored = stored.map(|s| Lsn::parse(&s)).transpose()?;
-        type SlotRow = (
-            Option<String>,
-            Option<String>,
-            Option<i32>,
-            Option<String>,
-            Option<String>,
-        );
-        let row: Option<SlotRow> = sqlx::query_as(
-            "SELECT wal_status, confirmed_flush_lsn::text, active_pid, plugin::text, database::text
-             FROM pg_replication_slots WHERE slot_name = $1",
-        )
-        .bind(&slot)
-        .fetch_optional(pool)
+/// On a database where wal capture never started (no stored position): creates the slot and hands
+/// capture over before this node serves, so nothing committed after start-up is missed (the leader
+/// task would do it too, but only after the node is ready). Takes the leader lock for it, so nodes
+/// starting together do it once.
+pub async fn ensure_started(
+    pool: &PgPool,
+    lock_url: &str,
+    slot: &str,
+    status: &CaptureStatus,
+) -> anyhow::Result<()> {
+    let started: bool = sqlx::query_scalar("SELECT lsn IS NOT NULL FROM relay.wal_state")
+        .fetch_one(pool)
         .await?;
-        let db: String = sqlx::query_scalar("SELECT current_database()")
+    if started {
+        return Ok(());
+    }
+    let options: PgConnectOptions = lock_url.parse().context("leader lock URL")?;
+    let mut lock = PgConnection::connect_with(&options.application_name(APPLICATION_NAME))
+        .await
+        .context("leader lock connection")?;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+            .bind(format!("relay.wal_leader:{slot}"))
+            .execute(&mut lock),
+    )
+    .await
+    .context("waiting 60 s for the wal leader lock")??;
+    let result = prepare_slot(pool, slot, status).await;
+    let _ = lock.close().await;
+    result.map(|_| ())
+}
+
+/// Makes sure the slot exists and matches the stored position; hands capture over from the
+/// triggers on the first start; handles a lost slot. Returns the LSN to stream from.
+async fn prepare_slot(pool: &PgPool, slot: &str, status: &CaptureStatus) -> anyhow::Result<Lsn> {
+    let slot = slot.to_owned();
+    let (stored_slot, stored): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT slot_name, lsn::text FROM relay.wal_state")
             .fetch_one(pool)
             .await?;
-        let mut exists = false;
-        let mut confirmed = None;
-        if let Some((wal_status, flush, active_pid, plugin, database)) = row {
-            if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(db.as_str()) {
-                bail!(
-                    "replication slot {slot:?} exists but is not a pgoutput slot of database \
-                     {db:?}: choose another capture.slot"
-                );
-            }
-            if let Some(pid) = active_pid {
-                // We hold the leader lock: whoever streams from the slot is a leader that lost it.
-                tracing::warn!(pid, "terminating a stale walsender of the capture slot");
-                self.terminate_walsender(pid).await?;
-            }
-            if wal_status.as_deref() == Some("lost") {
-                tracing::error!(slot = %slot, "the capture slot was invalidated (max_slot_wal_keep_size exceeded?); recreating it");
-                sqlx::query("SELECT pg_drop_replication_slot($1)")
-                    .bind(&slot)
-                    .execute(pool)
-                    .await?;
-            } else {
-                exists = true;
-                confirmed = flush.map(|f| Lsn::parse(&f)).transpose()?;
-            }
+    let stored = stored.map(|s| Lsn::parse(&s)).transpose()?;
+    type SlotRow = (
+        Option<String>,
+        Option<String>,
+        Option<i32>,
+        Option<String>,
+        Option<String>,
+    );
+    let row: Option<SlotRow> = sqlx::query_as(
+        "SELECT wal_status, confirmed_flush_lsn::text, active_pid, plugin::text, database::text
+         FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(&slot)
+    .fetch_optional(pool)
+    .await?;
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await?;
+    let mut exists = false;
+    let mut confirmed = None;
+    if let Some((wal_status, flush, active_pid, plugin, database)) = row {
+        if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(db.as_str()) {
+            bail!(
+                "replication slot {slot:?} exists but is not a pgoutput slot of database \
+                 {db:?}: choose another capture.slot"
+            );
         }
-        let mut lost = false;
-        if !exists {
-            if stored.is_some() {
-                lost = true;
-            }
-            let (_, lsn): (String, String) = sqlx::query_as(
-                "SELECT slot_name::text, lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            )
-            .bind(&slot)
-            .fetch_one(pool)
-            .await
-            .context("creating the replication slot")?;
-            confirmed = Some(Lsn::parse(&lsn)?);
-            tracing::info!(slot = %slot, lsn = %lsn, "created the capture slot");
-        } else if stored.is_some()
-            && (stored_slot.as_deref() != Some(slot.as_str())
-                || confirmed.is_some_and(|c| Some(c) > stored))
-        {
-            // The slot is confirmed beyond what we stored (recreated by someone, or another slot's
-            // position): what lies between cannot be replayed.
+        if let Some(pid) = active_pid {
+            // We hold the leader lock: whoever streams from the slot is a leader that lost it.
+            tracing::warn!(pid, "terminating a stale walsender of the capture slot");
+            terminate_walsender(pool, &slot, pid).await?;
+        }
+        if wal_status.as_deref() == Some("lost") {
+            tracing::error!(slot = %slot, "the capture slot was invalidated (max_slot_wal_keep_size exceeded?); recreating it");
+            sqlx::query("SELECT pg_drop_replication_slot($1)")
+                .bind(&slot)
+                .execute(pool)
+                .await?;
+        } else {
+            exists = true;
+            confirmed = flush.map(|f| Lsn::parse(&f)).transpose()?;
+        }
+    }
+    let mut lost = false;
+    if !exists {
+        if stored.is_some() {
             lost = true;
         }
+        let (_, lsn): (String, String) = sqlx::query_as(
+            "SELECT slot_name::text, lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+        )
+        .bind(&slot)
+        .fetch_one(pool)
+        .await
+        .context("creating the replication slot")?;
+        confirmed = Some(Lsn::parse(&lsn)?);
+        tracing::info!(slot = %slot, lsn = %lsn, "created the capture slot");
+    } else if stored.is_some()
+        && (stored_slot.as_deref() != Some(slot.as_str())
+            || confirmed.is_some_and(|c| Some(c) > stored))
+    {
+        // The slot is confirmed beyond what we stored (recreated by someone, or another slot's
+        // position): what lies between cannot be replayed.
+        lost = true;
+    }
 
-        let mut tx = pool.begin().await?;
-        // Hand-over (idempotent): no capture trigger, relay.publish() through messages. The trigger
-        // drops wait for every transaction that wrote a mapped table through a trigger.
-        let triggers: Vec<(String, String, String)> = sqlx::query_as(
-            r"SELECT n.nspname::text, c.relname::text, t.tgname::text
-              FROM pg_trigger t
-              JOIN pg_class c ON c.oid = t.tgrelid
-              JOIN pg_namespace n ON n.oid = c.relnamespace
-              JOIN pg_proc p ON p.oid = t.tgfoid
-              JOIN pg_namespace pn ON pn.oid = p.pronamespace
-              WHERE NOT t.tgisinternal AND pn.nspname = 'relay' AND p.proname LIKE 'capture\_%'",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-        for (schema, table, trigger) in &triggers {
-            sqlx::query(&format!(
-                "DROP TRIGGER IF EXISTS {} ON {}.{}",
-                q(trigger),
-                q(schema),
-                q(table)
-            ))
-            .execute(&mut *tx)
-            .await?;
-            tracing::info!(trigger = %format!("{schema}.{table}.{trigger}"), "dropped capture trigger (wal mode)");
-        }
-        sqlx::query(
-            "INSERT INTO relay.settings (key, value) VALUES ('capture.mode', 'wal')
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
-             WHERE relay.settings.value IS DISTINCT FROM EXCLUDED.value",
-        )
+    let mut tx = pool.begin().await?;
+    // Hand-over (idempotent): no capture trigger, relay.publish() through messages. The trigger
+    // drops wait for every transaction that wrote a mapped table through a trigger.
+    let triggers: Vec<(String, String, String)> = sqlx::query_as(
+        r"SELECT n.nspname::text, c.relname::text, t.tgname::text
+          FROM pg_trigger t
+          JOIN pg_class c ON c.oid = t.tgrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+          JOIN pg_proc p ON p.oid = t.tgfoid
+          JOIN pg_namespace pn ON pn.oid = p.pronamespace
+          WHERE NOT t.tgisinternal AND pn.nspname = 'relay' AND p.proname LIKE 'capture\_%'",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    for (schema, table, trigger) in &triggers {
+        sqlx::query(&format!(
+            "DROP TRIGGER IF EXISTS {} ON {}.{}",
+            q(trigger),
+            q(schema),
+            q(table)
+        ))
         .execute(&mut *tx)
         .await?;
-        let start = if lost {
-            let at = confirmed.context("slot position")?;
-            let channels: i64 =
-                sqlx::query_scalar("SELECT relay.wal_slot_lost($1, $2::text::pg_lsn)")
-                    .bind(&slot)
-                    .bind(at.to_string())
-                    .fetch_one(&mut *tx)
-                    .await?;
-            self.cap.status.slot_losses.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                slot = %slot, stored = ?stored.map(|s| s.to_string()), resume = %at, channels,
-                "the capture slot lost changes it had not delivered: every channel got a new epoch \
-                 (clients get recovered: false)"
-            );
-            at
-        } else if let Some(stored) = stored {
-            stored
-        } else {
-            // First start. With capture triggers (trigger mode ran before): every transaction that
-            // wrote through them has committed below the current insert position (the drops waited
-            // for them), and none can write through them later. Without: nothing captured before
-            // the slot existed, so the stream starts at the slot's consistent point.
-            let at: String = if triggers.is_empty() {
-                confirmed.context("slot position")?.to_string()
-            } else {
-                sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
-                    .fetch_one(&mut *tx)
-                    .await?
-            };
-            sqlx::query(
-                "UPDATE relay.wal_state SET slot_name = $1, lsn = $2::text::pg_lsn, updated_at = now()",
-            )
+        tracing::info!(trigger = %format!("{schema}.{table}.{trigger}"), "dropped capture trigger (wal mode)");
+    }
+    sqlx::query(
+        "INSERT INTO relay.settings (key, value) VALUES ('capture.mode', 'wal')
+         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
+         WHERE relay.settings.value IS DISTINCT FROM EXCLUDED.value",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let start = if lost {
+        let at = confirmed.context("slot position")?;
+        let channels: i64 = sqlx::query_scalar("SELECT relay.wal_slot_lost($1, $2::text::pg_lsn)")
             .bind(&slot)
-            .bind(&at)
-            .execute(&mut *tx)
+            .bind(at.to_string())
+            .fetch_one(&mut *tx)
             .await?;
-            tracing::info!(slot = %slot, lsn = %at, "capture handed over from triggers to the slot");
-            Lsn::parse(&at)?
+        status.slot_losses.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            slot = %slot, stored = ?stored.map(|s| s.to_string()), resume = %at, channels,
+            "the capture slot lost changes it had not delivered: every channel got a new epoch \
+             (clients get recovered: false)"
+        );
+        at
+    } else if let Some(stored) = stored {
+        stored
+    } else {
+        // First start. With capture triggers (trigger mode ran before): every transaction that
+        // wrote through them has committed below the current insert position (the drops waited
+        // for them), and none can write through them later. Without: nothing captured before
+        // the slot existed, so the stream starts at the slot's consistent point.
+        let at: String = if triggers.is_empty() {
+            confirmed.context("slot position")?.to_string()
+        } else {
+            sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+                .fetch_one(&mut *tx)
+                .await?
         };
-        tx.commit().await?;
-        Ok(start)
-    }
+        sqlx::query(
+            "UPDATE relay.wal_state SET slot_name = $1, lsn = $2::text::pg_lsn, updated_at = now()",
+        )
+        .bind(&slot)
+        .bind(&at)
+        .execute(&mut *tx)
+        .await?;
+        tracing::info!(slot = %slot, lsn = %at, "capture handed over from triggers to the slot");
+        Lsn::parse(&at)?
+    };
+    tx.commit().await?;
+    Ok(start)
+}
 
-    async fn terminate_walsender(&self, pid: i32) -> anyhow::Result<()> {
-        let pool = &self.cap.pool;
-        sqlx::query("SELECT pg_terminate_backend($1)")
-            .bind(pid)
-            .execute(pool)
-            .await?;
-        for _ in 0..100 {
-            let active: Option<bool> =
-                sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-                    .bind(&self.slot)
-                    .fetch_optional(pool)
-                    .await?;
-            if active != Some(true) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+async fn terminate_walsender(pool: &PgPool, slot: &str, pid: i32) -> anyhow::Result<()> {
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .execute(pool)
+        .await?;
+    for _ in 0..100 {
+        let active: Option<bool> =
+            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(slot)
+                .fetch_optional(pool)
+                .await?;
+        if active != Some(true) {
+            return Ok(());
         }
-        bail!("the capture slot stays active after terminating walsender {pid}")
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    bail!("the capture slot stays active after terminating walsender {pid}")
 }
 
 #[cfg(test)]
