@@ -122,6 +122,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Triggers {
             action: TriggerCmd::Sync,
         } => {
+            if config.capture.mode == connector::capture::CaptureMode::Wal {
+                anyhow::bail!(
+                    "capture.mode is \"wal\": capture triggers would publish every change twice; \
+                     the wal leader drops them (switch capture.mode to \"trigger\" to use triggers)"
+                );
+            }
             let pool = connector::db::pool(&config.database)?;
             connector::db::migrate(&pool).await?;
             let report = connector::db::triggers::sync(&pool, &config.mappings).await?;

@@ -556,8 +556,11 @@ impl Leader<'_> {
                     new,
                     old,
                 } = c
-                    && let Some(info) = self.relations.get(relation)
                 {
+                    // pgoutput describes every table before its first change in a stream.
+                    let info = self.relations.get(relation).with_context(|| {
+                        format!("row of relation {relation} before its description")
+                    })?;
                     let cols = &self.table_columns[relation];
                     let old_tuple = old.as_ref().map(|(_, t)| t);
                     let old_full = old
