@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bounded cargo-fuzz (libFuzzer, AddressSanitizer) runs of the fuzz targets; `scripts/test fuzz` runs it.
 #
-#   fuzz/run.sh [TARGET...]     every target by default: command_parser config_mapping
+#   fuzz/run.sh [TARGET...]     every target by default: command_parser config_mapping pgoutput
 #
 # FUZZ_SECS (default 45) is each target's run time. The corpus of a run is fuzz/corpus/<target>/ (the
 # committed seeds, never written) plus fuzz/work/<target>/ (what runs find: kept between runs, not
@@ -17,7 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 FUZZ_SECS=${FUZZ_SECS:-45}
 TARGETS=("$@")
 if [[ ${#TARGETS[@]} -eq 0 ]]; then
-    TARGETS=(command_parser config_mapping)
+    TARGETS=(command_parser config_mapping pgoutput)
 fi
 LOGS=../artifacts/fuzz
 mkdir -p "$LOGS"
@@ -26,6 +26,7 @@ max_len() {
     case "$1" in
         command_parser) echo 4096 ;;   # frames are up to 64 KiB, but 4 KiB holds every command shape
         config_mapping) echo 8192 ;;   # the shipped configuration files are ~1.5 KiB
+        pgoutput) echo 4096 ;;         # a message of a few columns; longer ones repeat the same shapes
         *) echo 4096 ;;
     esac
 }

@@ -866,6 +866,68 @@ async def case_writer_retry(ctx: Ctx) -> None:
         await stack.teardown()
 
 
+# ---- wal mode: the walsender killed --------------------------------------------------------------------
+
+
+async def case_walsender_kill(ctx: Ctx) -> None:
+    """wal capture only: the leader's walsender terminated 10 times, every ~300 ms, during writes; the
+    leader reconnects the slot from its stored position each time and nothing is lost or duplicated."""
+    case = "walsender-kill"
+    r = ctx.results
+    stack = new_stack(ctx, case)
+    subs: list = []
+    try:
+        if not await stack.setup():
+            return
+        node = await stack.add_node("connector")
+        if node is None:
+            return
+        subs = await start_subscribers(node.ws_url, 4, 2)
+        m0 = await metrics(node.base)
+        tag = f"wk{secrets.token_hex(2)}"
+        load = Load(stack.db_url, node.ws_url, tag, writers=4, rate=600, publishers=2)
+        await asyncio.sleep(1.0)
+        admin = await asyncpg.connect(stack.db_url)
+        kills = 0
+        waits: list[float] = []
+        try:
+            for _ in range(10):
+                t0 = time.monotonic()
+                found = 0
+                while not found and time.monotonic() - t0 < 8:
+                    rows = await admin.fetch(
+                        "SELECT pid, pg_terminate_backend(pid) AS ok FROM pg_stat_activity "
+                        "WHERE backend_type = 'walsender' AND datname = $1", stack.db_name)
+                    found = sum(1 for row in rows if row["ok"])
+                    if not found:
+                        await asyncio.sleep(0.02)
+                waits.append(time.monotonic() - t0)
+                kills += found
+                await asyncio.sleep(0.3)
+        finally:
+            await admin.close()
+        await asyncio.sleep(1.0)
+        await load.finish()
+        m1 = await metrics(node.base)
+        errors = m1.get("relay_wal_stream_errors_total", 0) - m0.get("relay_wal_stream_errors_total", 0)
+        r.check(f"{case}: the leader's walsender was found and terminated 10 times", kills >= 10,
+                f"{kills} terminated; longest wait for a new walsender {max(waits):.2f} s",
+                f"only {kills} of 10 attempts found a walsender within 8 s")
+        r.check(f"{case}: the leader noticed every kill (relay_wal_stream_errors_total)", errors >= kills,
+                f"{errors:.0f} stream errors", f"{errors:.0f} stream errors for {kills} kills")
+        r.figure(case, "rows_written", load.rows())
+        r.figure(case, "longest_walsender_gap_s", round(max(waits), 2))
+        v = await verify(r, case, stack.db_url, node.ws_url, subs, load.wl, tag=tag, plog=load.plog)
+        r.figure(case, "rows_in_table", v.rows_in_table)
+        r.figure(case, "publications", v.history_top)
+    finally:
+        await close_all(subs)
+        await stack.teardown()
+
+
+# The cases run by `--capture wal` when no --only is given: the core fault cases plus the walsender one.
+WAL_CASES = ["listen-kill", "sigkill", "pg-restart", "sigterm", "walsender-kill"]
+
 CASES = [
     ("listen-kill", case_listen_kill),
     ("sigkill", case_sigkill),
@@ -875,4 +937,5 @@ CASES = [
     ("slow-client", case_slow_client),
     ("burst", case_burst),
     ("writer-retry", case_writer_retry),
+    ("walsender-kill", case_walsender_kill),
 ]

@@ -374,6 +374,14 @@ class Stack:
                 log(f"stopping writer: {e}")
         if self.db_created and not self.keep_db:
             try:
+                if capture_mode() == "wal":
+                    # A database with a replication slot cannot be dropped: drop its slots first (the
+                    # nodes are stopped; a walsender may take a moment to exit).
+                    await asyncio.to_thread(psql, self.admin_url, (
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                        f"WHERE database = '{self.db_name}' AND active_pid IS NOT NULL; SELECT pg_sleep(0.5); "
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                        f"WHERE database = '{self.db_name}';"))
                 await asyncio.to_thread(psql, self.admin_url, f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE);')
             except Exception as e:  # noqa: BLE001 - reported, not fatal
                 log(f"could not drop database {self.db_name}: {e}")
@@ -429,6 +437,8 @@ class Cluster:
                         "--no-sync", "--no-instructions")
         opts = (f"-p {self.port} -k {self.tmp} -c listen_addresses=127.0.0.1 -c fsync=off "
                 "-c max_connections=200")
+        if capture_mode() == "wal":
+            opts += " -c wal_level=logical -c max_wal_senders=40 -c max_replication_slots=40"
         await self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "-o", opts, "start")
         self.started = True
 
@@ -1004,14 +1014,27 @@ class FlakyWriterProxy:
 # ---- verification -----------------------------------------------------------------------------------
 
 
+def capture_mode() -> str:
+    """The capture mode the connectors of this run use (`RELAY__CAPTURE__MODE`, set by run.py --capture)."""
+    return os.environ.get("RELAY__CAPTURE__MODE", "trigger")
+
+
 async def wait_drained(db_url: str, timeout: float = 30) -> int:
-    """Waits until the changelog is empty (everything sequenced); returns the channel's top offset."""
+    """Waits until everything committed so far is in the history (trigger mode: the changelog is empty;
+    wal mode: the leader's stored position passed a marker message emitted now); returns the channel's
+    top offset."""
     conn = await asyncpg.connect(db_url)
     try:
         deadline = time.monotonic() + timeout
+        mark = None
+        if capture_mode() == "wal":
+            mark = await conn.fetchval("SELECT pg_logical_emit_message(true, 'relay-heartbeat', '')::text")
         while time.monotonic() < deadline:
-            left = await conn.fetchval("SELECT count(*) FROM relay.changelog")
-            if left == 0:
+            if mark is None:
+                done = await conn.fetchval("SELECT count(*) = 0 FROM relay.changelog")
+            else:
+                done = await conn.fetchval("SELECT coalesce(lsn >= $1::text::pg_lsn, false) FROM relay.wal_state", mark)
+            if done:
                 break
             await asyncio.sleep(0.1)
         top = await conn.fetchval("SELECT top_offset FROM relay.channels WHERE name = $1", CHANNEL)

@@ -14,12 +14,18 @@ table. The cases (tests-faults/cases.py):
   retention     a client offline past the retention window gets recovered=false and a new position
   slow-client   one client stops reading while N raw clients receive a steady stream
   writer-retry  the writer target fails each message's first invocation; clients retry
+  walsender-kill  (wal capture only) the leader's walsender terminated 10 times during writes
+
+With --capture wal every connector runs `capture.mode = wal` (RELAY__CAPTURE__MODE) against a throwaway
+cluster with wal_level = logical started here (pg-restart: its own, also logical), and the default cases
+are the core ones: listen-kill, sigkill, pg-restart, sigterm, walsender-kill. Without it, every case
+but walsender-kill runs in trigger mode.
 
 Every case gets a fresh database on DATABASE_URL's server (pg-restart: its own cluster), and is torn
 down whatever happens. Prints `N passed, N failed` last; exit code 0 only when nothing failed. Logs and
 configs of each run are kept in artifacts/fault-tests/<run>/ (the newest 10 runs).
 
-Usage: tests-faults/run.py [--only CASE[,CASE]] [--bin-dir DIR] [--clients N] [--keep-db]
+Usage: tests-faults/run.py [--only CASE[,CASE]] [--capture trigger|wal] [--bin-dir DIR] [--clients N] [--keep-db]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
 import sys
@@ -37,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import cases  # noqa: E402
-from harness import ROOT, Results, log  # noqa: E402
+from harness import ROOT, Cluster, Results, log  # noqa: E402
 
 CASE_TIMEOUT_S = 180
 
@@ -57,7 +64,30 @@ async def amain(args: argparse.Namespace) -> int:
             results.fail("binaries built", f"{ctx.bin_dir / b} is missing: run `cargo build --workspace --bins`")
             print(f"{results.passed} passed, {results.failed} failed", flush=True)
             return 1
-    wanted = args.only.split(",") if args.only else [name for name, _ in cases.CASES]
+    cluster = None
+    if args.capture == "wal":
+        os.environ["RELAY__CAPTURE__MODE"] = "wal"
+        cluster = Cluster(art / "wal-cluster")
+        try:
+            await cluster.start()
+        except Exception as e:  # noqa: BLE001 - reported
+            results.fail("wal: throwaway cluster with wal_level = logical", str(e))
+            print(f"{results.passed} passed, {results.failed} failed", flush=True)
+            return 1
+        os.environ["DATABASE_URL"] = cluster.url
+        log(f"capture mode wal: cluster with wal_level = logical on port {cluster.port}")
+        default = cases.WAL_CASES
+    else:
+        default = [name for name, _ in cases.CASES if name != "walsender-kill"]
+    try:
+        return await run_cases(args, ctx, results, art, default)
+    finally:
+        if cluster is not None:
+            await cluster.destroy()
+
+
+async def run_cases(args: argparse.Namespace, ctx, results: Results, art: Path, default: list[str]) -> int:
+    wanted = args.only.split(",") if args.only else default
     unknown = [w for w in wanted if w not in dict(cases.CASES)]
     if unknown:
         results.fail("arguments", f"unknown case(s) {unknown}; known: {[n for n, _ in cases.CASES]}")
@@ -96,6 +126,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=1000, help="raw WebSocket clients of slow-client (default 1000)")
     parser.add_argument("--rate", type=int, default=50, help="rows/s of the slow-client stream (default 50)")
     parser.add_argument("--keep-db", action="store_true", help="do not drop the databases (debugging)")
+    parser.add_argument("--capture", choices=["trigger", "wal"], default="trigger",
+                        help="capture mode of every connector (default trigger; wal starts a logical cluster)")
     args = parser.parse_args()
 
     def on_signal(signum, _frame):

@@ -55,6 +55,9 @@ pub struct Config {
     /// The demo token endpoint (off by default; never in production).
     #[serde(default)]
     pub demo: crate::demo::DemoConfig,
+    /// Change capture: `trigger` (default) or `wal` (logical replication).
+    #[serde(default)]
+    pub capture: crate::capture::CaptureConfig,
 }
 
 /// History retention and its pruning task.
@@ -761,6 +764,9 @@ impl Config {
             .validate()
             .map_err(|(field, problem)| invalid(&field, problem))?;
         self.api
+            .validate()
+            .map_err(|(field, problem)| invalid(&field, problem))?;
+        self.capture
             .validate()
             .map_err(|(field, problem)| invalid(&field, problem))?;
         check_range(

@@ -40,6 +40,9 @@ pub enum Error {
         /// What is wrong.
         problem: String,
     },
+    /// The capture mode cannot run against this database (for `wal`: `wal_level` is not `logical`).
+    #[error("capture: {0}")]
+    Capture(String),
     /// An I/O error (binding the listener, ...).
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

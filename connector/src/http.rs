@@ -549,6 +549,7 @@ async fn metrics(State(state): State<Arc<AppState>>, meta: Option<Extension<Conn
         "Calls of the sequencer (relay.sequence_batch) by this node.",
         state.stream.polls.load(Ordering::Relaxed),
     );
+    out.push_str(&crate::capture::render_metrics(&state.pool, &state.capture).await);
     out.push_str(&state.stream.lag.render(
         "relay_delivery_lag_seconds",
         "From a change being written (in the writer's transaction) to its publication reaching the hub.",

@@ -7,6 +7,8 @@
 //! stream task of every node → the hub → each subscriber's session.
 //!
 //! # Layout
+//! - [`capture`]: how changes reach the history: `trigger` mode, or `wal` mode (a leader node reads
+//!   a logical replication slot; [`capture::wal`], [`capture::pgoutput`]).
 //! - [`config`]: configuration, environment overrides, validation; every limit lives here.
 //! - [`db`]: pool and migrations; [`db::triggers`] (generated capture triggers); [`db::stream`] (LISTEN
 //!   wake-ups + gapless reads into the hub); [`db::history`] (positions, history, recovery, publishing).
@@ -30,6 +32,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod capture;
 pub mod config;
 pub mod db;
 pub mod demo;
@@ -72,14 +75,32 @@ pub async fn run(
     // The node's id: its presence identity and its entry in the capture-owner registry.
     let node = uuid::Uuid::new_v4().to_string();
     let capture_every = Duration::from_secs(config.stream.capture_check_secs);
-    let owner = db::triggers::Owner {
-        node: &node,
-        ttl: db::triggers::owner_ttl(capture_every),
+    let capture_status = Arc::new(capture::CaptureStatus::default());
+    capture::prepare(&pool, &config.capture, &config.mappings, &capture_status).await?;
+    // Trigger mode: the capture triggers this node needs, watched while it runs (wal mode has none).
+    let capture_specs = if config.capture.mode == capture::CaptureMode::Trigger {
+        let owner = db::triggers::Owner {
+            node: &node,
+            ttl: db::triggers::owner_ttl(capture_every),
+        };
+        let report = db::triggers::sync(&pool, &config.mappings, Some(owner)).await?;
+        tracing::info!(installed = ?report.installed, removed = ?report.removed,
+            kept_for_other_nodes = ?report.kept, "capture triggers in place");
+        Some(db::triggers::specs(&config.mappings)?)
+    } else {
+        db::triggers::check_tables(&pool, &config.mappings).await?;
+        // The slot exists before this node serves: nothing committed from here on is missed.
+        let slot = capture_status.slot.get().cloned().unwrap_or_default();
+        let lock_url = config
+            .database
+            .listen_url
+            .clone()
+            .unwrap_or_else(|| config.database.url.clone());
+        capture::wal::ensure_started(&pool, &lock_url, &slot, &capture_status)
+            .await
+            .map_err(|e| Error::Capture(format!("{e:#}")))?;
+        None
     };
-    let report = db::triggers::sync(&pool, &config.mappings, Some(owner)).await?;
-    tracing::info!(installed = ?report.installed, removed = ?report.removed,
-        kept_for_other_nodes = ?report.kept, "capture triggers in place");
-    let capture_specs = db::triggers::specs(&config.mappings)?;
 
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -134,6 +155,7 @@ pub async fn run(
         http,
         lambda,
         stream: status,
+        capture: capture_status.clone(),
         metrics: Metrics::default(),
         verifier,
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
@@ -146,14 +168,36 @@ pub async fn run(
     state.presence.start(&state).await?;
     tracker.spawn(presence::Presence::run(state.clone(), token.clone()));
     tracker.spawn(stream.run(token.clone(), tracker.clone()));
-    tracker.spawn(db::triggers::watch(
-        pool.clone(),
-        capture_specs,
-        node,
-        capture_every,
-        state.stream.capture.clone(),
-        token.clone(),
-    ));
+    if let Some(capture_specs) = capture_specs {
+        tracker.spawn(db::triggers::watch(
+            pool.clone(),
+            capture_specs,
+            node,
+            capture_every,
+            state.stream.capture.clone(),
+            token.clone(),
+        ));
+    }
+    if state.config.capture.mode == capture::CaptureMode::Wal {
+        // Its own small pool: the history writes never wait behind the stream's reads.
+        let wal = capture::wal::WalCapture {
+            pool: db::pool(&config::DatabaseConfig {
+                pool_size: 2,
+                ..state.config.database.clone()
+            })?,
+            lock_url: listen_url.clone(),
+            replication_url: state
+                .config
+                .capture
+                .replication_url
+                .clone()
+                .unwrap_or_else(|| listen_url.clone()),
+            config: state.config.capture.clone(),
+            mappings: Arc::new(state.config.mappings.clone()),
+            status: capture_status,
+        };
+        tracker.spawn(wal.run(token.clone()));
+    }
     tracker.spawn(db::retention::run(
         stream_pool.clone(),
         Arc::new(state.config.retention.clone()),

@@ -257,6 +257,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Triggers {
             action: TriggerCmd::Sync,
         } => {
+            if config.capture.mode == connector::capture::CaptureMode::Wal {
+                anyhow::bail!(
+                    "capture.mode is \"wal\": capture triggers would publish every change twice; \
+                     the wal leader drops them (switch capture.mode to \"trigger\" to use triggers)"
+                );
+            }
             writable_database(&config, cli.allow_postgres_db).await?;
             let pool = connector::db::pool(&config.database)?;
             connector::db::migrate(&pool)

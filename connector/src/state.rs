@@ -54,6 +54,8 @@ pub struct AppState {
     pub lambda: crate::rules::LambdaClients,
     /// Change-stream status.
     pub stream: Arc<StreamStatus>,
+    /// Change-capture status (the `wal` leader's counters).
+    pub capture: Arc<crate::capture::CaptureStatus>,
     /// Counters.
     pub metrics: Metrics,
     /// Verifies connection and subscription tokens.

@@ -103,7 +103,7 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-fn row_expr(rec: &str, columns: Option<&[String]>) -> String {
+pub(crate) fn row_expr(rec: &str, columns: Option<&[String]>) -> String {
     match columns {
         None => format!("to_jsonb({rec})"),
         Some(cols) => cols
@@ -120,7 +120,7 @@ fn row_expr(rec: &str, columns: Option<&[String]>) -> String {
     }
 }
 
-fn channel_expr(rec: &str, parts: &[TemplatePart]) -> String {
+pub(crate) fn channel_expr(rec: &str, parts: &[TemplatePart]) -> String {
     parts
         .iter()
         .map(|p| match p {

@@ -2,6 +2,8 @@
 //! that speaks the Centrifugo JSON protocol line by line.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ pub fn admin_url() -> String {
 
 /// A database made for one test, dropped by [`TestDb::drop_db`].
 pub struct TestDb {
+    admin: String,
     pub name: String,
     pub url: String,
     pub pool: PgPool,
@@ -29,27 +32,36 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> Self {
-        let admin = PgPool::connect(&admin_url()).await.unwrap();
+        Self::new_on(&admin_url()).await
+    }
+
+    /// A fresh database on the server of `admin_url` (a throwaway cluster, for example).
+    pub async fn new_on(admin_url: &str) -> Self {
+        let admin = PgPool::connect(admin_url).await.unwrap();
         let name = format!("relay_test_{}", uuid::Uuid::new_v4().simple());
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&admin)
             .await
             .unwrap();
         admin.close().await;
-        let base = admin_url();
-        let (prefix, _) = base.rsplit_once('/').unwrap();
+        let (prefix, _) = admin_url.rsplit_once('/').unwrap();
         let url = format!("{prefix}/{name}");
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(12)
             .connect(&url)
             .await
             .unwrap();
-        Self { name, url, pool }
+        Self {
+            admin: admin_url.to_owned(),
+            name,
+            url,
+            pool,
+        }
     }
 
     pub async fn drop_db(self) {
         self.pool.close().await;
-        let admin = PgPool::connect(&admin_url()).await.unwrap();
+        let admin = PgPool::connect(&self.admin).await.unwrap();
         let _ = sqlx::query(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.name
