@@ -260,8 +260,10 @@ impl PresenceStore for PgStore {
                 }
                 match result {
                     Ok(()) => backoff = Duration::from_millis(100),
-                    Err(e) => tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
-                        "presence events: LISTEN connection lost (join/leave pushes missed meanwhile)"),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::db::error_text(e.as_ref()), retry_in_ms = backoff.as_millis() as u64,
+                        "presence events: LISTEN connection lost (join/leave pushes missed meanwhile)")
+                    }
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -295,7 +297,7 @@ async fn listen_once(
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "presence LISTEN connection failed");
+                    tracing::warn!(error = %crate::db::error_text(&e), "presence LISTEN connection failed");
                     break;
                 }
                 None => break,
