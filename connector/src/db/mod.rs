@@ -58,6 +58,24 @@ pub fn database_name(url: &str) -> Result<String> {
     Ok(o.get_database().unwrap_or(o.get_username()).to_owned())
 }
 
+/// An error and its sources, each named once (tokio-postgres says only `db error` and keeps the
+/// server's message in its source; sqlx repeats its sources in its own text).
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 /// Builds the query pool (connections are opened lazily, so start-up does not fail on a slow database).
 pub fn pool(config: &DatabaseConfig) -> Result<PgPool> {
     let pool = PgPoolOptions::new()
@@ -89,4 +107,37 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<()> {
 pub async fn migrate(pool: &PgPool) -> Result<()> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("db error")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn error_text_names_each_cause_once() {
+        let e = Outer(std::io::Error::other("FATAL: terminating connection"));
+        assert_eq!(
+            super::error_text(&e),
+            "db error: FATAL: terminating connection"
+        );
+        let repeated = anyhow::anyhow!("x: inner").context("outer: x: inner");
+        assert_eq!(super::error_text(repeated.as_ref()), "outer: x: inner");
+        assert!(super::describe("postgres://u:secret@h:6543/db").ends_with("h:6543/db"));
+        assert!(!super::describe("postgres://u:secret@h:6543/db").contains("secret"));
+        assert_eq!(
+            super::database_name("postgres://postgres@h/").unwrap(),
+            "postgres"
+        );
+    }
 }

@@ -156,7 +156,7 @@ impl Stream {
                         backoff = Duration::from_millis(100);
                     }
                     self.status.reconnects.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "change stream interrupted");
+                    tracing::warn!(error = %super::error_text(e.as_ref()), retry_in_ms = backoff.as_millis() as u64, "change stream interrupted");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}
@@ -194,7 +194,7 @@ impl Stream {
                         }
                         Some(Ok(_)) => {}
                         Some(Err(e)) => {
-                            tracing::warn!(error = %e, "LISTEN connection failed");
+                            tracing::warn!(error = %super::error_text(&e), "LISTEN connection failed");
                             break;
                         }
                         None => break,

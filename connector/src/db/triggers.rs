@@ -147,6 +147,9 @@ pub fn spec(index: usize, m: &Mapping) -> Result<TriggerSpec> {
         m.channel,
         m.columns.as_ref().map(|c| c.join(",")).unwrap_or_default()
     );
+    // The name must change whenever what the trigger does changes, so that nodes of two versions
+    // never replace each other's function: a change to the generated body below must add a version
+    // marker to `canonical` (it has none yet, so names are unchanged from earlier releases).
     let hash = format!("{:016x}", stable_hash(&canonical));
     let trigger = format!("relay_{hash}");
     let function = format!("capture_{hash}");

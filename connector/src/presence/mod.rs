@@ -107,6 +107,9 @@ fn default_max_listed() -> u32 {
     1000
 }
 
+/// Leaves removed per store call when retrying or reconciling.
+const LEAVE_BATCH: usize = 500;
+
 /// Most failed leaves kept for a retry; beyond it, the reconciliation removes them.
 const MAX_RETRY_LEAVES: usize = 100_000;
 
@@ -319,6 +322,17 @@ pub trait PresenceStore: Send + Sync + std::fmt::Debug {
         client: &'a str,
         membership: Option<(&'a str, &'a str)>,
     ) -> BoxFuture<'a, Result<()>>;
+    /// [`PresenceStore::leave`] for many at once (a store may do it in a few statements); on an
+    /// error, some may have been removed (removing again is harmless).
+    fn leave_many<'a>(&'a self, leaves: &'a [FailedLeave]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            for (client, membership) in leaves {
+                let m = membership.as_ref().map(|(c, i)| (c.as_str(), i.as_str()));
+                self.leave(client, m).await?;
+            }
+            Ok(())
+        })
+    }
     /// The memberships `(channel, client, membership id)` the store holds for `node`.
     fn node_members<'a>(
         &'a self,
@@ -361,8 +375,36 @@ fn node_json(uid: &str, name: &str, version: &str, stats: Option<Value>) -> Valu
     v
 }
 
-/// A leave to retry: the client, and one (channel, membership id) or all of its memberships.
-type FailedLeave = (String, Option<(String, String)>);
+/// Marks a (channel, client) as joining while it lives.
+struct Joining<'a> {
+    map: &'a Mutex<HashMap<(String, String), usize>>,
+    key: (String, String),
+}
+
+impl<'a> Joining<'a> {
+    fn new(map: &'a Mutex<HashMap<(String, String), usize>>, key: (String, String)) -> Self {
+        *map.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default() += 1;
+        Self { map, key }
+    }
+}
+
+impl Drop for Joining<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A leave: the client, and one (channel, membership id) or all of its memberships.
+pub type FailedLeave = (String, Option<(String, String)>);
 
 struct LocalSession {
     user: String,
@@ -482,18 +524,19 @@ impl Presence {
         }
     }
 
-    /// Retries the failed leaves once; those that fail again stay for the next round.
+    /// Retries the failed leaves once, in batches; those that fail again stay for the next round.
     async fn retry_leaves(&self) {
         let batch = std::mem::take(&mut *self.retry.lock().unwrap_or_else(|e| e.into_inner()));
         if batch.is_empty() {
             return;
         }
         let mut failed = 0usize;
-        for (client, membership) in batch {
-            let m = membership.as_ref().map(|(c, i)| (c.as_str(), i.as_str()));
-            if self.store.leave(&client, m).await.is_err() {
-                failed += 1;
-                self.retry_later(&client, m);
+        for chunk in batch.chunks(LEAVE_BATCH) {
+            if self.store.leave_many(chunk).await.is_err() {
+                failed += chunk.len();
+                for (client, m) in chunk {
+                    self.retry_later(client, m.as_ref().map(|(c, i)| (c.as_str(), i.as_str())));
+                }
             }
         }
         if failed > 0 {
@@ -508,31 +551,44 @@ impl Presence {
     /// and no session holds (failed leaves) are removed, leaves announced; memberships a session holds
     /// and the store lost are put back. Returns (removed, restored).
     pub async fn reconcile(&self) -> Result<(usize, usize)> {
+        // Members held before the store is read: their joins had committed, so one the store does not
+        // have was lost (a join that commits during the read is not in this snapshot).
+        let before: Vec<(String, Member, String, bool)> = self
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((ch, _), m)| (ch.clone(), m.member.clone(), m.id.clone(), m.announce))
+            .collect();
         let stored = self.store.node_members(&self.node).await?;
-        let (ghosts, missing) = {
+        let stored_keys: std::collections::HashSet<(&str, &str)> = stored
+            .iter()
+            .map(|(ch, cl, _)| (ch.as_str(), cl.as_str()))
+            .collect();
+        let missing: Vec<(String, Member, String, bool)> = before
+            .into_iter()
+            .filter(|(ch, m, _, _)| !stored_keys.contains(&(ch.as_str(), m.client.as_str())))
+            .collect();
+        // Rows the store has that no session holds now (read after the store: a join on its way is
+        // in `joining`, a finished one in `members`).
+        let ghosts: Vec<(String, String, String)> = {
             let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
             let joining = self.joining.lock().unwrap_or_else(|e| e.into_inner());
-            let stored_keys: std::collections::HashSet<(&str, &str)> = stored
-                .iter()
-                .map(|(ch, cl, _)| (ch.as_str(), cl.as_str()))
-                .collect();
-            let ghosts: Vec<(String, String, String)> = stored
+            stored
                 .iter()
                 .filter(|(ch, cl, id)| {
                     let key = (ch.clone(), cl.clone());
                     !joining.contains_key(&key) && members.get(&key).is_none_or(|m| &m.id != id)
                 })
                 .cloned()
-                .collect();
-            let missing: Vec<(String, Member, String, bool)> = members
-                .iter()
-                .filter(|((ch, cl), _)| !stored_keys.contains(&(ch.as_str(), cl.as_str())))
-                .map(|((ch, _), m)| (ch.clone(), m.member.clone(), m.id.clone(), m.announce))
-                .collect();
-            (ghosts, missing)
+                .collect()
         };
-        for (channel, client, id) in &ghosts {
-            self.store.leave(client, Some((channel, id))).await?;
+        let leaves: Vec<FailedLeave> = ghosts
+            .iter()
+            .map(|(channel, client, id)| (client.clone(), Some((channel.clone(), id.clone()))))
+            .collect();
+        for chunk in leaves.chunks(LEAVE_BATCH) {
+            self.store.leave_many(chunk).await?;
         }
         for (channel, member, id, announce) in &missing {
             // Only if the session still holds it (it may have left meanwhile).
@@ -568,12 +624,8 @@ impl Presence {
         let max_members = self.rule_for(channel).map_or(0, |r| r.max_members);
         let id = uuid::Uuid::new_v4().to_string();
         let key = (channel.to_owned(), member.client.clone());
-        *self
-            .joining
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_default() += 1;
+        // Marked as joining until the membership is in `members` (also if this future is dropped).
+        let _joining = Joining::new(&self.joining, key.clone());
         let joined = self
             .join_store(channel, &member, &id, max_members, announce)
             .await;
@@ -589,15 +641,6 @@ impl Presence {
                         announce,
                     },
                 );
-        }
-        {
-            let mut joining = self.joining.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = joining.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    joining.remove(&key);
-                }
-            }
         }
         match joined {
             Ok(true) => Ok(id),

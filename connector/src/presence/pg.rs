@@ -77,6 +77,31 @@ impl PresenceStore for PgStore {
         })
     }
 
+    fn leave_many<'a>(&'a self, leaves: &'a [super::FailedLeave]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            // One statement for the batch: a mass disconnect costs a few round trips, not thousands.
+            let clients: Vec<&str> = leaves.iter().map(|(c, _)| c.as_str()).collect();
+            let channels: Vec<Option<&str>> = leaves
+                .iter()
+                .map(|(_, m)| m.as_ref().map(|(ch, _)| ch.as_str()))
+                .collect();
+            let ids: Vec<Option<&str>> = leaves
+                .iter()
+                .map(|(_, m)| m.as_ref().map(|(_, id)| id.as_str()))
+                .collect();
+            sqlx::query(
+                "SELECT relay.presence_leave(l.client, l.channel, l.member)
+                 FROM unnest($1::text[], $2::text[], $3::text[]) AS l(client, channel, member)",
+            )
+            .bind(&clients)
+            .bind(&channels)
+            .bind(&ids)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
+    }
+
     fn node_members<'a>(
         &'a self,
         node: &'a str,
@@ -235,8 +260,10 @@ impl PresenceStore for PgStore {
                 }
                 match result {
                     Ok(()) => backoff = Duration::from_millis(100),
-                    Err(e) => tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
-                        "presence events: LISTEN connection lost (join/leave pushes missed meanwhile)"),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::db::error_text(e.as_ref()), retry_in_ms = backoff.as_millis() as u64,
+                        "presence events: LISTEN connection lost (join/leave pushes missed meanwhile)")
+                    }
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -270,7 +297,7 @@ async fn listen_once(
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "presence LISTEN connection failed");
+                    tracing::warn!(error = %crate::db::error_text(&e), "presence LISTEN connection failed");
                     break;
                 }
                 None => break,
