@@ -56,7 +56,22 @@ image() {
     tag=pg-relay:test
     started=$(deploy/docker/engine.sh)
     dangling_before=$(docker images -q -f dangling=true | sort)
+    containers_before=$(docker ps -aq --no-trunc | sort)
+    build_pid=""
     cleanup() {
+        if [[ -n $build_pid ]] && kill -0 "$build_pid" 2>/dev/null; then
+            kill "$build_pid" 2>/dev/null || true
+            wait "$build_pid" 2>/dev/null || true
+        fi
+        # Containers this run left (a cancelled build step's, the smoke test's if it was killed); the
+        # daemon may still be tearing a cancelled step down, so try for up to 20 s.
+        local new _
+        for _ in $(seq 1 20); do
+            new=$(comm -13 <(printf '%s\n' "$containers_before") <(docker ps -aq --no-trunc | sort))
+            [[ -z $new ]] && break
+            xargs -r docker rm -f <<<"$new" >/dev/null 2>&1 || true
+            sleep 1
+        done
         if [[ ${KEEP_IMAGE:-0} != 1 ]]; then
             docker rmi -f "$tag" >/dev/null 2>&1 || true
         fi
@@ -69,6 +84,7 @@ image() {
         fi
     }
     trap cleanup EXIT
+    trap 'exit 143' TERM INT
     if [[ -n ${BUILD_ARGS:-} ]]; then
         build_args=$BUILD_ARGS
     else
@@ -77,12 +93,17 @@ image() {
     fi
     say "docker build $tag ($build_args)"
     local t0=$SECONDS
+    # In the background, so that a TERM or INT reaches the trap at once (not after the build); the
+    # trap's exit stops the build client, which cancels the build.
     # shellcheck disable=SC2086 # build_args is a list of --build-arg words
-    if ! docker build --network host --force-rm $build_args -t "$tag" . >/tmp/pg-relay-image-build.log 2>&1; then
+    docker build --network host --force-rm $build_args -t "$tag" . >/tmp/pg-relay-image-build.log 2>&1 &
+    build_pid=$!
+    if ! wait "$build_pid"; then
         tail -n 60 /tmp/pg-relay-image-build.log
         echo "FAIL docker build (log above)"
         return 1
     fi
+    build_pid=""
     say "image built in $((SECONDS - t0)) s ($(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}'))"
     "$PYTHON" deploy/docker/smoke.py "$tag" || status=$?
     return "$status"

@@ -959,8 +959,10 @@ class FlakyWriterProxy:
                 self.wfile.write(body)
 
             def _forward(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+                # The signature travels with the body: the writer runs only signed invocations.
+                signature = {"X-Relay-Signature": self.headers["X-Relay-Signature"]} if self.headers.get("X-Relay-Signature") else {}
                 req = urllib.request.Request(proxy.writer_url + self.path, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+                                             headers={"Content-Type": "application/json", **signature})
                 try:
                     with urllib.request.urlopen(req, timeout=30) as resp:
                         fe = resp.headers.get("X-Amz-Function-Error")
