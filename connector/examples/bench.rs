@@ -918,13 +918,17 @@ struct Joined {
     last_recv: Option<Instant>,
 }
 
-async fn collect(sink: &Sink, commits: &[(String, Instant)], tag: &str) -> Joined {
-    let deadline = Instant::now() + Duration::from_secs(10);
+async fn collect(
+    sink: &Sink,
+    commits: &[(String, Instant)],
+    tag: &str,
+    deadline: Instant,
+) -> Joined {
     while sink.len() < commits.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A little more for stragglers (and duplicates, which would be a bug).
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let got: HashMap<String, Instant> = sink
         .take()
         .into_iter()
@@ -1061,9 +1065,11 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                     sink.take();
                 }
                 let commits = drive(&db.url, path, rate, opts.lat_secs, &tag).await?;
-                let mut j = collect(&sinks[0], &commits, &tag).await;
+                // One deadline for all subscribers: 10 s for everything to arrive.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut j = collect(&sinks[0], &commits, &tag, deadline).await;
                 for sink in &sinks[1..] {
-                    let more = collect(sink, &commits, &tag).await;
+                    let more = collect(sink, &commits, &tag, deadline).await;
                     j.lat.extend(more.lat);
                     j.missing += more.missing;
                     j.last_recv = j.last_recv.max(more.last_recv);
@@ -1319,7 +1325,13 @@ async fn longtx_part_in(db: &BenchDb, other: &BenchDb, opts: &Opts) -> Result<()
     };
     let commits = drive(&db.url, Path::Relay, 100, total.as_secs_f64(), "T").await?;
     let windows = phases.await??;
-    let j = collect(&sink, &commits, "T").await;
+    let j = collect(
+        &sink,
+        &commits,
+        "T",
+        Instant::now() + Duration::from_secs(10),
+    )
+    .await;
     task.abort();
     relay.stop().await?;
 
