@@ -41,6 +41,19 @@ use crate::state::AppState;
 /// The longest a closed WebSocket's socket is kept to read what the client still sends.
 pub const LINGER: Duration = Duration::from_secs(2);
 
+/// A WebSocket's read buffer, kept for the connection's life: client frames are small (a
+/// command, a pong), so 1 KiB instead of the default 128 KiB keeps an idle connection's memory in a
+/// few kilobytes. A larger frame (up to `client.max_message_bytes`) still arrives whole: the buffer
+/// grows to the frame's length, read in pieces of this size.
+pub const READ_BUFFER: usize = 1024;
+
+/// How many bytes of frames a WebSocket gathers before writing them to the socket (they are written
+/// at the latest when the session flushes a batch). The gathering buffer keeps the capacity it
+/// reached, so it is bounded at a few kilobytes rather than the default 128 KiB: a connection that
+/// once received a burst does not keep the burst's size for its whole life, while a batch still
+/// leaves in a few large writes rather than one write per frame.
+pub const WRITE_BUFFER: usize = 4 * 1024;
+
 /// Serves HTTP and WebSockets on `listener` until `shutdown` completes; then asks every connection
 /// to finish (upgraded sessions end through the state's shutdown token).
 pub async fn serve(
@@ -373,10 +386,9 @@ async fn websocket(
     }
     let max = state.config.client.max_message_bytes;
     let tracker = state.tracker.clone();
-    // Client frames are small: an 8 KiB read buffer (it grows for a larger frame) instead of the
-    // default 128 KiB keeps an idle connection's memory in kilobytes.
     ws.protocols(["centrifuge-json"])
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
