@@ -358,9 +358,9 @@ async fn main() -> Result<()> {
             opts.n, opts.subs, opts.burst, opts.bursts
         );
         println!(
-            "| binary | rep | RSS before | idle KiB/conn | after traffic KiB/conn | frames/s |"
+            "| binary | rep | RSS before | idle KiB/conn | after traffic KiB/conn | frames/s | CPU µs/frame |"
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|");
         let mut port = opts.port;
         for rep in 0..opts.reps {
             let mut order: Vec<&PathBuf> = opts.connectors.iter().collect();
