@@ -242,7 +242,9 @@ impl Session {
                 message = stream.next() => match message {
                     Some(Ok(Message::Text(text))) => {
                         let mut out = Vec::new();
-                        let flow = self.handle_frame(text.as_str(), &mut out).await;
+                        // Boxed: handling a command (subscribe, history, presence: database
+                        // queries) needs a large future, which an idle session need not carry.
+                        let flow = Box::pin(self.handle_frame(text.as_str(), &mut out)).await;
                         self.schedule_expiry();
                         // The replies count against the outbound budget while they are written, so
                         // the pushes that arrive meanwhile cannot take a whole budget more.
