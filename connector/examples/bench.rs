@@ -406,7 +406,7 @@ async fn subscribe(relay: &Relay, channel: &str) -> Result<(Arc<Sink>, JoinHandl
                     }
                     last_offset = Some(off);
                 }
-                if let Some(id) = field_str(line, "\"msg_id\":\"") {
+                if let Some(id) = field_str(line, "\"msg_id\":") {
                     got.push((id.to_owned(), now));
                 }
             }
@@ -429,9 +429,12 @@ fn field_u64(line: &str, key: &str) -> Option<u64> {
     rest[..end].parse().ok()
 }
 
-/// The string after `key` (which ends with the opening quote) in `line`, up to the closing quote.
+/// The string value after `key` (`"name":`) in `line`: PostgreSQL's jsonb text puts a space after the
+/// colon, the connector's own JSON does not.
 fn field_str<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let rest = &line[line.find(key)? + key.len()..];
+    let rest = line[line.find(key)? + key.len()..]
+        .trim_start()
+        .strip_prefix('"')?;
     Some(&rest[..rest.find('"')?])
 }
 

@@ -135,8 +135,10 @@ struct Batch {
 /// Quiet polls (nothing moved, nothing running) before the sequencer arms the writers' wake-up and
 /// sleeps: with the doubling delay that is about 7 x `active_poll_ms` of quiet.
 const QUIET_POLLS: u32 = 3;
-/// While only a running transaction keeps it awake, the sequencer's delay grows up to this multiple of
-/// `active_poll_ms`.
+/// While only a running transaction keeps it awake, the sequencer polls at the active pace this many
+/// times, then its delay grows up to `BUSY_BACKOFF` x `active_poll_ms`.
+const BUSY_ACTIVE_POLLS: u32 = 8;
+/// See `BUSY_ACTIVE_POLLS`.
 const BUSY_BACKOFF: u32 = 16;
 
 impl Stream {
@@ -248,6 +250,8 @@ impl Stream {
         let mut asleep = false;
         let mut verify = false;
         let mut seen_seq: Option<i64> = None;
+        // Consecutive polls that found nothing ready while a transaction was running.
+        let mut busy = 0u32;
         loop {
             if !delay.is_zero() {
                 tokio::select! {
@@ -259,6 +263,9 @@ impl Stream {
             let b = self.sequence_batch(arm).await?;
             let others = seen_seq.is_some_and(|s| b.last_seq - i64::from(b.moved.max(0)) != s);
             seen_seq = Some(b.last_seq);
+            if !b.busy || b.moved > 0 {
+                busy = 0;
+            }
             if b.moved > 0 {
                 wakes.publications.notify_one();
                 (quiet, asleep, verify) = (0, false, false);
@@ -269,9 +276,16 @@ impl Stream {
                 (quiet, asleep, verify) = (0, false, false);
                 delay = idle;
             } else if b.busy {
-                // Nothing ready, but a transaction of this database may still add changes.
+                // Nothing ready, but a transaction of this database may still add changes: poll at
+                // the active pace for a while (writers' transactions are short), then back off (a
+                // long transaction must not make the sequencer spin).
                 (quiet, asleep, verify) = (0, false, false);
-                delay = (delay * 2).clamp(active, active * BUSY_BACKOFF);
+                busy += 1;
+                delay = if busy <= BUSY_ACTIVE_POLLS {
+                    active
+                } else {
+                    (delay * 2).clamp(active, active * BUSY_BACKOFF)
+                };
             } else if asleep || verify {
                 // Armed, and nothing arrived since: sleep until a writer notifies (or the timer).
                 (asleep, verify) = (true, false);
