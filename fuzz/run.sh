@@ -56,7 +56,7 @@ fi
 passed=0
 failed=0
 for t in "${TARGETS[@]}"; do
-    mkdir -p "work/$t" "artifacts/$t"
+    mkdir -p "work/$t" "artifacts/$t" "corpus/$t"
     if [[ $(find "work/$t" -type f | wc -l) -gt 10000 ]]; then
         echo "fuzz: $t: minimizing the kept corpus (cargo fuzz cmin)"
         cargo +nightly fuzz cmin "$t" "work/$t" >"$LOGS/$t-cmin.log" 2>&1 || echo "fuzz: $t: cmin failed (log: artifacts/fuzz/$t-cmin.log); going on"
