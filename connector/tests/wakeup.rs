@@ -36,6 +36,34 @@ async fn insert(db: &TestDb, id: &str) {
     .unwrap();
 }
 
+/// Inserts a row whose id is `mode` in a transaction with `relay.writer_notify = mode`.
+async fn insert_with_writer_notify(db: &TestDb, mode: &str) {
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('relay.writer_notify', $1, true)")
+        .bind(mode)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+         VALUES ($1, 'w', $1, 'w', 0)",
+    )
+    .bind(mode)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// Arms or disarms the writers' wake-up by hand.
+async fn set_armed(db: &TestDb, on: bool) {
+    sqlx::query("SELECT setval('relay.wakeup_armed', $1)")
+        .bind(i64::from(on))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn writers_notify_only_while_the_sequencer_is_armed() {
     let db = TestDb::new().await;
@@ -45,18 +73,12 @@ async fn writers_notify_only_while_the_sequencer_is_armed() {
     let mut listener = PgListener::connect(&db.url).await.unwrap();
     listener.listen("relay_changes").await.unwrap();
 
-    sqlx::query("SELECT setval('relay.wakeup_armed', 0)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    set_armed(&db, false).await;
     insert(&db, "disarmed").await;
     let got = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
     assert!(got.is_err(), "a writer notified while disarmed: {got:?}");
 
-    sqlx::query("SELECT setval('relay.wakeup_armed', 1)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    set_armed(&db, true).await;
     insert(&db, "armed").await;
     let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
         .await
@@ -65,39 +87,12 @@ async fn writers_notify_only_while_the_sequencer_is_armed() {
     assert_eq!(n.channel(), "relay_changes");
 
     // relay.writer_notify = 'off' wins over the flag; 'on' notifies even when disarmed.
-    let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL relay.writer_notify = 'off'")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
-         VALUES ('off', 'w', 'off', 'w', 0)",
-    )
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    insert_with_writer_notify(&db, "off").await;
     let got = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
     assert!(got.is_err(), "writer_notify = off notified: {got:?}");
 
-    sqlx::query("SELECT setval('relay.wakeup_armed', 0)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL relay.writer_notify = 'on'")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
-         VALUES ('on', 'w', 'on', 'w', 0)",
-    )
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    set_armed(&db, false).await;
+    insert_with_writer_notify(&db, "on").await;
     tokio::time::timeout(Duration::from_secs(5), listener.recv())
         .await
         .expect("writer_notify = on did not notify")
