@@ -13,8 +13,10 @@
 //!   `{"name", "data"}` and goes through the rule exactly like a client's publication (the envelope's
 //!   `clientId` / `connectionId` are `"api"`; `idempotency_key`, when given, is the message id, so the
 //!   writer applies a retried call once); on any other channel it is recorded with `relay.publish()`,
-//!   delivered in commit order through the change stream like every publication. The result has no
-//!   offset (it is assigned when the change is sequenced, a few milliseconds later).
+//!   delivered in commit order through the change stream like every publication. The answer comes
+//!   once the publication is in the history (read-your-writes, [`crate::db::fence`]), so a `history`
+//!   call after it sees it. The result has no offset: a writer may turn one publish into any number
+//!   of rows, or none.
 //! - `broadcast {channels, data}`: `publish` to each channel; one response per channel.
 //! - `history {channel, limit?, since?, reverse?}`: as the client command (limit 0 = position only,
 //!   −1 = all up to `client.history_max_limit`).
@@ -40,7 +42,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::db::history::{self, Bound};
+use crate::db::fence;
+use crate::db::history::{self, Bound, Keep};
 use crate::rules::{self, NamedData};
 use crate::state::AppState;
 
@@ -231,7 +234,7 @@ async fn publish_one(
             None => uuid::Uuid::new_v4().to_string(),
         };
         let envelope = rules::envelope(channel, "api", "api", &named, id);
-        return rules::deliver_limited(
+        rules::deliver_limited(
             &state.limits.targets,
             &state.http,
             &state.lambda,
@@ -252,7 +255,10 @@ async fn publish_one(
                 _ => ReplyError::with_message(ErrorCode::Internal, "publish target failed")
                     .temporary(),
             }
-        });
+        })?;
+        // Read-your-writes: the answer follows the publication into the history.
+        fence::settle(&state.pool).await;
+        return Ok(());
     }
     sqlx::query("SELECT relay.publish($1, $2::text::jsonb)")
         .bind(channel)
@@ -260,6 +266,7 @@ async fn publish_one(
         .execute(&state.pool)
         .await
         .map_err(|e| internal("publish", e))?;
+    fence::settle(&state.pool).await;
     state
         .metrics
         .publications_in
@@ -337,9 +344,17 @@ async fn history(state: &AppState, p: HistoryParams) -> ApiResult {
         (None, true) => Bound::Before(u64::MAX),
         (None, false) => Bound::After(0),
     };
-    let slice = history::read(&state.pool, &p.channel, bound, limit, reply_budget(state))
-        .await
-        .map_err(|e| internal("history", e))?;
+    let keep = Keep::from(&state.config.retention.rule_for(&p.channel));
+    let slice = history::read(
+        &state.pool,
+        &p.channel,
+        bound,
+        limit,
+        reply_budget(state),
+        keep,
+    )
+    .await
+    .map_err(|e| internal("history", e))?;
     if slice.overflow {
         return Err(too_large());
     }

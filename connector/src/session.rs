@@ -40,7 +40,8 @@ use relay_protocol::reply::{
 use relay_protocol::{Command, Disconnect, ErrorCode, ReplyError, Request};
 
 use crate::auth::{self, ConnectError, Identity, Op, SubscriptionError};
-use crate::db::history::{self, Bound, StoredPublication};
+use crate::db::fence;
+use crate::db::history::{self, Bound, Keep, StoredPublication};
 use crate::hub::{Delivery, Subscriber};
 use crate::limits::TokenBucket;
 use crate::rules::{self, NamedData};
@@ -635,12 +636,14 @@ impl Session {
         };
         // A recovery is bounded by the reply budget, not by a count: the publications it would
         // return must fit in what is left of the connection's outbound budget.
+        let keep = Keep::from(&self.state.config.retention.rule_for(&channel));
         let slice = match history::read(
             &self.state.pool,
             &channel,
             Bound::After(req.offset),
             limit,
             self.reply_budget,
+            keep,
         )
         .await
         {
@@ -936,6 +939,8 @@ impl Session {
                 .await
                 {
                     Ok(()) => {
+                        // Read-your-writes: the reply follows the publication into the history.
+                        fence::settle(&state.pool).await;
                         state
                             .metrics
                             .publications_in
@@ -1031,12 +1036,14 @@ impl Session {
             (None, true) => Bound::Before(u64::MAX),
             (None, false) => Bound::After(0),
         };
+        let keep = Keep::from(&self.state.config.retention.rule_for(&req.channel));
         let slice = history::read(
             &self.state.pool,
             &req.channel,
             bound,
             limit,
             self.reply_budget,
+            keep,
         )
         .await
         .map_err(|e| {

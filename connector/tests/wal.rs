@@ -1,6 +1,6 @@
 //! The `wal` capture mode against a throwaway cluster with `wal_level = logical`: the same JSON and
 //! offsets as trigger mode, history and recovery, two nodes with a leader that dies, commit order for
-//! overlapping transactions, open transactions that delay nothing, a lost slot (`recovered: false`),
+//! overlapping transactions, open transactions that delay nothing, read-your-writes, a lost slot (`recovered: false`),
 //! and a walsender killed over and over.
 #![allow(clippy::unwrap_used)]
 
@@ -466,6 +466,32 @@ async fn open_transactions_delay_nothing() {
     same.rollback().await.unwrap();
     elsewhere.rollback().await.unwrap();
     admin.close().await;
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// Read-your-writes in wal mode: a publish reply comes once the leader has applied the publication,
+/// so a history read right after it holds it, even while a transaction stays open in the database.
+#[tokio::test]
+async fn a_publish_reply_means_the_publication_is_in_history() {
+    let cluster = Cluster::start(&[]);
+    let db = kinds_db(&cluster).await;
+    let server = Server::start(&wal_config(&db, json!({}))).await;
+    wait_leader(&server).await;
+    let mut open = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO other VALUES (1)")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    let mut c = Client::connected(&server.ws_url()).await;
+    for i in 0..15 {
+        let r = c
+            .call(json!({"publish": {"channel": "news", "data": {"n": i}}}))
+            .await;
+        assert!(r.get("error").is_none(), "{r}");
+        assert_eq!(history(&mut c, "news").await.len(), i + 1, "round {i}");
+    }
+    open.rollback().await.unwrap();
     server.stop().await;
     db.drop_db().await;
 }

@@ -7,6 +7,10 @@
 //! what it holds passes the cap ([`StreamSlice::overflow`]), so a history of large rows never becomes
 //! one large allocation, whatever the count asked for.
 //!
+//! Reads are bounded by the channel's retention ([`Keep`]): a publication beyond the count or the age
+//! the channel keeps is never returned, even before the pruning task has deleted it, so recovery and
+//! `since` answer as if the history had been trimmed at publish time (as Centrifugo's engines do).
+//!
 //! A channel that never had a publication has no row (subscribing writes nothing); its position is
 //! offset 0 in the epoch its first publication will get, `relay.first_epoch(name)`.
 
@@ -14,6 +18,8 @@ use futures_util::TryStreamExt;
 use serde_json::value::RawValue;
 use sqlx::PgPool;
 
+use super::fence;
+use crate::config::RetentionRule;
 use crate::error::Result;
 
 /// One publication read from history.
@@ -50,21 +56,22 @@ impl StoredPublication {
     }
 }
 
-/// The position and the publications of a read. `relay.read_publications` (migration 0009) stops its
-/// scan as soon as the rows' text passes the byte cap ($4), returning the row that crosses it, so
-/// PostgreSQL neither reads nor sends more than the cap plus one row, whatever the count allows.
+/// The position and the publications of a read. `relay.read_history` (migration 0013) stops its scan
+/// as soon as the rows' text passes the byte cap ($4), returning the row that crosses it, so
+/// PostgreSQL neither reads nor sends more than the cap plus one row, whatever the count allows; it
+/// returns nothing older than the channel keeps ($5 offsets, $6 seconds).
 const FORWARD: &str = r#"
 SELECT coalesce(c.epoch, relay.first_epoch($1)), c.top_offset, p."offset", p.data, p.info
 FROM (SELECT 1) AS one
 LEFT JOIN relay.channels c ON c.name = $1
-LEFT JOIN LATERAL relay.read_publications($1, $2, true, $3, $4) p ON true
+LEFT JOIN LATERAL relay.read_history($1, $2, true, $3, $4, $5, $6) p ON true
 ORDER BY p."offset""#;
 
 const BACKWARD: &str = r#"
 SELECT coalesce(c.epoch, relay.first_epoch($1)), c.top_offset, p."offset", p.data, p.info
 FROM (SELECT 1) AS one
 LEFT JOIN relay.channels c ON c.name = $1
-LEFT JOIN LATERAL relay.read_publications($1, $2, false, $3, $4) p ON true
+LEFT JOIN LATERAL relay.read_history($1, $2, false, $3, $4, $5, $6) p ON true
 ORDER BY p."offset" DESC"#;
 
 type Row = (
@@ -78,13 +85,14 @@ type Row = (
 /// Reads the position of `channel` and up to `limit` publications after offset `after` (exclusive),
 /// oldest first; with `reverse`, before offset `before` (exclusive), newest first. The read stops
 /// once the publications held pass `max_bytes` (see [`StreamSlice::overflow`]); what it holds then is
-/// at most `max_bytes` plus one row.
+/// at most `max_bytes` plus one row. Nothing beyond what the channel `keep`s is returned.
 pub async fn read(
     pool: &PgPool,
     channel: &str,
     bound: Bound,
     limit: u32,
     max_bytes: usize,
+    keep: Keep,
 ) -> Result<StreamSlice> {
     let (sql, offset) = match bound {
         Bound::After(o) => (FORWARD, o),
@@ -95,6 +103,8 @@ pub async fn read(
         .bind(i64::try_from(offset).unwrap_or(i64::MAX))
         .bind(i64::from(limit))
         .bind(i64::try_from(max_bytes).unwrap_or(i64::MAX))
+        .bind(i64::try_from(keep.publications).unwrap_or(i64::MAX))
+        .bind(i64::try_from(keep.age_secs).unwrap_or(i64::MAX))
         .fetch(pool);
     let mut slice = StreamSlice::default();
     while let Some((epoch, top, offset, data, info)) = rows.try_next().await? {
@@ -120,6 +130,24 @@ pub async fn read(
     Ok(slice)
 }
 
+/// How much of a channel's history a read may return: its retention rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// The newest this many offsets.
+    pub publications: u64,
+    /// Publications sequenced within this many seconds.
+    pub age_secs: u64,
+}
+
+impl From<&RetentionRule> for Keep {
+    fn from(rule: &RetentionRule) -> Self {
+        Self {
+            publications: rule.max_publications,
+            age_secs: rule.max_age_secs,
+        }
+    }
+}
+
 /// Where a history read starts.
 #[derive(Debug, Clone, Copy)]
 pub enum Bound {
@@ -134,8 +162,9 @@ fn raw(text: String) -> Box<RawValue> {
     RawValue::from_string(text).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
-/// Records a client publication in the changelog and wakes the connectors; it is delivered once the
-/// statement commits, through the same sequencer as table changes.
+/// Records a client publication with `relay.publish()` and returns once it is in the history (or
+/// after [`fence::MAX_WAIT`], see [`fence`]); it is delivered through the same sequencer as table
+/// changes.
 pub async fn publish(pool: &PgPool, channel: &str, data: &RawValue, info: &RawValue) -> Result<()> {
     sqlx::query("SELECT relay.publish($1, $2::text::jsonb, $3::text::jsonb)")
         .bind(channel)
@@ -143,5 +172,6 @@ pub async fn publish(pool: &PgPool, channel: &str, data: &RawValue, info: &RawVa
         .bind(info.get())
         .execute(pool)
         .await?;
+    fence::settle(pool).await;
     Ok(())
 }

@@ -4,9 +4,11 @@
 //! - [`triggers`]: capture triggers generated from the mappings.
 //! - [`stream`]: the task that sequences the changelog and reads new publications for the hub.
 //! - [`history`]: stream positions, history and recovery reads, client publications.
+//! - [`fence`]: read-your-writes, the wait for a write's publication to be sequenced.
 //! - [`tls`]: TLS for the LISTEN connection, with libpq's `sslmode` meanings.
 //! - [`retention`]: the pruning task that keeps each channel's history within its retention rule.
 
+pub mod fence;
 pub mod history;
 pub mod retention;
 pub mod stream;
