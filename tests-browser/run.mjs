@@ -416,7 +416,7 @@ async function scenario(base, proxyBase, proxy, dbUrl, apiKey) {
     });
 
     await check('a second tab of alice is alice too (edit control there)', async () => {
-      const tab = await openChat(browser, base, null, null, A.context);
+      const tab = await openChat(browser, proxyBase, null, null, A.context);
       await waitSignedIn(tab.page);
       await waitText(tab, hello + ' (after reload)');
       const mine = (await shown(tab.page)).find((m) => m.id === helloId);

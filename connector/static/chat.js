@@ -45,6 +45,7 @@
   const state = {
     user: '',
     client: '',
+    tokenError: '', // why the last token request failed
     connState: 'disconnected',
     everConnected: false,
     convs: new Map(), // channel -> conversation
@@ -66,13 +67,15 @@
         body: JSON.stringify({ user: state.user }),
       });
     } catch (e) {
-      throw new Error('the server cannot be reached');
+      throw new Error('the server cannot be reached'); // temporary: the SDK tries again
     }
-    if (r.status === 404) {
-      throw new Centrifuge.UnauthorizedError('sign-in is off on this server (demo.token_endpoint)');
+    if (r.status === 404) state.tokenError = 'sign-in is off on this server (demo.token_endpoint)';
+    else if (!r.ok) state.tokenError = 'sign-in refused: ' + ((await r.text()) || r.status);
+    else {
+      state.tokenError = '';
+      return (await r.json()).token;
     }
-    if (!r.ok) throw new Centrifuge.UnauthorizedError((await r.text()) || ('sign-in failed: ' + r.status));
-    return (await r.json()).token;
+    throw new Centrifuge.UnauthorizedError(state.tokenError);
   }
 
   function signIn(name) {
@@ -144,8 +147,9 @@
       $('banner-text').textContent = 'Connection lost, reconnecting… Messages sent meanwhile will be filled in.';
       again.hidden = true;
       banner.hidden = false;
-    } else if (name === 'disconnected' && state.everConnected) {
-      $('banner-text').textContent = 'Disconnected' + (detail ? ': ' + detail : '') + '. ';
+    } else if (name === 'disconnected') {
+      const why = state.tokenError || detail;
+      $('banner-text').textContent = 'Disconnected' + (why ? ': ' + why : '') + '. ';
       again.hidden = false;
       banner.hidden = false;
     } else if (name === 'connected') {
@@ -388,6 +392,8 @@
     }
     if (atEnd || !list.dataset.shown || list.dataset.shown !== conv.channel) list.scrollTop = list.scrollHeight;
     list.dataset.shown = conv.channel;
+    // Nothing to scroll yet, but older messages exist: load them now.
+    if (conv.hasMore && list.scrollHeight <= list.clientHeight) setTimeout(() => loadOlder(conv), 0);
   }
 
   /** Creates or updates the list item of a row of the active conversation, in seq order. */
