@@ -86,6 +86,7 @@
     $('chat').hidden = false;
     for (const id of ['state', 'me', 'online-toggle', 'nav-toggle']) $(id).hidden = false;
     $('me-name').textContent = name;
+    for (const e of document.querySelectorAll('.me-name')) e.textContent = name;
     centrifuge = new Centrifuge(url, { getToken: fetchToken, minReconnectDelay: 200, maxReconnectDelay: 3000 });
     centrifuge.on('connecting', (ctx) => setState(state.everConnected ? 'reconnecting' : 'connecting', ctx.reason));
     centrifuge.on('connected', (ctx) => {
@@ -769,8 +770,8 @@
     if (conv && !document.hidden) markSeen(conv);
   });
   $('reconnect').addEventListener('click', reconnect);
-  $('sign-out').addEventListener('click', () => signOut(false));
-  $('rename').addEventListener('click', () => signOut(true));
+  for (const b of document.querySelectorAll('#sign-out, [data-action="sign-out"]')) b.addEventListener('click', () => signOut(false));
+  for (const b of document.querySelectorAll('#rename, [data-action="rename"]')) b.addEventListener('click', () => signOut(true));
   $('online-toggle').addEventListener('click', () => {
     const open = $('online').classList.toggle('open');
     $('online-toggle').setAttribute('aria-expanded', String(open));

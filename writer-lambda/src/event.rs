@@ -328,7 +328,10 @@ impl Message {
         Ok(client_id.to_owned())
     }
 
-    pub(crate) fn data_as<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, InvalidMessage> {
+    pub(crate) fn data_as<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<T, InvalidMessage> {
         let data = decode_data(&self.data, self.encoding.as_deref())?;
         serde_json::from_value(data)
             .map_err(|e| InvalidMessage(format!("invalid {name} data: {e}")))

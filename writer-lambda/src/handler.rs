@@ -23,7 +23,8 @@ use sqlx::PgPool;
 use crate::{
     error::{Error, Result},
     event::{Action, Envelope, Message},
-    rooms, store::{self, EditOutcome, InsertOutcome},
+    rooms,
+    store::{self, EditOutcome, InsertOutcome},
 };
 
 /// What every invocation shares: the database pool.
