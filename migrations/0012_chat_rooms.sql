@@ -6,8 +6,10 @@
 --   chat_messages           room:{room_id}                     signed-in users
 --   chat_direct_messages    dm#{user_a},{user_b}               only user_a and user_b (user-limited)
 --   chat_receipts           dm#{user_a},{user_b}               only user_a and user_b (user-limited)
---   chat_conversations      inbox#{user_a} and inbox#{user_b}  only that user (user-limited)
 --
+-- The first message of a pair inserts its chat_conversations row and, in the same transaction, tells
+-- both users on their personal channels (`SELECT relay.notify_users(ARRAY[user_a, user_b], ...)`, on
+-- `notifications#{user}`, user-limited) that the conversation exists.
 -- Authors are users (a token's `sub`): the writer refuses room and direct messages from anonymous
 -- connections, and takes the author from the envelope's identity, never from the message body. The
 -- seed's `chat_data` (channel `incoming-chat`) is unchanged.

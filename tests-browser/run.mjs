@@ -19,7 +19,7 @@
 //   creates a room and writes there: B gets it in the room list with unread 1, General never shows it;
 //   A writes to bob directly: bob is told on his personal channel (unread 1), carol's subscribe to the
 //   pair's channel is refused (103) and she never gets the message; bob opens it and A's message turns
-//   "read" (a chat_receipts row); a 3-day-old message shows its date and a 130-message room loads its
+//   "read" (a chat_receipts row); a backend notice to bob (relay.notify_users) shows on his page only; a 3-day-old message shows its date and a 130-message room loads its
 //   older messages on scroll; screenshots at desktop and phone size; the server API disconnects alice
 //   (terminal): the page stays disconnected and offers Reconnect, which works; change name and sign out.
 //
@@ -489,6 +489,18 @@ async function scenario(base, proxyBase, proxy, dbUrl, apiKey) {
       }, dmId, 'the read receipt');
       const r = psql(dbUrl, "SELECT reader || '/' || msg_id FROM chat_receipts WHERE user_a = 'alice' AND user_b = 'bob'").trim();
       if (r !== `bob/${dmId}`) throw new Error(`chat_receipts has ${JSON.stringify(r)}`);
+    });
+
+    await check('a backend notice to bob (relay.notify_users in SQL) shows on his page only', async () => {
+      const text = `maintenance at noon ${randomBytes(2).toString('hex')}`;
+      psql(dbUrl, `SELECT relay.notify_users(ARRAY['bob'], jsonb_build_object('text', ${q(text)}::text))`);
+      await B.page.waitForFunction((t) => {
+        const n = document.querySelector('#notice');
+        return !n.hidden && n.textContent.includes(t);
+      }, text, { timeout: STEP_MS });
+      await sleep(300);
+      if (!(await A.page.$eval('#notice', (n) => n.hidden))) throw new Error("alice's page shows bob's notice");
+      await B.page.click('#notice-close');
     });
 
     // Dates and history paging.

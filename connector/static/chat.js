@@ -10,7 +10,9 @@
 //   room it knows (recoverable, positioned), so it counts unread messages of the rooms not shown. Each
 //   room has its own history, recovery and presence (join/leave).
 // - Direct messages: rows of chat_direct_messages on `dm#A,B` (A < B), a user-limited channel only A and
-//   B may subscribe to. A new conversation is announced on each party's personal channel `inbox#USER`.
+//   B may subscribe to. The writer announces a new conversation on each party's personal channel
+//   `notifications#USER` ({"type":"conversation",…}); other notices there ({"text":…}, from a backend)
+//   are shown at the top.
 // - Receipts: "sent" once the writer stored the message (its row exists); "read" once the other side's
 //   chat_receipts row (published on the same dm channel) has reached it. The page marks a conversation
 //   read (readMsg) when it shows it.
@@ -108,17 +110,19 @@
     rooms.on('publication', safe((ctx) => onRoomRow(ctx.data)));
     rooms.subscribe();
 
-    const inbox = centrifuge.newSubscription('inbox#' + name, { recoverable: true, positioned: true });
-    inbox.on('subscribed', safe(async () => {
+    // The personal channel: the writer announces new conversations here; a backend may notify too
+    // (server API `broadcast`, or `relay.notify_users()` in SQL), e.g. {"text": "…"}.
+    const personal = centrifuge.newSubscription('notifications#' + name, { recoverable: true, positioned: true });
+    personal.on('subscribed', safe(async () => {
       try {
-        const h = await inbox.history({ limit: 300, reverse: true });
-        for (const p of h.publications.slice().reverse()) onConversationRow(p.data);
+        const h = await personal.history({ limit: 300, reverse: true });
+        for (const p of h.publications.slice().reverse()) onNotification(p.data, false);
       } catch (e) {
         showNavError('Could not load your conversations: ' + describe(e));
       }
     }));
-    inbox.on('publication', safe((ctx) => onConversationRow(ctx.data)));
-    inbox.subscribe();
+    personal.on('publication', safe((ctx) => onNotification(ctx.data, true)));
+    personal.subscribe();
 
     addRoom('general', 'General');
     open(location.hash.startsWith('#room:') && state.convs.has(location.hash.slice(1)) ? location.hash.slice(1) : 'room:general');
@@ -196,10 +200,18 @@
     addRoom(data.row.room_id, data.row.title);
   }
 
-  function onConversationRow(data) {
-    if (!data || data.table !== 'chat_conversations' || !data.row) return;
-    const { user_a: a, user_b: b } = data.row;
-    addDm(a === state.user ? b : a);
+  /** A publication of the personal channel: a new conversation, or a notice to show (live only). */
+  function onNotification(data, live) {
+    if (!data || typeof data !== 'object') return;
+    if (data.type === 'conversation' && typeof data.user_a === 'string' && typeof data.user_b === 'string') {
+      if (data.user_a === state.user || data.user_b === state.user) addDm(data.user_a === state.user ? data.user_b : data.user_a);
+      return;
+    }
+    if (live && typeof data.text === 'string') {
+      const n = $('notice');
+      n.querySelector('span').textContent = data.text.slice(0, 500);
+      n.hidden = false;
+    }
   }
 
   function addRoom(roomId, title) {
@@ -770,6 +782,7 @@
     if (conv && !document.hidden) markSeen(conv);
   });
   $('reconnect').addEventListener('click', reconnect);
+  $('notice-close').addEventListener('click', () => { $('notice').hidden = true; });
   for (const b of document.querySelectorAll('#sign-out, [data-action="sign-out"]')) b.addEventListener('click', () => signOut(false));
   for (const b of document.querySelectorAll('#rename, [data-action="rename"]')) b.addEventListener('click', () => signOut(true));
   $('online-toggle').addEventListener('click', () => {

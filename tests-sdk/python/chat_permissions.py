@@ -146,21 +146,25 @@ async def main() -> None:
                 r = await client.call(method, params)
                 check(f"{client.label} cannot {method} {pair} (error 103)", code(r) == 103, json.dumps(r)[:300])
         # Personal channels: only their user.
-        for client in (a, c, anon):
-            r = await client.call("subscribe", {"channel": f"inbox#{bob}"})
-            check(f"{client.label} cannot subscribe to bob's personal channel", code(r) == 103, json.dumps(r)[:300])
-        r = await b.call("subscribe", {"channel": f"inbox#{bob}"})
+        personal = f"notifications#{bob}"
+        for client in (a, c, anon, comma):
+            for method, params in (("subscribe", {"channel": personal}), ("history", {"channel": personal, "limit": 10})):
+                r = await client.call(method, params)
+                check(f"{client.label} cannot {method} bob's personal channel (error 103)", code(r) == 103,
+                      json.dumps(r)[:300])
+        r = await b.call("subscribe", {"channel": personal})
         check("bob may subscribe to his personal channel", "subscribe" in r, json.dumps(r))
-        h = await b.call("history", {"channel": f"inbox#{bob}", "limit": 10})
-        rows = [p["data"]["row"] for p in (h.get("history") or {}).get("publications", [])]
-        check("bob's personal channel announced the conversation with alice",
-              any({r.get("user_a"), r.get("user_b")} == {alice, bob} and r.get("started_by") == alice for r in rows),
-              json.dumps(rows))
+        h = await b.call("history", {"channel": personal, "limit": 10})
+        notes = [p["data"] for p in (h.get("history") or {}).get("publications", [])]
+        check("bob's personal channel announced the conversation with alice (the writer's notice)",
+              any(n.get("type") == "conversation" and {n.get("user_a"), n.get("user_b")} == {alice, bob}
+                  and n.get("started_by") == alice and n.get("channel") == pair for n in notes),
+              json.dumps(notes))
 
-        # Nobody publishes on table-fed channels, whoever they are.
-        for ch in (pair, f"inbox#{bob}", "room:general", "rooms"):
+        # Nobody publishes on the table-fed channels or on someone's personal channel.
+        for ch in (pair, personal, "room:general", "rooms"):
             r = await a.call("publish", {"channel": ch, "data": {"body": "forged", "sender": bob}})
-            check(f"alice cannot publish on the table-fed channel {ch} (error 103)", code(r) == 103, json.dumps(r))
+            check(f"alice cannot publish on {ch} (error 103)", code(r) == 103, json.dumps(r))
 
         # Publishing as someone else: the author is the connection's user, whatever the data says.
         forged = f"signed bob? {tag}"

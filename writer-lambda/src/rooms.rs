@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `createRoom` | `{roomId, title}` | inserts `chat_rooms` (an existing room is `duplicate`) |
 //! | `roomMsg` | `{roomId, content}` | inserts `chat_messages` (the room must exist) |
-//! | `directMsg` | `{to, content}` | inserts `chat_conversations` for the pair when new, then `chat_direct_messages` |
+//! | `directMsg` | `{to, content}` | inserts `chat_conversations` for the pair when new (and tells both users on their personal channels), then `chat_direct_messages` |
 //! | `editMsg` | `{msgId, content}` | updates the author's row of `chat_messages` or `chat_direct_messages` |
 //! | `readMsg` | `{msgId}` | moves the reader's `chat_receipts` row forward to that direct message |
 //!
@@ -334,7 +334,7 @@ pub async fn apply(pool: &PgPool, action: &ChatAction) -> Result<Outcome, sqlx::
                 Outcome::Rejected("a direct message needs another user".into())
             } else {
                 let (a, b) = pair(user, to);
-                sqlx::query(
+                let new = sqlx::query(
                     "INSERT INTO chat_conversations (user_a, user_b, started_by) VALUES ($1, $2, $3) \
                      ON CONFLICT (user_a, user_b) DO NOTHING",
                 )
@@ -342,7 +342,25 @@ pub async fn apply(pool: &PgPool, action: &ChatAction) -> Result<Outcome, sqlx::
                 .bind(&b)
                 .bind(user)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
+                if new == 1 {
+                    // Both users learn of the conversation on their personal channels
+                    // (`notifications#{user}`), delivered if and only if this transaction commits.
+                    let notice = serde_json::json!({
+                        "type": "conversation",
+                        "channel": format!("dm#{a},{b}"),
+                        "user_a": a,
+                        "user_b": b,
+                        "started_by": user,
+                    });
+                    sqlx::query("SELECT relay.notify_users(ARRAY[$1, $2], $3::jsonb)")
+                        .bind(&a)
+                        .bind(&b)
+                        .bind(notice.to_string())
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 let n = sqlx::query(
                     "INSERT INTO chat_direct_messages \
                      (msg_id, user_a, user_b, sender, recipient, body, created_at_ms) \

@@ -182,6 +182,16 @@ async fn direct_messages_conversations_and_receipts(pool: PgPool) {
         .await,
         Some("alice,bob|bob".into())
     );
+    // Both users were told once, on their personal channels, in the writer's transaction.
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT string_agg(channel || '=' || (data->>'channel') || '/' || (data->>'started_by'), ' ' \
+             ORDER BY channel) FROM relay.changelog WHERE channel LIKE 'notifications#%'"
+        )
+        .await,
+        Some("notifications#alice=dm#alice,bob/bob notifications#bob=dm#alice,bob/bob".into())
+    );
     assert_eq!(
         scalar(
             &pool,
