@@ -447,6 +447,25 @@ async function scenario(base, proxyBase, proxy, dbUrl, apiKey) {
       await waitOnline(B, 'alice', true);
     });
 
+    await check('a send the writer refuses stays on the page, marked with its reason at once', async () => {
+      // A room the page knows but the database does not: the writer answers 420 "there is no room".
+      await A.page.evaluate(() => window.chat.open(window.chat.addRoom('ghost', 'Ghost').channel));
+      await A.page.fill('#message', 'into the void');
+      const t0 = Date.now();
+      await A.page.click('#send');
+      await A.page.waitForSelector('#messages li.pending.failed', { timeout: STEP_MS });
+      const ms = Date.now() - t0;
+      const mark = await A.page.$eval('#messages li.pending.failed .refused', (e) => e.textContent);
+      if (!mark.startsWith('Not sent: message refused: ') || !mark.includes('no room')) {
+        throw new Error(`the mark ${JSON.stringify(mark)} is not the writer's answer`);
+      }
+      const err = await A.page.$eval('#error', (e) => (e.hidden ? '' : e.textContent));
+      if (err !== mark) throw new Error(`the error line says ${JSON.stringify(err)}`);
+      const stored = psql(dbUrl, "SELECT count(*) FROM chat_messages WHERE body = 'into the void'").trim();
+      if (stored !== '0') throw new Error(`${stored} rows stored`);
+      return `${JSON.stringify(mark)} after ${ms} ms`;
+    });
+
     // Direct messages.
     const C = await openChat(browser, base, 'carol');
     pages.push(C);

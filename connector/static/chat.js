@@ -735,12 +735,26 @@
     }
     const button = $('send');
     button.disabled = true;
+    // Shown at once as "sending…", until the writer answers: then the row (with "sent") replaces it,
+    // or it stays with the writer's refusal.
+    const pending = el('li', 'pending mine');
+    const meta = el('div', 'meta');
+    meta.append(el('span', 'author', state.user), el('span', 'receipt', 'sending…'));
+    pending.append(meta, el('div', 'text', content));
+    const list = $('messages');
+    list.append(pending);
+    list.scrollTop = list.scrollHeight;
     try {
       await send(content);
+      pending.remove();
       input.value = '';
       showError('');
     } catch (e) {
-      showError(refusal('Not sent: message', e));
+      const why = refusal('Not sent: message', e);
+      pending.classList.add('failed');
+      pending.querySelector('.receipt').textContent = 'not sent';
+      pending.append(el('div', 'refused', why));
+      showError(why);
     } finally {
       button.disabled = state.connState !== 'connected';
       input.focus();
