@@ -13,7 +13,7 @@ For one run this orchestrator:
 and prints `N passed, N failed` (scenario checks plus its own) as its last line. Exit code 0 only when
 nothing failed. Logs, configs and wire frames of each run are kept in artifacts/sdk-tests/<database>/.
 
-Usage: tests-sdk/run.py [--only node|python] [--bin-dir DIR] [--keep-db]
+Usage: tests-sdk/run.py [--only node|python|chat] [--bin-dir DIR] [--keep-db]
 """
 
 from __future__ import annotations
@@ -430,6 +430,11 @@ COMMIT;
                     # The server API with cent, presence, notifications, relay.publish transactions.
                     self.scenario("python-api", [str(py if py.exists() else sys.executable), "api_scenario.py"],
                                   HERE / "python")
+                if only in (None, "python", "chat"):
+                    py = HERE / ".venv" / "bin" / "python"
+                    # The chat's rooms and direct messages: permissions, with raw protocol clients.
+                    self.scenario("chat-permissions", [str(py if py.exists() else sys.executable), "chat_permissions.py"],
+                                  HERE / "python")
         except KeyboardInterrupt:
             self.results.fail("run", "interrupted")
         finally:
@@ -444,7 +449,7 @@ COMMIT;
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["node", "python"], help="run one SDK's scenario")
+    parser.add_argument("--only", choices=["node", "python", "chat"], help="run one SDK's scenarios, or only the chat permissions")
     parser.add_argument("--bin-dir", default=str(ROOT / "target" / "debug"), help="where connector and writer-lambda are")
     parser.add_argument("--keep-db", action="store_true", help="do not drop the database (for debugging)")
     args = parser.parse_args()

@@ -25,7 +25,7 @@ async fn the_chat_page_and_its_assets_are_served() {
     assert!(html.contains("/static/centrifuge-5.8.0.js") && html.contains("/static/chat.js"));
 
     for (path, kind, needle) in [
-        ("/static/chat.js", "text/javascript", "incoming-chat"),
+        ("/static/chat.js", "text/javascript", "outgoing-chat"),
         ("/static/chat.css", "text/css", ".msg"),
         (
             "/static/centrifuge-5.8.0.js",

@@ -223,6 +223,8 @@ pub enum Action {
     Insert(NewChatMessage),
     /// `editedMsg`: update the author's row.
     Edit(EditChatMessage),
+    /// A room, direct-message or receipt message (see [`crate::rooms`]).
+    Chat(crate::rooms::ChatAction),
     /// Any other name (or none): nothing to do.
     Skip,
 }
@@ -310,11 +312,14 @@ impl Message {
                     client_kind,
                 }))
             }
+            Some(name) if crate::rooms::handles(name) => {
+                crate::rooms::parse(self, name).map(Action::Chat)
+            }
             _ => Ok(Action::Skip),
         }
     }
 
-    fn client_id(&self) -> Result<String, InvalidMessage> {
+    pub(crate) fn client_id(&self) -> Result<String, InvalidMessage> {
         let client_id = self
             .client_id
             .as_deref()
@@ -323,7 +328,10 @@ impl Message {
         Ok(client_id.to_owned())
     }
 
-    fn data_as<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T, InvalidMessage> {
+    pub(crate) fn data_as<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<T, InvalidMessage> {
         let data = decode_data(&self.data, self.encoding.as_deref())?;
         serde_json::from_value(data)
             .map_err(|e| InvalidMessage(format!("invalid {name} data: {e}")))
@@ -408,7 +416,7 @@ fn parse_json(bytes: &[u8]) -> Result<Value, InvalidMessage> {
 }
 
 /// Checks a text field: not empty, at most `max` bytes, no NUL character.
-fn check_text(field: &str, value: &str, max: usize) -> Result<(), InvalidMessage> {
+pub(crate) fn check_text(field: &str, value: &str, max: usize) -> Result<(), InvalidMessage> {
     if value.is_empty() {
         return Err(InvalidMessage(format!("{field} must not be empty")));
     }

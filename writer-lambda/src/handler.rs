@@ -23,6 +23,7 @@ use sqlx::PgPool;
 use crate::{
     error::{Error, Result},
     event::{Action, Envelope, Message},
+    rooms,
     store::{self, EditOutcome, InsertOutcome},
 };
 
@@ -166,6 +167,15 @@ async fn apply(state: &State, index: usize, raw: Value) -> Result<MessageResult>
                 Status::Duplicate,
                 Some("a chat_data row with this msg_id already exists".to_owned()),
             ),
+        },
+        Action::Chat(chat) => match rooms::apply(&state.pool, &chat)
+            .await
+            .map_err(database_error)?
+        {
+            rooms::Outcome::Inserted => (Status::Inserted, None),
+            rooms::Outcome::Updated => (Status::Updated, None),
+            rooms::Outcome::Duplicate(reason) => (Status::Duplicate, Some(reason)),
+            rooms::Outcome::Rejected(reason) => (Status::Rejected, Some(reason)),
         },
         Action::Edit(edit) => match store::edit_message(&state.pool, &edit)
             .await

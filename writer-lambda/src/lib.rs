@@ -14,6 +14,7 @@
 //! - [`config`]: environment variables, the pool.
 //! - [`event`]: the envelope, message parsing and `data` decoding, input limits.
 //! - [`handler`]: one invocation: [`handler::State`], [`handler::handle`], the result format.
+//! - [`rooms`]: rooms, direct messages, read receipts (parsing and SQL).
 //! - [`store`]: the SQL, one transaction per message, idempotent on message id.
 //! - [`error`]: [`Error`], with whether a retry can help.
 //! - [`lambda`]: the `lambda_runtime` mode.
@@ -27,6 +28,8 @@
 //! - `editedMsg`, data `{username, content, msgIdToEdit}`: sets `msg_data`, `is_edited = true`,
 //!   `updated_at = now()` on row `msgIdToEdit` only if its `client_kind` and `client_id` are the
 //!   sender's (see [`event`]: the same id in another namespace is another author).
+//! - `createRoom`, `roomMsg`, `directMsg`, `editMsg`, `readMsg`: the chat page's rooms, direct messages
+//!   and read receipts, for signed-in users only (see [`rooms`]).
 //! - any other name: skipped.
 //!
 //! The result is `{"results": [{"index", "id", "name", "status", "reason"?}]}` with status `inserted`,
@@ -41,6 +44,7 @@ pub mod event;
 pub mod handler;
 pub mod lambda;
 pub mod local;
+pub mod rooms;
 pub mod shutdown;
 pub mod store;
 
