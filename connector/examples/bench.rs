@@ -14,6 +14,11 @@
 //! 3. `longtx`: the documented cost of the xid8 horizon: rows committed while another transaction
 //!    that holds an xid stays open are delivered only when it ends.
 //!
+//! Every part runs per capture mode (`--capture trigger,wal`, both by default): `trigger` on the server
+//! of `DATABASE_URL`; `wal` on a throwaway cluster with `wal_level = logical` (initdb + pg_ctl, as the
+//! tests' `support/cluster.rs`), where the write part compares, interleaved on that one server, bare
+//! INSERTs, the whole system in `wal` mode and the whole system in `trigger` mode (same `wal_level`).
+//!
 //! `--quick` is a short smoke run; `--only write,latency,longtx`, `--secs`, `--reps`, `--lat-reps`
 //! and `--rates` narrow or stretch it. The machine it was written for is small and shared, so every
 //! comparison is made within one run: configurations are interleaved in a fresh random order in every
@@ -22,6 +27,10 @@
 // A benchmark prints its report by design, and is a tool rather than library code: panicking on an
 // impossible state (a poisoned lock) is fine here.
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
+
+#[path = "../tests/support/cluster.rs"]
+#[allow(dead_code, clippy::expect_used, clippy::panic)]
+mod cluster;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -118,6 +127,47 @@ struct Opts {
     lat_secs: f64,
     /// How long the long transactions stay open.
     hold: Duration,
+    /// Capture modes to measure, in order.
+    modes: Vec<Mode>,
+}
+
+/// The capture mode a part runs in, and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Triggers + sequencer, on the server of `DATABASE_URL`.
+    Trigger,
+    /// Logical replication, on a throwaway `wal_level = logical` cluster.
+    Wal,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Trigger => "trigger",
+            Self::Wal => "wal",
+        }
+    }
+}
+
+/// Where the parts being run create their databases, and the capture mode their connectors use.
+struct Target {
+    admin_url: String,
+    mode: Mode,
+}
+
+static TARGET: Mutex<Option<Target>> = Mutex::new(None);
+
+/// Points the following parts at `admin_url`, with connectors in `mode`.
+fn set_target(admin_url: String, mode: Mode) {
+    *TARGET.lock().unwrap() = Some(Target { admin_url, mode });
+}
+
+fn current_mode() -> Mode {
+    TARGET
+        .lock()
+        .unwrap()
+        .as_ref()
+        .map_or(Mode::Trigger, |t| t.mode)
 }
 
 impl Opts {
@@ -130,6 +180,7 @@ impl Opts {
         let mut lat_reps = None;
         let mut rates = None;
         let mut subscribers = None;
+        let mut modes = None;
         while let Some(a) = args.next() {
             let mut value =
                 |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -146,6 +197,19 @@ impl Opts {
                 "--secs" => secs = Some(value("--secs")?.parse::<f64>()?),
                 "--reps" => reps = Some(value("--reps")?.parse::<usize>()?),
                 "--lat-reps" => lat_reps = Some(value("--lat-reps")?.parse::<usize>()?),
+                "--capture" => {
+                    let mut m = Vec::new();
+                    for name in value("--capture")?.split(',') {
+                        m.push(match name {
+                            "trigger" => Mode::Trigger,
+                            "wal" => Mode::Wal,
+                            other => {
+                                bail!("unknown capture mode {other:?} (expected trigger, wal)")
+                            }
+                        });
+                    }
+                    modes = Some(m);
+                }
                 "--subscribers" => {
                     subscribers = Some(value("--subscribers")?.parse::<usize>()?);
                 }
@@ -159,7 +223,7 @@ impl Opts {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--lat-reps N] [--rates R1,R2,..] [--subscribers N]"
+                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--lat-reps N] [--rates R1,R2,..] [--subscribers N] [--capture trigger,wal]"
                     );
                     std::process::exit(0);
                 }
@@ -195,6 +259,7 @@ impl Opts {
             subscribers: subscribers.unwrap_or(if quick { 10 } else { 100 }).max(1),
             lat_secs,
             hold,
+            modes: modes.unwrap_or_else(|| vec![Mode::Trigger, Mode::Wal]),
         })
     }
 
@@ -206,6 +271,14 @@ impl Opts {
 // ---- databases, connector, client -----------------------------------------------------------------
 
 fn admin_url() -> String {
+    if let Some(t) = TARGET.lock().unwrap().as_ref() {
+        return t.admin_url.clone();
+    }
+    shared_url()
+}
+
+/// The shared server's admin URL (`DATABASE_URL`).
+fn shared_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
@@ -275,8 +348,9 @@ async fn connect(url: &str) -> Result<PgConnection> {
     Ok(opts.disable_statement_logging().connect().await?)
 }
 
-fn config_json(db_url: &str) -> String {
+fn config_json(db_url: &str, mode: Mode) -> String {
     json!({
+        "capture": {"mode": mode.name(), "heartbeat_secs": 1},
         "listen": "127.0.0.1:0",
         "database": {"url": db_url, "pool_size": 4},
         "stream": {"poll_interval_ms": 250, "batch_size": 1000},
@@ -297,7 +371,12 @@ struct Relay {
 
 impl Relay {
     async fn start(db_url: &str) -> Result<Self> {
-        let config = connector::Config::from_json(&config_json(db_url))?;
+        Self::start_in(db_url, current_mode()).await
+    }
+
+    /// Starts a connector in capture `mode`; in `wal` mode, returns once it leads the slot.
+    async fn start_in(db_url: &str, mode: Mode) -> Result<Self> {
+        let config = connector::Config::from_json(&config_json(db_url, mode))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -309,7 +388,11 @@ impl Relay {
             if let Ok(r) = reqwest::get(&url).await
                 && r.status().is_success()
             {
-                return Ok(Self { addr, stop, task });
+                let relay = Self { addr, stop, task };
+                if mode == Mode::Wal {
+                    relay.wait_leader().await?;
+                }
+                return Ok(relay);
             }
             if task.is_finished() {
                 break;
@@ -329,6 +412,30 @@ impl Relay {
             .context("connector did not stop")???;
         Ok(())
     }
+
+    /// Waits until this connector leads the `wal` capture (its metric says so).
+    async fn wait_leader(&self) -> Result<()> {
+        let url = format!("http://{}/metrics", self.addr);
+        for _ in 0..600 {
+            let text = reqwest::get(&url).await?.text().await?;
+            if text.lines().any(|l| l.trim() == "relay_wal_leader 1") {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("the connector did not take the wal leadership within 30 s")
+    }
+}
+
+/// Forgets the `wal` capture's slot and position, so the next connector starts from the current WAL
+/// instead of decoding what was written while none ran (the baseline runs of the write part).
+async fn reset_wal(db: &BenchDb) -> Result<()> {
+    db.exec(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+          WHERE database = current_database() AND active_pid IS NULL;
+         UPDATE relay.wal_state SET slot_name = NULL, lsn = NULL;",
+    )
+    .await
 }
 
 /// Deliveries seen by a receiver (WebSocket client or LISTEN connection): message id and arrival.
@@ -546,6 +653,8 @@ enum WriteCfg {
     TriggerWithConnectorNotifyAll,
     /// (d/e) Algorithm B: per-channel counter row locked to commit.
     AlgB { channels: u32, wake: bool },
+    /// (w) no trigger, while a connector in `wal` mode decodes the slot and writes the history.
+    WalWithConnector,
 }
 
 impl WriteCfg {
@@ -573,9 +682,23 @@ impl WriteCfg {
         },
     ];
 
+    /// What the write part compares in `mode`: on the `wal` cluster, bare INSERTs and the whole
+    /// system in each mode, on one server with one `wal_level`.
+    fn for_mode(mode: Mode) -> &'static [WriteCfg] {
+        match mode {
+            Mode::Trigger => &Self::ALL,
+            Mode::Wal => &[
+                WriteCfg::Baseline,
+                WriteCfg::WalWithConnector,
+                WriteCfg::TriggerWithConnector,
+            ],
+        }
+    }
+
     fn label(self) -> String {
         match self {
             Self::Baseline => "(a)  no trigger (baseline)".into(),
+            Self::WalWithConnector => "(w)  wal + connector (as shipped)".into(),
             Self::Trigger => "(b)  relay trigger: changelog + wake()".into(),
             Self::TriggerNoWake => "(c)  relay trigger, wake() no-op".into(),
             Self::TriggerWithConnector => "(b') trigger + connector (as shipped)".into(),
@@ -634,9 +757,15 @@ async fn apply(
             connector::db::triggers::sync(&db.pool, mappings, None).await?;
             db.exec(WAKE_NOOP).await?;
         }
-        WriteCfg::TriggerWithConnector => return Ok(Some(Relay::start(&db.url).await?)),
+        WriteCfg::TriggerWithConnector => {
+            return Ok(Some(Relay::start_in(&db.url, Mode::Trigger).await?));
+        }
+        WriteCfg::WalWithConnector => {
+            reset_wal(db).await?;
+            return Ok(Some(Relay::start_in(&db.url, Mode::Wal).await?));
+        }
         WriteCfg::TriggerWithConnectorNotifyAll => {
-            let relay = Relay::start(&db.url).await?;
+            let relay = Relay::start_in(&db.url, Mode::Trigger).await?;
             db.exec(&format!(
                 "ALTER DATABASE {} SET relay.writer_notify = 'on'",
                 db.name
@@ -767,16 +896,17 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
             .fetch_one(&db.pool)
             .await?;
     db.exec(ALGORITHM_B).await?;
-    let config = connector::Config::from_json(&config_json(&db.url))?;
+    let config = connector::Config::from_json(&config_json(&db.url, Mode::Trigger))?;
+    let cfgs = WriteCfg::for_mode(current_mode());
     let mut results: HashMap<(usize, i32, bool), Vec<WriteRun>> = HashMap::new();
     let mut run = 0;
     for rep in 0..opts.reps {
         for sync in [true, false] {
             for rows in [1, 10] {
-                let mut order: Vec<usize> = (0..WriteCfg::ALL.len()).collect();
+                let mut order: Vec<usize> = (0..cfgs.len()).collect();
                 order.shuffle(&mut rand::rng());
                 for i in order {
-                    let cfg = WriteCfg::ALL[i];
+                    let cfg = cfgs[i];
                     run += 1;
                     let relay = apply(db, cfg, &wake_sql, &config.mappings).await?;
                     let r = write_run(db, cfg, rows, sync, opts.secs, run).await;
@@ -806,7 +936,7 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
             };
             let base_c = med(0, |r| r.commits_per_s);
             let mut out = Vec::new();
-            for (i, cfg) in WriteCfg::ALL.iter().enumerate() {
+            for (i, cfg) in cfgs.iter().enumerate() {
                 let c = med(i, |r| r.commits_per_s);
                 let rs = med(i, |r| r.rows_per_s);
                 let runs = &results[&(i, rows, sync)];
@@ -1485,14 +1615,40 @@ async fn main() -> Result<()> {
     if opts.quick {
         println!("(--quick: a smoke run; the figures are not for publication)");
     }
-    if opts.wants("write") {
-        write_part(&opts).await?;
-    }
-    if opts.wants("latency") {
-        latency_part(&opts).await?;
-    }
-    if opts.wants("longtx") {
-        longtx_part(&opts).await?;
+    for &mode in &opts.modes {
+        // The wal cluster lives as long as its parts run (stopped and removed on drop).
+        let cluster = match mode {
+            Mode::Trigger => {
+                set_target(shared_url(), mode);
+                None
+            }
+            Mode::Wal => {
+                let c = tokio::task::spawn_blocking(|| cluster::Cluster::start(&[])).await?;
+                set_target(c.url("postgres"), mode);
+                Some(c)
+            }
+        };
+        println!(
+            "\n# Capture mode `{}`{}",
+            mode.name(),
+            match &cluster {
+                Some(c) => format!(
+                    " (a throwaway wal_level = logical cluster on port {}, default settings)",
+                    c.port
+                ),
+                None => " (the server of DATABASE_URL)".into(),
+            }
+        );
+        if opts.wants("write") {
+            write_part(&opts).await?;
+        }
+        if opts.wants("latency") {
+            latency_part(&opts).await?;
+        }
+        if opts.wants("longtx") {
+            longtx_part(&opts).await?;
+        }
+        drop(cluster);
     }
     println!(
         "\ntotal time {:.0} s; CPU pressure (PSI some, avg60) {} at the end; loadavg {}",
