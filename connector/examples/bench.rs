@@ -8,7 +8,9 @@
 //!    trigger with `relay.wake()` made a no-op (isolates the NOTIFY commit lock); the trigger while a
 //!    connector sequences the changelog; and "Algorithm B" (a per-channel counter row locked to commit
 //!    by each writer), on 1 channel and on 64, with and without the wake-up. Interleaved repetitions,
-//!    medians, ratios to the baseline.
+//!    medians, ratios to the baseline. With a connector running, `drain s` is how long after the
+//!    writers stop every row written is in the history (a connector that falls behind would make
+//!    the writers' figure look better than it is).
 //! 2. `latency`: commit-return → WebSocket-receive time through a real connector (in this process),
 //!    at fixed rates from 4 writers, against raw LISTEN/NOTIFY (the same rates, the same server).
 //! 3. `longtx`: the documented cost of the xid8 horizon: rows committed while another transaction
@@ -722,6 +724,26 @@ struct WriteRun {
     p50_us: u64,
     p99_us: u64,
     retries: u64,
+    /// With a connector: seconds from the writers' end until every row written is in the history
+    /// (a connector that falls behind makes the writers' figure look better than it is).
+    drain_s: Option<f64>,
+}
+
+/// Waits until every `chat_data` row is in the history; returns how long that took (at most 60 s).
+async fn drain(db: &BenchDb) -> Result<f64> {
+    let t = Instant::now();
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM chat_data")
+        .fetch_one(&db.pool)
+        .await?;
+    loop {
+        let sequenced: i64 = sqlx::query_scalar("SELECT count(*) FROM relay.publications")
+            .fetch_one(&db.pool)
+            .await?;
+        if sequenced >= written || t.elapsed() > Duration::from_secs(60) {
+            return Ok(t.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Puts the database in configuration `cfg`, from a clean state; returns the connector it started.
@@ -872,6 +894,7 @@ async fn write_run(
         p50_us: pct(&lat, 50.0),
         p99_us: pct(&lat, 99.0),
         retries,
+        drain_s: None,
     })
 }
 
@@ -909,8 +932,11 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                     let cfg = cfgs[i];
                     run += 1;
                     let relay = apply(db, cfg, &wake_sql, &config.mappings).await?;
-                    let r = write_run(db, cfg, rows, sync, opts.secs, run).await;
+                    let mut r = write_run(db, cfg, rows, sync, opts.secs, run).await;
                     if let Some(relay) = relay {
+                        if let Ok(run) = &mut r {
+                            run.drain_s = Some(drain(db).await?);
+                        }
                         relay.stop().await?;
                     }
                     let r = r?;
@@ -955,6 +981,14 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                         runs.iter().map(|r| r.commits_per_s).fold(0.0, f64::max)
                     ),
                     runs.iter().map(|r| r.retries).sum::<u64>().to_string(),
+                    {
+                        let d: Vec<f64> = runs.iter().filter_map(|r| r.drain_s).collect();
+                        if d.is_empty() {
+                            "-".into()
+                        } else {
+                            format!("{:.2}", median(&d))
+                        }
+                    },
                 ]);
             }
             println!(
@@ -971,6 +1005,7 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                     "p99 ms",
                     "commits/s range",
                     "retries",
+                    "drain s",
                 ],
                 &out,
             );
