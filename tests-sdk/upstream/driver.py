@@ -26,6 +26,7 @@ CASE_ID is the test id, with the subtest's parameters in brackets for subtests.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -181,15 +182,41 @@ class Result(unittest.TestResult):
             self._case(test, outcome, describe(err), params=params)
 
 
-def announce_subtests() -> None:
-    """Emits each subtest's parameters as it begins, so that a hung one can be named by the runner."""
+def announce_subtests(timeout: float) -> None:
+    """Emits each subtest's parameters as it begins (so that the runner can name a hung one), and gives
+    each subtest of an async test `timeout` seconds: then its task is cancelled and the subtest fails
+    with "timed out", and the test goes on with its next subtest (upstream's tests await futures
+    without a deadline, so a missing push would otherwise hang the whole test)."""
     original = unittest.TestCase.subTest
 
     @contextlib.contextmanager
     def sub_test(self, msg=unittest.case._subtest_msg_sentinel, **params):  # noqa: ANN001
         emit({"event": "subtest", "test": method_id(self), "case": case_id(self, params or {"subtest": msg})})
         with original(self, msg, **params):
-            yield
+            try:
+                task = asyncio.current_task()
+            except RuntimeError:  # no running loop: a synchronous test
+                task = None
+            fired: list[bool] = []
+            handle = None
+            if task is not None:
+                def expire() -> None:
+                    fired.append(True)
+                    task.cancel()
+
+                handle = asyncio.get_running_loop().call_later(timeout, expire)
+            try:
+                yield
+            except asyncio.CancelledError:
+                if not fired:
+                    raise
+                if hasattr(task, "uncancel"):
+                    task.uncancel()
+                raise self.failureException(
+                    f"subtest timed out after {timeout:.0f} s (cancelled by the harness)") from None
+            finally:
+                if handle is not None:
+                    handle.cancel()
 
     unittest.TestCase.subTest = sub_test
 
@@ -211,6 +238,7 @@ def main() -> int:
     parser.add_argument("--relay-ws", required=True)
     parser.add_argument("--relay-http", required=True)
     parser.add_argument("--skip", required=True, help="JSON file: test ids not to run")
+    parser.add_argument("--subtest-timeout", type=float, default=10.0, help="seconds per subtest")
     parser.add_argument("--list", action="store_true", help="print the module's test ids and exit")
     args = parser.parse_args()
     secret = sys.stdin.readline().strip()  # the relay's HMAC key: never on the command line
@@ -237,7 +265,7 @@ def main() -> int:
             emit({"event": "test", "test": method_id(t)})
         return 0
     bind(args.relay_ws, args.relay_http, secret, counter)
-    announce_subtests()
+    announce_subtests(args.subtest_timeout)
     with open(args.skip) as fh:
         skip = set(json.load(fh))
     suite = unittest.TestSuite(t for t in tests if method_id(t) not in skip)
