@@ -46,8 +46,12 @@ BEGIN
 END
 $$;
 
--- relay.read_publications (migration 0009) bounded by the channel's retention: only the newest
--- `keep_count` offsets, and only publications sequenced within the last `keep_secs` seconds.
+-- The history read of the connector: relay.read_publications (migration 0009, which it replaces)
+-- bounded by the channel's retention: only the newest `keep_count` offsets, and only publications
+-- sequenced within the last `keep_secs` seconds. The two directions are two loops so that each
+-- scans the (channel, offset) index in its own order and stops at the byte cap.
+DROP FUNCTION relay.read_publications(text, bigint, boolean, bigint, bigint);
+
 CREATE FUNCTION relay.read_history(
     channel_name text, from_offset bigint, forward boolean, max_rows bigint, max_bytes bigint,
     keep_count bigint, keep_secs bigint

@@ -16,15 +16,7 @@ const KEY: &str = "test-api-key-0123456789";
 const SECRET: &str = "api-test-secret-api-test-secret-0123";
 
 async fn api(server: &Server, method: &str, params: Value) -> Value {
-    let r = reqwest::Client::new()
-        .post(format!("http://{}/api/{method}", server.addr))
-        .header("X-API-Key", KEY)
-        .json(&params)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    server.api(KEY, method, params).await
 }
 
 /// A fake writer that records the envelopes of a rule.

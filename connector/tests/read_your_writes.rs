@@ -20,15 +20,7 @@ const KEY: &str = "ryw-test-api-key-0123456789";
 const ROUNDS: usize = 15;
 
 async fn api(server: &Server, method: &str, params: Value) -> Value {
-    let r = reqwest::Client::new()
-        .post(format!("http://{}/api/{method}", server.addr))
-        .header("X-API-Key", KEY)
-        .json(&params)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    server.api(KEY, method, params).await
 }
 
 /// The offsets of a channel's whole history, read with a client.

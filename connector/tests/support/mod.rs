@@ -161,6 +161,19 @@ impl Server {
             .unwrap()
     }
 
+    /// Calls server API `method` with `key`; the answer must be HTTP 200.
+    pub async fn api(&self, key: &str, method: &str, params: Value) -> Value {
+        let r = reqwest::Client::new()
+            .post(format!("http://{}/api/{method}", self.addr))
+            .header("X-API-Key", key)
+            .json(&params)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://{}/connection/websocket", self.addr)
     }
