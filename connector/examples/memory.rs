@@ -319,7 +319,7 @@ async fn run_one(
 }
 
 /// The size of the future an async fn returns, without calling it.
-fn future_size<A, B, C, F: FnOnce(A, B, C) -> Fut, Fut>(_: F) -> usize {
+fn future_size<A, B, C, D, F: FnOnce(A, B, C, D) -> Fut, Fut>(_: F) -> usize {
     std::mem::size_of::<Fut>()
 }
 

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, SplitSink};
 use futures_util::{SinkExt, StreamExt};
@@ -34,10 +35,10 @@ use relay_protocol::command::{
     SubRefreshRequest, SubscribeRequest,
 };
 use relay_protocol::reply::{
-    self, ClientInfo, ConnectResult, Empty, HistoryResult, Publication, RefreshResult,
-    SubRefreshResult, SubscribeResult,
+    self, ClientInfo, ConnectResult, Encoding, HistoryResult, Publication, Push, RefreshResult,
+    Reply, ReplyBody, SubRefreshResult, SubscribeResult,
 };
-use relay_protocol::{Command, Disconnect, ErrorCode, ReplyError, Request};
+use relay_protocol::{Command, CommandError, Disconnect, ErrorCode, ReplyError, Request, pb};
 
 use crate::auth::{self, ConnectError, Identity, Op, SubscriptionError};
 use crate::db::history::{self, Bound, StoredPublication};
@@ -111,16 +112,26 @@ struct Session {
     slow: CancellationToken,
     /// Bytes waiting in the mailbox (shared with the hub, which refuses more than the limit).
     queued: Arc<AtomicUsize>,
-    pending: FuturesUnordered<BoxFuture<'static, String>>,
+    pending: FuturesUnordered<BoxFuture<'static, Reply<'static>>>,
     pong_deadline: Option<Instant>,
     /// Fired by a server-API `disconnect` order (registered at `connect`).
     kick: Option<Arc<crate::presence::Kick>>,
+    /// JSON or Protobuf, chosen at the upgrade: every message in and out uses it.
+    encoding: Encoding,
 }
+
+/// Encoded messages (replies, pushes) waiting to be joined into one frame.
+type Out = Vec<Vec<u8>>;
 
 type Sink = SplitSink<WebSocket, Message>;
 
-/// Serves one upgraded WebSocket, from the client at `ip`, until it closes.
-pub async fn serve(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAddr) {
+/// Serves one upgraded WebSocket, from the client at `ip`, in `encoding`, until it closes.
+pub async fn serve(
+    socket: WebSocket,
+    state: Arc<AppState>,
+    ip: std::net::IpAddr,
+    encoding: Encoding,
+) {
     let (mailbox, inbox) = mpsc::channel(state.config.client.outbound_queue);
     let mut session = Session {
         id: state.hub.next_session_id(),
@@ -146,6 +157,7 @@ pub async fn serve(socket: WebSocket, state: Arc<AppState>, ip: std::net::IpAddr
         pending: FuturesUnordered::new(),
         pong_deadline: None,
         kick: None,
+        encoding,
         state,
     };
     session
@@ -219,20 +231,21 @@ impl Session {
                 _ = expiry => {
                     let mut out = Vec::new();
                     let flow = self.expire(&mut out);
-                    if !out.is_empty() && send_lines(&mut sink, &out, write_timeout).await.is_err() {
+                    if !out.is_empty() && send_lines(&mut sink, self.encoding, &out, write_timeout).await.is_err() {
                         break None;
                     }
                     if let Flow::Close(d) = flow {
                         break Some(code(d));
                     }
                 }
-                Some(line) = self.pending.next(), if !self.pending.is_empty() => {
-                    if send_lines(&mut sink, &[line], write_timeout).await.is_err() {
+                Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
+                    let line = reply.encode(self.encoding);
+                    if send_lines(&mut sink, self.encoding, &[line], write_timeout).await.is_err() {
                         break None;
                     }
                 }
                 _ = ping.tick() => {
-                    if send_lines(&mut sink, &[reply::PING.to_owned()], write_timeout).await.is_err() {
+                    if send_lines(&mut sink, self.encoding, &[self.encoding.ping()], write_timeout).await.is_err() {
                         break None;
                     }
                     if self.connected && self.pong_deadline.is_none() {
@@ -240,17 +253,23 @@ impl Session {
                     }
                 }
                 message = stream.next() => match message {
-                    Some(Ok(Message::Text(text))) => {
+                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                        // JSON comes in text frames, Protobuf in binary ones.
+                        let frame: Bytes = match (self.encoding, message) {
+                            (Encoding::Json, Message::Text(text)) => Bytes::from(text),
+                            (Encoding::Protobuf, Message::Binary(bytes)) => bytes,
+                            _ => break Some(code(Disconnect::INAPPROPRIATE_PROTOCOL)),
+                        };
                         let mut out = Vec::new();
                         // Boxed: handling a command (subscribe, history, presence: database
                         // queries) needs a large future, which an idle session need not carry.
-                        let flow = Box::pin(self.handle_frame(text.as_str(), &mut out)).await;
+                        let flow = Box::pin(self.handle_frame(&frame, &mut out)).await;
                         self.schedule_expiry();
                         // The replies count against the outbound budget while they are written, so
                         // the pushes that arrive meanwhile cannot take a whole budget more.
                         let bytes: usize = out.iter().map(|l| l.len() + 1).sum();
                         self.queued.fetch_add(bytes, Ordering::Relaxed);
-                        let sent = out.is_empty() || send_lines(&mut sink, &out, write_timeout).await.is_ok();
+                        let sent = out.is_empty() || send_lines(&mut sink, self.encoding, &out, write_timeout).await.is_ok();
                         self.queued.fetch_sub(bytes, Ordering::Relaxed);
                         drop(out);
                         self.held.clear();
@@ -261,7 +280,6 @@ impl Session {
                             break Some(code(d));
                         }
                     }
-                    Some(Ok(Message::Binary(_))) => break Some(code(Disconnect::INAPPROPRIATE_PROTOCOL)),
                     Some(Ok(Message::Close(_))) | None => break None,
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
@@ -300,8 +318,12 @@ impl Session {
             let grace = Duration::from_secs(self.state.config.shutdown_grace_secs / 2)
                 .min(Duration::from_secs(5));
             let drain = async {
-                while let Some(line) = self.pending.next().await {
-                    if send_lines(&mut sink, &[line], write_timeout).await.is_err() {
+                while let Some(reply) = self.pending.next().await {
+                    let line = reply.encode(self.encoding);
+                    if send_lines(&mut sink, self.encoding, &[line], write_timeout)
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -320,9 +342,17 @@ impl Session {
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     }
 
-    /// Handles every command of a text frame, in order, appending replies to `out`.
-    async fn handle_frame(&mut self, frame: &str, out: &mut Vec<String>) -> Flow {
-        let Ok(lines) = Command::split_frame(frame) else {
+    /// Handles every command of a frame, in order, appending replies to `out`.
+    async fn handle_frame(&mut self, frame: &[u8], out: &mut Out) -> Flow {
+        let split: Result<Vec<&[u8]>, CommandError> = match self.encoding {
+            // A text frame: valid UTF-8 (the WebSocket layer checked it).
+            Encoding::Json => std::str::from_utf8(frame)
+                .map_err(|_| CommandError::EmptyLine)
+                .and_then(Command::split_frame)
+                .map(|lines| lines.into_iter().map(str::as_bytes).collect()),
+            Encoding::Protobuf => pb::split_frame(frame),
+        };
+        let Ok(lines) = split else {
             return Flow::Close(Disconnect::BAD_REQUEST);
         };
         // A frame holds at most a connect and a subscribe per allowed channel, plus some slack: this
@@ -336,7 +366,13 @@ impl Session {
         self.reply_budget =
             (budget - budget / 8).saturating_sub(self.queued.load(Ordering::Relaxed));
         for line in lines {
-            let command = match Command::parse(line) {
+            let parsed = match self.encoding {
+                Encoding::Json => std::str::from_utf8(line)
+                    .map_err(|_| CommandError::EmptyLine)
+                    .and_then(Command::parse),
+                Encoding::Protobuf => Command::parse_protobuf(line),
+            };
+            let command = match parsed {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(client = %self.client, error = %e, "bad command");
@@ -360,7 +396,7 @@ impl Session {
         Flow::Continue
     }
 
-    async fn handle_request(&mut self, id: u32, request: Request, out: &mut Vec<String>) -> Flow {
+    async fn handle_request(&mut self, id: u32, request: Request, out: &mut Out) -> Flow {
         if !self.connected {
             return match request {
                 Request::Connect(c) => self.connect(id, c, out).await,
@@ -372,35 +408,49 @@ impl Session {
             Request::SubRefresh(r) => return self.sub_refresh(id, r, out).await,
             _ => {}
         }
-        let name = request.name();
+        // Each handler encodes its reply itself (a subscribe or history result borrows the rows it
+        // read), in the connection's encoding.
         let result = match request {
             Request::Connect(_) => return Flow::Close(Disconnect::BAD_REQUEST),
-            Request::Subscribe(s) => match self.subscribe(s).await {
+            Request::Subscribe(s) => match self.subscribe(id, s).await {
                 Err(SubscribeError::Close(d)) => return Flow::Close(d),
                 Err(SubscribeError::Reply(e)) => Err(e),
-                Ok(body) => Ok(body),
+                Ok(encoded) => Ok(encoded),
             },
-            Request::Unsubscribe(u) => Ok(self.unsubscribe(u).await),
+            Request::Unsubscribe(u) => Ok(self.unsubscribe(id, u).await),
             Request::Publish(p) => match self.publish(id, p) {
                 Ok(()) => return Flow::Continue,
                 Err(e) => Err(e),
             },
-            Request::History(h) => self.history(h).await,
-            Request::Presence(r) => self.presence(r, false).await,
-            Request::PresenceStats(r) => self.presence(r, true).await,
+            Request::History(h) => self.history(id, h).await,
+            Request::Presence(r) => self.presence(id, r, false).await,
+            Request::PresenceStats(r) => self.presence(id, r, true).await,
             Request::Ping | Request::Refresh(_) | Request::SubRefresh(_) => {
                 Err(ErrorCode::NotAvailable.into())
             }
             Request::Rpc(_) => Err(ErrorCode::MethodNotFound.into()),
+            Request::Invalid { reason, .. } => {
+                Err(ReplyError::with_message(ErrorCode::BadRequest, reason))
+            }
         };
         match result {
-            Ok(body) => out.push(format!("{{\"id\":{id},\"{name}\":{body}}}")),
-            Err(e) => out.push(reply::encode_error(id, &e)),
+            Ok(encoded) => out.push(encoded),
+            Err(e) => out.push(self.encode(&Reply::error(id, e))),
         }
         Flow::Continue
     }
 
-    async fn connect(&mut self, id: u32, request: ConnectRequest, out: &mut Vec<String>) -> Flow {
+    /// The reply in the connection's encoding.
+    fn encode(&self, reply: &Reply<'_>) -> Vec<u8> {
+        reply.encode(self.encoding)
+    }
+
+    /// Appends an error reply.
+    fn error(&self, id: u32, error: impl Into<ReplyError>, out: &mut Out) {
+        out.push(self.encode(&Reply::error(id, error.into())));
+    }
+
+    async fn connect(&mut self, id: u32, request: ConnectRequest, out: &mut Out) -> Flow {
         match auth::connect(&self.state.config, &self.state.verifier, &request.token).await {
             Ok(identity) => {
                 let ttl = ttl(identity.expires_at);
@@ -420,17 +470,17 @@ impl Session {
                     expires: ttl.is_some(),
                     ttl,
                 };
-                out.push(reply::encode_reply(id, "connect", &result));
+                out.push(self.encode(&Reply::new(id, ReplyBody::Connect(result))));
                 Flow::Continue
             }
             // The SDK fetches a new token and reconnects; the connection stays unauthenticated.
             Err(ConnectError::Expired) => {
-                out.push(reply::encode_error(id, &ErrorCode::TokenExpired.into()));
+                self.error(id, ErrorCode::TokenExpired, out);
                 Flow::Continue
             }
             // JWKS unreachable: temporary, the SDK reconnects with backoff.
             Err(ConnectError::Unavailable) => {
-                out.push(reply::encode_error(id, &ErrorCode::Internal.into()));
+                self.error(id, ErrorCode::Internal, out);
                 Flow::Continue
             }
             Err(ConnectError::Disconnect(d)) => Flow::Close(d),
@@ -438,7 +488,7 @@ impl Session {
     }
 
     /// `refresh`: a new connection token for the same user extends the connection.
-    async fn refresh(&mut self, id: u32, request: RefreshRequest, out: &mut Vec<String>) -> Flow {
+    async fn refresh(&mut self, id: u32, request: RefreshRequest, out: &mut Out) -> Flow {
         match auth::refresh(&self.state.verifier, &self.identity.user, &request.token).await {
             Ok(expires_at) => {
                 self.identity.expires_at = expires_at;
@@ -449,12 +499,12 @@ impl Session {
                     expires: ttl.is_some(),
                     ttl,
                 };
-                out.push(reply::encode_reply(id, "refresh", &result));
+                out.push(self.encode(&Reply::new(id, ReplyBody::Refresh(result))));
                 Flow::Continue
             }
             Err(ConnectError::Expired) => Flow::Close(auth::CONNECTION_EXPIRED),
             Err(ConnectError::Unavailable) => {
-                out.push(reply::encode_error(id, &ErrorCode::Internal.into()));
+                self.error(id, ErrorCode::Internal, out);
                 Flow::Continue
             }
             Err(ConnectError::Disconnect(d)) => Flow::Close(d),
@@ -462,17 +512,12 @@ impl Session {
     }
 
     /// `sub_refresh`: a new subscription token extends a subscription.
-    async fn sub_refresh(
-        &mut self,
-        id: u32,
-        request: SubRefreshRequest,
-        out: &mut Vec<String>,
-    ) -> Flow {
+    async fn sub_refresh(&mut self, id: u32, request: SubRefreshRequest, out: &mut Out) -> Flow {
         if request.channel.is_empty() {
             return Flow::Close(Disconnect::BAD_REQUEST);
         }
         if !self.subs.contains_key(&request.channel) {
-            out.push(reply::encode_error(id, &ErrorCode::PermissionDenied.into()));
+            self.error(id, ErrorCode::PermissionDenied, out);
             return Flow::Continue;
         }
         match auth::subscription(
@@ -494,15 +539,15 @@ impl Session {
                     expires: ttl.is_some(),
                     ttl,
                 };
-                out.push(reply::encode_reply(id, "sub_refresh", &result));
+                out.push(self.encode(&Reply::new(id, ReplyBody::SubRefresh(result))));
                 Flow::Continue
             }
             Err(SubscriptionError::Expired) => {
-                out.push(reply::encode_error(id, &ErrorCode::TokenExpired.into()));
+                self.error(id, ErrorCode::TokenExpired, out);
                 Flow::Continue
             }
             Err(SubscriptionError::Unavailable) => {
-                out.push(reply::encode_error(id, &ErrorCode::Internal.into()));
+                self.error(id, ErrorCode::Internal, out);
                 Flow::Continue
             }
             Err(SubscriptionError::Invalid | SubscriptionError::Mismatch) => {
@@ -523,7 +568,7 @@ impl Session {
     }
 
     /// Acts on expired tokens: closes an expired connection (3005), ends expired subscriptions (2501).
-    fn expire(&mut self, out: &mut Vec<String>) -> Flow {
+    fn expire(&mut self, out: &mut Out) -> Flow {
         let now = unix_now();
         let delay = self.state.config.auth.expired_close_delay_secs;
         let overdue = |at: Option<u64>| at.is_some_and(|at| at.saturating_add(delay) <= now);
@@ -541,11 +586,14 @@ impl Session {
                 self.leave_later(&channel, sub);
             }
             self.state.hub.unsubscribe(&channel, self.id);
-            out.push(reply::encode_unsubscribe_push(
-                &channel,
-                2501,
-                "subscription expired",
-            ));
+            out.push(
+                Push::Unsubscribe {
+                    channel: &channel,
+                    code: 2501,
+                    reason: "subscription expired",
+                }
+                .encode(self.encoding),
+            );
         }
         self.schedule_expiry();
         Flow::Continue
@@ -567,7 +615,11 @@ impl Session {
         });
     }
 
-    async fn subscribe(&mut self, req: SubscribeRequest) -> Result<String, SubscribeError> {
+    async fn subscribe(
+        &mut self,
+        id: u32,
+        req: SubscribeRequest,
+    ) -> Result<Vec<u8>, SubscribeError> {
         let channel = req.channel.clone();
         validate_channel(&channel)
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
@@ -626,6 +678,7 @@ impl Session {
                 slow: self.slow.clone(),
                 queued: self.queued.clone(),
                 max_bytes: self.state.config.client.outbound_queue_bytes,
+                encoding: self.encoding,
             },
         );
         let limit = if req.recover {
@@ -710,8 +763,7 @@ impl Session {
             expires: grant.expires_at.is_some(),
             ttl: ttl(grant.expires_at),
         };
-        let body =
-            serde_json::to_string(&result).map_err(|_| ReplyError::new(ErrorCode::Internal))?;
+        let body = self.encode(&Reply::new(id, ReplyBody::Subscribe(result)));
         // Presence: the subscription becomes a member before the reply, so a `presence` call that
         // follows it sees the subscriber; its join push (to those who asked) follows the reply.
         let mut join_leave = false;
@@ -785,7 +837,7 @@ impl Session {
         Ok(body)
     }
 
-    async fn unsubscribe(&mut self, req: ChannelRequest) -> String {
+    async fn unsubscribe(&mut self, id: u32, req: ChannelRequest) -> Vec<u8> {
         // Never refused (the SDKs reconnect on an unsubscribe error), but it spends a subscribe
         // token: a subscribe/unsubscribe loop runs at the subscribe rate.
         self.subscribe_bucket.take_forced(std::time::Instant::now());
@@ -798,7 +850,7 @@ impl Session {
                     .await;
             }
         }
-        "{}".to_owned()
+        self.encode(&Reply::new(id, ReplyBody::Unsubscribe))
     }
 
     /// Removes a subscription's presence membership without waiting (from code that cannot wait);
@@ -816,7 +868,12 @@ impl Session {
     }
 
     /// `presence` / `presence_stats`: the channel's members on every node.
-    async fn presence(&mut self, req: ChannelRequest, stats: bool) -> Result<String, ReplyError> {
+    async fn presence(
+        &mut self,
+        id: u32,
+        req: ChannelRequest,
+        stats: bool,
+    ) -> Result<Vec<u8>, ReplyError> {
         validate_channel(&req.channel)
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
         if !self.allowed(&req.channel, Op::Presence) {
@@ -837,21 +894,20 @@ impl Session {
                 num_clients: u32::try_from(clients).unwrap_or(u32::MAX),
                 num_users: u32::try_from(users).unwrap_or(u32::MAX),
             };
-            return serde_json::to_string(&result)
-                .map_err(|_| ReplyError::new(ErrorCode::Internal));
+            return Ok(self.encode(&Reply::new(id, ReplyBody::PresenceStats(result))));
         }
         let members = crate::presence::members(&self.state, &req.channel)
             .await
             .map_err(failed)?;
-        let mut map = serde_json::Map::new();
+        let mut presence = reply::PresenceResult::default();
         let mut bytes = 0usize;
         for m in members {
-            let info = m.to_json();
-            bytes += m.client.len() + info.to_string().len() + 8;
+            let info = m.client_info();
+            bytes += m.client.len() + info_len(&info) + 8;
             if bytes > self.reply_budget {
                 return Err(reply_too_large());
             }
-            map.insert(m.client.clone(), info);
+            presence.presence.push(info);
         }
         self.held.push(
             self.state
@@ -859,7 +915,7 @@ impl Session {
                 .reserve_reply(bytes)
                 .ok_or_else(replies_busy)?,
         );
-        Ok(serde_json::json!({ "presence": map }).to_string())
+        Ok(self.encode(&Reply::new(id, ReplyBody::Presence(presence))))
     }
 
     /// Starts a publish; its reply is written when the target or the database answered.
@@ -940,13 +996,13 @@ impl Session {
                             .metrics
                             .publications_in
                             .fetch_add(1, Ordering::Relaxed);
-                        reply::encode_reply(id, "publish", &Empty {})
+                        Reply::new(id, ReplyBody::Publish)
                     }
                     // A per-message refusal of the target is the publisher's error reply, with
                     // the target's reason (codes 420-422).
                     Err(rules::TargetError::Refused(r)) => {
                         tracing::info!(channel = %req.channel, status = r.status.as_str(), reason = %r.reason, "publish refused by the target");
-                        reply::encode_error(id, &r.reply_error())
+                        Reply::error(id, r.reply_error())
                     }
                     Err(e) => {
                         tracing::warn!(channel = %req.channel, error = %e, "publish target failed");
@@ -965,7 +1021,7 @@ impl Session {
                                 "publish target busy",
                             ),
                         };
-                        reply::encode_error(id, &err)
+                        Reply::error(id, err)
                     }
                 }
             }));
@@ -993,18 +1049,18 @@ impl Session {
                         .metrics
                         .publications_in
                         .fetch_add(1, Ordering::Relaxed);
-                    reply::encode_reply(id, "publish", &Empty {})
+                    Reply::new(id, ReplyBody::Publish)
                 }
                 Err(e) => {
                     tracing::warn!(channel = %req.channel, error = %e, "publish failed");
-                    reply::encode_error(id, &ReplyError::new(ErrorCode::Internal))
+                    Reply::error(id, ReplyError::new(ErrorCode::Internal))
                 }
             }
         }));
         Ok(())
     }
 
-    async fn history(&mut self, req: HistoryRequest) -> Result<String, ReplyError> {
+    async fn history(&mut self, id: u32, req: HistoryRequest) -> Result<Vec<u8>, ReplyError> {
         validate_channel(&req.channel)
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
         if !self.allowed(&req.channel, Op::History) {
@@ -1074,20 +1130,22 @@ impl Session {
             epoch: &slice.epoch,
             offset: slice.top,
         };
-        serde_json::to_string(&result).map_err(|_| ReplyError::new(ErrorCode::Internal))
+        Ok(self.encode(&Reply::new(id, ReplyBody::History(result))))
     }
 
     /// Passes a hub publication on if it is the next one of a subscription.
-    fn deliver(&mut self, delivery: &Delivery, out: &mut Vec<Utf8Bytes>) -> Flow {
+    fn deliver(&mut self, delivery: &Delivery, out: &mut Vec<Message>) -> Flow {
         self.queued
-            .fetch_sub(delivery.frame.as_str().len(), Ordering::Relaxed);
+            .fetch_sub(delivery.frame_len(self.encoding), Ordering::Relaxed);
         let Some(sub) = self.subs.get_mut(&*delivery.channel) else {
             return Flow::Continue; // unsubscribed meanwhile, or its subscribe has not been answered
         };
         if delivery.offset == 0 {
             // A join or leave push, not a publication.
-            if sub.join_leave {
-                out.push(delivery.frame.clone());
+            if sub.join_leave
+                && let Some(frame) = frame(delivery, self.encoding)
+            {
+                out.push(frame);
             }
             return Flow::Continue;
         }
@@ -1104,7 +1162,9 @@ impl Session {
             return self.insufficient_state(&delivery.channel.clone(), out);
         }
         sub.offset = delivery.offset;
-        out.push(delivery.frame.clone());
+        if let Some(frame) = frame(delivery, self.encoding) {
+            out.push(frame);
+        }
         self.state
             .metrics
             .publications_out
@@ -1113,17 +1173,19 @@ impl Session {
     }
 
     /// The subscription lost track of its stream: tell the client to resubscribe and recover.
-    fn insufficient_state(&mut self, channel: &str, out: &mut Vec<Utf8Bytes>) -> Flow {
+    fn insufficient_state(&mut self, channel: &str, out: &mut Vec<Message>) -> Flow {
         tracing::warn!(client = %self.client, channel, "gap in a channel stream; client told to recover");
         if let Some(sub) = self.subs.remove(channel) {
             self.leave_later(channel, sub);
         }
         self.state.hub.unsubscribe(channel, self.id);
-        out.push(Utf8Bytes::from(reply::encode_unsubscribe_push(
+        let push = Push::Unsubscribe {
             channel,
-            2500,
-            "insufficient state",
-        )));
+            code: 2500,
+            reason: "insufficient state",
+        }
+        .encode(self.encoding);
+        out.push(message(self.encoding, push));
         Flow::Continue
     }
 }
@@ -1168,10 +1230,42 @@ fn is_capacity_error(e: axum::Error) -> bool {
     )
 }
 
+/// The frame of a hub delivery in `encoding` (the hub encoded it for every encoding its
+/// subscribers use, so it is there).
+fn frame(delivery: &Delivery, encoding: Encoding) -> Option<Message> {
+    match encoding {
+        Encoding::Json => delivery.json.clone().map(Message::Text),
+        Encoding::Protobuf => delivery.protobuf.clone().map(Message::Binary),
+    }
+}
+
+/// Encoded messages joined into one WebSocket message: a text frame of JSON lines, or a binary
+/// frame of length-delimited Protobuf messages.
+fn message(encoding: Encoding, messages: Vec<u8>) -> Message {
+    match encoding {
+        Encoding::Json => match String::from_utf8(messages) {
+            Ok(text) => Message::Text(Utf8Bytes::from(text)),
+            // The JSON encoders produce UTF-8 only.
+            Err(_) => Message::Text(Utf8Bytes::from_static(reply::PING)),
+        },
+        Encoding::Protobuf => Message::Binary(Bytes::from(messages)),
+    }
+}
+
+/// The length of a `ClientInfo`'s JSON, for the reply budget of a presence reply.
+fn info_len(info: &ClientInfo) -> usize {
+    serde_json::to_string(info).map_or(0, |j| j.len())
+}
+
 /// Writes replies as one frame. A socket that does not take the bytes within `limit` is a dead or
 /// stalled peer: the write fails and the session ends (its mailbox stays bounded meanwhile).
-async fn send_lines(sink: &mut Sink, lines: &[String], limit: Duration) -> Result<(), axum::Error> {
-    let frame = Message::Text(Utf8Bytes::from(lines.join("\n")));
+async fn send_lines<B: AsRef<[u8]>>(
+    sink: &mut Sink,
+    encoding: Encoding,
+    lines: &[B],
+    limit: Duration,
+) -> Result<(), axum::Error> {
+    let frame = message(encoding, encoding.join(lines));
     match tokio::time::timeout(limit, sink.send(frame)).await {
         Ok(r) => r,
         Err(_) => Err(axum::Error::new(std::io::Error::from(
@@ -1183,7 +1277,7 @@ async fn send_lines(sink: &mut Sink, lines: &[String], limit: Duration) -> Resul
 /// Writes pushes (one frame each, shared bytes) with a single flush, within `limit`.
 async fn feed_all(
     sink: &mut Sink,
-    frames: Vec<Utf8Bytes>,
+    frames: Vec<Message>,
     limit: Duration,
 ) -> Result<(), axum::Error> {
     if frames.is_empty() {
@@ -1191,7 +1285,7 @@ async fn feed_all(
     }
     let write = async {
         for frame in frames {
-            sink.feed(Message::Text(frame)).await?;
+            sink.feed(frame).await?;
         }
         sink.flush().await
     };
