@@ -7,13 +7,16 @@ For one run this orchestrator:
   3. runs `connector migrate`, starts writer-lambda and the connector from target/debug,
      and waits for the writer's /healthz and the connector's /readyz,
   4. runs each SDK scenario (node/scenario.mjs with centrifuge-js, python/scenario.py with
-     centrifuge-python); when a scenario prints READY_FOR_RESTART it SIGKILLs the connector, inserts
+     centrifuge-python; the chat scenario of each SDK once more in Protobuf mode, SDK_PROTOCOL=protobuf:
+     centrifuge-js's `centrifuge/build/protobuf`, centrifuge-python's `use_protobuf=True`); when a scenario prints READY_FOR_RESTART it SIGKILLs the connector, inserts
      rows into chat_data with psql, restarts the connector on the same port and answers RESTARTED,
   5. stops the processes and drops the database, always, also on failure or Ctrl-C,
 and prints `N passed, N failed` (scenario checks plus its own) as its last line. Exit code 0 only when
 nothing failed. Logs, configs and wire frames of each run are kept in artifacts/sdk-tests/<database>/.
 
-Usage: tests-sdk/run.py [--only node|python|chat] [--bin-dir DIR] [--keep-db]
+Usage: tests-sdk/run.py [--only node|python|chat|protobuf] [--bin-dir DIR] [--keep-db]
+(`--only chat` runs the chat permissions scenario only; `--only protobuf` the two Protobuf-mode chat
+scenarios only.)
 """
 
 from __future__ import annotations
@@ -322,10 +325,11 @@ COMMIT;
 
     # ---- one SDK scenario -----------------------------------------------------------------------
 
-    def scenario(self, label: str, argv: list[str], cwd: Path) -> None:
+    def scenario(self, label: str, argv: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> None:
         frames = self.dir / f"{label}-frames.log"
         stderr_path = self.dir / f"{label}-stderr.log"
         env = dict(os.environ)
+        env.update(extra_env or {})
         env.update({
             "RELAY_WS_URL": self.ws_url,
             "SCENARIO_LABEL": label,
@@ -417,12 +421,20 @@ COMMIT;
         try:
             if self.setup():
                 only = self.args.only
+                py = HERE / ".venv" / "bin" / "python"
+                protobuf = {"SDK_PROTOCOL": "protobuf"}
                 if only in (None, "node"):
                     self.scenario("node", ["node", "scenario.mjs"], HERE / "node")
                     # Presence and join/leave, a SIGKILLed client process.
                     self.scenario("node-presence", ["node", "presence.mjs"], HERE / "node")
+                if only in (None, "node", "protobuf"):
+                    # The chat scenario with centrifuge-js's Protobuf build (binary frames).
+                    self.scenario("node-protobuf", ["node", "scenario.mjs"], HERE / "node", protobuf)
+                if only in (None, "python", "protobuf"):
+                    # The chat scenario with centrifuge-python in Protobuf mode (use_protobuf=True).
+                    self.scenario("python-protobuf", [str(py if py.exists() else sys.executable), "scenario.py"],
+                                  HERE / "python", protobuf)
                 if only in (None, "python"):
-                    py = HERE / ".venv" / "bin" / "python"
                     self.scenario("python", [str(py if py.exists() else sys.executable), "scenario.py"], HERE / "python")
                     # Tokens minted by a third-party JWT library (PyJWT), through centrifuge-python.
                     self.scenario("python-jwt", [str(py if py.exists() else sys.executable), "jwt_scenario.py"],
@@ -449,7 +461,8 @@ COMMIT;
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["node", "python", "chat"], help="run one SDK's scenarios, or only the chat permissions")
+    parser.add_argument("--only", choices=["node", "python", "chat", "protobuf"],
+                        help="run one SDK's scenarios, only the chat permissions, or only the Protobuf-mode ones")
     parser.add_argument("--bin-dir", default=str(ROOT / "target" / "debug"), help="where connector and writer-lambda are")
     parser.add_argument("--keep-db", action="store_true", help="do not drop the database (for debugging)")
     args = parser.parse_args()

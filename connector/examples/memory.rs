@@ -21,6 +21,11 @@
 //!
 //! The file-descriptor limit must allow `n` sockets in each process (`ulimit -n`); the connector's
 //! `client.max_connections` is raised above `n` for the run.
+//!
+//! A `--connector` path may end in `@protobuf`: that configuration's clients speak the Protobuf
+//! protocol (subprotocol `centrifuge-protobuf`, binary frames) instead of JSON, so the fan-out cost
+//! of both encodings is measured in one run (e.g. `--connector target/release/connector
+//! --connector target/release/connector@protobuf`).
 
 // A benchmark prints its report by design, and is a tool rather than library code.
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
@@ -47,8 +52,11 @@ const INSERT_ROWS: &str =
      SELECT $1 || '-' || g, 'memory', 'Hello from the memory benchmark: a chat line of about the usual length.',
             'memory-client', 0 FROM generate_series(1, $2) g";
 
+/// One configuration: a connector binary and the protocol its clients speak (`true`: Protobuf).
+type Configuration = (PathBuf, bool);
+
 struct Opts {
-    connectors: Vec<PathBuf>,
+    connectors: Vec<Configuration>,
     n: usize,
     subs: usize,
     burst: i32,
@@ -73,7 +81,13 @@ impl Opts {
             let mut value =
                 |name: &str| args.next().with_context(|| format!("{name} needs a value"));
             match a.as_str() {
-                "--connector" => o.connectors.push(value("--connector")?.into()),
+                "--connector" => {
+                    let v = value("--connector")?;
+                    o.connectors.push(match v.strip_suffix("@protobuf") {
+                        Some(path) => (path.into(), true),
+                        None => (v.into(), false),
+                    });
+                }
                 "--n" => o.n = value("--n")?.parse()?,
                 "--subs" => o.subs = value("--subs")?.parse()?,
                 "--burst" => o.burst = value("--burst")?.parse()?,
@@ -84,7 +98,8 @@ impl Opts {
             }
         }
         if o.connectors.is_empty() {
-            o.connectors.push("target/release/connector".into());
+            o.connectors
+                .push(("target/release/connector".into(), false));
         }
         Ok(o)
     }
@@ -171,7 +186,10 @@ impl Node {
 }
 
 /// Opens a client that connects and subscribes; its task counts the publications it receives.
-async fn client(port: u16, received: Arc<AtomicU64>) -> Result<JoinHandle<()>> {
+async fn client(port: u16, received: Arc<AtomicU64>, protobuf: bool) -> Result<JoinHandle<()>> {
+    if protobuf {
+        return protobuf_client(port, received).await;
+    }
     let url = format!("ws://127.0.0.1:{port}/connection/websocket");
     // Small client buffers: this process holds 10,000 of them too.
     let cfg = WebSocketConfig::default()
@@ -220,10 +238,93 @@ async fn client(port: u16, received: Arc<AtomicU64>) -> Result<JoinHandle<()>> {
     }))
 }
 
+/// [`client`] speaking the Protobuf protocol: length-delimited `Command`s and `Reply`s in binary
+/// frames; the ping is an empty `Reply`, answered with an empty `Command`.
+async fn protobuf_client(port: u16, received: Arc<AtomicU64>) -> Result<JoinHandle<()>> {
+    use prost::Message as _;
+    use relay_protocol::pb::messages::{
+        Command as PbCommand, ConnectRequest, Reply, SubscribeRequest,
+    };
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request =
+        format!("ws://127.0.0.1:{port}/connection/websocket").into_client_request()?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "centrifuge-protobuf".parse()?);
+    let cfg = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(request, Some(cfg), false).await?;
+    let mut frame = Vec::new();
+    PbCommand {
+        id: 1,
+        connect: Some(ConnectRequest::default()),
+        ..Default::default()
+    }
+    .encode_length_delimited(&mut frame)?;
+    PbCommand {
+        id: 2,
+        subscribe: Some(SubscribeRequest {
+            channel: CHANNEL.to_owned(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_length_delimited(&mut frame)?;
+    ws.send(Message::Binary(frame.into())).await?;
+    let mut replies = 0;
+    while replies < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .context("no reply to connect/subscribe")?
+            .context("connection closed")??;
+        if let Message::Binary(b) = msg {
+            let mut rest = &b[..];
+            while !rest.is_empty() {
+                let reply = Reply::decode_length_delimited(&mut rest)?;
+                if let Some(e) = reply.error {
+                    bail!("connect/subscribe failed: {e:?}");
+                }
+                if reply.id > 0 {
+                    replies += 1;
+                }
+            }
+        }
+    }
+    Ok(tokio::spawn(async move {
+        while let Some(Ok(msg)) = ws.next().await {
+            let Message::Binary(b) = msg else { continue };
+            let mut pong = false;
+            let mut n = 0;
+            let mut rest = &b[..];
+            while !rest.is_empty() {
+                let Ok(reply) = Reply::decode_length_delimited(&mut rest) else {
+                    return;
+                };
+                match reply.push {
+                    Some(push) if push.r#pub.is_some() => n += 1,
+                    Some(_) => {}
+                    None => pong = reply.id == 0 && reply.error.is_none(),
+                }
+            }
+            received.fetch_add(n, Ordering::Relaxed);
+            if pong && ws.send(Message::Binary(vec![0u8].into())).await.is_err() {
+                break;
+            }
+        }
+    }))
+}
+
 /// Opens `n` clients, at most 256 handshakes at a time.
-async fn clients(port: u16, n: usize, received: &Arc<AtomicU64>) -> Result<Vec<JoinHandle<()>>> {
+async fn clients(
+    port: u16,
+    n: usize,
+    received: &Arc<AtomicU64>,
+    protobuf: bool,
+) -> Result<Vec<JoinHandle<()>>> {
     let opened = futures_util::stream::iter(0..n)
-        .map(|_| client(port, received.clone()))
+        .map(|_| client(port, received.clone(), protobuf))
         .buffer_unordered(256)
         .collect::<Vec<_>>()
         .await;
@@ -254,6 +355,7 @@ struct Figures {
 
 async fn run_one(
     bin: &Path,
+    protobuf: bool,
     db_url: &str,
     pool: &PgPool,
     port: u16,
@@ -264,7 +366,7 @@ async fn run_one(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let base = node.rss()?;
     let received = Arc::new(AtomicU64::new(0));
-    let tasks = clients(port, opts.n, &received).await?;
+    let tasks = clients(port, opts.n, &received, protobuf).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle = node.rss()?;
     let tag = uuid::Uuid::new_v4().simple().to_string();
@@ -282,7 +384,7 @@ async fn run_one(
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let received = Arc::new(AtomicU64::new(0));
-    let tasks = clients(port, opts.subs, &received).await?;
+    let tasks = clients(port, opts.subs, &received, protobuf).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut rates = Vec::new();
     let mut cpu = Vec::new();
@@ -319,7 +421,7 @@ async fn run_one(
 }
 
 /// The size of the future an async fn returns, without calling it.
-fn future_size<A, B, C, F: FnOnce(A, B, C) -> Fut, Fut>(_: F) -> usize {
+fn future_size<A, B, C, D, F: FnOnce(A, B, C, D) -> Fut, Fut>(_: F) -> usize {
     std::mem::size_of::<Fut>()
 }
 
@@ -363,16 +465,17 @@ async fn main() -> Result<()> {
         println!("|---|---|---|---|---|---|---|");
         let mut port = opts.port;
         for rep in 0..opts.reps {
-            let mut order: Vec<&PathBuf> = opts.connectors.iter().collect();
+            let mut order: Vec<&Configuration> = opts.connectors.iter().collect();
             if rep % 2 == 1 {
                 order.reverse();
             }
-            for bin in order {
-                let f = run_one(bin, &db_url, &pool, port, &opts).await?;
+            for (bin, protobuf) in order {
+                let f = run_one(bin, *protobuf, &db_url, &pool, port, &opts).await?;
                 port += 1;
                 println!(
-                    "| {} | {rep} | {:.1} MiB | {:.2} | {:.2} | {:.0} | {:.2} |",
+                    "| {}{} | {rep} | {:.1} MiB | {:.2} | {:.2} | {:.0} | {:.2} |",
                     bin.display(),
+                    if *protobuf { " (Protobuf)" } else { "" },
                     f.base_kib as f64 / 1024.0,
                     f.idle_kib,
                     f.traffic_kib,

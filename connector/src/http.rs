@@ -24,12 +24,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Extension, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Extension, RawQuery, State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use relay_protocol::reply::Encoding;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -338,8 +339,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Upgrades to the Centrifugo JSON protocol. `centrifuge-json` is echoed when offered; no or an empty
-/// `Sec-WebSocket-Protocol` is accepted too (the SDKs send none by default).
+/// Upgrades to the Centrifugo client protocol, JSON or Protobuf ([`encoding`]). `centrifuge-json`
+/// and `centrifuge-protobuf` are echoed when offered; no or an empty `Sec-WebSocket-Protocol` is
+/// accepted too (the JSON SDKs send none by default).
 ///
 /// Refused before the upgrade: a browser `Origin` that `client.allowed_origins` does not allow (403),
 /// and a connection over `client.max_connections` (503; the SDKs retry with backoff, perhaps reaching
@@ -348,6 +350,7 @@ async fn websocket(
     State(state): State<Arc<AppState>>,
     meta: Option<Extension<ConnMeta>>,
     headers: axum::http::HeaderMap,
+    RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
     if state.shutdown.is_cancelled() {
@@ -381,16 +384,37 @@ async fn websocket(
     let tracker = state.tracker.clone();
     // The write buffer stays at the default (128 KiB): a session's batch of pushes leaves in one
     // write. A 4 KiB one cost fan-out 20-40 % more CPU per frame (docs/benchmarks.md).
-    ws.protocols(["centrifuge-json"])
-        .read_buffer_size(READ_BUFFER)
+    let ws = ws.protocols(["centrifuge-json", "centrifuge-protobuf"]);
+    let encoding = encoding(ws.selected_protocol(), query.as_deref());
+    ws.read_buffer_size(READ_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             tracker.track_future(async move {
-                session::serve(socket, state, ip).await;
+                session::serve(socket, state, ip, encoding).await;
                 drop(slot);
             })
         })
+}
+
+/// The encoding a WebSocket asks for: Protobuf when it selected the `centrifuge-protobuf`
+/// subprotocol or has `cf_protocol=protobuf` or `format=protobuf` in its query (as Centrifugo reads
+/// them), JSON otherwise (no subprotocol, `centrifuge-json`, anything else).
+fn encoding(subprotocol: Option<&axum::http::HeaderValue>, query: Option<&str>) -> Encoding {
+    if subprotocol.is_some_and(|p| p.as_bytes() == b"centrifuge-protobuf") {
+        return Encoding::Protobuf;
+    }
+    let asks_protobuf = query.unwrap_or("").split('&').any(|pair| {
+        matches!(
+            pair.split_once('='),
+            Some(("cf_protocol" | "format", "protobuf"))
+        )
+    });
+    if asks_protobuf {
+        Encoding::Protobuf
+    } else {
+        Encoding::Json
+    }
 }
 
 async fn healthz() -> &'static str {

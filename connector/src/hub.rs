@@ -1,7 +1,9 @@
 //! The hub: which session is subscribed to which channel, and fan-out.
 //!
-//! A publication is encoded once into a [`Delivery`] (the whole `pub` push frame) and the same
-//! reference-counted bytes go to every subscriber's bounded mailbox. Fan-out never waits: a mailbox
+//! A publication is encoded once per encoding in use on its channel into a [`Delivery`] (the whole
+//! `pub` push frame: JSON for JSON subscribers, Protobuf for Protobuf ones, each only if the channel
+//! has such a subscriber) and the same reference-counted bytes go to every subscriber's bounded
+//! mailbox: never an encoding per subscriber. Fan-out never waits: a mailbox
 //! that is full marks its session as slow (the session then closes with 3008 and the client recovers
 //! from history), so one slow client never delays the others and memory stays bounded.
 
@@ -10,23 +12,46 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use relay_protocol::reply::{Publication, encode_pub_push};
+use relay_protocol::reply::{ClientInfo, Encoding, Publication, Push};
 
-/// One publication, encoded once, shared by every subscriber.
+/// One publication (or join/leave event), encoded once per encoding in use, shared by every
+/// subscriber.
 #[derive(Debug)]
 pub struct Delivery {
     /// The channel.
     pub channel: Arc<str>,
-    /// Offset in the channel.
+    /// Offset in the channel (0: a join or leave push).
     pub offset: u64,
     /// The channel's epoch.
     pub epoch: Arc<str>,
-    /// The complete `pub` push frame.
-    pub frame: Utf8Bytes,
+    /// The complete push frame in JSON, if the channel has JSON subscribers.
+    pub json: Option<Utf8Bytes>,
+    /// The complete push frame in Protobuf, if the channel has Protobuf subscribers.
+    pub protobuf: Option<Bytes>,
+}
+
+impl Delivery {
+    /// The length of the frame in `encoding` (0 if it was not encoded: no such subscriber).
+    pub fn frame_len(&self, encoding: Encoding) -> usize {
+        match encoding {
+            Encoding::Json => self.json.as_ref().map_or(0, |f| f.as_str().len()),
+            Encoding::Protobuf => self.protobuf.as_ref().map_or(0, Bytes::len),
+        }
+    }
+}
+
+/// Join or leave, for [`Hub::push_join_leave`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// A subscription joined the channel.
+    Join,
+    /// A subscription left it.
+    Leave,
 }
 
 /// A session as the hub sees it: its mailbox and the token that marks it slow.
@@ -40,6 +65,8 @@ pub struct Subscriber {
     pub queued: Arc<AtomicUsize>,
     /// The most bytes the mailbox may hold.
     pub max_bytes: usize,
+    /// The session's encoding: which frame of a delivery it sends.
+    pub encoding: Encoding,
 }
 
 /// The channel registry.
@@ -120,7 +147,8 @@ impl Hub {
         self.slow_disconnects.load(Ordering::Relaxed)
     }
 
-    /// Encodes a publication once and hands it to every subscriber of its channel.
+    /// Encodes a publication once per encoding its channel's subscribers use, and hands it to every
+    /// subscriber of its channel.
     pub fn publish(
         &self,
         channel: &str,
@@ -133,30 +161,27 @@ impl Hub {
         let Some((name, subs)) = channels.get_key_value(channel) else {
             return;
         };
-        let frame = encode_pub_push(channel, &Publication { data, offset, info });
-        let delivery = Arc::new(Delivery {
-            channel: name.clone(),
-            offset,
-            epoch: Arc::from(epoch),
-            frame: Utf8Bytes::from(frame),
-        });
+        let push = Push::Pub {
+            channel,
+            publication: Publication { data, offset, info },
+        };
+        let delivery = Arc::new(encode_for(name, offset, epoch, &push, subs));
         self.fan_out(subs, &delivery);
     }
 
-    /// Hands an event frame (a `join` or `leave` push) to every subscriber of `channel`. It travels
-    /// like a publication (same mailbox, same byte bound) with offset 0; the session passes it on only
-    /// to subscriptions that asked for join/leave.
-    pub fn push_event(&self, channel: &str, frame: String) {
+    /// Hands a `join` or `leave` push to every subscriber of `channel`. It travels like a
+    /// publication (same mailbox, same byte bound) with offset 0; the session passes it on only to
+    /// subscriptions that asked for join/leave.
+    pub fn push_join_leave(&self, channel: &str, kind: Presence, info: &ClientInfo) {
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
         let Some((name, subs)) = channels.get_key_value(channel) else {
             return;
         };
-        let delivery = Arc::new(Delivery {
-            channel: name.clone(),
-            offset: 0,
-            epoch: Arc::from(""),
-            frame: Utf8Bytes::from(frame),
-        });
+        let push = match kind {
+            Presence::Join => Push::Join { channel, info },
+            Presence::Leave => Push::Leave { channel, info },
+        };
+        let delivery = Arc::new(encode_for(name, 0, "", &push, subs));
         self.fan_out(subs, &delivery);
     }
 
@@ -170,11 +195,16 @@ impl Hub {
     }
 
     fn fan_out(&self, subs: &HashMap<u64, Subscriber>, delivery: &Arc<Delivery>) {
-        let len = delivery.frame.as_str().len();
+        let json_len = delivery.frame_len(Encoding::Json);
+        let protobuf_len = delivery.frame_len(Encoding::Protobuf);
         for sub in subs.values() {
             if sub.slow.is_cancelled() {
                 continue;
             }
+            let len = match sub.encoding {
+                Encoding::Json => json_len,
+                Encoding::Protobuf => protobuf_len,
+            };
             let over_bytes = sub.queued.fetch_add(len, Ordering::Relaxed) + len > sub.max_bytes;
             let sent = !over_bytes && sub.mailbox.try_send(delivery.clone()).is_ok();
             if sent {
@@ -190,9 +220,38 @@ impl Hub {
     }
 }
 
+/// A delivery with the push encoded in each encoding that a subscriber of the channel uses (the
+/// others are never encoded: a channel with only JSON subscribers costs no Protobuf encoding).
+fn encode_for(
+    channel: &Arc<str>,
+    offset: u64,
+    epoch: &str,
+    push: &Push<'_>,
+    subs: &HashMap<u64, Subscriber>,
+) -> Delivery {
+    let (mut json, mut protobuf) = (false, false);
+    for sub in subs.values() {
+        match sub.encoding {
+            Encoding::Json => json = true,
+            Encoding::Protobuf => protobuf = true,
+        }
+        if json && protobuf {
+            break;
+        }
+    }
+    Delivery {
+        channel: channel.clone(),
+        offset,
+        epoch: Arc::from(epoch),
+        json: json.then(|| Utf8Bytes::from(push.to_json())),
+        protobuf: protobuf.then(|| Bytes::from(push.encode(Encoding::Protobuf))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message as _;
 
     #[test]
     fn fan_out_and_slow_marking() {
@@ -208,6 +267,7 @@ mod tests {
                 slow: CancellationToken::new(),
                 queued: Arc::new(AtomicUsize::new(0)),
                 max_bytes: 1 << 20,
+                encoding: Encoding::Json,
             },
         );
         hub.subscribe(
@@ -218,6 +278,7 @@ mod tests {
                 slow: slow2.clone(),
                 queued: Arc::new(AtomicUsize::new(0)),
                 max_bytes: 1 << 20,
+                encoding: Encoding::Json,
             },
         );
         let data = RawValue::from_string("{\"a\":1}".into()).unwrap();
@@ -228,7 +289,7 @@ mod tests {
         let second = rx1.try_recv().unwrap();
         assert_eq!(second.offset, 2);
         assert_eq!(
-            second.frame.as_str(),
+            second.json.as_ref().unwrap().as_str(),
             r#"{"push":{"channel":"c","pub":{"data":{"a":1},"offset":2}}}"#
         );
         assert!(
@@ -258,13 +319,14 @@ mod tests {
                 slow: slow.clone(),
                 queued: queued.clone(),
                 max_bytes: 250,
+                encoding: Encoding::Json,
             },
         );
         let data = RawValue::from_string(format!("\"{}\"", "x".repeat(60))).unwrap();
         hub.publish("c", 1, "e", &data, None);
         hub.publish("c", 2, "e", &data, None);
         assert!(!slow.is_cancelled(), "two frames of ~110 bytes fit in 250");
-        let frame_len = rx.try_recv().unwrap().frame.as_str().len();
+        let frame_len = rx.try_recv().unwrap().frame_len(Encoding::Json);
         queued.fetch_sub(frame_len, Ordering::Relaxed); // what the session does when it takes one out
         hub.publish("c", 3, "e", &data, None);
         assert!(!slow.is_cancelled(), "room was made");
@@ -274,5 +336,71 @@ mod tests {
             "a third queued frame is over 250 bytes"
         );
         assert!(queued.load(Ordering::Relaxed) <= 250);
+    }
+
+    fn subscriber(encoding: Encoding) -> (Subscriber, mpsc::Receiver<Arc<Delivery>>) {
+        let (tx, rx) = mpsc::channel(8);
+        let sub = Subscriber {
+            mailbox: tx,
+            slow: CancellationToken::new(),
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_bytes: 1 << 20,
+            encoding,
+        };
+        (sub, rx)
+    }
+
+    #[test]
+    fn each_encoding_is_made_once_and_only_when_a_subscriber_uses_it() {
+        let hub = Hub::new();
+        let (a, mut rx_a) = subscriber(Encoding::Json);
+        let (b, mut rx_b) = subscriber(Encoding::Json);
+        hub.subscribe("json-only", 1, a);
+        hub.subscribe("json-only", 2, b);
+        let data = RawValue::from_string("{\"a\":1}".into()).unwrap();
+        hub.publish("json-only", 1, "e", &data, None);
+        let (da, db) = (rx_a.try_recv().unwrap(), rx_b.try_recv().unwrap());
+        assert!(Arc::ptr_eq(&da, &db), "one delivery shared by both");
+        assert!(da.json.is_some());
+        assert!(
+            da.protobuf.is_none(),
+            "no Protobuf subscriber: never encoded"
+        );
+
+        let (c, mut rx_c) = subscriber(Encoding::Json);
+        let (d, mut rx_d) = subscriber(Encoding::Protobuf);
+        let (e, mut rx_e) = subscriber(Encoding::Protobuf);
+        hub.subscribe("mixed", 3, c);
+        hub.subscribe("mixed", 4, d);
+        hub.subscribe("mixed", 5, e);
+        hub.publish("mixed", 1, "e", &data, None);
+        let (dc, dd, de) = (
+            rx_c.try_recv().unwrap(),
+            rx_d.try_recv().unwrap(),
+            rx_e.try_recv().unwrap(),
+        );
+        assert!(Arc::ptr_eq(&dc, &dd) && Arc::ptr_eq(&dd, &de));
+        let pb = dd.protobuf.as_ref().unwrap();
+        let reply = relay_protocol::pb::messages::Reply::decode_length_delimited(&pb[..]).unwrap();
+        let push = reply.push.unwrap();
+        assert_eq!(push.channel, "mixed");
+        assert_eq!(&push.r#pub.unwrap().data[..], b"{\"a\":1}");
+        assert_eq!(
+            dc.json.as_ref().unwrap().as_str(),
+            r#"{"push":{"channel":"mixed","pub":{"data":{"a":1},"offset":1}}}"#
+        );
+
+        let only_pb = ClientInfo {
+            user: "u".into(),
+            client: "c".into(),
+            conn_info: None,
+            chan_info: None,
+        };
+        let (f, mut rx_f) = subscriber(Encoding::Protobuf);
+        hub.subscribe("pb-only", 6, f);
+        hub.push_join_leave("pb-only", Presence::Join, &only_pb);
+        let df = rx_f.try_recv().unwrap();
+        assert_eq!(df.offset, 0);
+        assert!(df.json.is_none() && df.protobuf.is_some());
     }
 }

@@ -31,6 +31,12 @@ pub enum CommandError {
     /// The frame has an empty line between commands.
     #[error("empty line in frame")]
     EmptyLine,
+    /// A Protobuf frame whose varint length prefix is malformed or points past the frame's end.
+    #[error("malformed length prefix in a Protobuf frame")]
+    Framing,
+    /// A Protobuf message that is not a `Command`.
+    #[error("malformed Protobuf command: {0}")]
+    Protobuf(#[from] prost::DecodeError),
 }
 
 /// One parsed command.
@@ -74,6 +80,14 @@ pub enum Request {
     Refresh(RefreshRequest),
     /// Refresh a subscription token.
     SubRefresh(SubRefreshRequest),
+    /// A known request whose fields could not be used (Protobuf `bytes` data that is not JSON):
+    /// answered with error 107, the connection stays.
+    Invalid {
+        /// The request's name.
+        name: &'static str,
+        /// Why it is invalid (sent to the client).
+        reason: &'static str,
+    },
 }
 
 impl Request {
@@ -91,6 +105,7 @@ impl Request {
             Self::Rpc(_) => "rpc",
             Self::Refresh(_) => "refresh",
             Self::SubRefresh(_) => "sub_refresh",
+            Self::Invalid { name, .. } => name,
         }
     }
 }
@@ -277,6 +292,16 @@ impl Command {
         if let Some(s) = raw.send {
             send = Some(s);
         }
+        Self::assemble(id, requests, send)
+    }
+
+    /// The rules shared by both encodings: exactly one request with an id, or a `send` alone, or
+    /// nothing at all with id 0 (a pong).
+    pub(crate) fn assemble(
+        id: u32,
+        mut requests: Vec<Request>,
+        send: Option<SendRequest>,
+    ) -> Result<Self, CommandError> {
         match (requests.len(), send) {
             (0, Some(s)) => Ok(Command::Send(s)),
             (0, None) if id == 0 => Ok(Command::Pong),

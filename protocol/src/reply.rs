@@ -1,27 +1,54 @@
-//! Replies and pushes: what the server sends.
+//! Replies and pushes: what the server sends, as typed values encoded once at the edge.
 //!
-//! Every message is one JSON object on one line. A reply carries the command's `id` and either the
-//! result object (always present, even when empty: the SDKs dereference it) or an `error`. A push has
-//! no id and a `push` key. The ping is the empty object `{}`.
+//! A [`Reply`] answers a command (its `id` and either a result or an error); a [`Push`] is an
+//! asynchronous message about a channel; the ping is an empty reply. Each has two encodings
+//! ([`Encoding`]): JSON, one object on one line (the result object always present, even when empty:
+//! the SDKs dereference it), and Protobuf, one varint-length-delimited `Reply` message
+//! ([`crate::pb`]). Application data (publication payloads, connection and channel info) is JSON in
+//! both: embedded as raw JSON in the first, its raw bytes in the `bytes` fields of the second.
 
-use serde::Serialize;
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 use crate::codes::ReplyError;
 
-/// The server ping: an empty reply.
+/// The server ping in JSON: an empty reply.
 pub const PING: &str = "{}";
 
-/// Encodes a successful reply: `{"id":N,"<name>":<result>}`.
-pub fn encode_reply<T: Serialize>(id: u32, name: &str, result: &T) -> String {
-    let body = serde_json::to_string(result).unwrap_or_else(|_| "{}".to_owned());
-    format!("{{\"id\":{id},\"{name}\":{body}}}")
+/// How a connection's messages are encoded (chosen once, at the WebSocket upgrade).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Encoding {
+    /// JSON objects, `\n`-separated, in text frames.
+    #[default]
+    Json,
+    /// Varint-length-delimited Protobuf messages, concatenated, in binary frames.
+    Protobuf,
 }
 
-/// Encodes an error reply: `{"id":N,"error":{...}}`.
-pub fn encode_error(id: u32, error: &ReplyError) -> String {
-    let body = serde_json::to_string(error).unwrap_or_else(|_| "{}".to_owned());
-    format!("{{\"id\":{id},\"error\":{body}}}")
+impl Encoding {
+    /// The encoded server ping (an empty reply).
+    pub fn ping(self) -> &'static [u8] {
+        match self {
+            Self::Json => PING.as_bytes(),
+            // The length (0) of an empty `Reply`.
+            Self::Protobuf => &[0],
+        }
+    }
+
+    /// Joins encoded messages into one frame's payload: `\n` between JSON objects, nothing between
+    /// length-delimited Protobuf messages.
+    pub fn join<B: AsRef<[u8]>>(self, messages: &[B]) -> Vec<u8> {
+        let len: usize = messages.iter().map(|m| m.as_ref().len() + 1).sum();
+        let mut frame = Vec::with_capacity(len);
+        for (i, m) in messages.iter().enumerate() {
+            if i > 0 && self == Self::Json {
+                frame.push(b'\n');
+            }
+            frame.extend_from_slice(m.as_ref());
+        }
+        frame
+    }
 }
 
 /// An empty result object, for `publish`, `unsubscribe` and the like.
@@ -29,17 +56,19 @@ pub fn encode_error(id: u32, error: &ReplyError) -> String {
 pub struct Empty {}
 
 /// Who published, or who joined or left: `ClientInfo` of the protocol.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientInfo {
     /// The user id ("" when anonymous).
+    #[serde(default)]
     pub user: String,
     /// The connection's client id.
+    #[serde(default)]
     pub client: String,
     /// Connection info (from the token), if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conn_info: Option<Box<RawValue>>,
     /// Channel info (from the subscription token), if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chan_info: Option<Box<RawValue>>,
 }
 
@@ -95,7 +124,7 @@ pub struct Publication<'a> {
     pub data: &'a RawValue,
     /// Offset in the channel's stream.
     pub offset: u64,
-    /// The publisher, for client publications.
+    /// The publisher, for client publications: the JSON of a [`ClientInfo`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub info: Option<&'a RawValue>,
 }
@@ -143,6 +172,31 @@ pub struct HistoryResult<'a> {
     pub offset: u64,
 }
 
+/// Result of `presence`: the members, keyed by their client id on the wire.
+#[derive(Debug, Default)]
+pub struct PresenceResult {
+    /// The members.
+    pub presence: Vec<ClientInfo>,
+}
+
+impl Serialize for PresenceResult {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        struct Members<'a>(&'a [ClientInfo]);
+        impl Serialize for Members<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut map = s.serialize_map(Some(self.0.len()))?;
+                for m in self.0 {
+                    map.serialize_entry(&m.client, m)?;
+                }
+                map.end()
+            }
+        }
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry("presence", &Members(&self.presence))?;
+        map.end()
+    }
+}
+
 /// Result of `presence_stats`.
 #[derive(Debug, Serialize)]
 pub struct PresenceStatsResult {
@@ -152,17 +206,193 @@ pub struct PresenceStatsResult {
     pub num_users: u32,
 }
 
-/// Encodes a `pub` push: `{"push":{"channel":C,"pub":{...}}}`.
-pub fn encode_pub_push(channel: &str, publication: &Publication<'_>) -> String {
-    let channel = serde_json::to_string(channel).unwrap_or_else(|_| "\"\"".to_owned());
-    let body = serde_json::to_string(publication).unwrap_or_else(|_| "{}".to_owned());
-    format!("{{\"push\":{{\"channel\":{channel},\"pub\":{body}}}}}")
+/// The answer to a command: its id and a result or an error.
+#[derive(Debug)]
+pub struct Reply<'a> {
+    /// The command's id (> 0).
+    pub id: u32,
+    /// The result or the error.
+    pub body: ReplyBody<'a>,
 }
 
-/// Encodes an `unsubscribe` push with its code and reason (both mandatory for centrifuge-python).
-pub fn encode_unsubscribe_push(channel: &str, code: u32, reason: &str) -> String {
-    serde_json::json!({"push": {"channel": channel, "unsubscribe": {"code": code, "reason": reason}}})
-        .to_string()
+/// What a reply carries.
+#[derive(Debug)]
+pub enum ReplyBody<'a> {
+    /// The command failed.
+    Error(ReplyError),
+    /// `connect` succeeded.
+    Connect(ConnectResult),
+    /// `subscribe` succeeded.
+    Subscribe(SubscribeResult<'a>),
+    /// `unsubscribe` done (empty result).
+    Unsubscribe,
+    /// `publish` done (empty result).
+    Publish,
+    /// `presence` result.
+    Presence(PresenceResult),
+    /// `presence_stats` result.
+    PresenceStats(PresenceStatsResult),
+    /// `history` result.
+    History(HistoryResult<'a>),
+    /// `refresh` succeeded.
+    Refresh(RefreshResult),
+    /// `sub_refresh` succeeded.
+    SubRefresh(SubRefreshResult),
+}
+
+impl<'a> Reply<'a> {
+    /// A reply with a result (or an error).
+    pub fn new(id: u32, body: ReplyBody<'a>) -> Self {
+        Self { id, body }
+    }
+
+    /// An error reply.
+    pub fn error(id: u32, error: ReplyError) -> Self {
+        Self {
+            id,
+            body: ReplyBody::Error(error),
+        }
+    }
+
+    /// The JSON encoding: one line.
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail: every map key is a string.
+        serde_json::to_string(self).unwrap_or_else(|_| format!("{{\"id\":{}}}", self.id))
+    }
+
+    /// The message in `encoding`, ready to be joined into a frame ([`Encoding::join`]).
+    pub fn encode(&self, encoding: Encoding) -> Vec<u8> {
+        match encoding {
+            Encoding::Json => self.to_json().into_bytes(),
+            Encoding::Protobuf => crate::pb::encode_reply(self),
+        }
+    }
+}
+
+impl Serialize for Reply<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry("id", &self.id)?;
+        match &self.body {
+            ReplyBody::Error(e) => map.serialize_entry("error", e)?,
+            ReplyBody::Connect(r) => map.serialize_entry("connect", r)?,
+            ReplyBody::Subscribe(r) => map.serialize_entry("subscribe", r)?,
+            ReplyBody::Unsubscribe => map.serialize_entry("unsubscribe", &Empty {})?,
+            ReplyBody::Publish => map.serialize_entry("publish", &Empty {})?,
+            ReplyBody::Presence(r) => map.serialize_entry("presence", r)?,
+            ReplyBody::PresenceStats(r) => map.serialize_entry("presence_stats", r)?,
+            ReplyBody::History(r) => map.serialize_entry("history", r)?,
+            ReplyBody::Refresh(r) => map.serialize_entry("refresh", r)?,
+            ReplyBody::SubRefresh(r) => map.serialize_entry("sub_refresh", r)?,
+        }
+        map.end()
+    }
+}
+
+/// An asynchronous message about a channel (no id).
+#[derive(Debug)]
+pub enum Push<'a> {
+    /// A publication (`pub`).
+    Pub {
+        /// The channel.
+        channel: &'a str,
+        /// The publication.
+        publication: Publication<'a>,
+    },
+    /// Someone subscribed (`join`).
+    Join {
+        /// The channel.
+        channel: &'a str,
+        /// Who.
+        info: &'a ClientInfo,
+    },
+    /// Someone unsubscribed (`leave`).
+    Leave {
+        /// The channel.
+        channel: &'a str,
+        /// Who.
+        info: &'a ClientInfo,
+    },
+    /// The server ended the subscription (`unsubscribe`, with a code of [`crate::codes`]).
+    Unsubscribe {
+        /// The channel.
+        channel: &'a str,
+        /// Unsubscribe code (2500–2999: the SDK resubscribes).
+        code: u32,
+        /// Why (mandatory for centrifuge-python).
+        reason: &'a str,
+    },
+}
+
+impl Push<'_> {
+    /// The JSON encoding: `{"push":{"channel":C,"<kind>":{...}}}` on one line.
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Info<'a> {
+            info: &'a ClientInfo,
+        }
+        #[derive(Serialize)]
+        struct Unsub<'a> {
+            code: u32,
+            reason: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            channel: &'a str,
+            #[serde(rename = "pub", skip_serializing_if = "Option::is_none")]
+            publication: Option<&'a Publication<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            join: Option<Info<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            leave: Option<Info<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            unsubscribe: Option<Unsub<'a>>,
+        }
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            push: Body<'a>,
+        }
+        let (channel, publication, join, leave, unsubscribe) = match self {
+            Push::Pub {
+                channel,
+                publication,
+            } => (*channel, Some(publication), None, None, None),
+            Push::Join { channel, info } => (*channel, None, Some(Info { info }), None, None),
+            Push::Leave { channel, info } => (*channel, None, None, Some(Info { info }), None),
+            Push::Unsubscribe {
+                channel,
+                code,
+                reason,
+            } => (
+                *channel,
+                None,
+                None,
+                None,
+                Some(Unsub {
+                    code: *code,
+                    reason,
+                }),
+            ),
+        };
+        let envelope = Envelope {
+            push: Body {
+                channel,
+                publication,
+                join,
+                leave,
+                unsubscribe,
+            },
+        };
+        serde_json::to_string(&envelope).unwrap_or_else(|_| "{\"push\":{}}".to_owned())
+    }
+
+    /// The message in `encoding`, ready to be joined into a frame ([`Encoding::join`]).
+    pub fn encode(&self, encoding: Encoding) -> Vec<u8> {
+        match encoding {
+            Encoding::Json => self.to_json().into_bytes(),
+            Encoding::Protobuf => crate::pb::encode_push(self),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -173,22 +403,23 @@ mod tests {
     #[test]
     fn encodings() {
         assert_eq!(
-            encode_reply(3, "publish", &Empty {}),
+            Reply::new(3, ReplyBody::Publish).to_json(),
             r#"{"id":3,"publish":{}}"#
         );
         assert_eq!(
-            encode_error(4, &ReplyError::new(ErrorCode::NotAvailable)),
+            Reply::error(4, ReplyError::new(ErrorCode::NotAvailable)).to_json(),
             r#"{"id":4,"error":{"code":108,"message":"not available"}}"#
         );
         let data = RawValue::from_string(r#"{"a":"x\ny"}"#.to_owned()).unwrap();
-        let push = encode_pub_push(
-            "news",
-            &Publication {
+        let push = Push::Pub {
+            channel: "news",
+            publication: Publication {
                 data: &data,
                 offset: 5,
                 info: None,
             },
-        );
+        }
+        .to_json();
         assert_eq!(
             push,
             r#"{"push":{"channel":"news","pub":{"data":{"a":"x\ny"},"offset":5}}}"#
@@ -206,8 +437,50 @@ mod tests {
             ttl: None,
         };
         assert_eq!(
-            encode_reply(2, "subscribe", &sub),
+            Reply::new(2, ReplyBody::Subscribe(sub)).to_json(),
             r#"{"id":2,"subscribe":{"recoverable":true,"positioned":true,"epoch":"e","offset":0}}"#
         );
+    }
+
+    #[test]
+    fn push_and_presence_json() {
+        assert_eq!(
+            Push::Unsubscribe {
+                channel: "c",
+                code: 2500,
+                reason: "insufficient state"
+            }
+            .to_json(),
+            r#"{"push":{"channel":"c","unsubscribe":{"code":2500,"reason":"insufficient state"}}}"#
+        );
+        let info = ClientInfo {
+            user: "u".into(),
+            client: "c1".into(),
+            conn_info: None,
+            chan_info: Some(RawValue::from_string(r#"{"n":1}"#.into()).unwrap()),
+        };
+        assert_eq!(
+            Push::Join {
+                channel: "room",
+                info: &info
+            }
+            .to_json(),
+            r#"{"push":{"channel":"room","join":{"info":{"user":"u","client":"c1","chan_info":{"n":1}}}}}"#
+        );
+        let presence = PresenceResult {
+            presence: vec![info.clone()],
+        };
+        assert_eq!(
+            Reply::new(9, ReplyBody::Presence(presence)).to_json(),
+            r#"{"id":9,"presence":{"presence":{"c1":{"user":"u","client":"c1","chan_info":{"n":1}}}}}"#
+        );
+    }
+
+    #[test]
+    fn frames_join_by_encoding() {
+        assert_eq!(Encoding::Json.join(&[b"{}", b"{}"]), b"{}\n{}");
+        assert_eq!(Encoding::Protobuf.join(&[&[0u8][..], &[0u8][..]]), [0, 0]);
+        assert_eq!(Encoding::Json.ping(), b"{}");
+        assert_eq!(Encoding::Protobuf.ping(), [0]);
     }
 }

@@ -7,9 +7,12 @@
 //   stdin   RESTARTED <json>             {"msg_ids": [...]} rows inserted with SQL while it was down
 //   stdout  RESULT passed=N failed=M     last line; exit code 0 only when failed == 0
 // Environment: RELAY_WS_URL (required), SCENARIO_LABEL, STEP_TIMEOUT_MS (default 20000),
-// RESTART_TIMEOUT_MS (default 90000), FRAME_LOG (file that gets every WebSocket frame), RUN_TAG.
+// RESTART_TIMEOUT_MS (default 90000), FRAME_LOG (file that gets every WebSocket frame), RUN_TAG,
+// SDK_PROTOCOL (`json`, the default, or `protobuf`: the SDK's Protobuf build, binary frames; then
+// publication data travels as the bytes of its JSON, encoded and decoded here).
 
-import { Centrifuge } from 'centrifuge';
+import { Centrifuge as JsonCentrifuge } from 'centrifuge';
+import { Centrifuge as ProtobufCentrifuge } from 'centrifuge/build/protobuf';
 import WebSocket from 'ws';
 import fs from 'node:fs';
 import readline from 'node:readline';
@@ -22,6 +25,18 @@ const RESTART_MS = Number(process.env.RESTART_TIMEOUT_MS || 90000);
 const tag = process.env.RUN_TAG || randomBytes(4).toString('hex');
 const IN_CHANNEL = 'incoming-chat';
 const OUT_CHANNEL = 'outgoing-chat';
+const PROTOBUF = process.env.SDK_PROTOCOL === 'protobuf';
+const Centrifuge = PROTOBUF ? ProtobufCentrifuge : JsonCentrifuge;
+
+/** Publication data as the SDK wants it: the JSON value, or in Protobuf mode its UTF-8 bytes. */
+function encodeData(value) {
+  return PROTOBUF ? new TextEncoder().encode(JSON.stringify(value)) : value;
+}
+
+/** Publication data from the SDK as a JSON value (Protobuf mode hands over bytes). */
+function decodeData(data) {
+  return data instanceof Uint8Array ? JSON.parse(new TextDecoder().decode(data)) : data;
+}
 
 if (!url) {
   console.log('FAIL setup: RELAY_WS_URL is not set');
@@ -42,20 +57,26 @@ function logFrame(dir, text) {
   if (frameLog) frameLog.write(`${new Date().toISOString()} ${dir} ${text}\n`);
 }
 
+/** What the sockets saw: frame kinds received and the subprotocols the server selected. */
+const wire = { binaryIn: 0, textIn: 0, selected: [] };
+
 /** The ws class, with every sent and received frame written to FRAME_LOG. */
 class LoggingWebSocket extends WebSocket {
   constructor(address, protocols, options) {
     super(address, protocols, options);
     logFrame('*', `open ${address} protocols=${JSON.stringify(protocols ?? null)}`);
+    this.on('open', () => wire.selected.push(this.protocol));
     this.on('message', (data, isBinary) => {
-      logFrame('<', isBinary ? `[BINARY frame, ${data.length} bytes] ${data.toString()}` : data.toString());
+      if (isBinary) wire.binaryIn++;
+      else wire.textIn++;
+      logFrame('<', isBinary ? `[BINARY frame, ${data.length} bytes] ${Buffer.from(data).toString('hex')}` : data.toString());
     });
     this.on('close', (code, reason) => logFrame('*', `close code=${code} reason=${reason.toString()}`));
     this.on('error', (err) => logFrame('*', `error ${err.message}`));
   }
 
   send(data, ...rest) {
-    logFrame('>', String(data));
+    logFrame('>', typeof data === 'string' ? data : `[BINARY frame] ${Buffer.from(data).toString('hex')}`);
     return super.send(data, ...rest);
   }
 }
@@ -122,7 +143,7 @@ function describe(v) {
 }
 
 function pubSummary(ctx) {
-  const d = ctx.data || {};
+  const d = decodeData(ctx.data) || {};
   return { offset: ctx.offset, type: d.type, msg_id: d.row?.msg_id, msg_data: d.row?.msg_data };
 }
 
@@ -163,7 +184,7 @@ sub.on('subscribing', (ctx) => record('subscribing', ctx));
 sub.on('subscribed', (ctx) => record('subscribed', ctx));
 sub.on('unsubscribed', (ctx) => record('unsubscribed', ctx));
 sub.on('error', (ctx) => record('sub-error', ctx));
-sub.on('publication', (ctx) => record('pub', ctx));
+sub.on('publication', (ctx) => record('pub', { ...ctx, data: decodeData(ctx.data) }));
 
 const state = {};
 const username = `${label}-alice-${tag}`;
@@ -186,6 +207,15 @@ const steps = [
     state.clientId = c.client;
     return `client id ${c.client}`;
   }],
+  ['the connection speaks the expected encoding', async () => {
+    if (PROTOBUF) {
+      expect(wire.selected[0] === 'centrifuge-protobuf', `selected subprotocol ${describe(wire.selected)}, want centrifuge-protobuf`);
+      expect(wire.binaryIn > 0 && wire.textIn === 0, `frames in: ${wire.binaryIn} binary, ${wire.textIn} text; want binary only`);
+    } else {
+      expect(wire.textIn > 0 && wire.binaryIn === 0, `frames in: ${wire.binaryIn} binary, ${wire.textIn} text; want text only`);
+    }
+    return `${PROTOBUF ? 'protobuf' : 'json'}: ${wire.binaryIn} binary, ${wire.textIn} text frames in`;
+  }],
   ['subscribe incoming-chat recoverable+positioned', async () => {
     const s = await waitFor('subscribed event', () => events.find((e) => e.kind === 'subscribed')?.ctx);
     expect(s.recoverable === true, `subscribed.recoverable is ${s.recoverable}, want true`);
@@ -201,7 +231,7 @@ const steps = [
   }, { critical: false }],
   ['publish chatMsg on outgoing-chat', async () => {
     state.t0 = Date.now();
-    await withTimeout(client.publish(OUT_CHANNEL, { name: 'chatMsg', data: { username, content } }), 'publish chatMsg reply');
+    await withTimeout(client.publish(OUT_CHANNEL, encodeData({ name: 'chatMsg', data: { username, content } })), 'publish chatMsg reply');
   }],
   ['receive INSERT row with offset', async () => {
     const p = await waitFor(`INSERT publication with msg_data=${describe(content)}`, () => findInsert(content));
@@ -221,10 +251,10 @@ const steps = [
     expect(row.client_id === state.clientId, `row.client_id ${describe(row.client_id)}, want the connection's client id ${describe(state.clientId)}`);
   }, { critical: false }],
   ['publish editedMsg on outgoing-chat', async () => {
-    await withTimeout(client.publish(OUT_CHANNEL, {
+    await withTimeout(client.publish(OUT_CHANNEL, encodeData({
       name: 'editedMsg',
       data: { username, content: editedContent, msgIdToEdit: state.msgId },
-    }), 'publish editedMsg reply');
+    })), 'publish editedMsg reply');
   }],
   ['receive UPDATE row (is_edited) at the next offset', async () => {
     const p = await waitFor(`UPDATE publication for msg_id ${state.msgId}`,
@@ -245,10 +275,10 @@ const steps = [
     try {
       let err = null;
       try {
-        await withTimeout(intruder.publish(OUT_CHANNEL, {
+        await withTimeout(intruder.publish(OUT_CHANNEL, encodeData({
           name: 'editedMsg',
           data: { username: 'intruder', content: `FORGED ${tag}`, msgIdToEdit: state.msgId },
-        }), 'publish of the forged edit');
+        })), 'publish of the forged edit');
       } catch (e) {
         err = e;
       }
@@ -324,7 +354,7 @@ const steps = [
   }],
   ['publish and receive live after the restart', async () => {
     const t = Date.now();
-    await withTimeout(client.publish(OUT_CHANNEL, { name: 'chatMsg', data: { username, content: liveContent } }), 'publish chatMsg reply');
+    await withTimeout(client.publish(OUT_CHANNEL, encodeData({ name: 'chatMsg', data: { username, content: liveContent } })), 'publish chatMsg reply');
     const p = await waitFor('INSERT publication after the restart', () => findInsert(liveContent, t));
     expect(p.offset === state.lastOffset + 1, `offset ${p.offset}, want ${state.lastOffset + 1}`);
     state.lastOffset = p.offset;

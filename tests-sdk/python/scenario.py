@@ -8,7 +8,8 @@ Protocol with the orchestrator (one line each):
   stdout  RESULT passed=N failed=M     last line; exit code 0 only when failed == 0
 Environment: RELAY_WS_URL (required), SCENARIO_LABEL, STEP_TIMEOUT_MS (default 20000),
 RESTART_TIMEOUT_MS (default 90000), FRAME_LOG (file that gets the SDK's debug log, which holds every
-frame), RUN_TAG.
+frame), RUN_TAG, SDK_PROTOCOL (`json`, the default, or `protobuf`: the client is created with
+`use_protobuf=True`; publication data then travels as the bytes of its JSON, encoded and decoded here).
 
 SDK callbacks only record events: they run on the SDK's read loop and must not await SDK calls.
 """
@@ -43,6 +44,7 @@ LABEL = os.environ.get("SCENARIO_LABEL", "python")
 STEP_S = float(os.environ.get("STEP_TIMEOUT_MS", "20000")) / 1000
 RESTART_S = float(os.environ.get("RESTART_TIMEOUT_MS", "90000")) / 1000
 TAG = os.environ.get("RUN_TAG") or secrets.token_hex(4)
+PROTOBUF = os.environ.get("SDK_PROTOCOL") == "protobuf"
 IN_CHANNEL = "incoming-chat"
 OUT_CHANNEL = "outgoing-chat"
 
@@ -130,8 +132,20 @@ class SubEvents(SubscriptionEventHandler):
         REC.record("pub", ctx)
 
 
+def as_json(data) -> dict:
+    """Publication data as a JSON object: a dict in JSON mode, the bytes of its JSON in Protobuf mode."""
+    if isinstance(data, (bytes, bytearray)):
+        data = json.loads(bytes(data).decode())
+    return data if isinstance(data, dict) else {}
+
+
+def encode_data(value):
+    """Publication data as the SDK wants it: the value, or in Protobuf mode the bytes of its JSON."""
+    return json.dumps(value).encode() if PROTOBUF else value
+
+
 def pub_summary(ctx: PublicationContext) -> dict:
-    data = ctx.pub.data if isinstance(ctx.pub.data, dict) else {}
+    data = as_json(ctx.pub.data)
     row = data.get("row") or {}
     return {
         "offset": ctx.pub.offset,
@@ -142,7 +156,7 @@ def pub_summary(ctx: PublicationContext) -> dict:
 
 
 def pub_data(ctx: PublicationContext) -> dict:
-    return ctx.pub.data if isinstance(ctx.pub.data, dict) else {}
+    return as_json(ctx.pub.data)
 
 
 def start_stdin_reader(loop: asyncio.AbstractEventLoop) -> None:
@@ -198,6 +212,7 @@ async def main() -> int:
         timeout=5.0,
         min_reconnect_delay=0.2,
         max_reconnect_delay=1.0,
+        use_protobuf=PROTOBUF,
     )
     sub = client.new_subscription(IN_CHANNEL, events=SubEvents(), recoverable=True, positioned=True)
 
@@ -240,7 +255,7 @@ async def main() -> int:
 
     async def step_publish_chat():
         await with_timeout(
-            client.publish(OUT_CHANNEL, {"name": "chatMsg", "data": {"username": username, "content": content}}),
+            client.publish(OUT_CHANNEL, encode_data({"name": "chatMsg", "data": {"username": username, "content": content}})),
             "publish chatMsg reply",
         )
 
@@ -269,10 +284,12 @@ async def main() -> int:
         await with_timeout(
             client.publish(
                 OUT_CHANNEL,
-                {
-                    "name": "editedMsg",
-                    "data": {"username": username, "content": edited_content, "msgIdToEdit": state["msg_id"]},
-                },
+                encode_data(
+                    {
+                        "name": "editedMsg",
+                        "data": {"username": username, "content": edited_content, "msgIdToEdit": state["msg_id"]},
+                    }
+                ),
             ),
             "publish editedMsg reply",
         )
@@ -301,7 +318,7 @@ async def main() -> int:
     async def step_history():
         h = await with_timeout(sub.history(limit=10, since=state["start"]), "history since subscribe position")
         got = [
-            {"offset": p.offset, "type": (p.data or {}).get("type"), "msg_id": ((p.data or {}).get("row") or {}).get("msg_id")}
+            {"offset": p.offset, "type": as_json(p.data).get("type"), "msg_id": (as_json(p.data).get("row") or {}).get("msg_id")}
             for p in h.publications
         ]
         expect(len(got) == 2, f"history since {state['start']}: {len(got)} publications, want 2: {describe(got)}")
@@ -379,7 +396,7 @@ async def main() -> int:
     async def step_live():
         t = time.monotonic()
         await with_timeout(
-            client.publish(OUT_CHANNEL, {"name": "chatMsg", "data": {"username": username, "content": live_content}}),
+            client.publish(OUT_CHANNEL, encode_data({"name": "chatMsg", "data": {"username": username, "content": live_content}})),
             "publish chatMsg reply",
         )
         p = await REC.wait_for("INSERT publication after the restart", lambda: find_insert(live_content, t))

@@ -214,6 +214,16 @@ impl Member {
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
     }
+
+    /// The member as the protocol's `ClientInfo` (for join/leave pushes and presence replies).
+    pub fn client_info(&self) -> relay_protocol::reply::ClientInfo {
+        relay_protocol::reply::ClientInfo {
+            user: self.user.clone(),
+            client: self.client.clone(),
+            conn_info: self.conn_info.as_deref().map(ToOwned::to_owned),
+            chan_info: self.chan_info.as_deref().map(ToOwned::to_owned),
+        }
+    }
 }
 
 /// A server-API order to close connections of a user, carried to every node.
@@ -865,8 +875,8 @@ fn node_name() -> String {
 
 fn handle_event(state: &AppState, event: Event) {
     match event {
-        Event::Join { channel, info } => push(state, &channel, "join", &info),
-        Event::Leave { channel, info } => push(state, &channel, "leave", &info),
+        Event::Join { channel, info } => push(state, &channel, crate::hub::Presence::Join, &info),
+        Event::Leave { channel, info } => push(state, &channel, crate::hub::Presence::Leave, &info),
         Event::Disconnect(order) => {
             let n = state.presence.apply_disconnect(&order);
             if n > 0 {
@@ -877,16 +887,12 @@ fn handle_event(state: &AppState, event: Event) {
 }
 
 /// Hands a `join` / `leave` push to the channel's subscribers on this node.
-fn push(state: &AppState, channel: &str, kind: &str, info: &Member) {
-    if !state.hub.has_subscribers(channel) {
-        return;
+fn push(state: &AppState, channel: &str, kind: crate::hub::Presence, info: &Member) {
+    if state.hub.has_subscribers(channel) {
+        state
+            .hub
+            .push_join_leave(channel, kind, &info.client_info());
     }
-    let frame = format!(
-        "{{\"push\":{{\"channel\":{},\"{kind}\":{{\"info\":{}}}}}}}",
-        Value::String(channel.to_owned()),
-        info.to_json()
-    );
-    state.hub.push_event(channel, frame);
 }
 
 /// Members of `channel` on every live node, as its presence entry lists them: one per user where

@@ -1,0 +1,386 @@
+//! One task per WebSocket connection: commands in, replies and pushes out, the ping timer, and the
+//! close code that tells the SDK what to do next.
+//!
+//! Commands of a frame are handled in order (centrifuge-js sends `connect` and its `subscribe`s in one
+//! frame), and their replies go out together in one frame. Pushes arrive from the hub through a
+//! bounded mailbox; each subscription remembers the offset it has delivered, so a publication that
+//! was already part of a subscribe reply is not sent twice, and a gap is never passed over silently
+//! (the client is told to resubscribe and recover). Publishes to a rule's target run concurrently
+//! with the session, so a slow writer does not hold back pushes.
+//!
+//! Authorization happens here, once per command ([`crate::auth`]): the connection's identity at
+//! `connect` (and `refresh`), channel permissions and subscription tokens at `subscribe`, `publish`,
+//! `history` and `presence`, never per delivered publication. A connection or subscription whose
+//! token expired and was not refreshed within `auth.expired_close_delay_secs` is closed with 3005, or
+//! unsubscribed with 2501 (the SDK resubscribes with a new token).
+//!
+//! # Layout
+//! - this file: the session's state, [`serve`] and the loop (socket, mailbox, timers);
+//! - `commands`: one handler per request, each building a typed [`relay_protocol::Reply`] and encoding
+//!   it once in the connection's encoding;
+//! - `subscriptions`: `subscribe` and the delivery of hub publications, with the pure offset/gap
+//!   logic ([`subscriptions::SubState::accept`]) unit-tested without a socket or a database;
+//! - `encode`: frames on the wire (JSON text frames of lines, Protobuf binary frames of
+//!   length-delimited messages) and the timed writes.
+
+mod commands;
+mod encode;
+mod subscriptions;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, SplitSink};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use relay_protocol::channel::validate_channel;
+use relay_protocol::command::{
+    ChannelRequest, ConnectRequest, HistoryRequest, PublishRequest, RefreshRequest,
+    SubRefreshRequest, SubscribeRequest,
+};
+use relay_protocol::reply::{
+    self, ClientInfo, ConnectResult, Encoding, HistoryResult, Publication, Push, RefreshResult,
+    Reply, ReplyBody, SubRefreshResult, SubscribeResult,
+};
+use relay_protocol::{Command, CommandError, Disconnect, ErrorCode, ReplyError, Request, pb};
+
+use crate::auth::{self, ConnectError, Identity, Op, SubscriptionError};
+use crate::db::fence;
+use crate::db::history::{self, Bound, Keep, StoredPublication};
+use crate::hub::{Delivery, Subscriber};
+use crate::limits::TokenBucket;
+use crate::rules::{self, NamedData};
+use crate::state::AppState;
+
+use encode::{feed_all, send_lines};
+use subscriptions::SubState;
+
+/// WebSocket close code for a message over the size limit (the SDKs treat it as terminal).
+pub(super) const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
+
+/// The error of a command whose reply would not fit in what is left of the connection's outbound
+/// byte budget (`client.outbound_queue_bytes`).
+/// The error of a command whose large reply would pass the process-wide allowance
+/// (`client.replies_in_flight_bytes`): temporary, the SDK retries.
+pub(super) fn replies_busy() -> ReplyError {
+    ReplyError::with_message(
+        ErrorCode::TooManyRequests,
+        "server busy with large replies: retry",
+    )
+}
+
+pub(super) fn reply_too_large() -> ReplyError {
+    ReplyError::with_message(
+        ErrorCode::LimitExceeded,
+        "reply too large for the connection's byte budget: ask for fewer publications",
+    )
+}
+
+/// What the handling of a frame asks the loop to do.
+enum Flow {
+    Continue,
+    Close(Disconnect),
+}
+
+/// A session's state.
+struct Session {
+    state: Arc<AppState>,
+    id: u64,
+    client: String,
+    identity: Identity,
+    connected: bool,
+    publish_bucket: TokenBucket,
+    /// Subscribes and unsubscribes of this connection.
+    subscribe_bucket: TokenBucket,
+    /// The client's IP (the socket's peer, or the trusted proxies' `X-Forwarded-For`).
+    ip: String,
+    /// Bytes the replies of the frame being handled may still take.
+    reply_budget: usize,
+    /// The process-wide allowance its large replies hold until they are written.
+    held: Vec<tokio::sync::OwnedSemaphorePermit>,
+    /// The earliest moment a token expiry (connection or subscription) must be acted on.
+    next_expiry: Option<Instant>,
+    subs: HashMap<String, SubState>,
+    mailbox: mpsc::Sender<Arc<Delivery>>,
+    slow: CancellationToken,
+    /// Bytes waiting in the mailbox (shared with the hub, which refuses more than the limit).
+    queued: Arc<AtomicUsize>,
+    pending: FuturesUnordered<BoxFuture<'static, Reply<'static>>>,
+    pong_deadline: Option<Instant>,
+    /// Fired by a server-API `disconnect` order (registered at `connect`).
+    kick: Option<Arc<crate::presence::Kick>>,
+    /// JSON or Protobuf, chosen at the upgrade: every message in and out uses it.
+    encoding: Encoding,
+}
+
+/// Encoded messages (replies, pushes) waiting to be joined into one frame.
+type Out = Vec<Vec<u8>>;
+
+type Sink = SplitSink<WebSocket, Message>;
+
+/// Serves one upgraded WebSocket, from the client at `ip`, in `encoding`, until it closes.
+pub async fn serve(
+    socket: WebSocket,
+    state: Arc<AppState>,
+    ip: std::net::IpAddr,
+    encoding: Encoding,
+) {
+    let (mailbox, inbox) = mpsc::channel(state.config.client.outbound_queue);
+    let mut session = Session {
+        id: state.hub.next_session_id(),
+        client: uuid::Uuid::new_v4().to_string(),
+        identity: Identity::default(),
+        connected: false,
+        publish_bucket: TokenBucket::new(
+            state.config.client.publish_rate_per_sec,
+            state.config.client.publish_burst,
+        ),
+        subscribe_bucket: TokenBucket::new(
+            state.config.client.subscribe_rate_per_sec,
+            state.config.client.subscribe_burst,
+        ),
+        ip: ip.to_string(),
+        reply_budget: 0,
+        held: Vec::new(),
+        next_expiry: None,
+        subs: HashMap::new(),
+        mailbox,
+        slow: CancellationToken::new(),
+        queued: Arc::new(AtomicUsize::new(0)),
+        pending: FuturesUnordered::new(),
+        pong_deadline: None,
+        kick: None,
+        encoding,
+        state,
+    };
+    session
+        .state
+        .metrics
+        .connections
+        .fetch_add(1, Ordering::Relaxed);
+    session.run(socket, inbox).await;
+    session
+        .state
+        .metrics
+        .connections
+        .fetch_sub(1, Ordering::Relaxed);
+    // Its memberships leave presence now (join/leave pushes announce it on every node); on shutdown
+    // the node removes all of its members at once.
+    session
+        .state
+        .presence
+        .end_session(&session.client, session.state.shutdown.is_cancelled())
+        .await;
+    for channel in session.subs.keys() {
+        session.state.hub.unsubscribe(channel, session.id);
+    }
+}
+
+impl Session {
+    async fn run(&mut self, socket: WebSocket, mut inbox: mpsc::Receiver<Arc<Delivery>>) {
+        let (mut sink, mut stream) = socket.split();
+        let cfg = self.state.config.clone();
+        let cfg = &cfg.client;
+        let ping_every = Duration::from_secs(cfg.ping_interval_secs);
+        let write_timeout = Duration::from_secs(cfg.write_timeout_secs);
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        let connect_deadline = tokio::time::sleep(Duration::from_secs(cfg.connect_timeout_secs));
+        tokio::pin!(connect_deadline);
+        let shutdown = self.state.shutdown.clone();
+        let slow = self.slow.clone();
+
+        let close: Option<(u16, Utf8Bytes)> = loop {
+            let pong_deadline = self.pong_deadline;
+            let pong_timeout = async move {
+                match pong_deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let kick = self.kick.clone();
+            let kicked = async move {
+                match kick {
+                    Some(k) => {
+                        k.kicked().await;
+                        k.advice()
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let next_expiry = self.next_expiry;
+            let expiry = async move {
+                match next_expiry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Some(code(Disconnect::SHUTDOWN)),
+                _ = slow.cancelled() => break Some(code(Disconnect::SLOW)),
+                (kick_code, reason) = kicked => break Some((kick_code, Utf8Bytes::from(reason))),
+                _ = &mut connect_deadline, if !self.connected => break Some(code(Disconnect::STALE)),
+                _ = pong_timeout => break Some(code(Disconnect::NO_PONG)),
+                _ = expiry => {
+                    let mut out = Vec::new();
+                    let flow = self.expire(&mut out);
+                    if !out.is_empty() && send_lines(&mut sink, self.encoding, &out, write_timeout).await.is_err() {
+                        break None;
+                    }
+                    if let Flow::Close(d) = flow {
+                        break Some(code(d));
+                    }
+                }
+                Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
+                    let line = reply.encode(self.encoding);
+                    if send_lines(&mut sink, self.encoding, &[line], write_timeout).await.is_err() {
+                        break None;
+                    }
+                }
+                _ = ping.tick() => {
+                    if send_lines(&mut sink, self.encoding, &[self.encoding.ping()], write_timeout).await.is_err() {
+                        break None;
+                    }
+                    if self.connected && self.pong_deadline.is_none() {
+                        self.pong_deadline = Some(Instant::now() + Duration::from_secs(cfg.pong_timeout_secs));
+                    }
+                }
+                message = stream.next() => match message {
+                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                        // JSON comes in text frames, Protobuf in binary ones.
+                        let frame: Bytes = match (self.encoding, message) {
+                            (Encoding::Json, Message::Text(text)) => Bytes::from(text),
+                            (Encoding::Protobuf, Message::Binary(bytes)) => bytes,
+                            _ => break Some(code(Disconnect::INAPPROPRIATE_PROTOCOL)),
+                        };
+                        let mut out = Vec::new();
+                        // Boxed: handling a command (subscribe, history, presence: database
+                        // queries) needs a large future, which an idle session need not carry.
+                        let flow = Box::pin(self.handle_frame(&frame, &mut out)).await;
+                        self.schedule_expiry();
+                        // The replies count against the outbound budget while they are written, so
+                        // the pushes that arrive meanwhile cannot take a whole budget more.
+                        let bytes: usize = out.iter().map(|l| l.len() + 1).sum();
+                        self.queued.fetch_add(bytes, Ordering::Relaxed);
+                        let sent = out.is_empty() || send_lines(&mut sink, self.encoding, &out, write_timeout).await.is_ok();
+                        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+                        drop(out);
+                        self.held.clear();
+                        if !sent {
+                            break None;
+                        }
+                        if let Flow::Close(d) = flow {
+                            break Some(code(d));
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None => break None,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        if is_capacity_error(e) {
+                            break Some((CLOSE_MESSAGE_TOO_BIG, Utf8Bytes::from_static("message size limit")));
+                        }
+                        break None;
+                    }
+                },
+                Some(delivery) = inbox.recv() => {
+                    let mut out = Vec::new();
+                    let mut flow = self.deliver(&delivery, &mut out);
+                    // Drain what else is waiting, to write it with one flush.
+                    while matches!(flow, Flow::Continue) && out.len() < 256 {
+                        match inbox.try_recv() {
+                            Ok(d) => flow = self.deliver(&d, &mut out),
+                            Err(_) => break,
+                        }
+                    }
+                    if feed_all(&mut sink, out, write_timeout).await.is_err() {
+                        break None;
+                    }
+                    if let Flow::Close(d) = flow {
+                        break Some(code(d));
+                    }
+                }
+            }
+        };
+        if close
+            .as_ref()
+            .is_some_and(|(c, _)| *c == Disconnect::SHUTDOWN.code)
+            && !self.pending.is_empty()
+        {
+            // Publishes already handed to their target get their reply before the shutdown close, so
+            // the client knows whether they were written (it would otherwise retry with a new id).
+            let grace = Duration::from_secs(self.state.config.shutdown_grace_secs / 2)
+                .min(Duration::from_secs(5));
+            let drain = async {
+                while let Some(reply) = self.pending.next().await {
+                    let line = reply.encode(self.encoding);
+                    if send_lines(&mut sink, self.encoding, &[line], write_timeout)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(grace, drain).await;
+        }
+        if let Some((code, reason)) = close {
+            tracing::debug!(client = %self.client, code, reason = reason.as_str(), "closing connection");
+            let frame = CloseFrame { code, reason };
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                sink.send(Message::Close(Some(frame))),
+            )
+            .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    }
+}
+
+/// A subscribe that fails: an error reply, or (a token for another channel, user or connection) a
+/// disconnect.
+pub(super) enum SubscribeError {
+    Reply(ReplyError),
+    Close(Disconnect),
+}
+
+impl From<ReplyError> for SubscribeError {
+    fn from(e: ReplyError) -> Self {
+        Self::Reply(e)
+    }
+}
+
+/// Seconds from now until `expires_at` (at least 1), for `expires`/`ttl` in replies.
+pub(super) fn ttl(expires_at: Option<u64>) -> Option<u32> {
+    expires_at.map(|at| u32::try_from(at.saturating_sub(unix_now()).max(1)).unwrap_or(u32::MAX))
+}
+
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub(super) fn boxed(raw: &RawValue) -> Box<RawValue> {
+    raw.to_owned()
+}
+
+pub(super) fn code(d: Disconnect) -> (u16, Utf8Bytes) {
+    (d.code, Utf8Bytes::from_static(d.reason))
+}
+
+pub(super) fn is_capacity_error(e: axum::Error) -> bool {
+    matches!(
+        e.into_inner()
+            .downcast_ref::<tokio_tungstenite::tungstenite::Error>(),
+        Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
+    )
+}

@@ -1,0 +1,388 @@
+//! Subscriptions: `subscribe` (authorization, hub registration, recovery from history,
+//! presence) and the delivery of hub publications, where each subscription's position decides what
+//! is passed on ([`SubState::accept`]).
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+use super::encode::{frame, message};
+
+/// The position a subscription has delivered up to.
+#[derive(Debug)]
+pub(super) struct SubState {
+    /// The epoch of the delivered position ("" until known).
+    pub(super) epoch: String,
+    /// The offset delivered up to (in the subscribe reply or pushed since).
+    pub(super) offset: u64,
+    /// When the subscription token expires (Unix seconds).
+    pub(super) expires_at: Option<u64>,
+    /// Channel info from the subscription token.
+    pub(super) chan_info: Option<Arc<RawValue>>,
+    /// The subscription gets join/leave pushes.
+    pub(super) join_leave: bool,
+    /// Its membership in the channel's presence (the id [`crate::presence::Presence::leave`] takes).
+    pub(super) membership: Option<String>,
+}
+
+/// What a subscription does with a publication of its channel.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// The next one: pass it on (the position advanced).
+    Deliver,
+    /// Already delivered (part of the subscribe reply): drop it.
+    Duplicate,
+    /// A gap or another epoch: the subscription lost track and must be recovered by the client.
+    Lost,
+}
+
+impl SubState {
+    /// Decides about the publication at `offset` of `epoch`, advancing the position when it is the
+    /// next one. A subscription that knows no position yet (a fresh channel) adopts the epoch of its
+    /// first publication.
+    pub(super) fn accept(&mut self, epoch: &str, offset: u64) -> Verdict {
+        if self.epoch.is_empty() && self.offset == 0 {
+            epoch.clone_into(&mut self.epoch);
+        }
+        if epoch != self.epoch {
+            return Verdict::Lost;
+        }
+        if offset <= self.offset {
+            return Verdict::Duplicate;
+        }
+        if offset != self.offset + 1 {
+            return Verdict::Lost;
+        }
+        self.offset = offset;
+        Verdict::Deliver
+    }
+}
+
+impl Session {
+    pub(super) async fn subscribe(
+        &mut self,
+        id: u32,
+        req: SubscribeRequest,
+    ) -> Result<Vec<u8>, SubscribeError> {
+        let channel = req.channel.clone();
+        validate_channel(&channel)
+            .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
+        if self.subs.contains_key(&channel) {
+            return Err(ReplyError::from(ErrorCode::AlreadySubscribed).into());
+        }
+        if !self.subscribe_bucket.try_take(std::time::Instant::now()) {
+            return Err(ReplyError::with_message(
+                ErrorCode::TooManyRequests,
+                "subscribe rate limit",
+            )
+            .into());
+        }
+        let cfg = &self.state.config.client;
+        if self.subs.len() >= cfg.max_channels_per_connection {
+            return Err(ReplyError::from(ErrorCode::LimitExceeded).into());
+        }
+        // A subscription token is the application's explicit grant; without one, the permissions.
+        let grant = if req.token.is_empty() {
+            if !self.allowed(&channel, Op::Subscribe) {
+                return Err(ReplyError::from(ErrorCode::PermissionDenied).into());
+            }
+            auth::SubscriptionGrant::default()
+        } else {
+            match auth::subscription(
+                &self.state.verifier,
+                &req.token,
+                &channel,
+                &self.identity.user,
+                &self.client,
+            )
+            .await
+            {
+                Ok(grant) => grant,
+                Err(SubscriptionError::Expired) => {
+                    return Err(ReplyError::from(ErrorCode::TokenExpired).into());
+                }
+                Err(SubscriptionError::Invalid) => {
+                    return Err(ReplyError::from(ErrorCode::PermissionDenied).into());
+                }
+                Err(SubscriptionError::Mismatch) => {
+                    return Err(SubscribeError::Close(Disconnect::INVALID_TOKEN));
+                }
+                Err(SubscriptionError::Unavailable) => {
+                    return Err(ReplyError::from(ErrorCode::Internal).into());
+                }
+            }
+        };
+        // Register before reading, so nothing committed after the read can be missed; what arrives
+        // twice is dropped by offset in `deliver`.
+        self.state.hub.subscribe(
+            &channel,
+            self.id,
+            Subscriber {
+                mailbox: self.mailbox.clone(),
+                slow: self.slow.clone(),
+                queued: self.queued.clone(),
+                max_bytes: self.state.config.client.outbound_queue_bytes,
+                encoding: self.encoding,
+            },
+        );
+        let limit = if req.recover {
+            cfg.recovery_max_publications.saturating_add(1)
+        } else {
+            0
+        };
+        // A recovery is bounded by the reply budget, not by a count: the publications it would
+        // return must fit in what is left of the connection's outbound budget.
+        let keep = Keep::from(&self.state.config.retention.rule_for(&channel));
+        let slice = match history::read(
+            &self.state.pool,
+            &channel,
+            Bound::After(req.offset),
+            limit,
+            self.reply_budget,
+            keep,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.state.hub.unsubscribe(&channel, self.id);
+                tracing::warn!(error = %e, channel, "subscribe read failed");
+                return Err(ReplyError::from(ErrorCode::Internal).into());
+            }
+        };
+        if slice.bytes > 0 {
+            match self.state.limits.reserve_reply(slice.bytes) {
+                Some(permit) => self.held.push(permit),
+                None => {
+                    self.state.hub.unsubscribe(&channel, self.id);
+                    return Err(replies_busy().into());
+                }
+            }
+        }
+        let mut recovered = false;
+        let mut publications: Vec<&StoredPublication> = Vec::new();
+        if req.recover {
+            let epoch_ok = req.epoch.is_empty() || req.epoch == slice.epoch;
+            let missed = slice.top.saturating_sub(req.offset);
+            let complete = req.offset <= slice.top
+                && !slice.overflow
+                && slice.publications.len() as u64 == missed
+                && slice
+                    .publications
+                    .first()
+                    .is_none_or(|p| p.offset == req.offset + 1)
+                && slice
+                    .publications
+                    .last()
+                    .is_none_or(|p| p.offset == slice.top);
+            recovered = epoch_ok && complete;
+            if slice.overflow {
+                self.reply_budget = 0;
+            }
+            if recovered {
+                publications = slice.publications.iter().collect();
+            }
+            self.state.metrics.record_recovery(recovered);
+            if !recovered && req.flag & 2 != 0 {
+                self.state.hub.unsubscribe(&channel, self.id);
+                return Err(ReplyError::from(ErrorCode::UnrecoverablePosition).into());
+            }
+        }
+        let delivered = publications
+            .last()
+            .map_or(if recovered { req.offset } else { slice.top }, |p| p.offset);
+        let result = SubscribeResult {
+            recoverable: true,
+            positioned: true,
+            epoch: &slice.epoch,
+            offset: if recovered { req.offset } else { slice.top },
+            was_recovering: req.recover,
+            recovered,
+            publications: publications
+                .iter()
+                .map(|p| Publication {
+                    data: &p.data,
+                    offset: p.offset,
+                    info: p.info.as_deref(),
+                })
+                .collect(),
+            expires: grant.expires_at.is_some(),
+            ttl: ttl(grant.expires_at),
+        };
+        let body = self.encode(&Reply::new(id, ReplyBody::Subscribe(result)));
+        // Presence: the subscription becomes a member before the reply, so a `presence` call that
+        // follows it sees the subscriber; its join push (to those who asked) follows the reply.
+        let mut join_leave = false;
+        let mut membership = None;
+        if let Some(rule) = self.state.presence.rule_for(&channel).cloned() {
+            let chan_info = match (&grant.chan_info, &req.data) {
+                (Some(info), _) => Some(info.clone()),
+                (None, Some(data)) if rule.info_from_subscribe_data && req.token.is_empty() => {
+                    if data.get().len() > 1024 || !data.get().starts_with('{') {
+                        self.state.hub.unsubscribe(&channel, self.id);
+                        return Err(ReplyError::with_message(
+                            ErrorCode::BadRequest,
+                            "subscribe data must be a JSON object of at most 1024 bytes",
+                        )
+                        .into());
+                    }
+                    Some(Arc::from(data.clone()))
+                }
+                _ => None,
+            };
+            let member = crate::presence::Member {
+                user: self.identity.user.clone(),
+                client: self.client.clone(),
+                conn_info: self.identity.conn_info.clone(),
+                chan_info,
+            };
+            match self
+                .state
+                .presence
+                .join(&channel, member, rule.join_leave)
+                .await
+            {
+                Ok(id) => membership = Some(id),
+                Err(e) => {
+                    self.state.hub.unsubscribe(&channel, self.id);
+                    return Err(match e {
+                        crate::presence::JoinError::Full => ReplyError::with_message(
+                            ErrorCode::LimitExceeded,
+                            "channel presence is full (max_members)",
+                        ),
+                        crate::presence::JoinError::Store(e) => {
+                            tracing::warn!(error = %e, channel, "presence join failed");
+                            ReplyError::new(ErrorCode::Internal)
+                        }
+                    }
+                    .into());
+                }
+            }
+            // Pushes only to subscribers that may see presence, as Centrifugo does.
+            join_leave = req.join_leave
+                && rule.join_leave
+                && auth::permissions::allowed(
+                    &self.state.config.channels,
+                    &channel,
+                    Op::Presence,
+                    &self.identity,
+                    true,
+                );
+        }
+        self.subs.insert(
+            channel,
+            SubState {
+                epoch: slice.epoch.clone(),
+                offset: delivered,
+                expires_at: grant.expires_at,
+                chan_info: grant.chan_info,
+                join_leave,
+                membership,
+            },
+        );
+        Ok(body)
+    }
+
+    /// Passes a hub publication on if it is the next one of a subscription.
+    pub(super) fn deliver(&mut self, delivery: &Delivery, out: &mut Vec<Message>) -> Flow {
+        self.queued
+            .fetch_sub(delivery.frame_len(self.encoding), Ordering::Relaxed);
+        let Some(sub) = self.subs.get_mut(&*delivery.channel) else {
+            return Flow::Continue; // unsubscribed meanwhile, or its subscribe has not been answered
+        };
+        if delivery.offset == 0 {
+            // A join or leave push, not a publication.
+            if sub.join_leave
+                && let Some(frame) = frame(delivery, self.encoding)
+            {
+                out.push(frame);
+            }
+            return Flow::Continue;
+        }
+        match sub.accept(&delivery.epoch, delivery.offset) {
+            Verdict::Deliver => {}
+            Verdict::Duplicate => return Flow::Continue,
+            Verdict::Lost => return self.insufficient_state(&delivery.channel.clone(), out),
+        }
+        if let Some(frame) = frame(delivery, self.encoding) {
+            out.push(frame);
+        }
+        self.state
+            .metrics
+            .publications_out
+            .fetch_add(1, Ordering::Relaxed);
+        Flow::Continue
+    }
+
+    /// The subscription lost track of its stream: tell the client to resubscribe and recover.
+    pub(super) fn insufficient_state(&mut self, channel: &str, out: &mut Vec<Message>) -> Flow {
+        tracing::warn!(client = %self.client, channel, "gap in a channel stream; client told to recover");
+        if let Some(sub) = self.subs.remove(channel) {
+            self.leave_later(channel, sub);
+        }
+        self.state.hub.unsubscribe(channel, self.id);
+        let push = Push::Unsubscribe {
+            channel,
+            code: 2500,
+            reason: "insufficient state",
+        }
+        .encode(self.encoding);
+        out.push(message(self.encoding, push));
+        Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SubState, Verdict};
+
+    fn at(epoch: &str, offset: u64) -> SubState {
+        SubState {
+            epoch: epoch.to_owned(),
+            offset,
+            expires_at: None,
+            chan_info: None,
+            join_leave: false,
+            membership: None,
+        }
+    }
+
+    #[test]
+    fn the_next_offsets_are_delivered_in_order() {
+        let mut s = at("e", 3);
+        assert_eq!(s.accept("e", 4), Verdict::Deliver);
+        assert_eq!(s.accept("e", 5), Verdict::Deliver);
+        assert_eq!(s.offset, 5);
+    }
+
+    #[test]
+    fn what_the_subscribe_reply_held_is_not_sent_twice() {
+        // Registered before the history read: publications up to the reply's top arrive again.
+        let mut s = at("e", 7);
+        assert_eq!(s.accept("e", 6), Verdict::Duplicate);
+        assert_eq!(s.accept("e", 7), Verdict::Duplicate);
+        assert_eq!(s.accept("e", 8), Verdict::Deliver);
+        assert_eq!(s.offset, 8);
+    }
+
+    #[test]
+    fn a_gap_is_never_passed_over() {
+        let mut s = at("e", 2);
+        assert_eq!(s.accept("e", 4), Verdict::Lost);
+        assert_eq!(s.offset, 2, "the position does not move past a gap");
+    }
+
+    #[test]
+    fn another_epoch_means_the_stream_was_reset() {
+        let mut s = at("e1", 2);
+        assert_eq!(s.accept("e2", 3), Verdict::Lost);
+        assert_eq!(s.epoch, "e1");
+    }
+
+    #[test]
+    fn a_fresh_subscription_adopts_the_epoch_of_its_first_publication() {
+        let mut s = at("", 0);
+        assert_eq!(s.accept("e", 1), Verdict::Deliver);
+        assert_eq!((s.epoch.as_str(), s.offset), ("e", 1));
+        assert_eq!(s.accept("other", 2), Verdict::Lost);
+    }
+}
