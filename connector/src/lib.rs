@@ -74,7 +74,7 @@ pub async fn run(
     db::migrate(&pool).await?;
     // The node's id: its presence identity and its entry in the capture-owner registry.
     let node = uuid::Uuid::new_v4().to_string();
-    let capture_every = Duration::from_secs(config.stream.capture_check_secs);
+    let capture_every = config.stream.capture_check;
     let capture_status = Arc::new(capture::CaptureStatus::default());
     capture::prepare(&pool, &config.capture, &config.mappings, &capture_status).await?;
     // Trigger mode: the capture triggers this node needs, watched while it runs (wal mode has none).
@@ -91,11 +91,7 @@ pub async fn run(
         db::triggers::check_tables(&pool, &config.mappings).await?;
         // The slot exists before this node serves: nothing committed from here on is missed.
         let slot = capture_status.slot.get().cloned().unwrap_or_default();
-        let lock_url = config
-            .database
-            .listen_url
-            .clone()
-            .unwrap_or_else(|| config.database.url.clone());
+        let lock_url = config.database.listen_url().to_owned();
         capture::wal::ensure_started(&pool, &lock_url, &slot, &capture_status)
             .await
             .map_err(|e| Error::Capture(format!("{e:#}")))?;
@@ -110,12 +106,8 @@ pub async fn run(
         .connect_timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let listen_url = config
-        .database
-        .listen_url
-        .clone()
-        .unwrap_or_else(|| config.database.url.clone());
+    let grace = config.shutdown_grace();
+    let listen_url = config.database.listen_url().to_owned();
     // The stream has its own small pool, so sessions' history and recovery reads can never starve the
     // reads every subscriber depends on.
     let stream_pool = db::pool(&config::DatabaseConfig {
@@ -129,12 +121,7 @@ pub async fn run(
         hub: hub.clone(),
         status: status.clone(),
     };
-    let verifier = auth::Verifier::new(&config.auth).map_err(|e| {
-        Error::Config(error::ConfigError::Invalid {
-            field: e.field.to_owned(),
-            problem: e.problem,
-        })
-    })?;
+    let verifier = auth::Verifier::new(&config.auth)?;
     // With a JWKS URL: the first fetch, then a refresh task.
     verifier.start(token.clone(), &tracker).await;
     let max_connections = config.client.max_connections;

@@ -31,12 +31,16 @@ pub const APPLICATION_NAME: &str = "pg-relay connector";
 
 /// The connection options of `url`, with [`APPLICATION_NAME`] unless the URL names one.
 pub fn connect_options(url: &str) -> Result<PgConnectOptions> {
-    let options = PgConnectOptions::from_str(url)?;
-    Ok(if options.get_application_name().is_some() {
+    Ok(named(PgConnectOptions::from_str(url)?))
+}
+
+/// `options` with [`APPLICATION_NAME`] unless they name one.
+fn named(options: PgConnectOptions) -> PgConnectOptions {
+    if options.get_application_name().is_some() {
         options
     } else {
         options.application_name(APPLICATION_NAME)
-    })
+    }
 }
 
 /// `host:port/database` of `url`, for messages (never the password).
@@ -80,8 +84,8 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 pub fn pool(config: &DatabaseConfig) -> Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(config.pool_size)
-        .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
-        .connect_lazy_with(connect_options(&config.url)?);
+        .acquire_timeout(config.connect_timeout)
+        .connect_lazy_with(named(config.connect_options()?));
     Ok(pool)
 }
 

@@ -242,8 +242,8 @@ impl Stream {
     /// spell arms the writers' wake-up and sleeps until a NOTIFY or the `poll_interval_ms` safety net.
     /// Only one node sequences at a time; the others see its work and stay asleep.
     async fn sequencer(&self, wakes: &Wakes) -> anyhow::Result<()> {
-        let active = Duration::from_millis(self.config.active_poll_ms);
-        let idle = Duration::from_millis(self.config.poll_interval_ms);
+        let active = self.config.active_poll;
+        let idle = self.config.poll_interval;
         let mut delay = Duration::ZERO;
         let mut quiet = 0u32;
         // Armed and asleep; `verify`: armed by the last call, one more look is due.
@@ -304,7 +304,7 @@ impl Stream {
     /// The reader's loop: reads the history after every local batch, every other node's NOTIFY, and
     /// every `poll_interval_ms`.
     async fn reader(&self, wakes: &Wakes, cursor: &mut Option<u64>) -> anyhow::Result<()> {
-        let idle = Duration::from_millis(self.config.poll_interval_ms);
+        let idle = self.config.poll_interval;
         loop {
             tokio::select! {
                 _ = wakes.publications.notified() => {}

@@ -537,7 +537,7 @@ mod tests {
             schema: "public".into(),
             table: "rooms".into(),
             operations: vec![Operation::Insert, Operation::Delete],
-            channel: "room's:{room_id}".into(),
+            channel: crate::config::ChannelTemplate::parse("room's:{room_id}").unwrap(),
             columns: Some(vec!["room_id".into(), "body".into()]),
         };
         let s = spec(0, &m).unwrap();
