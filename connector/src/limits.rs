@@ -6,9 +6,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use relay_protocol::channel::ChannelPattern;
 
 /// The limits shared by every connection of the process.
@@ -133,7 +133,7 @@ impl KeyedLimiter {
 
     /// Takes a token of `key`'s bucket if one is available.
     pub fn try_take(&self, key: &str, now: Instant) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buckets = self.buckets.lock();
         if let Some(b) = buckets.get_mut(key) {
             return b.try_take(now);
         }
@@ -151,7 +151,7 @@ impl KeyedLimiter {
 
     /// Keys tracked at the moment.
     pub fn len(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.buckets.lock().len()
     }
 
     /// Whether no key is tracked.

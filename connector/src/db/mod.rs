@@ -1,16 +1,18 @@
 //! Everything that talks to PostgreSQL: the query pool and migrations, the generated capture
-//! triggers, the change stream (LISTEN wake-ups + gapless reads) and the history queries.
+//! triggers, the LISTEN connection, the change stream (wake-ups + gapless reads) and the history
+//! queries.
 //!
 //! - [`triggers`]: capture triggers generated from the mappings.
 //! - [`stream`]: the task that sequences the changelog and reads new publications for the hub.
 //! - [`history`]: stream positions, history and recovery reads, client publications.
-//! - [`tls`]: TLS for the LISTEN connection, with libpq's `sslmode` meanings.
+//! - [`listener`]: the node's one LISTEN connection (sqlx `PgListener`, the pool's connect options
+//!   and TLS), handing typed events to the stream and to presence.
 //! - [`retention`]: the pruning task that keeps each channel's history within its retention rule.
 
 pub mod history;
+pub mod listener;
 pub mod retention;
 pub mod stream;
-pub mod tls;
 pub mod triggers;
 
 use std::str::FromStr as _;
@@ -35,7 +37,7 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions> {
 }
 
 /// `options` with [`APPLICATION_NAME`] unless they name one.
-fn named(options: PgConnectOptions) -> PgConnectOptions {
+pub(crate) fn named(options: PgConnectOptions) -> PgConnectOptions {
     if options.get_application_name().is_some() {
         options
     } else {

@@ -37,11 +37,12 @@ pub mod memory;
 pub mod pg;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -113,13 +114,12 @@ impl Kick {
     pub fn advice(&self) -> (u16, String) {
         self.advice
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .clone()
             .unwrap_or((3503, "force disconnect".to_owned()))
     }
 
     fn fire(&self, code: u16, reason: String) {
-        *self.advice.lock().unwrap_or_else(|e| e.into_inner()) = Some((code, reason));
+        *self.advice.lock() = Some((code, reason));
         self.token.cancel();
     }
 }
@@ -248,17 +248,14 @@ struct Joining<'a> {
 
 impl<'a> Joining<'a> {
     fn new(map: &'a Mutex<HashMap<(String, String), usize>>, key: (String, String)) -> Self {
-        *map.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_default() += 1;
+        *map.lock().entry(key.clone()).or_default() += 1;
         Self { map, key }
     }
 }
 
 impl Drop for Joining<'_> {
     fn drop(&mut self) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.map.lock();
         if let Some(n) = map.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
@@ -343,28 +340,22 @@ impl Presence {
     /// Registers a connected session, so `disconnect` orders can reach it.
     pub fn register_session(&self, client: &str, user: &str) -> Arc<Kick> {
         let kick = Arc::new(Kick::default());
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                client.to_owned(),
-                LocalSession {
-                    user: user.to_owned(),
-                    kick: kick.clone(),
-                },
-            );
+        self.sessions.lock().insert(
+            client.to_owned(),
+            LocalSession {
+                user: user.to_owned(),
+                kick: kick.clone(),
+            },
+        );
         kick
     }
 
     /// Forgets a session and removes its memberships everywhere (leaves announced). During shutdown
     /// (`bulk`), the store's rows are left to the node's deregistration, one step for all.
     pub async fn end_session(&self, client: &str, bulk: bool) {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(client);
+        self.sessions.lock().remove(client);
         let had = {
-            let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            let mut members = self.members.lock();
             let before = members.len();
             members.retain(|(_, c), _| c != client);
             before != members.len()
@@ -380,7 +371,7 @@ impl Presence {
 
     /// Keeps a failed leave for the retry task (bounded: past the bound the reconciliation removes it).
     fn retry_later(&self, client: &str, membership: Option<(&str, &str)>) {
-        let mut retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut retry = self.retry.lock();
         if retry.len() < MAX_RETRY_LEAVES {
             retry.push((
                 client.to_owned(),
@@ -391,7 +382,7 @@ impl Presence {
 
     /// Retries the failed leaves once, in batches; those that fail again stay for the next round.
     async fn retry_leaves(&self) {
-        let batch = std::mem::take(&mut *self.retry.lock().unwrap_or_else(|e| e.into_inner()));
+        let batch = std::mem::take(&mut *self.retry.lock());
         if batch.is_empty() {
             return;
         }
@@ -421,7 +412,6 @@ impl Presence {
         let before: Vec<(String, Member, String, bool)> = self
             .members
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .map(|((ch, _), m)| (ch.clone(), m.member.clone(), m.id.clone(), m.announce))
             .collect();
@@ -437,8 +427,8 @@ impl Presence {
         // Rows the store has that no session holds now (read after the store: a join on its way is
         // in `joining`, a finished one in `members`).
         let ghosts: Vec<(String, String, String)> = {
-            let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-            let joining = self.joining.lock().unwrap_or_else(|e| e.into_inner());
+            let members = self.members.lock();
+            let joining = self.joining.lock();
             stored
                 .iter()
                 .filter(|(ch, cl, id)| {
@@ -460,7 +450,6 @@ impl Presence {
             let current = self
                 .members
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
                 .get(&(channel.clone(), member.client.clone()))
                 .is_some_and(|m| &m.id == id);
             if current {
@@ -495,17 +484,14 @@ impl Presence {
             .join_store(channel, &member, &id, max_members, announce)
             .await;
         if let Ok(true) = joined {
-            self.members
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(
-                    key.clone(),
-                    LocalMember {
-                        member,
-                        id: id.clone(),
-                        announce,
-                    },
-                );
+            self.members.lock().insert(
+                key.clone(),
+                LocalMember {
+                    member,
+                    id: id.clone(),
+                    announce,
+                },
+            );
         }
         match joined {
             Ok(true) => Ok(id),
@@ -537,7 +523,7 @@ impl Presence {
     /// Removes one membership (a late call for an older membership of the same pair removes nothing).
     pub async fn leave(&self, channel: &str, client: &str, id: &str) {
         {
-            let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            let mut members = self.members.lock();
             let key = (channel.to_owned(), client.to_owned());
             if members.get(&key).is_some_and(|m| m.id == id) {
                 members.remove(&key);
@@ -551,12 +537,12 @@ impl Presence {
 
     /// Presence memberships held by this node's sessions.
     pub fn local_members(&self) -> usize {
-        self.members.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.members.lock().len()
     }
 
     /// Users of the sessions on this node.
     fn local_users(&self) -> usize {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = self.sessions.lock();
         let users: std::collections::HashSet<&str> =
             sessions.values().map(|s| s.user.as_str()).collect();
         users.len()
@@ -564,7 +550,7 @@ impl Presence {
 
     /// Carries out a disconnect order on this node's sessions.
     fn apply_disconnect(&self, order: &DisconnectOrder) -> usize {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = self.sessions.lock();
         let mut n = 0;
         for (client, s) in sessions.iter() {
             if s.user == order.user
@@ -601,7 +587,6 @@ impl Presence {
             let again: Vec<(String, Member, String, bool)> = self
                 .members
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
                 .iter()
                 .map(|((c, _), m)| (c.clone(), m.member.clone(), m.id.clone(), m.announce))
                 .collect();
