@@ -47,28 +47,7 @@ use crate::db::history::{self, Bound, Keep};
 use crate::rules::{self, NamedData};
 use crate::state::AppState;
 
-/// The `api` section of the configuration.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiConfig {
-    /// The key backends present (`X-API-Key` or `Authorization: apikey …`); unset = API off. Prefer
-    /// the environment (`RELAY__API__KEY`) to the file.
-    #[serde(default)]
-    pub key: Option<String>,
-}
-
-impl ApiConfig {
-    /// Checks the section; the error names the field.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        match &self.key {
-            Some(k) if k.len() < 16 || k.chars().any(char::is_whitespace) => Err((
-                "api.key".to_owned(),
-                "must be at least 16 characters without spaces (or unset: API off)".to_owned(),
-            )),
-            _ => Ok(()),
-        }
-    }
-}
+pub use crate::config::ApiConfig;
 
 /// The API's routes.
 pub fn routes() -> Router<Arc<AppState>> {
@@ -147,11 +126,11 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
+/// Whether the keys are equal, in time that does not depend on where they differ (`subtle`; a
+/// different length answers at once: the length is not the secret).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq as _;
+    bool::from(a.ct_eq(b))
 }
 
 fn answer(result: ApiResult) -> Response {
@@ -540,7 +519,7 @@ mod tests {
         let c = ApiConfig {
             key: Some("short".into()),
         };
-        assert_eq!(c.validate().unwrap_err().0, "api.key");
+        assert_eq!(c.validate().unwrap_err().field, "api.key");
         let c = ApiConfig {
             key: Some("a-long-enough-api-key".into()),
         };

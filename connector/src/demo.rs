@@ -18,24 +18,7 @@ use serde::Deserialize;
 use crate::auth::verifier::mint_hs256;
 use crate::state::AppState;
 
-/// Settings of the demo token endpoint.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DemoConfig {
-    /// Serve `POST /demo/token` (default false; never in production).
-    #[serde(default)]
-    pub token_endpoint: bool,
-    /// Lifetime of the tokens it mints, in seconds (default 3600).
-    #[serde(default)]
-    pub token_ttl_secs: Option<u64>,
-}
-
-impl DemoConfig {
-    /// The tokens' lifetime.
-    pub fn ttl(&self) -> u64 {
-        self.token_ttl_secs.unwrap_or(3600)
-    }
-}
+pub use crate::config::DemoConfig;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -2,21 +2,42 @@
 
 use thiserror::Error;
 
-/// A configuration that cannot be loaded or is invalid; the message names the field and the problem.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    /// The file could not be read or parsed (missing file, bad JSON, wrong type, unknown field).
-    #[error("config: {0}")]
-    Load(String),
-    /// A field has a value the connector cannot run with.
-    #[error("config: {field}: {problem}")]
-    Invalid {
-        /// The field, as a path (`mappings[0].table`).
-        field: String,
-        /// What is wrong with it.
-        problem: String,
-    },
+/// A configuration that cannot be loaded or is invalid: the field, as a path (`mappings[0].table`;
+/// empty when the file as a whole could not be read), and the problem, which names the valid values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The field, as a path (`mappings[0].table`); empty when no single field is at fault.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
 }
+
+impl ConfigError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// A problem with the file as a whole (missing, not JSON).
+    pub fn load(problem: impl std::fmt::Display) -> Self {
+        Self::new("", problem.to_string())
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "config: {}", self.problem)
+        } else {
+            write!(f, "config: {}: {}", self.field, self.problem)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// Errors of the connector.
 #[derive(Debug, Error)]

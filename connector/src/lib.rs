@@ -9,9 +9,14 @@
 //! # Layout
 //! - [`capture`]: how changes reach the history: `trigger` mode, or `wal` mode (a leader node reads
 //!   a logical replication slot; [`capture::wal`], [`capture::pgoutput`]).
-//! - [`config`]: configuration, environment overrides, validation; every limit lives here.
-//! - [`db`]: pool and migrations; [`db::triggers`] (generated capture triggers); [`db::stream`] (LISTEN
-//!   wake-ups + gapless reads into the hub); [`db::history`] (positions, history, recovery, publishing).
+//! - [`config`]: a leaf (imports no feature): one file per section, parsed at load into ready types
+//!   (channel patterns compiled into [`config::ChannelRules`], parsed mapping templates, durations,
+//!   PostgreSQL connect options, loaded auth keys); environment overrides; one
+//!   [`config::ConfigError`] naming the field. Every limit lives here; features take their section.
+//! - [`db`]: pool and migrations; [`db::listener`] (the node's one LISTEN connection: sqlx
+//!   `PgListener` on the pool's connect options, one backoff, typed events; a reconnect is a gap);
+//!   [`db::triggers`] (generated capture triggers); [`db::stream`] (wake-ups from the listener +
+//!   gapless reads into the hub); [`db::history`] (positions, history, recovery, publishing).
 //! - [`hub`]: channel registry and fan-out (encode once, bounded mailboxes, slow clients marked).
 //! - [`session`]: one task per WebSocket: commands, replies, pushes, pings, close codes.
 //! - [`auth`]: who a connection is (JWT connection and subscription tokens) and what it may do on a
@@ -25,7 +30,7 @@
 //!   `/readyz`, `/metrics`).
 //! - [`page`]: the chat page at `/` (static files built into the binary).
 //! - [`presence`]: channel members on every node (a PostgreSQL or in-memory store), join/leave
-//!   pushes, the node heartbeat.
+//!   pushes (heard on the node's listener), the node heartbeat.
 //! - [`api`]: the Centrifugo-compatible HTTP server API (`/api`).
 //! - [`state`]: the shared state and counters.
 //! - [`error`]: error types.
@@ -74,7 +79,7 @@ pub async fn run(
     db::migrate(&pool).await?;
     // The node's id: its presence identity and its entry in the capture-owner registry.
     let node = uuid::Uuid::new_v4().to_string();
-    let capture_every = Duration::from_secs(config.stream.capture_check_secs);
+    let capture_every = config.stream.capture_check;
     let capture_status = Arc::new(capture::CaptureStatus::default());
     capture::prepare(&pool, &config.capture, &config.mappings, &capture_status).await?;
     // Trigger mode: the capture triggers this node needs, watched while it runs (wal mode has none).
@@ -91,11 +96,7 @@ pub async fn run(
         db::triggers::check_tables(&pool, &config.mappings).await?;
         // The slot exists before this node serves: nothing committed from here on is missed.
         let slot = capture_status.slot.get().cloned().unwrap_or_default();
-        let lock_url = config
-            .database
-            .listen_url
-            .clone()
-            .unwrap_or_else(|| config.database.url.clone());
+        let lock_url = config.database.listen_url().to_owned();
         capture::wal::ensure_started(&pool, &lock_url, &slot, &capture_status)
             .await
             .map_err(|e| Error::Capture(format!("{e:#}")))?;
@@ -110,38 +111,35 @@ pub async fn run(
         .connect_timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let listen_url = config
-        .database
-        .listen_url
-        .clone()
-        .unwrap_or_else(|| config.database.url.clone());
+    let grace = config.shutdown_grace();
+    let listen_url = config.database.listen_url().to_owned();
     // The stream has its own small pool, so sessions' history and recovery reads can never starve the
     // reads every subscriber depends on.
     let stream_pool = db::pool(&config::DatabaseConfig {
         pool_size: 2,
         ..config.database.clone()
     })?;
+    // The node's one LISTEN connection, for the stream and (with the PostgreSQL store) presence.
+    let mut pg_listener = db::listener::Listener::new(
+        db::named(config.database.listen_options()?),
+        config.database.connect_timeout,
+    );
     let stream = Stream {
         pool: stream_pool.clone(),
-        listen_url: listen_url.clone(),
+        events: pg_listener.subscribe(&Stream::CHANNELS),
         config: config.stream.clone(),
         hub: hub.clone(),
         status: status.clone(),
     };
-    let verifier = auth::Verifier::new(&config.auth).map_err(|e| {
-        Error::Config(error::ConfigError::Invalid {
-            field: e.field.to_owned(),
-            problem: e.problem,
-        })
-    })?;
+    let verifier = auth::Verifier::new(&config.auth)?;
     // With a JWKS URL: the first fetch, then a refresh task.
     verifier.start(token.clone(), &tracker).await;
     let max_connections = config.client.max_connections;
     let store: Arc<dyn presence::PresenceStore> = match config.presence.engine {
-        presence::Engine::Postgres => {
-            Arc::new(presence::pg::PgStore::new(pool.clone(), listen_url.clone()))
-        }
+        presence::Engine::Postgres => Arc::new(presence::pg::PgStore::with_listener(
+            pool.clone(),
+            pg_listener.subscribe(&[presence::pg::CHANNEL]),
+        )),
         presence::Engine::Memory => Arc::new(presence::memory::MemoryStore::default()),
     };
     let mut presence = presence::Presence::new(config.presence.clone(), store);
@@ -167,7 +165,8 @@ pub async fn run(
     // Registered before serving: a member is visible only while its node is.
     state.presence.start(&state).await?;
     tracker.spawn(presence::Presence::run(state.clone(), token.clone()));
-    tracker.spawn(stream.run(token.clone(), tracker.clone()));
+    tracker.spawn(pg_listener.run(token.clone()));
+    tracker.spawn(stream.run(token.clone()));
     if let Some(capture_specs) = capture_specs {
         tracker.spawn(db::triggers::watch(
             pool.clone(),

@@ -6,9 +6,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use relay_protocol::channel::ChannelPattern;
 
 /// The limits shared by every connection of the process.
@@ -44,11 +44,7 @@ impl Shared {
                 c.publish_burst_per_user,
                 MAX_KEYS,
             ),
-            trusted_proxies: c
-                .trusted_proxies
-                .iter()
-                .filter_map(|p| Cidr::parse(p))
-                .collect(),
+            trusted_proxies: c.trusted_proxies.clone(),
             targets: crate::rules::Concurrency::for_rules(&config.rules),
             replies_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 (c.replies_in_flight_bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS),
@@ -137,7 +133,7 @@ impl KeyedLimiter {
 
     /// Takes a token of `key`'s bucket if one is available.
     pub fn try_take(&self, key: &str, now: Instant) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buckets = self.buckets.lock();
         if let Some(b) = buckets.get_mut(key) {
             return b.try_take(now);
         }
@@ -155,7 +151,7 @@ impl KeyedLimiter {
 
     /// Keys tracked at the moment.
     pub fn len(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.buckets.lock().len()
     }
 
     /// Whether no key is tracked.
@@ -164,49 +160,7 @@ impl KeyedLimiter {
     }
 }
 
-/// An IP network: an address and a prefix length (`10.0.0.0/16`, `fd00::/8`; a bare address is a /32
-/// or /128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    /// Parses `addr` or `addr/prefix`.
-    pub fn parse(text: &str) -> Option<Self> {
-        let (addr, prefix) = match text.trim().split_once('/') {
-            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
-            None => (text.trim().parse::<IpAddr>().ok()?, None),
-        };
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = prefix.unwrap_or(max);
-        (prefix <= max).then_some(Self { addr, prefix })
-    }
-
-    /// Whether `ip` is in the network (an IPv4-mapped IPv6 address counts as its IPv4 address).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
+pub use crate::config::Cidr;
 
 /// The client's IP: the socket's peer, unless the peer is a trusted proxy; then the rightmost
 /// `X-Forwarded-For` entry (over all such headers) that is not itself a trusted proxy. Entries a

@@ -70,7 +70,7 @@ enum Cmd {
         /// The user (`sub`).
         #[arg(long)]
         sub: String,
-        /// Lifetime: seconds, or a number with s, m, h or d (`90s`, `15m`, `1h`, `7d`).
+        /// Lifetime: seconds, or a duration (`90s`, `15m`, `1h`, `7d`, `1h 30m`).
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: u64,
         /// Mint a subscription token for this channel instead of a connection token.
@@ -82,25 +82,20 @@ enum Cmd {
     },
 }
 
-/// Parses `90`, `90s`, `15m`, `1h`, `7d` into seconds.
+/// Parses a lifetime into whole seconds: a bare number of seconds (`90`) or a humantime duration
+/// (`90s`, `15m`, `1h`, `7d`, `1h 30m`).
 fn parse_ttl(s: &str) -> Result<u64, String> {
-    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
+    let duration = match s.parse::<u64>() {
+        Ok(secs) => std::time::Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration like 90s, 15m, 1h or 7d ({e})"))?,
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 15m, 1h or 7d"))?;
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
-    };
-    match n.checked_mul(scale) {
-        Some(secs) if secs > 0 => Ok(secs),
-        _ => Err(format!("{s:?} must be a positive duration")),
+    if duration.subsec_nanos() != 0 {
+        return Err(format!("{s:?} must be whole seconds"));
+    }
+    match duration.as_secs() {
+        0 => Err(format!("{s:?} must be a positive duration")),
+        secs => Ok(secs),
     }
 }
 
@@ -170,7 +165,7 @@ async fn writable_database(config: &Config, allow_postgres_db: bool) -> anyhow::
 /// Opens one connection to the database, or fails naming host, port, database and the cause.
 async fn reachable(config: &Config) -> anyhow::Result<()> {
     let url = &config.database.url;
-    let timeout = std::time::Duration::from_secs(config.database.connect_timeout_secs);
+    let timeout = config.database.connect_timeout;
     connector::db::probe(url, timeout).await.map_err(|e| {
         let cause = match e {
             connector::Error::Database(e) => error_chain(&e.into()),

@@ -233,7 +233,7 @@ pub async fn deliver_limited(
         return deliver(http, lambda, rule, envelope).await;
     };
     let started = tokio::time::Instant::now();
-    let budget = Duration::from_millis(rule.timeout_ms);
+    let budget = rule.timeout;
     let _permit = match tokio::time::timeout(budget / 2, semaphore.acquire()).await {
         Ok(Ok(permit)) => permit,
         _ => return Err(TargetError::Busy(rule.max_concurrency)),
@@ -353,7 +353,7 @@ pub struct LambdaClients {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct LambdaKey {
     region: Option<String>,
-    timeout_ms: u64,
+    timeout: Duration,
 }
 
 impl fmt::Debug for LambdaClients {
@@ -372,10 +372,10 @@ impl LambdaClients {
         let signer = match std::env::var(WRITER_SECRET_ENV) {
             Ok(secret) if !secret.is_empty() => {
                 if secret.len() < 32 {
-                    return Err(ConfigError::Invalid {
-                        field: WRITER_SECRET_ENV.to_owned(),
-                        problem: format!("must be at least 32 bytes (it is {})", secret.len()),
-                    });
+                    return Err(ConfigError::new(
+                        WRITER_SECRET_ENV,
+                        format!("must be at least 32 bytes (it is {})", secret.len()),
+                    ));
                 }
                 Some(hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes()))
             }
@@ -435,24 +435,26 @@ impl LambdaClients {
         for (i, rule, region) in aws_rules {
             let key = LambdaKey {
                 region: region.cloned(),
-                timeout_ms: rule.timeout_ms,
+                timeout: rule.timeout,
             };
             if clients.iter().any(|(k, _)| *k == key) {
                 continue;
             }
             let region = match region {
                 Some(r) => Region::new(r.clone()),
-                None => sdk.region().cloned().ok_or_else(|| ConfigError::Invalid {
-                    field: format!("rules[{i}].target.region"),
-                    problem: format!(
+                None => sdk.region().cloned().ok_or_else(|| {
+                    ConfigError::new(
+                        format!("rules[{i}].target.region"),
+                        format!(
                         "the rule for channel {:?} invokes AWS Lambda (no target.endpoint), but no AWS \
                          region is configured: set AWS_REGION, a region in the AWS profile, or \
                          target.region",
                         rule.channel
                     ),
+                    )
                 })?,
             };
-            let timeout = Duration::from_millis(rule.timeout_ms);
+            let timeout = rule.timeout;
             let config = aws_sdk_lambda::config::Builder::from(&sdk)
                 .region(region.clone())
                 // The whole call, retries included, within the rule's timeout.
@@ -473,10 +475,10 @@ impl LambdaClients {
         })
     }
 
-    fn client(&self, region: Option<&str>, timeout_ms: u64) -> Option<&aws_sdk_lambda::Client> {
+    fn client(&self, region: Option<&str>, timeout: Duration) -> Option<&aws_sdk_lambda::Client> {
         self.clients
             .iter()
-            .find(|(k, _)| k.region.as_deref() == region && k.timeout_ms == timeout_ms)
+            .find(|(k, _)| k.region.as_deref() == region && k.timeout == timeout)
             .map(|(_, c)| c)
     }
 }
@@ -492,8 +494,8 @@ pub async fn deliver(
     // for it (the SDKs give up after 5 s by default). Only failures a retry can cure are retried —
     // unreachable, timed out, throttled, 5xx — with the same envelope, so the same message id: the
     // writer applies a message at most once.
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(rule.timeout_ms);
-    let mut backoff = Duration::from_millis(rule.retry_backoff_ms);
+    let deadline = tokio::time::Instant::now() + rule.timeout;
+    let mut backoff = rule.retry_backoff;
     let mut attempt = 0;
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -534,7 +536,7 @@ async fn deliver_once(
             region,
         } => {
             let client = lambda
-                .client(region.as_deref(), rule.timeout_ms)
+                .client(region.as_deref(), rule.timeout)
                 .ok_or_else(|| {
                     TargetError::Failed("no AWS Lambda client for this rule".to_owned())
                 })?;

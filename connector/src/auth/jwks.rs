@@ -18,12 +18,13 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use parking_lot::{Mutex, RwLock};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -131,11 +132,7 @@ impl Jwks {
 
     /// The cached key for `kid`, if any (no network I/O).
     pub fn cached(&self, kid: &str) -> Option<Arc<JwkKey>> {
-        self.keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(kid)
-            .cloned()
+        self.keys.read().get(kid).cloned()
     }
 
     /// How many fetches were started (start-up, periodic and on demand).
@@ -186,7 +183,7 @@ impl Jwks {
             return Lookup::Found(key);
         }
         let mut outcome = {
-            let mut demand = self.demand.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut demand = self.demand.lock();
             // Running: no outcome yet, and its task is alive (a task that died sends nothing).
             let running = demand
                 .outcome
@@ -242,7 +239,7 @@ impl Jwks {
         if n == 0 {
             tracing::warn!(url = %self.url, "the JWKS has no usable key");
         }
-        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+        *self.keys.write() = Arc::new(set);
         Ok(n)
     }
 

@@ -106,21 +106,33 @@ pub const CONNECTION_EXPIRED: Disconnect = Disconnect {
     reason: "connection expired",
 };
 
-/// Decides whether a `connect` with `token` is accepted, and as whom.
+/// Decides whether a `connect` with `token` is accepted, and as whom (`client.allow_anonymous` from
+/// `config`). A thin adapter over [`connect_with`] kept for the session until it takes its settings
+/// by section.
 pub async fn connect(
     config: &Config,
     verifier: &Verifier,
     token: &str,
 ) -> Result<Identity, ConnectError> {
+    connect_with(config.client.allow_anonymous, verifier, token).await
+}
+
+/// Decides whether a `connect` with `token` is accepted, and as whom; `allow_anonymous` admits
+/// connections without a token or without a user.
+pub async fn connect_with(
+    allow_anonymous: bool,
+    verifier: &Verifier,
+    token: &str,
+) -> Result<Identity, ConnectError> {
     if token.is_empty() {
-        return if config.client.allow_anonymous {
+        return if allow_anonymous {
             Ok(Identity::default())
         } else {
             Err(ConnectError::Disconnect(TOKEN_REQUIRED))
         };
     }
     let claims = verify_connection(verifier, token).await?;
-    if claims.sub.is_empty() && !config.client.allow_anonymous {
+    if claims.sub.is_empty() && !allow_anonymous {
         return Err(ConnectError::Disconnect(Disconnect::PERMISSION_DENIED));
     }
     if claims.rest.contains_key("channels") || claims.rest.contains_key("subs") {
@@ -225,10 +237,4 @@ pub async fn subscription(
         chan_info: claims.info(),
         expires_at: claims.expires_at(),
     })
-}
-
-/// Checks the `auth` section and `channels[]`; the error names the field.
-pub fn validate_config(config: &Config) -> Result<(), (String, String)> {
-    Verifier::new(&config.auth).map_err(|e| (e.field.to_owned(), e.problem))?;
-    permissions::validate(&config.channels)
 }

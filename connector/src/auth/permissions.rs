@@ -13,76 +13,10 @@
 //! `notifications#alice` (or `dm:chat#alice,bob`) only the users listed after the last `#` may use
 //! the channel, on top of the entry's access levels; anonymous connections never may.
 
-use relay_protocol::channel::ChannelPattern;
-use serde::Deserialize;
+pub use crate::config::{Access, ChannelRule, Level};
 
 use super::Identity;
-
-/// Who is allowed to do something on a channel.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum Access {
-    /// A fixed level.
-    Level(Level),
-    /// Only these users (the token's `sub`).
-    Users {
-        /// User ids.
-        users: Vec<String>,
-    },
-    /// Connections whose token claim `claim` equals `value`, or is an array containing it (e.g.
-    /// `{"claim": "roles", "value": "admin"}`).
-    Claim {
-        /// The connection-token claim.
-        claim: String,
-        /// The value it must equal or contain.
-        value: String,
-    },
-}
-
-/// The fixed access levels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    /// Every connection, anonymous ones included.
-    Anyone,
-    /// Connections with a user (a token with a non-empty `sub`).
-    Authenticated,
-    /// Connections currently subscribed to the channel (publish, history, presence only).
-    Subscriber,
-    /// Only with a subscription token for the channel (subscribe only).
-    Token,
-    /// No client.
-    Nobody,
-}
-
-impl Default for Access {
-    fn default() -> Self {
-        Self::Level(Level::Nobody)
-    }
-}
-
-/// A `channels[]` entry.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChannelRule {
-    /// Channel pattern (`*` matches any run of characters).
-    pub channel: String,
-    /// Who may subscribe (default `nobody`; a valid subscription token always may).
-    #[serde(default)]
-    pub subscribe: Access,
-    /// Who may publish (default `nobody`).
-    #[serde(default)]
-    pub publish: Access,
-    /// Who may read history (default `subscriber`).
-    #[serde(default)]
-    pub history: Option<Access>,
-    /// Who may query presence (default `subscriber`).
-    #[serde(default)]
-    pub presence: Option<Access>,
-    /// Only the users named after the channel's last `#` may use it.
-    #[serde(default)]
-    pub user_limited: bool,
-}
+use crate::config::ChannelRules;
 
 /// The operations a permission is asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,56 +31,10 @@ pub enum Op {
     Presence,
 }
 
-/// Checks the entries for configuration mistakes; the error names the field.
-pub fn validate(rules: &[ChannelRule]) -> Result<(), (String, String)> {
-    for (i, r) in rules.iter().enumerate() {
-        let field = |f: &str| format!("channels[{i}].{f}");
-        if r.channel.is_empty()
-            || r.channel.len() > 255
-            || !r.channel.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err((
-                field("channel"),
-                "must be 1-255 printable ASCII characters without spaces".into(),
-            ));
-        }
-        let checks = [
-            ("subscribe", Some(&r.subscribe)),
-            ("publish", Some(&r.publish)),
-            ("history", r.history.as_ref()),
-            ("presence", r.presence.as_ref()),
-        ];
-        for (name, access) in checks {
-            match access {
-                Some(Access::Level(Level::Subscriber)) if name == "subscribe" => {
-                    return Err((
-                        field(name),
-                        "\"subscriber\" applies to publish, history and presence only".into(),
-                    ));
-                }
-                Some(Access::Level(Level::Token)) if name != "subscribe" => {
-                    return Err((field(name), "\"token\" applies to subscribe only".into()));
-                }
-                Some(Access::Users { users }) if users.is_empty() => {
-                    return Err((
-                        field(name),
-                        "users must not be empty (use \"nobody\")".into(),
-                    ));
-                }
-                Some(Access::Claim { claim, .. }) if claim.is_empty() => {
-                    return Err((field(name), "claim must not be empty".into()));
-                }
-                _ => {}
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Whether `who` may do `op` on `channel`; `subscribed` says whether the connection is subscribed to
 /// it (for the `subscriber` level).
 pub fn allowed(
-    rules: &[ChannelRule],
+    rules: &ChannelRules<ChannelRule>,
     channel: &str,
     op: Op,
     who: &Identity,
@@ -155,10 +43,7 @@ pub fn allowed(
     if rules.is_empty() {
         return true;
     }
-    let Some(rule) = rules
-        .iter()
-        .find(|r| ChannelPattern::new(&r.channel).matches(channel))
-    else {
+    let Some(rule) = rules.first_match(channel) else {
         return false;
     };
     if rule.user_limited && !user_boundary_allows(channel, &who.user) {
@@ -201,10 +86,11 @@ fn user_boundary_allows(channel: &str, user: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::channels::check as validate;
     use serde_json::json;
 
-    fn rules(v: serde_json::Value) -> Vec<ChannelRule> {
-        let r: Vec<ChannelRule> = serde_json::from_value(v).unwrap();
+    fn rules(v: serde_json::Value) -> ChannelRules<ChannelRule> {
+        let r: ChannelRules<ChannelRule> = serde_json::from_value(v).unwrap();
         validate(&r).unwrap();
         r
     }
@@ -285,17 +171,23 @@ mod tests {
             false
         ));
         // no entries at all: everything open
-        assert!(allowed(&[], "anything", Op::Publish, &anon, false));
+        assert!(allowed(
+            &ChannelRules::default(),
+            "anything",
+            Op::Publish,
+            &anon,
+            false
+        ));
     }
 
     #[test]
     fn invalid_entries() {
-        let r: Vec<ChannelRule> =
+        let r: ChannelRules<ChannelRule> =
             serde_json::from_value(json!([{"channel": "a", "publish": "token"}])).unwrap();
-        assert_eq!(validate(&r).unwrap_err().0, "channels[0].publish");
-        let r: Vec<ChannelRule> =
+        assert_eq!(validate(&r).unwrap_err().field, "channels[0].publish");
+        let r: ChannelRules<ChannelRule> =
             serde_json::from_value(json!([{"channel": "a", "subscribe": "subscriber"}])).unwrap();
-        assert_eq!(validate(&r).unwrap_err().0, "channels[0].subscribe");
+        assert_eq!(validate(&r).unwrap_err().field, "channels[0].subscribe");
         assert!(
             serde_json::from_value::<Vec<ChannelRule>>(
                 json!([{"channel": "a", "subscribe": "everyone"}])

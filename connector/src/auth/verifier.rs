@@ -12,88 +12,21 @@
 //! and curve (or its `alg`) decide which algorithms the token may name. See [`super::jwks`].
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::jwks::{Jwks, Lookup};
+use crate::config::AuthKeys;
+use crate::error::ConfigError;
 
-/// The `auth` section of the configuration: the keys tokens are verified with.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// HMAC secret for HS256/HS384/HS512 tokens; also what `connector token` mints with. Prefer the
-    /// environment (`RELAY__AUTH__HMAC_SECRET_KEY`) to the file.
-    #[serde(default)]
-    pub hmac_secret_key: Option<String>,
-    /// RSA public key for RS256/RS384/RS512: PEM text, or the path of a PEM file.
-    #[serde(default)]
-    pub rsa_public_key: Option<String>,
-    /// EC public key (P-256 or P-384) for ES256/ES384: PEM text, or the path of a PEM file.
-    #[serde(default)]
-    pub ecdsa_public_key: Option<String>,
-    /// When set, tokens must carry this `aud`.
-    #[serde(default)]
-    pub audience: Option<String>,
-    /// When set, tokens must carry this `iss`.
-    #[serde(default)]
-    pub issuer: Option<String>,
-    /// Clock skew allowed on `exp` and `nbf`, in seconds (default 0).
-    #[serde(default)]
-    pub leeway_secs: u64,
-    /// Seconds after a connection or subscription token expired before the connection is closed
-    /// (3005) or the subscription ended (2501), giving the SDK time to `refresh` (default 25).
-    #[serde(default = "default_expired_close_delay")]
-    pub expired_close_delay_secs: u64,
-    /// A JWKS URL (http or https). When set, its keys are the only ones used: tokens must carry a
-    /// `kid` of the set, and the static keys above must not be configured.
-    #[serde(default)]
-    pub jwks_url: Option<String>,
-    /// How often the JWKS is fetched again, in seconds (default 3600).
-    #[serde(default = "default_jwks_refresh")]
-    pub jwks_refresh_secs: u64,
-    /// A token with an unknown `kid` makes the connector fetch the JWKS again, at most once per this
-    /// many seconds (default 30).
-    #[serde(default = "default_jwks_min_refetch")]
-    pub jwks_min_refetch_secs: u64,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        Self {
-            hmac_secret_key: None,
-            rsa_public_key: None,
-            ecdsa_public_key: None,
-            audience: None,
-            issuer: None,
-            leeway_secs: 0,
-            expired_close_delay_secs: default_expired_close_delay(),
-            jwks_url: None,
-            jwks_refresh_secs: default_jwks_refresh(),
-            jwks_min_refetch_secs: default_jwks_min_refetch(),
-        }
-    }
-}
-
-fn default_expired_close_delay() -> u64 {
-    25
-}
-
-fn default_jwks_refresh() -> u64 {
-    3600
-}
-
-fn default_jwks_min_refetch() -> u64 {
-    30
-}
+pub use crate::config::AuthConfig;
 
 /// Why a token was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -108,16 +41,6 @@ pub enum TokenError {
     /// Its key could not be had: the JWKS could not be fetched for an unknown `kid`. Temporary.
     #[error("token key unavailable")]
     Unavailable,
-}
-
-/// A key-loading problem (reported by configuration validation).
-#[derive(Debug, Error)]
-#[error("{field}: {problem}")]
-pub struct KeyError {
-    /// The configuration field.
-    pub field: &'static str,
-    /// What is wrong.
-    pub problem: String,
 }
 
 /// Verifies tokens against the configured keys.
@@ -144,34 +67,9 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// Loads the configured keys (PEM text or files). With a JWKS URL, the cache starts empty: no
     /// network I/O here ([`Verifier::start`] fetches).
-    pub fn new(config: &AuthConfig) -> Result<Self, KeyError> {
+    pub fn new(config: &AuthConfig) -> Result<Self, ConfigError> {
         let jwks = jwks(config)?;
-        let hmac = match config.hmac_secret_key.as_deref() {
-            Some("") => {
-                return Err(KeyError {
-                    field: "auth.hmac_secret_key",
-                    problem: "must not be empty (omit it to disable HMAC tokens)".into(),
-                });
-            }
-            Some(s) if s.len() < 32 => {
-                return Err(KeyError {
-                    field: "auth.hmac_secret_key",
-                    problem: "must be at least 32 bytes (256 bits)".into(),
-                });
-            }
-            Some(s) => Some(DecodingKey::from_secret(s.as_bytes())),
-            None => None,
-        };
-        let rsa = load_pem(
-            "auth.rsa_public_key",
-            config.rsa_public_key.as_deref(),
-            DecodingKey::from_rsa_pem,
-        )?;
-        let ec = load_pem(
-            "auth.ecdsa_public_key",
-            config.ecdsa_public_key.as_deref(),
-            DecodingKey::from_ec_pem,
-        )?;
+        let AuthKeys { hmac, rsa, ec } = config.keys()?;
         let mut base = Validation::new(Algorithm::HS256);
         base.leeway = config.leeway_secs;
         base.validate_exp = true;
@@ -350,93 +248,17 @@ fn jwks_kid(header: &Header) -> Result<&str, TokenError> {
 }
 
 /// The JWKS cache from `auth.jwks_url`, checked.
-fn jwks(config: &AuthConfig) -> Result<Option<Arc<Jwks>>, KeyError> {
-    let invalid = |field: &'static str, problem: String| KeyError { field, problem };
-    if config.jwks_refresh_secs == 0 {
-        return Err(invalid(
-            "auth.jwks_refresh_secs",
-            "must be at least 1".into(),
-        ));
-    }
-    if config.jwks_min_refetch_secs == 0 {
-        return Err(invalid(
-            "auth.jwks_min_refetch_secs",
-            "must be at least 1".into(),
-        ));
-    }
-    let Some(url) = config.jwks_url.as_deref() else {
+fn jwks(config: &AuthConfig) -> Result<Option<Arc<Jwks>>, ConfigError> {
+    let Some(url) = config.jwks_url()? else {
         return Ok(None);
     };
-    if config.hmac_secret_key.is_some()
-        || config.rsa_public_key.is_some()
-        || config.ecdsa_public_key.is_some()
-    {
-        return Err(invalid(
-            "auth.jwks_url",
-            "JWKS keys are used exclusively: remove hmac_secret_key, rsa_public_key and \
-             ecdsa_public_key (or jwks_url)"
-                .into(),
-        ));
-    }
-    let parsed = reqwest::Url::parse(url)
-        .map_err(|e| invalid("auth.jwks_url", format!("not a URL: {e}")))?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-        return Err(invalid(
-            "auth.jwks_url",
-            "must be an http:// or https:// URL with a host".into(),
-        ));
-    }
     let jwks = Jwks::new(
-        parsed,
+        url,
         Duration::from_secs(config.jwks_refresh_secs),
         Duration::from_secs(config.jwks_min_refetch_secs),
     )
-    .map_err(|e| invalid("auth.jwks_url", e))?;
+    .map_err(|e| ConfigError::new("auth.jwks_url", e))?;
     Ok(Some(Arc::new(jwks)))
-}
-
-fn load_pem(
-    field: &'static str,
-    value: Option<&str>,
-    parse: impl Fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>,
-) -> Result<Option<DecodingKey>, KeyError> {
-    let Some(value) = value else {
-        return Ok(None);
-    };
-    let pem = if value.trim_start().starts_with("-----BEGIN") {
-        value.as_bytes().to_vec()
-    } else {
-        read_pem_file(Path::new(value)).map_err(|e| KeyError {
-            field,
-            problem: format!("cannot read PEM file {value:?}: {e}"),
-        })?
-    };
-    parse(&pem).map(Some).map_err(|e| KeyError {
-        field,
-        problem: format!("not a usable public key in PEM: {e}"),
-    })
-}
-
-/// The largest PEM file read (a public key is a few KiB at most).
-const MAX_PEM_BYTES: u64 = 64 * 1024;
-
-/// Reads a PEM file: a regular file (not a FIFO or a device such as `/dev/zero`), at most
-/// [`MAX_PEM_BYTES`].
-fn read_pem_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    // Before opening: opening a FIFO would block.
-    if !std::fs::metadata(path)?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    let file = std::fs::File::open(path)?;
-    let mut pem = Vec::new();
-    file.take(MAX_PEM_BYTES + 1).read_to_end(&mut pem)?;
-    if pem.len() as u64 > MAX_PEM_BYTES {
-        return Err(std::io::Error::other(format!(
-            "larger than {MAX_PEM_BYTES} bytes"
-        )));
-    }
-    Ok(pem)
 }
 
 /// Mints an HS256 token with `claims` (for `connector token` and tests).

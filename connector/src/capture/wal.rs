@@ -365,8 +365,7 @@ impl Leader<'_> {
     ) -> anyhow::Result<()> {
         let mut election = tokio::time::interval(ELECTION_INTERVAL);
         election.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut heartbeat =
-            tokio::time::interval(Duration::from_secs(self.cap.config.heartbeat_secs));
+        let mut heartbeat = tokio::time::interval(self.cap.config.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max = self.cap.config.batch_max_publications as usize;
         let mut current: Option<Txn> = None;

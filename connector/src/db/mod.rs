@@ -1,18 +1,20 @@
 //! Everything that talks to PostgreSQL: the query pool and migrations, the generated capture
-//! triggers, the change stream (LISTEN wake-ups + gapless reads) and the history queries.
+//! triggers, the LISTEN connection, the change stream (wake-ups + gapless reads) and the history
+//! queries.
 //!
 //! - [`triggers`]: capture triggers generated from the mappings.
 //! - [`stream`]: the task that sequences the changelog and reads new publications for the hub.
 //! - [`history`]: stream positions, history and recovery reads, client publications.
 //! - [`fence`]: read-your-writes, the wait for a write's publication to be sequenced.
-//! - [`tls`]: TLS for the LISTEN connection, with libpq's `sslmode` meanings.
+//! - [`listener`]: the node's one LISTEN connection (sqlx `PgListener`, the pool's connect options
+//!   and TLS), handing typed events to the stream and to presence.
 //! - [`retention`]: the pruning task that keeps each channel's history within its retention rule.
 
 pub mod fence;
 pub mod history;
+pub mod listener;
 pub mod retention;
 pub mod stream;
-pub mod tls;
 pub mod triggers;
 
 use std::str::FromStr as _;
@@ -33,12 +35,16 @@ pub const APPLICATION_NAME: &str = "pg-relay connector";
 
 /// The connection options of `url`, with [`APPLICATION_NAME`] unless the URL names one.
 pub fn connect_options(url: &str) -> Result<PgConnectOptions> {
-    let options = PgConnectOptions::from_str(url)?;
-    Ok(if options.get_application_name().is_some() {
+    Ok(named(PgConnectOptions::from_str(url)?))
+}
+
+/// `options` with [`APPLICATION_NAME`] unless they name one.
+pub(crate) fn named(options: PgConnectOptions) -> PgConnectOptions {
+    if options.get_application_name().is_some() {
         options
     } else {
         options.application_name(APPLICATION_NAME)
-    })
+    }
 }
 
 /// `host:port/database` of `url`, for messages (never the password).
@@ -82,8 +88,8 @@ pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
 pub fn pool(config: &DatabaseConfig) -> Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(config.pool_size)
-        .acquire_timeout(Duration::from_secs(config.connect_timeout_secs))
-        .connect_lazy_with(connect_options(&config.url)?);
+        .acquire_timeout(config.connect_timeout)
+        .connect_lazy_with(named(config.connect_options()?));
     Ok(pool)
 }
 

@@ -6,7 +6,6 @@
 //! `recovered: false` instead of being handed a history with a silent gap.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +18,7 @@ const PAGE: i64 = 500;
 
 /// Runs pruning passes every `prune_interval_secs` until `shutdown`.
 pub async fn run(pool: PgPool, config: Arc<RetentionConfig>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(config.prune_interval_secs));
+    let mut tick = tokio::time::interval(config.prune_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -1,9 +1,8 @@
 //! The change stream: turns committed changes into hub publications, gaplessly and in order.
 //!
-//! One task per connector node. It owns a dedicated LISTEN connection (tokio-postgres, driven through
-//! `poll_message` so notifications are not dropped) on `relay_changes` (a writer committed a change)
-//! and `relay_publications` (some node sequenced changes). On every wake-up, on every (re)connect and
-//! on a timer it:
+//! One task per connector node. It hears the node's LISTEN connection ([`super::listener`]) on
+//! `relay_changes` (a writer committed a change) and `relay_publications` (some node sequenced
+//! changes). On every wake-up, on every (re)connect and on a timer it:
 //!
 //! 1. calls `relay.sequence_changes()` until the changelog below the xid8 horizon is drained (any
 //!    node may do this; the function serializes callers with an advisory lock);
@@ -14,23 +13,23 @@
 //! restart costs at most one poll interval, never a publication. While the LISTEN connection is down
 //! the node is not ready (`/readyz`), and every reconnect is followed by a catch-up read.
 
-use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::value::RawValue;
 use sqlx::PgPool;
-use tokio::sync::Notify;
-use tokio_postgres::AsyncMessage;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use super::listener::{Backoff, ListenEvent};
 use crate::config::StreamConfig;
 use crate::hub::Hub;
 
-/// Channel names of the wake-ups.
+/// A writer committed a change while the sequencer slept.
 const CHANGES: &str = "relay_changes";
+/// Some node sequenced changes into the history.
+const PUBLICATIONS: &str = "relay_publications";
 
 /// State shared with the HTTP endpoints.
 #[derive(Debug, Default)]
@@ -99,8 +98,8 @@ impl LagHistogram {
 pub struct Stream {
     /// Query pool.
     pub pool: PgPool,
-    /// URL of the LISTEN connection.
-    pub listen_url: String,
+    /// The events of `relay_changes` and `relay_publications` (see [`Stream::CHANNELS`]).
+    pub events: mpsc::UnboundedReceiver<ListenEvent>,
     /// Settings.
     pub config: StreamConfig,
     /// Where publications go.
@@ -141,74 +140,87 @@ const BUSY_ACTIVE_POLLS: u32 = 8;
 /// See `BUSY_ACTIVE_POLLS`.
 const BUSY_BACKOFF: u32 = 16;
 
+/// Why a stream session ended.
+enum End {
+    /// Shutdown, or the listener is gone.
+    Stop,
+    /// The LISTEN connection was lost: wait for it to come back, then catch up.
+    Lost,
+    /// The LISTEN connection came back (a gap): catch up at once.
+    Gap,
+}
+
 impl Stream {
+    /// The notification channels the stream listens to.
+    pub const CHANNELS: [&'static str; 2] = [CHANGES, PUBLICATIONS];
+
     /// Runs until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
-        let mut backoff = Duration::from_millis(100);
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let (_, closed) = mpsc::unbounded_channel();
+        let mut events = std::mem::replace(&mut self.events, closed);
+        let mut backoff = Backoff::default();
         let mut cursor: Option<u64> = None;
+        let mut listening = false;
         loop {
-            if shutdown.is_cancelled() {
-                break;
+            // Reads start once the LISTEN connection is up, so no wake-up is lost after them.
+            while !listening {
+                let event = tokio::select! {
+                    _ = shutdown.cancelled() => None,
+                    e = events.recv() => e,
+                };
+                match event {
+                    None => return self.stop(),
+                    Some(ListenEvent::Connected) => listening = true,
+                    Some(ListenEvent::Lost | ListenEvent::Notification { .. }) => {}
+                }
             }
-            match self.session(&shutdown, &tracker, &mut cursor).await {
-                Ok(()) => break,
+            match self.session(&mut events, &shutdown, &mut cursor).await {
+                Ok(End::Stop) => return self.stop(),
+                Ok(End::Gap) => {
+                    self.interrupted(false);
+                }
+                Ok(End::Lost) => {
+                    self.interrupted(true);
+                    listening = false;
+                }
                 Err(e) => {
-                    // A connection that got as far as ready was a success: start backing off afresh.
-                    if self.status.ready.swap(false, Ordering::Relaxed) {
-                        backoff = Duration::from_millis(100);
+                    // A session that got as far as ready was a success: start backing off afresh.
+                    if self.interrupted(false) {
+                        backoff.reset();
                     }
-                    self.status.reconnects.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %super::error_text(e.as_ref()), retry_in_ms = backoff.as_millis() as u64, "change stream interrupted");
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %super::error_text(e.as_ref()), retry_in_ms = wait.as_millis() as u64, "change stream interrupted");
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return self.stop(),
+                        _ = tokio::time::sleep(wait) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
+    }
+
+    fn stop(&self) {
         self.status.ready.store(false, Ordering::Relaxed);
     }
 
-    /// One LISTEN connection's lifetime. Returns `Ok` on shutdown, `Err` when the stream broke.
+    /// Counts an interruption and marks the node not ready; whether it was ready.
+    fn interrupted(&self, lost: bool) -> bool {
+        if lost {
+            tracing::warn!("change stream: LISTEN connection lost; catching up when it is back");
+        }
+        self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+        self.status.ready.swap(false, Ordering::Relaxed)
+    }
+
+    /// One catch-up and the loops that follow it, until the LISTEN connection drops or comes back
+    /// (a gap), a query fails, or shutdown.
     async fn session(
         &self,
+        events: &mut mpsc::UnboundedReceiver<ListenEvent>,
         shutdown: &CancellationToken,
-        tracker: &TaskTracker,
         cursor: &mut Option<u64>,
-    ) -> anyhow::Result<()> {
-        let target = super::tls::listen_target(&self.listen_url)?;
-        let (client, mut connection) = target.config.connect(target.tls).await?;
-        let wakes = Arc::new(Wakes::default());
-        let closed = CancellationToken::new();
-        let driver = {
-            let wakes = wakes.clone();
-            let closed = closed.clone();
-            tracker.spawn(async move {
-                loop {
-                    match poll_fn(|cx| connection.poll_message(cx)).await {
-                        Some(Ok(AsyncMessage::Notification(n))) => {
-                            if n.channel() == CHANGES {
-                                wakes.changes.notify_one();
-                            } else {
-                                wakes.publications.notify_one();
-                            }
-                        }
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %super::error_text(&e), "LISTEN connection failed");
-                            break;
-                        }
-                        None => break,
-                    }
-                }
-                closed.cancel();
-            })
-        };
-        client
-            .batch_execute("LISTEN relay_changes; LISTEN relay_publications;")
-            .await?;
-
+    ) -> anyhow::Result<End> {
+        let wakes = Wakes::default();
         if cursor.is_none() {
             let last: i64 = sqlx::query_scalar("SELECT last_seq FROM relay.sequencer")
                 .fetch_one(&self.pool)
@@ -224,17 +236,12 @@ impl Stream {
 
         // Sequencing and reading run side by side: the next batch is sequenced while the last one is
         // read and fanned out.
-        let result = tokio::select! {
-            _ = shutdown.cancelled() => Ok(()),
-            _ = closed.cancelled() => Err(anyhow::anyhow!("LISTEN connection closed")),
-            r = self.sequencer(&wakes) => r,
-            r = self.reader(&wakes, cursor) => r,
-        };
-        drop(client);
-        if result.is_ok() {
-            let _ = driver.await;
+        tokio::select! {
+            _ = shutdown.cancelled() => Ok(End::Stop),
+            end = wake_on(events, &wakes) => Ok(end),
+            r = self.sequencer(&wakes) => r.map(|()| End::Stop),
+            r = self.reader(&wakes, cursor) => r.map(|()| End::Stop),
         }
-        result
     }
 
     /// The sequencer's loop: polls every `active_poll_ms` while changes flow (writers do not notify
@@ -242,8 +249,8 @@ impl Stream {
     /// spell arms the writers' wake-up and sleeps until a NOTIFY or the `poll_interval_ms` safety net.
     /// Only one node sequences at a time; the others see its work and stay asleep.
     async fn sequencer(&self, wakes: &Wakes) -> anyhow::Result<()> {
-        let active = Duration::from_millis(self.config.active_poll_ms);
-        let idle = Duration::from_millis(self.config.poll_interval_ms);
+        let active = self.config.active_poll;
+        let idle = self.config.poll_interval;
         let mut delay = Duration::ZERO;
         let mut quiet = 0u32;
         // Armed and asleep; `verify`: armed by the last call, one more look is due.
@@ -304,7 +311,7 @@ impl Stream {
     /// The reader's loop: reads the history after every local batch, every other node's NOTIFY, and
     /// every `poll_interval_ms`.
     async fn reader(&self, wakes: &Wakes, cursor: &mut Option<u64>) -> anyhow::Result<()> {
-        let idle = Duration::from_millis(self.config.poll_interval_ms);
+        let idle = self.config.poll_interval;
         loop {
             tokio::select! {
                 _ = wakes.publications.notified() => {}
@@ -381,6 +388,24 @@ impl Stream {
             }
             if (n as i64) < batch {
                 return Ok(());
+            }
+        }
+    }
+}
+
+/// Turns the listener's notifications into wake-ups until the connection drops or comes back.
+async fn wake_on(events: &mut mpsc::UnboundedReceiver<ListenEvent>, wakes: &Wakes) -> End {
+    loop {
+        match events.recv().await {
+            None => return End::Stop,
+            Some(ListenEvent::Connected) => return End::Gap,
+            Some(ListenEvent::Lost) => return End::Lost,
+            Some(ListenEvent::Notification { channel, .. }) => {
+                if channel == CHANGES {
+                    wakes.changes.notify_one();
+                } else {
+                    wakes.publications.notify_one();
+                }
             }
         }
     }

@@ -455,23 +455,17 @@ pub async fn deregister(pool: &PgPool, node: &str) -> Result<()> {
 /// Where [`watch`] reports the state of the node's capture.
 #[derive(Debug, Default)]
 pub struct CaptureStatus {
-    problem: std::sync::Mutex<Option<String>>,
+    problem: parking_lot::Mutex<Option<String>>,
 }
 
 impl CaptureStatus {
     /// Why the node's capture is not in place, if it is not.
     pub fn problem(&self) -> Option<String> {
-        self.problem
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.problem.lock().clone()
     }
 
     fn set(&self, problem: Option<String>) -> Option<String> {
-        std::mem::replace(
-            &mut *self.problem.lock().unwrap_or_else(|e| e.into_inner()),
-            problem,
-        )
+        std::mem::replace(&mut *self.problem.lock(), problem)
     }
 }
 
@@ -537,7 +531,7 @@ mod tests {
             schema: "public".into(),
             table: "rooms".into(),
             operations: vec![Operation::Insert, Operation::Delete],
-            channel: "room's:{room_id}".into(),
+            channel: crate::config::ChannelTemplate::parse("room's:{room_id}").unwrap(),
             columns: Some(vec!["room_id".into(), "body".into()]),
         };
         let s = spec(0, &m).unwrap();

@@ -37,12 +37,12 @@ pub mod memory;
 pub mod pg;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use relay_protocol::channel::ChannelPattern;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -52,147 +52,13 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Result;
 use crate::state::AppState;
 
-/// The `presence` section of the configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PresenceConfig {
-    /// Seconds a node's members stay visible after its last heartbeat (default 15; heartbeats every
-    /// third of it). The longest a dead node's members linger.
-    #[serde(default = "default_node_ttl")]
-    pub node_ttl_secs: u64,
-    /// Channels with presence, by pattern (first match wins); other channels answer presence with 108.
-    #[serde(default)]
-    pub channels: Vec<PresenceRule>,
-    /// Where members live: `postgres` (default; shared by every node) or `memory` (this process only).
-    #[serde(default)]
-    pub engine: Engine,
-    /// Seconds between reconciliations of this node's members in the store with its live sessions
-    /// (default 30): a membership whose leave failed (a pool timeout after thousands of clients
-    /// vanished at once) is removed at the latest then, one the store lost is put back. 1–3600.
-    #[serde(default = "default_reconcile")]
-    pub reconcile_interval_secs: u64,
-}
-
-/// The presence store of a deployment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Engine {
-    /// `relay.presence` in PostgreSQL, shared by every node.
-    #[default]
-    Postgres,
-    /// This process's memory: a single node only.
-    Memory,
-}
-
-impl Default for PresenceConfig {
-    fn default() -> Self {
-        Self {
-            node_ttl_secs: default_node_ttl(),
-            channels: Vec::new(),
-            engine: Engine::default(),
-            reconcile_interval_secs: default_reconcile(),
-        }
-    }
-}
-
-fn default_node_ttl() -> u64 {
-    15
-}
-
-fn default_reconcile() -> u64 {
-    30
-}
-
-fn default_max_listed() -> u32 {
-    1000
-}
+pub use crate::config::{Engine, PresenceConfig, PresenceRule};
 
 /// Leaves removed per store call when retrying or reconciling.
 const LEAVE_BATCH: usize = 500;
 
 /// Most failed leaves kept for a retry; beyond it, the reconciliation removes them.
 const MAX_RETRY_LEAVES: usize = 100_000;
-
-fn yes() -> bool {
-    true
-}
-
-/// Presence settings of the channels that match `channel`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PresenceRule {
-    /// Channel pattern (`*` matches any run of characters).
-    pub channel: String,
-    /// Subscriptions that ask for `join_leave` get join and leave pushes (default true).
-    #[serde(default = "yes")]
-    pub join_leave: bool,
-    /// Most members of one channel (0 = no cap, the default); a subscribe over it gets error 106.
-    #[serde(default)]
-    pub max_members: u32,
-    /// Without a subscription token, the subscribe request's `data` (a JSON object of at most 1 KiB)
-    /// becomes the member's `chan_info`: a display name that the client declares, as the chat page
-    /// does for anonymous users (default false).
-    #[serde(default)]
-    pub info_from_subscribe_data: bool,
-    /// `presence` lists one entry per user (a user's oldest connection; anonymous connections are
-    /// each their own entry) instead of one per connection (default false). `presence_stats` still
-    /// counts both.
-    #[serde(default)]
-    pub per_user: bool,
-    /// Most entries a `presence` answer lists (default 1000, the oldest members first; 1–100000).
-    /// `presence_stats` gives the full counts.
-    #[serde(default = "default_max_listed")]
-    pub max_listed: u32,
-}
-
-impl PresenceConfig {
-    /// The entry for `channel`, if it has presence.
-    pub fn rule_for(&self, channel: &str) -> Option<&PresenceRule> {
-        self.channels
-            .iter()
-            .find(|r| ChannelPattern::new(&r.channel).matches(channel))
-    }
-
-    /// Checks the section; the error names the field.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if !(3..=3600).contains(&self.node_ttl_secs) {
-            return Err((
-                "presence.node_ttl_secs".into(),
-                format!("{} is out of range 3..=3600", self.node_ttl_secs),
-            ));
-        }
-        if !(1..=3600).contains(&self.reconcile_interval_secs) {
-            return Err((
-                "presence.reconcile_interval_secs".into(),
-                format!("{} is out of range 1..=3600", self.reconcile_interval_secs),
-            ));
-        }
-        for (i, r) in self.channels.iter().enumerate() {
-            if !(1..=100_000).contains(&r.max_listed) {
-                return Err((
-                    format!("presence.channels[{i}].max_listed"),
-                    format!("{} is out of range 1..=100000", r.max_listed),
-                ));
-            }
-            if r.channel.is_empty()
-                || r.channel.len() > 255
-                || !r.channel.bytes().all(|b| b.is_ascii_graphic())
-            {
-                return Err((
-                    format!("presence.channels[{i}].channel"),
-                    "must be 1-255 printable ASCII characters without spaces".into(),
-                ));
-            }
-            if r.max_members > 1_000_000 {
-                return Err((
-                    format!("presence.channels[{i}].max_members"),
-                    format!("{} is out of range 0..=1000000", r.max_members),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// A member of a channel's presence.
 #[derive(Debug, Clone, Serialize)]
@@ -258,13 +124,12 @@ impl Kick {
     pub fn advice(&self) -> (u16, String) {
         self.advice
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .clone()
             .unwrap_or((3503, "force disconnect".to_owned()))
     }
 
     fn fire(&self, code: u16, reason: String) {
-        *self.advice.lock().unwrap_or_else(|e| e.into_inner()) = Some((code, reason));
+        *self.advice.lock() = Some((code, reason));
         self.token.cancel();
     }
 }
@@ -393,17 +258,14 @@ struct Joining<'a> {
 
 impl<'a> Joining<'a> {
     fn new(map: &'a Mutex<HashMap<(String, String), usize>>, key: (String, String)) -> Self {
-        *map.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_default() += 1;
+        *map.lock().entry(key.clone()).or_default() += 1;
         Self { map, key }
     }
 }
 
 impl Drop for Joining<'_> {
     fn drop(&mut self) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.map.lock();
         if let Some(n) = map.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
@@ -488,28 +350,22 @@ impl Presence {
     /// Registers a connected session, so `disconnect` orders can reach it.
     pub fn register_session(&self, client: &str, user: &str) -> Arc<Kick> {
         let kick = Arc::new(Kick::default());
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                client.to_owned(),
-                LocalSession {
-                    user: user.to_owned(),
-                    kick: kick.clone(),
-                },
-            );
+        self.sessions.lock().insert(
+            client.to_owned(),
+            LocalSession {
+                user: user.to_owned(),
+                kick: kick.clone(),
+            },
+        );
         kick
     }
 
     /// Forgets a session and removes its memberships everywhere (leaves announced). During shutdown
     /// (`bulk`), the store's rows are left to the node's deregistration, one step for all.
     pub async fn end_session(&self, client: &str, bulk: bool) {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(client);
+        self.sessions.lock().remove(client);
         let had = {
-            let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            let mut members = self.members.lock();
             let before = members.len();
             members.retain(|(_, c), _| c != client);
             before != members.len()
@@ -525,7 +381,7 @@ impl Presence {
 
     /// Keeps a failed leave for the retry task (bounded: past the bound the reconciliation removes it).
     fn retry_later(&self, client: &str, membership: Option<(&str, &str)>) {
-        let mut retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut retry = self.retry.lock();
         if retry.len() < MAX_RETRY_LEAVES {
             retry.push((
                 client.to_owned(),
@@ -536,7 +392,7 @@ impl Presence {
 
     /// Retries the failed leaves once, in batches; those that fail again stay for the next round.
     async fn retry_leaves(&self) {
-        let batch = std::mem::take(&mut *self.retry.lock().unwrap_or_else(|e| e.into_inner()));
+        let batch = std::mem::take(&mut *self.retry.lock());
         if batch.is_empty() {
             return;
         }
@@ -566,7 +422,6 @@ impl Presence {
         let before: Vec<(String, Member, String, bool)> = self
             .members
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .map(|((ch, _), m)| (ch.clone(), m.member.clone(), m.id.clone(), m.announce))
             .collect();
@@ -582,8 +437,8 @@ impl Presence {
         // Rows the store has that no session holds now (read after the store: a join on its way is
         // in `joining`, a finished one in `members`).
         let ghosts: Vec<(String, String, String)> = {
-            let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-            let joining = self.joining.lock().unwrap_or_else(|e| e.into_inner());
+            let members = self.members.lock();
+            let joining = self.joining.lock();
             stored
                 .iter()
                 .filter(|(ch, cl, id)| {
@@ -605,7 +460,6 @@ impl Presence {
             let current = self
                 .members
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
                 .get(&(channel.clone(), member.client.clone()))
                 .is_some_and(|m| &m.id == id);
             if current {
@@ -640,17 +494,14 @@ impl Presence {
             .join_store(channel, &member, &id, max_members, announce)
             .await;
         if let Ok(true) = joined {
-            self.members
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(
-                    key.clone(),
-                    LocalMember {
-                        member,
-                        id: id.clone(),
-                        announce,
-                    },
-                );
+            self.members.lock().insert(
+                key.clone(),
+                LocalMember {
+                    member,
+                    id: id.clone(),
+                    announce,
+                },
+            );
         }
         match joined {
             Ok(true) => Ok(id),
@@ -682,7 +533,7 @@ impl Presence {
     /// Removes one membership (a late call for an older membership of the same pair removes nothing).
     pub async fn leave(&self, channel: &str, client: &str, id: &str) {
         {
-            let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            let mut members = self.members.lock();
             let key = (channel.to_owned(), client.to_owned());
             if members.get(&key).is_some_and(|m| m.id == id) {
                 members.remove(&key);
@@ -696,12 +547,12 @@ impl Presence {
 
     /// Presence memberships held by this node's sessions.
     pub fn local_members(&self) -> usize {
-        self.members.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.members.lock().len()
     }
 
     /// Users of the sessions on this node.
     fn local_users(&self) -> usize {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = self.sessions.lock();
         let users: std::collections::HashSet<&str> =
             sessions.values().map(|s| s.user.as_str()).collect();
         users.len()
@@ -709,7 +560,7 @@ impl Presence {
 
     /// Carries out a disconnect order on this node's sessions.
     fn apply_disconnect(&self, order: &DisconnectOrder) -> usize {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = self.sessions.lock();
         let mut n = 0;
         for (client, s) in sessions.iter() {
             if s.user == order.user
@@ -741,12 +592,11 @@ impl Presence {
                 "uptime": self.started.elapsed().as_secs(),
             }),
         };
-        let ttl = Duration::from_secs(self.config.node_ttl_secs);
+        let ttl = self.config.node_ttl;
         if self.store.heartbeat(&info, ttl).await? {
             let again: Vec<(String, Member, String, bool)> = self
                 .members
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
                 .iter()
                 .map(|((c, _), m)| (c.clone(), m.member.clone(), m.id.clone(), m.announce))
                 .collect();
@@ -785,7 +635,7 @@ impl Presence {
     /// until `shutdown`; then removes the node and its remaining members.
     pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
         let presence = state.presence.clone();
-        let every = Duration::from_secs(presence.config.node_ttl_secs).div_f64(3.0);
+        let every = presence.config.node_ttl.div_f64(3.0);
         let heartbeat = {
             let state = state.clone();
             let shutdown = shutdown.clone();
@@ -809,7 +659,7 @@ impl Presence {
             let presence = presence.clone();
             let shutdown = shutdown.clone();
             async move {
-                let reconcile_every = Duration::from_secs(presence.config.reconcile_interval_secs);
+                let reconcile_every = presence.config.reconcile_interval;
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut next_reconcile = tokio::time::Instant::now() + reconcile_every;
@@ -966,7 +816,7 @@ mod tests {
         );
         assert!(c.rule_for("other").is_none());
         let bad: PresenceConfig = serde_json::from_str(r#"{"node_ttl_secs":1}"#).unwrap();
-        assert_eq!(bad.validate().unwrap_err().0, "presence.node_ttl_secs");
+        assert_eq!(bad.validate().unwrap_err().field, "presence.node_ttl_secs");
         assert!(serde_json::from_str::<PresenceConfig>(r#"{"chanels":[]}"#).is_err());
     }
 

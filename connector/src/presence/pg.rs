@@ -2,37 +2,61 @@
 //!
 //! Members are rows of `relay.presence`, nodes rows of `relay.nodes` (migration 0006). Join, leave
 //! and disconnect events go to every node with `pg_notify('relay_presence', …)` from the transaction
-//! that changes the table; [`PgStore::listen`] keeps one LISTEN connection per node for them,
-//! reconnecting with backoff (events sent while it is down are missed: join/leave pushes are
-//! best-effort, the table stays exact).
+//! that changes the table. A node hears them on its one LISTEN connection ([`crate::db::listener`],
+//! given with [`PgStore::with_listener`]); a store made with [`PgStore::new`] alone (the
+//! conformance tests) runs a listener of its own. Events sent while the connection is down are
+//! missed: join/leave pushes are best-effort, the table stays exact.
 
-use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
-use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use super::{DisconnectOrder, Event, Join, Member, NodeInfo, PresenceStore};
+use crate::db::listener::{ListenEvent, Listener};
 use crate::error::Result;
 
+/// The notification channel of presence events and disconnect orders.
+pub const CHANNEL: &str = "relay_presence";
+
 /// Presence in PostgreSQL.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PgStore {
     pool: PgPool,
-    listen_url: String,
+    events: Source,
+}
+
+/// Where a store hears its events.
+#[derive(Debug)]
+enum Source {
+    /// Its own LISTEN connection to this URL.
+    Own(String),
+    /// The node's listener (taken by the first `listen`).
+    Node(Mutex<Option<mpsc::UnboundedReceiver<ListenEvent>>>),
 }
 
 impl PgStore {
-    /// A store on `pool`; events are received on a LISTEN connection to `listen_url`.
+    /// A store on `pool` that hears events on a LISTEN connection of its own to `listen_url`.
     pub fn new(pool: PgPool, listen_url: String) -> Self {
-        Self { pool, listen_url }
+        Self {
+            pool,
+            events: Source::Own(listen_url),
+        }
+    }
+
+    /// A store on `pool` that hears events from the node's listener (subscribed to [`CHANNEL`]).
+    pub fn with_listener(pool: PgPool, events: mpsc::UnboundedReceiver<ListenEvent>) -> Self {
+        Self {
+            pool,
+            events: Source::Node(Mutex::new(Some(events))),
+        }
     }
 }
 
@@ -238,7 +262,8 @@ impl PresenceStore for PgStore {
                     "disconnect order too large for NOTIFY",
                 )));
             }
-            sqlx::query("SELECT pg_notify('relay_presence', $1)")
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
                 .bind(payload)
                 .execute(&self.pool)
                 .await?;
@@ -252,24 +277,29 @@ impl PresenceStore for PgStore {
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let result = listen_once(&self.listen_url, &sink, &shutdown).await;
-                if shutdown.is_cancelled() || sink.is_closed() {
-                    return;
+            match &self.events {
+                Source::Node(events) => {
+                    let Some(events) = events.lock().take() else {
+                        tracing::error!("presence events: the node's listener was taken already");
+                        return;
+                    };
+                    forward(events, &sink, &shutdown).await;
                 }
-                match result {
-                    Ok(()) => backoff = Duration::from_millis(100),
-                    Err(e) => {
-                        tracing::warn!(error = %crate::db::error_text(e.as_ref()), retry_in_ms = backoff.as_millis() as u64,
-                        "presence events: LISTEN connection lost (join/leave pushes missed meanwhile)")
+                Source::Own(url) => {
+                    let options = match crate::db::connect_options(url) {
+                        Ok(options) => options,
+                        Err(e) => {
+                            tracing::error!(error = %e, "presence events: bad LISTEN URL");
+                            return;
+                        }
+                    };
+                    let mut listener = Listener::new(options, Duration::from_secs(5));
+                    let events = listener.subscribe(&[CHANNEL]);
+                    tokio::select! {
+                        () = listener.run(shutdown.clone()) => {}
+                        () = forward(events, &sink, &shutdown) => {}
                     }
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         })
     }
@@ -279,49 +309,34 @@ fn raw(text: String) -> Option<Arc<RawValue>> {
     RawValue::from_string(text).ok().map(Arc::from)
 }
 
-async fn listen_once(
-    url: &str,
+/// Hands the listener's presence notifications to `sink` until shutdown or either side is gone.
+async fn forward(
+    mut events: mpsc::UnboundedReceiver<ListenEvent>,
     sink: &mpsc::UnboundedSender<Event>,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let target = crate::db::tls::listen_target(url)?;
-    let (client, mut connection) = target.config.connect(target.tls).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    let driver = async move {
-        loop {
-            match poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    if tx.send(n.payload().to_owned()).is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::warn!(error = %crate::db::error_text(&e), "presence LISTEN connection failed");
-                    break;
-                }
-                None => break,
-            }
-        }
-    };
-    let work = async {
-        client.batch_execute("LISTEN relay_presence").await?;
-        while let Some(payload) = rx.recv().await {
-            match parse(&payload) {
+) {
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = events.recv() => e,
+        };
+        match event {
+            None => return,
+            Some(ListenEvent::Notification { payload, .. }) => match parse(&payload) {
                 Some(event) => {
                     if sink.send(event).is_err() {
-                        break;
+                        return;
                     }
                 }
                 None => tracing::debug!(payload, "presence: unreadable event"),
+            },
+            Some(ListenEvent::Lost) => {
+                tracing::warn!(
+                    "presence events: LISTEN connection lost (join/leave pushes missed meanwhile)"
+                );
             }
+            Some(ListenEvent::Connected) => {}
         }
-        anyhow::Ok(())
-    };
-    tokio::select! {
-        _ = shutdown.cancelled() => Ok(()),
-        _ = driver => anyhow::bail!("LISTEN connection closed"),
-        r = work => r,
     }
 }
 
