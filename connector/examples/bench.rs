@@ -22,7 +22,8 @@
 //! INSERTs, the whole system in `wal` mode and the whole system in `trigger` mode (same `wal_level`).
 //!
 //! `--quick` is a short smoke run; `--only write,latency,longtx`, `--secs`, `--reps`, `--lat-reps`
-//! and `--rates` narrow or stretch it. The machine it was written for is small and shared, so every
+//! and `--rates` narrow or stretch it; `--protocol protobuf` makes the latency part's subscribers
+//! speak the Protobuf protocol (fan-out to Protobuf clients) instead of JSON. The machine it was written for is small and shared, so every
 //! comparison is made within one run: configurations are interleaved in a fresh random order in every
 //! repetition, and the report gives medians (and ranges) over repetitions.
 
@@ -125,6 +126,8 @@ struct Opts {
     rates: Vec<u32>,
     /// WebSocket subscribers of the latency part.
     subscribers: usize,
+    /// The latency part's subscribers speak Protobuf (`--protocol protobuf`) instead of JSON.
+    protobuf: bool,
     /// Seconds per latency run.
     lat_secs: f64,
     /// How long the long transactions stay open.
@@ -183,6 +186,7 @@ impl Opts {
         let mut rates = None;
         let mut subscribers = None;
         let mut modes = None;
+        let mut protobuf = false;
         while let Some(a) = args.next() {
             let mut value =
                 |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -212,6 +216,13 @@ impl Opts {
                     }
                     modes = Some(m);
                 }
+                "--protocol" => {
+                    protobuf = match value("--protocol")?.as_str() {
+                        "json" => false,
+                        "protobuf" => true,
+                        other => bail!("--protocol {other:?}: json or protobuf"),
+                    };
+                }
                 "--subscribers" => {
                     subscribers = Some(value("--subscribers")?.parse::<usize>()?);
                 }
@@ -225,7 +236,7 @@ impl Opts {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--lat-reps N] [--rates R1,R2,..] [--subscribers N] [--capture trigger,wal]"
+                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--lat-reps N] [--rates R1,R2,..] [--subscribers N] [--capture trigger,wal] [--protocol json|protobuf]"
                     );
                     std::process::exit(0);
                 }
@@ -259,6 +270,7 @@ impl Opts {
             lat_reps: lat_reps.unwrap_or(d_lat_reps).max(1),
             rates: rates.unwrap_or(d_rates),
             subscribers: subscribers.unwrap_or(if quick { 10 } else { 100 }).max(1),
+            protobuf,
             lat_secs,
             hold,
             modes: modes.unwrap_or_else(|| vec![Mode::Trigger, Mode::Wal]),
@@ -522,6 +534,95 @@ async fn subscribe(relay: &Relay, channel: &str) -> Result<(Arc<Sink>, JoinHandl
             s.rows.lock().unwrap().extend(got);
             if pong {
                 ws.send(Message::Text("{}".into())).await?;
+            }
+        }
+        Ok(())
+    });
+    Ok((sink, task))
+}
+
+/// [`subscribe`] in the Protobuf protocol (`centrifuge-protobuf`: binary frames of length-delimited
+/// `Command`s and `Reply`s; the ping is an empty `Reply`, answered with an empty `Command`).
+async fn subscribe_protobuf(
+    relay: &Relay,
+    channel: &str,
+) -> Result<(Arc<Sink>, JoinHandle<Result<()>>)> {
+    use prost::Message as _;
+    use relay_protocol::pb::messages::{Command, ConnectRequest, Reply, SubscribeRequest};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{}/connection/websocket", relay.addr).into_client_request()?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "centrifuge-protobuf".parse()?);
+    let (mut ws, _) = connect_async(request).await?;
+    let mut frame = Vec::new();
+    Command {
+        id: 1,
+        connect: Some(ConnectRequest::default()),
+        ..Default::default()
+    }
+    .encode_length_delimited(&mut frame)?;
+    Command {
+        id: 2,
+        subscribe: Some(SubscribeRequest {
+            channel: channel.to_owned(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_length_delimited(&mut frame)?;
+    ws.send(Message::Binary(frame.into())).await?;
+    let mut replies = 0;
+    while replies < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .context("no reply to connect/subscribe")?
+            .context("connection closed")??;
+        if let Message::Binary(b) = msg {
+            let mut rest = &b[..];
+            while !rest.is_empty() {
+                let reply = Reply::decode_length_delimited(&mut rest)?;
+                if let Some(e) = reply.error {
+                    bail!("connect/subscribe failed: {e:?}");
+                }
+                if reply.id > 0 {
+                    replies += 1;
+                }
+            }
+        }
+    }
+    let sink = Arc::new(Sink::default());
+    let s = sink.clone();
+    let task = tokio::spawn(async move {
+        let mut last_offset: Option<u64> = None;
+        while let Some(msg) = ws.next().await {
+            let Message::Binary(b) = msg? else { continue };
+            let now = Instant::now();
+            let mut pong = false;
+            let mut got = Vec::new();
+            let mut rest = &b[..];
+            while !rest.is_empty() {
+                let reply = Reply::decode_length_delimited(&mut rest)?;
+                let Some(publication) = reply.push.and_then(|p| p.r#pub) else {
+                    pong |= reply.id == 0 && reply.error.is_none();
+                    continue;
+                };
+                if let Some(prev) = last_offset
+                    && publication.offset != prev + 1
+                {
+                    s.offset_gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                last_offset = Some(publication.offset);
+                // The data is the JSON of the row: the same cheap scan as the JSON client's.
+                if let Ok(text) = std::str::from_utf8(&publication.data)
+                    && let Some(id) = field_str(text, "\"msg_id\":")
+                {
+                    got.push((id.to_owned(), now));
+                }
+            }
+            s.rows.lock().unwrap().extend(got);
+            if pong {
+                ws.send(Message::Binary(vec![0u8].into())).await?;
             }
         }
         Ok(())
@@ -1188,8 +1289,11 @@ struct LatAgg {
 
 async fn latency_part(opts: &Opts) -> Result<()> {
     println!(
-        "\n## 2. End-to-end latency: {LAT_WRITERS} writers, single-row commits at fixed rates, {} WebSocket subscribers, {} s per run, {} interleaved repetition(s)\n",
-        opts.subscribers, opts.lat_secs, opts.lat_reps
+        "\n## 2. End-to-end latency: {LAT_WRITERS} writers, single-row commits at fixed rates, {} WebSocket subscribers ({}), {} s per run, {} interleaved repetition(s)\n",
+        opts.subscribers,
+        if opts.protobuf { "Protobuf" } else { "JSON" },
+        opts.lat_secs,
+        opts.lat_reps
     );
     let db = BenchDb::create().await?;
     let r = latency_part_in(&db, opts).await;
@@ -1208,7 +1312,11 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
     // Every subscriber's every row is a sample: the p99 is the slow end of the whole fan-out.
     let mut ws = Vec::with_capacity(opts.subscribers);
     for _ in 0..opts.subscribers {
-        ws.push(subscribe(&relay, CHANNEL).await?);
+        ws.push(if opts.protobuf {
+            subscribe_protobuf(&relay, CHANNEL).await?
+        } else {
+            subscribe(&relay, CHANNEL).await?
+        });
     }
     let (raw_sink, raw_task) = raw_listener(&db.url).await?;
     let raw_sinks = [raw_sink];

@@ -470,8 +470,20 @@ async fn main() -> Result<()> {
                 order.reverse();
             }
             for (bin, protobuf) in order {
-                let f = run_one(bin, *protobuf, &db_url, &pool, port, &opts).await?;
-                port += 1;
+                // A port can be taken meanwhile (by an ephemeral port of this run's own clients):
+                // a connector that cannot start is retried on the next ports.
+                let mut attempt = 0;
+                let f = loop {
+                    let result = run_one(bin, *protobuf, &db_url, &pool, port, &opts).await;
+                    port += 1;
+                    match result {
+                        Err(e) if attempt < 3 && e.to_string().contains("not ready") => {
+                            attempt += 1;
+                            eprintln!("{e}; retrying on port {port}");
+                        }
+                        other => break other?,
+                    }
+                };
                 println!(
                     "| {}{} | {rep} | {:.1} MiB | {:.2} | {:.2} | {:.0} | {:.2} |",
                     bin.display(),

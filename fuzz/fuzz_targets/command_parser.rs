@@ -1,5 +1,9 @@
 //! The client command parser, on arbitrary input: what a hostile client can put in a WebSocket text
-//! frame.
+//! frame, or in a binary frame of the Protobuf protocol.
+//!
+//! Every input is first taken as a Protobuf binary frame: `pb::split_frame` (varint-length-delimited
+//! messages, which must cover the whole frame), then `Command::parse_protobuf` on each, and the
+//! requests are checked as below.
 //!
 //! The input is taken as a frame — as UTF-8 when it is (what a text frame carries), lossily
 //! converted otherwise, so arbitrary bytes reach the parser too — and goes the way the session takes
@@ -68,6 +72,63 @@ fn channel_checks(channel: &str, other: &str) {
     }
 }
 
+/// What a parsed request is checked for, whichever encoding it came in (`context` names the input).
+fn request_checks(request: &Request, context: &str) {
+    let _ = request.name();
+    match request {
+        Request::Connect(c) => {
+            let _ = verifier().verify_cached::<serde_json::Value>(&c.token);
+        }
+        Request::Refresh(r) => {
+            let _ = verifier().verify_cached::<serde_json::Value>(&r.token);
+        }
+        Request::Subscribe(s) => {
+            channel_checks(&s.channel, context);
+            let _ = verifier().verify_cached::<serde_json::Value>(&s.token);
+        }
+        Request::SubRefresh(s) => {
+            channel_checks(&s.channel, context);
+            let _ = verifier().verify_cached::<serde_json::Value>(&s.token);
+        }
+        Request::Publish(p) => channel_checks(&p.channel, context),
+        Request::History(h) => channel_checks(&h.channel, context),
+        Request::Unsubscribe(c) | Request::Presence(c) | Request::PresenceStats(c) => {
+            channel_checks(&c.channel, context);
+        }
+        Request::Ping | Request::Rpc(_) | Request::Invalid { .. } => {}
+    }
+}
+
+/// Bytes of `n` as a varint (7 bits a byte).
+fn varint_len(mut n: usize) -> usize {
+    let mut len = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        len += 1;
+    }
+    len
+}
+
+/// The same input as a Protobuf binary frame: `pb::split_frame`, then `Command::parse_protobuf` on
+/// every length-delimited message, as a Protobuf session takes it.
+fn protobuf_frame(frame: &[u8]) {
+    let Ok(messages) = relay_protocol::pb::split_frame(frame) else {
+        return;
+    };
+    let mut covered = 0;
+    for message in &messages {
+        covered += varint_len(message.len()) + message.len();
+    }
+    assert_eq!(covered, frame.len(), "the messages cover the whole frame");
+    for message in messages {
+        let Ok(Command::Request { id, request }) = Command::parse_protobuf(message) else {
+            continue;
+        };
+        assert!(id > 0, "requests have an id");
+        request_checks(&request, "protobuf frame");
+    }
+}
+
 fn frame(frame: &str) {
     let Ok(lines) = Command::split_frame(frame) else {
         return;
@@ -86,33 +147,12 @@ fn frame(frame: &str) {
             continue;
         };
         assert!(id > 0, "requests have an id");
-        let _ = request.name();
-        match &request {
-            Request::Connect(c) => {
-                let _ = verifier().verify_cached::<serde_json::Value>(&c.token);
-            }
-            Request::Refresh(r) => {
-                let _ = verifier().verify_cached::<serde_json::Value>(&r.token);
-            }
-            Request::Subscribe(s) => {
-                channel_checks(&s.channel, line);
-                let _ = verifier().verify_cached::<serde_json::Value>(&s.token);
-            }
-            Request::SubRefresh(s) => {
-                channel_checks(&s.channel, line);
-                let _ = verifier().verify_cached::<serde_json::Value>(&s.token);
-            }
-            Request::Publish(p) => channel_checks(&p.channel, line),
-            Request::History(h) => channel_checks(&h.channel, line),
-            Request::Unsubscribe(c) | Request::Presence(c) | Request::PresenceStats(c) => {
-                channel_checks(&c.channel, line);
-            }
-            Request::Ping | Request::Rpc(_) => {}
-        }
+        request_checks(&request, line);
     }
 }
 
 fuzz_target!(|data: &[u8]| {
+    protobuf_frame(data);
     match std::str::from_utf8(data) {
         Ok(text) => frame(text),
         Err(_) => frame(&String::from_utf8_lossy(data)),

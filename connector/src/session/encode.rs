@@ -34,7 +34,7 @@ pub(super) fn info_len(info: &ClientInfo) -> usize {
 /// Writes replies as one frame. A socket that does not take the bytes within `limit` is a dead or
 /// stalled peer: the write fails and the session ends (its mailbox stays bounded meanwhile).
 pub(super) async fn send_lines<B: AsRef<[u8]>>(
-    sink: &mut Sink,
+    sink: &mut (impl futures_util::Sink<Message, Error = axum::Error> + Unpin),
     encoding: Encoding,
     lines: &[B],
     limit: Duration,
@@ -50,7 +50,7 @@ pub(super) async fn send_lines<B: AsRef<[u8]>>(
 
 /// Writes pushes (one frame each, shared bytes) with a single flush, within `limit`.
 pub(super) async fn feed_all(
-    sink: &mut Sink,
+    sink: &mut (impl futures_util::Sink<Message, Error = axum::Error> + Unpin),
     frames: Vec<Message>,
     limit: Duration,
 ) -> Result<(), axum::Error> {

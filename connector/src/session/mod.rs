@@ -21,11 +21,15 @@
 //! - `subscriptions`: `subscribe` and the delivery of hub publications, with the pure offset/gap
 //!   logic ([`subscriptions::SubState::accept`]) unit-tested without a socket or a database;
 //! - `encode`: frames on the wire (JSON text frames of lines, Protobuf binary frames of
-//!   length-delimited messages) and the timed writes.
+//!   length-delimited messages) and the timed writes;
+//! - `tests`: the loop over a channel pair ([`serve_on`] takes any message sink and stream), with no
+//!   socket and no database: connect, ping/pong and the close codes of refused frames, per encoding.
 
 mod commands;
 mod encode;
 mod subscriptions;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,7 +39,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::stream::{FuturesUnordered, SplitSink};
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
@@ -125,8 +129,6 @@ struct Session {
 /// Encoded messages (replies, pushes) waiting to be joined into one frame.
 type Out = Vec<Vec<u8>>;
 
-type Sink = SplitSink<WebSocket, Message>;
-
 /// Serves one upgraded WebSocket, from the client at `ip`, in `encoding`, until it closes.
 pub async fn serve(
     socket: WebSocket,
@@ -134,6 +136,22 @@ pub async fn serve(
     ip: std::net::IpAddr,
     encoding: Encoding,
 ) {
+    let (sink, stream) = socket.split();
+    serve_on(sink, stream, state, ip, encoding).await;
+}
+
+/// The session over any message sink and stream: the halves of axum's socket in production, a
+/// channel pair in tests.
+pub(crate) async fn serve_on<K, R>(
+    sink: K,
+    stream: R,
+    state: Arc<AppState>,
+    ip: std::net::IpAddr,
+    encoding: Encoding,
+) where
+    K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
+    R: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
     let (mailbox, inbox) = mpsc::channel(state.config.client.outbound_queue);
     let mut session = Session {
         id: state.hub.next_session_id(),
@@ -167,7 +185,7 @@ pub async fn serve(
         .metrics
         .connections
         .fetch_add(1, Ordering::Relaxed);
-    session.run(socket, inbox).await;
+    session.run(sink, stream, inbox).await;
     session
         .state
         .metrics
@@ -186,8 +204,15 @@ pub async fn serve(
 }
 
 impl Session {
-    async fn run(&mut self, socket: WebSocket, mut inbox: mpsc::Receiver<Arc<Delivery>>) {
-        let (mut sink, mut stream) = socket.split();
+    async fn run<K, R>(
+        &mut self,
+        mut sink: K,
+        mut stream: R,
+        mut inbox: mpsc::Receiver<Arc<Delivery>>,
+    ) where
+        K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
+        R: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
+    {
         let cfg = self.state.config.clone();
         let cfg = &cfg.client;
         let ping_every = Duration::from_secs(cfg.ping_interval_secs);

@@ -312,9 +312,6 @@ pub fn encode_push(p: &Push<'_>) -> Vec<u8> {
     .encode_length_delimited_to_vec()
 }
 
-/// The length-delimited Protobuf encoding of a JSON server ping (an empty `Reply`).
-pub const PING: &[u8] = &[0];
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,6 +481,5 @@ mod tests {
         // The ping is an empty Reply.
         let ping = messages::Reply::decode_length_delimited(Encoding::Protobuf.ping()).unwrap();
         assert_eq!(ping, messages::Reply::default());
-        assert_eq!(PING, Encoding::Protobuf.ping());
     }
 }
