@@ -1,4 +1,4 @@
-//! Presence: members, stats, join/leave pushes, caps, leaving on close, across two nodes, and the
+//! Presence: members, stats, join/leave pushes (asked for, or forced by the channel), caps, leaving on close, across two nodes, and the
 //! expiry of a dead node's members.
 #![allow(clippy::unwrap_used)]
 
@@ -22,6 +22,7 @@ fn presence_config_on(db: &TestDb, engine: &str) -> String {
                 "node_ttl_secs": 3,
                 "channels": [
                     {"channel": "room:capped", "max_members": 2},
+                    {"channel": "room:forced", "force_push_join_leave": true},
                     {"channel": "room:*", "info_from_subscribe_data": true},
                     {"channel": "quiet:*", "join_leave": false}
                 ]
@@ -140,6 +141,29 @@ async fn members_stats_join_leave_and_close_on(engine: &str) {
     let r = a.call(json!({"presence": {"channel": "other"}})).await;
     assert_eq!(r["error"]["code"], 108, "{r}");
 
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn forced_join_leave_reaches_subscribers_that_did_not_ask() {
+    let db = TestDb::new().await;
+    let server = Server::start(&presence_config(&db)).await;
+    let mut a = Client::connected(&server.ws_url()).await;
+    a.call(json!({"subscribe": {"channel": "room:forced"}}))
+        .await;
+    let (kind, _) = next_event(&mut a, "room:forced").await;
+    assert_eq!(kind, "join", "its own join");
+    let mut b = Client::connected(&server.ws_url()).await;
+    let b_client = b
+        .call(json!({"subscribe": {"channel": "room:forced"}}))
+        .await;
+    assert!(b_client["subscribe"].is_object(), "{b_client}");
+    let (kind, info) = next_event(&mut a, "room:forced").await;
+    assert_eq!(kind, "join", "{info}");
+    drop(b);
+    let (kind, _) = next_event(&mut a, "room:forced").await;
+    assert_eq!(kind, "leave");
     server.stop().await;
     db.drop_db().await;
 }

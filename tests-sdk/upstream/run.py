@@ -156,7 +156,7 @@ def relay_config(port: int, db_url: str) -> dict:
     allowed_delta_types fossil, delta_publish           nothing yet: the relay ignores `delta` (issue 12
                                                         item 5); upstream's fossil subtests check only the
                                                         payloads, so they pass without it
-    force_push_join_leave                               nothing yet (pending.txt)
+    force_push_join_leave                               presence.channels "*" force_push_join_leave
     no rate limits                                      the relay's per-connection / IP / user publish and
                                                         subscribe limits raised far above the suite's use
     """
@@ -180,7 +180,8 @@ def relay_config(port: int, db_url: str) -> dict:
             dict(rules_common, channel="#*", user_limited=True),
             dict(rules_common, channel="*"),
         ],
-        "presence": {"engine": "memory", "channels": [{"channel": "*", "join_leave": True}]},
+        "presence": {"engine": "memory", "channels": [
+            {"channel": "*", "join_leave": True, "force_push_join_leave": True}]},
         "retention": {"rules": [
             {"channel": "smallhistory:*", "max_publications": 2, "max_age_secs": 300},
             {"channel": "example:*", "max_publications": 300, "max_age_secs": 300},

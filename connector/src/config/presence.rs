@@ -76,6 +76,11 @@ pub struct PresenceRule {
     /// Subscriptions that ask for `join_leave` get join and leave pushes (default true).
     #[serde(default = "yes")]
     pub join_leave: bool,
+    /// Join and leave pushes go to every subscriber that may see presence, whether or not its
+    /// subscribe asked for `join_leave` (Centrifugo's `force_push_join_leave`; default false). Needs
+    /// `join_leave`.
+    #[serde(default)]
+    pub force_push_join_leave: bool,
     /// Most members of one channel (0 = no cap, the default); a subscribe over it gets error 106.
     #[serde(default)]
     pub max_members: u32,

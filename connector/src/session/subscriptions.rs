@@ -257,8 +257,9 @@ impl Session {
                     .into());
                 }
             }
-            // Pushes only to subscribers that may see presence, as Centrifugo does.
-            join_leave = req.join_leave
+            // Pushes only to subscribers that may see presence, as Centrifugo does; to those that
+            // asked, or to all where the channel forces them.
+            join_leave = (req.join_leave || rule.force_push_join_leave)
                 && rule.join_leave
                 && auth::permissions::allowed(
                     &self.state.config.channels,
