@@ -233,6 +233,20 @@ async fn subscribe_receive_in_order_history_and_recover() {
     // Missed while away, recovered on resubscribe (this time Protobuf chosen by the query).
     db.insert_chat("m3", "away 1").await;
     db.insert_chat("m4", "away 2").await;
+    // Rows written by SQL are in the history a sequencing pass after their commit: wait for it, so
+    // the resubscribe below recovers them (rather than getting them live).
+    for _ in 0..500 {
+        let top: Option<i64> = sqlx::query_scalar(
+            "SELECT top_offset FROM relay.channels WHERE name = 'incoming-chat'",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if top == Some(4) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let (mut c, _) = PbClient::connected(&server.ws_url(), Select::Query).await;
     let r = c
         .call(Command {
