@@ -7,6 +7,8 @@
 //! stream task of every node → the hub → each subscriber's session.
 //!
 //! # Layout
+//! - [`backoff`]: the one retry policy (doubling delays with a cap), for the LISTEN connection and
+//!   publish rules.
 //! - [`capture`]: how changes reach the history: `trigger` mode, or `wal` mode (a leader node reads
 //!   a logical replication slot; [`capture::wal`], [`capture::pgoutput`]).
 //! - [`config`]: a leaf (imports no feature): one file per section, parsed at load into ready types
@@ -35,8 +37,14 @@
 //! - [`state`]: the shared state and counters.
 //! - [`error`]: error types.
 
+// `pub` is the library's surface (what the binary, the tests, the fuzz targets and the examples
+// use); everything else is `pub(crate)`. On the crate, not in `[workspace.lints]`: test support
+// modules and the other crates are not converted yet.
+#![warn(unreachable_pub)]
+
 pub mod api;
 pub mod auth;
+pub(crate) mod backoff;
 pub mod capture;
 pub mod config;
 pub mod db;
@@ -145,7 +153,7 @@ pub async fn run(
     let mut presence = presence::Presence::new(config.presence.clone(), store);
     presence.node = node.clone();
     let presence = Arc::new(presence);
-    let limits = limits::Shared::new(&config);
+    let limits = limits::Shared::new(&config.client, &config.rules);
     let state = Arc::new(AppState {
         config: Arc::new(config),
         pool: pool.clone(),

@@ -10,7 +10,7 @@
 //! - [`retention`]: the pruning task that keeps each channel's history within its retention rule.
 
 pub mod history;
-pub mod listener;
+pub(crate) mod listener;
 pub mod retention;
 pub mod stream;
 pub mod triggers;

@@ -22,7 +22,8 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::listener::{Backoff, ListenEvent};
+use super::listener::ListenEvent;
+use crate::backoff::Backoff;
 use crate::config::StreamConfig;
 use crate::hub::Hub;
 
@@ -99,7 +100,7 @@ pub struct Stream {
     /// Query pool.
     pub pool: PgPool,
     /// The events of `relay_changes` and `relay_publications` (see [`Stream::CHANNELS`]).
-    pub events: mpsc::UnboundedReceiver<ListenEvent>,
+    pub(crate) events: mpsc::UnboundedReceiver<ListenEvent>,
     /// Settings.
     pub config: StreamConfig,
     /// Where publications go.
@@ -158,7 +159,7 @@ impl Stream {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let (_, closed) = mpsc::unbounded_channel();
         let mut events = std::mem::replace(&mut self.events, closed);
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::reconnect();
         let mut cursor: Option<u64> = None;
         let mut listening = false;
         loop {
