@@ -57,12 +57,18 @@ pub mod config;
 pub mod db;
 pub(crate) mod demo;
 pub mod error;
+// TODO(issue 10): remove after the session/hub/http restructuring merges and converts its items.
+#[allow(unreachable_pub)]
 pub mod http;
+// TODO(issue 10): remove after the session/hub/http restructuring merges and converts its items.
+#[allow(unreachable_pub)]
 pub mod hub;
 pub mod limits;
 pub(crate) mod page;
 pub mod presence;
 pub mod rules;
+// TODO(issue 10): remove after the session/hub/http restructuring merges and converts its items.
+#[allow(unreachable_pub)]
 pub mod session;
 pub mod state;
 
