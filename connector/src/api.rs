@@ -47,10 +47,8 @@ use crate::db::history::{self, Bound, Keep};
 use crate::rules::{self, NamedData};
 use crate::state::AppState;
 
-pub use crate::config::ApiConfig;
-
 /// The API's routes.
-pub fn routes() -> Router<Arc<AppState>> {
+pub(crate) fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/api", post(envelope))
         .route("/api/{method}", post(method))
@@ -506,6 +504,7 @@ async fn disconnect(state: &AppState, p: DisconnectParams) -> ApiResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ApiConfig;
 
     #[test]
     fn keys_compare_whole() {

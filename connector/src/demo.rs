@@ -18,8 +18,6 @@ use serde::Deserialize;
 use crate::auth::verifier::mint_hs256;
 use crate::state::AppState;
 
-pub use crate::config::DemoConfig;
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenRequest {
@@ -27,7 +25,7 @@ struct TokenRequest {
 }
 
 /// The routes (none when the endpoint is off).
-pub fn routes(enabled: bool) -> Router<Arc<AppState>> {
+pub(crate) fn routes(enabled: bool) -> Router<Arc<AppState>> {
     if enabled {
         Router::new().route("/demo/token", post(token))
     } else {

@@ -30,9 +30,8 @@ pub struct Shared {
 const MAX_KEYS: usize = 100_000;
 
 impl Shared {
-    /// The limits of a validated configuration.
-    pub fn new(config: &crate::Config) -> Self {
-        let c = &config.client;
+    /// The limits of a validated `client` section and the publish `rules`.
+    pub fn new(c: &crate::config::ClientConfig, rules: &[crate::config::Rule]) -> Self {
         Self {
             publish_per_ip: KeyedLimiter::new(
                 c.publish_rate_per_ip_per_sec,
@@ -45,7 +44,7 @@ impl Shared {
                 MAX_KEYS,
             ),
             trusted_proxies: c.trusted_proxies.clone(),
-            targets: crate::rules::Concurrency::for_rules(&config.rules),
+            targets: crate::rules::Concurrency::for_rules(rules),
             replies_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 (c.replies_in_flight_bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS),
             )),

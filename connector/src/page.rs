@@ -20,7 +20,7 @@ const CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'sel
                    style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// The page's routes (no state needed).
-pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+pub(crate) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route(
             "/",

@@ -55,6 +55,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use thiserror::Error;
 
+use crate::backoff::Backoff;
 use crate::config::{Rule, Target};
 use crate::error::ConfigError;
 
@@ -495,7 +496,7 @@ pub async fn deliver(
     // unreachable, timed out, throttled, 5xx — with the same envelope, so the same message id: the
     // writer applies a message at most once.
     let deadline = tokio::time::Instant::now() + rule.timeout;
-    let mut backoff = rule.retry_backoff;
+    let mut backoff = Backoff::new(rule.retry_backoff, rule.timeout);
     let mut attempt = 0;
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -510,12 +511,12 @@ pub async fn deliver(
         };
         match result {
             Err(TargetError::Unreachable(why))
-                if attempt < rule.retries && tokio::time::Instant::now() + backoff < deadline =>
+                if attempt < rule.retries
+                    && tokio::time::Instant::now() + backoff.peek() < deadline =>
             {
                 attempt += 1;
                 tracing::info!(channel = %envelope.channel, attempt, error = %why, "retrying publish target");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
             other => return other,
         }

@@ -1,7 +1,7 @@
 //! Tools that cannot surprise: `connector check` checks the mappings against the database when it can
 //! and says what it could not check; `migrate`, `triggers sync` and `run` refuse the `postgres`
 //! maintenance database unless told; errors name host, port and their cause once; the connector's
-//! PostgreSQL sessions carry `application_name`.
+//! PostgreSQL sessions carry `application_name`; the tests' own database helper cleans up on panic.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -196,4 +196,24 @@ async fn the_connectors_sessions_carry_application_name() {
     );
     server.stop().await;
     db.drop_db().await;
+}
+
+/// The test database helper cleans up after a test that never reaches `drop_db` (a failed assert
+/// panics past it): dropping the value drops the database.
+#[tokio::test]
+async fn a_test_database_is_dropped_even_without_drop_db() {
+    let db = TestDb::new().await;
+    let name = db.name.clone();
+    let admin = sqlx::PgPool::connect(&support::admin_url()).await.unwrap();
+    let count = |admin: sqlx::PgPool, name: String| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_database WHERE datname = $1")
+            .bind(name)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+    };
+    assert_eq!(count(admin.clone(), name.clone()).await, 1);
+    drop(db);
+    assert_eq!(count(admin.clone(), name).await, 0);
+    admin.close().await;
 }

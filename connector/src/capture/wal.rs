@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::pgoutput::{self, Message, OldKind, Tuple, Value};
 use super::{CaptureConfig, CaptureStatus};
-use crate::config::{Mapping, Operation, TemplatePart, parse_template};
+use crate::config::{Mapping, Operation};
 use crate::db::triggers::{channel_expr, row_expr};
 
 /// Prefix of the logical messages `relay.publish()` emits in `wal` mode.
@@ -221,7 +221,7 @@ fn quote_literal(s: &str) -> String {
 /// The conversion statement of a mapping: for arrays of (index, operation, new record literal, old
 /// record literal) it returns (index, channel, old channel, payload) with the trigger's expressions.
 fn mapping_sql(m: &Mapping) -> anyhow::Result<String> {
-    let parts: Vec<TemplatePart> = parse_template(&m.channel).map_err(anyhow::Error::msg)?;
+    let parts = m.channel.parts();
     let cols = m.columns.as_deref();
     let new = r#"(r."NEW")"#;
     let old = r#"(r."OLD")"#;
@@ -234,8 +234,8 @@ fn mapping_sql(m: &Mapping) -> anyhow::Result<String> {
         || CASE WHEN u.op = 'UPDATE' THEN jsonb_build_object('old', {row_old}) ELSE '{{}}'::jsonb END)::text
 FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[]) AS u(i, op, n, o)
 CROSS JOIN LATERAL (SELECT u.n::"{s}"."{t}" AS "NEW", u.o::"{s}"."{t}" AS "OLD") AS r"#,
-        ch_old = channel_expr(old, &parts),
-        ch_new = channel_expr(new, &parts),
+        ch_old = channel_expr(old, parts),
+        ch_new = channel_expr(new, parts),
         row_old = row_expr(old, cols),
         row_new = row_expr(new, cols),
         schema = quote_literal(&m.schema),

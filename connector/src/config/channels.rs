@@ -121,7 +121,7 @@ impl PatternEntry for ChannelRule {
 }
 
 /// Checks the entries for configuration mistakes; the error names the field.
-pub fn check(rules: &ChannelRules<ChannelRule>) -> Result<(), ConfigError> {
+pub(crate) fn check(rules: &ChannelRules<ChannelRule>) -> Result<(), ConfigError> {
     rules.check_patterns("channels")?;
     for (i, r) in rules.iter().enumerate() {
         let field = |f: &str| format!("channels[{i}].{f}");

@@ -16,19 +16,19 @@
 //!
 //! Errors are one [`ConfigError`] with the field's path and a problem that names the valid values.
 
-pub mod api;
-pub mod auth;
-pub mod capture;
-pub mod channel_rules;
-pub mod channels;
-pub mod client;
-pub mod database;
-pub mod demo;
-pub mod duration;
-pub mod mappings;
-pub mod presence;
-pub mod retention;
-pub mod rules;
+pub(crate) mod api;
+pub(crate) mod auth;
+pub(crate) mod capture;
+pub(crate) mod channel_rules;
+pub(crate) mod channels;
+pub(crate) mod client;
+pub(crate) mod database;
+pub(crate) mod demo;
+pub(crate) mod duration;
+pub(crate) mod mappings;
+pub(crate) mod presence;
+pub(crate) mod retention;
+pub(crate) mod rules;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -5,7 +5,7 @@
 //! It connects with the same [`PgConnectOptions`] as the pool (`database.listen_url`, else
 //! `database.url`), so `sslmode`, `sslrootcert` and the rest of the URL mean what they mean for
 //! every other connection: one TLS configuration. When the connection is lost it backs off (one
-//! policy: [`Backoff`]) and connects again; after every (re)connect — once it LISTENs again — each
+//! policy: [`Backoff::reconnect`]) and connects again; after every (re)connect — once it LISTENs again — each
 //! subscriber gets [`ListenEvent::Connected`], which is a gap: whatever was notified meanwhile is
 //! gone, and the subscriber reads what it missed (the stream from the changelog; presence queries
 //! stay exact and only join/leave pushes are missed, as before).
@@ -16,9 +16,11 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
+
 /// What a subscriber of the listener hears.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenEvent {
+pub(crate) enum ListenEvent {
     /// The connection is up and LISTENs on every channel. Anything notified before it was missed:
     /// read to catch up.
     Connected,
@@ -39,7 +41,7 @@ struct Subscriber {
 }
 
 /// The LISTEN task of a node; subscribe, then [`Listener::run`] it.
-pub struct Listener {
+pub(crate) struct Listener {
     options: PgConnectOptions,
     connect_timeout: Duration,
     subscribers: Vec<Subscriber>,
@@ -47,7 +49,7 @@ pub struct Listener {
 
 impl Listener {
     /// A listener that connects with `options`, giving up an attempt after `connect_timeout`.
-    pub fn new(options: PgConnectOptions, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(options: PgConnectOptions, connect_timeout: Duration) -> Self {
         Self {
             options,
             connect_timeout,
@@ -56,7 +58,7 @@ impl Listener {
     }
 
     /// The events of `channels` (and every connect and loss), for one subscriber.
-    pub fn subscribe(&mut self, channels: &[&str]) -> mpsc::UnboundedReceiver<ListenEvent> {
+    pub(crate) fn subscribe(&mut self, channels: &[&str]) -> mpsc::UnboundedReceiver<ListenEvent> {
         let (events, rx) = mpsc::unbounded_channel();
         self.subscribers.push(Subscriber {
             channels: channels.iter().map(|c| (*c).to_owned()).collect(),
@@ -66,7 +68,7 @@ impl Listener {
     }
 
     /// Listens until `shutdown` is cancelled or every subscriber has gone.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut channels: Vec<&str> = self
             .subscribers
             .iter()
@@ -75,7 +77,7 @@ impl Listener {
         channels.sort_unstable();
         channels.dedup();
         let channels: Vec<String> = channels.into_iter().map(str::to_owned).collect();
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::reconnect();
         loop {
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -195,36 +197,6 @@ fn listen_sql(channels: &[String]) -> String {
         .join(" ")
 }
 
-/// The reconnect policy: 100 ms, doubling up to 5 s; back to 100 ms after a connection that
-/// worked.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(5);
-
-    /// The delay before the next attempt (each call doubles the one after).
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        delay
-    }
-
-    /// Starts again from the first delay.
-    pub fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { next: Self::FIRST }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,14 +208,5 @@ mod tests {
             listen_sql(&channels),
             r#"LISTEN relay_changes; LISTEN "Odd""Name";"#
         );
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets() {
-        let mut b = Backoff::default();
-        let delays: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
     }
 }

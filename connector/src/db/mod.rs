@@ -12,7 +12,7 @@
 
 pub mod fence;
 pub mod history;
-pub mod listener;
+pub(crate) mod listener;
 pub mod retention;
 pub mod stream;
 pub mod triggers;

@@ -22,7 +22,8 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::listener::{Backoff, ListenEvent};
+use super::listener::ListenEvent;
+use crate::backoff::Backoff;
 use crate::config::StreamConfig;
 use crate::hub::Hub;
 
@@ -94,12 +95,30 @@ impl LagHistogram {
     }
 }
 
+/// Why the stream stopped for a while (it backs off and catches up again).
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    /// A query failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// A history row the stream cannot hand on (not JSON, a negative number).
+    #[error("unreadable publication row: {0}")]
+    Row(String),
+}
+
+/// A [`StreamError::Row`].
+fn row(e: impl std::fmt::Display) -> StreamError {
+    StreamError::Row(e.to_string())
+}
+
+type Result<T, E = StreamError> = std::result::Result<T, E>;
+
 /// What the stream task needs.
 pub struct Stream {
     /// Query pool.
     pub pool: PgPool,
     /// The events of `relay_changes` and `relay_publications` (see [`Stream::CHANNELS`]).
-    pub events: mpsc::UnboundedReceiver<ListenEvent>,
+    pub(crate) events: mpsc::UnboundedReceiver<ListenEvent>,
     /// Settings.
     pub config: StreamConfig,
     /// Where publications go.
@@ -158,7 +177,7 @@ impl Stream {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let (_, closed) = mpsc::unbounded_channel();
         let mut events = std::mem::replace(&mut self.events, closed);
-        let mut backoff = Backoff::default();
+        let mut backoff = Backoff::reconnect();
         let mut cursor: Option<u64> = None;
         let mut listening = false;
         loop {
@@ -189,7 +208,7 @@ impl Stream {
                         backoff.reset();
                     }
                     let wait = backoff.next_delay();
-                    tracing::warn!(error = %super::error_text(e.as_ref()), retry_in_ms = wait.as_millis() as u64, "change stream interrupted");
+                    tracing::warn!(error = %super::error_text(&e), retry_in_ms = wait.as_millis() as u64, "change stream interrupted");
                     tokio::select! {
                         _ = shutdown.cancelled() => return self.stop(),
                         _ = tokio::time::sleep(wait) => {}
@@ -219,7 +238,7 @@ impl Stream {
         events: &mut mpsc::UnboundedReceiver<ListenEvent>,
         shutdown: &CancellationToken,
         cursor: &mut Option<u64>,
-    ) -> anyhow::Result<End> {
+    ) -> Result<End> {
         let wakes = Wakes::default();
         if cursor.is_none() {
             let last: i64 = sqlx::query_scalar("SELECT last_seq FROM relay.sequencer")
@@ -248,7 +267,7 @@ impl Stream {
     /// then), backs off while only a running transaction may still add changes, and after a quiet
     /// spell arms the writers' wake-up and sleeps until a NOTIFY or the `poll_interval_ms` safety net.
     /// Only one node sequences at a time; the others see its work and stay asleep.
-    async fn sequencer(&self, wakes: &Wakes) -> anyhow::Result<()> {
+    async fn sequencer(&self, wakes: &Wakes) -> Result<()> {
         let active = self.config.active_poll;
         let idle = self.config.poll_interval;
         let mut delay = Duration::ZERO;
@@ -310,7 +329,7 @@ impl Stream {
 
     /// The reader's loop: reads the history after every local batch, every other node's NOTIFY, and
     /// every `poll_interval_ms`.
-    async fn reader(&self, wakes: &Wakes, cursor: &mut Option<u64>) -> anyhow::Result<()> {
+    async fn reader(&self, wakes: &Wakes, cursor: &mut Option<u64>) -> Result<()> {
         let idle = self.config.poll_interval;
         loop {
             tokio::select! {
@@ -322,7 +341,7 @@ impl Stream {
     }
 
     /// One `relay.sequence_batch()` call.
-    async fn sequence_batch(&self, arm: bool) -> anyhow::Result<Batch> {
+    async fn sequence_batch(&self, arm: bool) -> Result<Batch> {
         let batch = i32::try_from(self.config.batch_size).unwrap_or(i32::MAX);
         let (moved, busy, armed, last_seq): (i32, bool, bool, i64) =
             sqlx::query_as("SELECT moved, busy, armed, last_seq FROM relay.sequence_batch($1, $2)")
@@ -341,7 +360,7 @@ impl Stream {
 
     /// Moves every change below the horizon from the changelog into the history, waiting for its turn
     /// if another node is sequencing.
-    async fn sequence_all(&self) -> anyhow::Result<()> {
+    async fn sequence_all(&self) -> Result<()> {
         let batch = i32::try_from(self.config.batch_size).unwrap_or(i32::MAX);
         loop {
             let moved: i32 = sqlx::query_scalar("SELECT relay.sequence_changes($1)")
@@ -355,7 +374,7 @@ impl Stream {
     }
 
     /// Hands every publication after the cursor to the hub, in `seq` order.
-    async fn read(&self, cursor: &mut Option<u64>) -> anyhow::Result<()> {
+    async fn read(&self, cursor: &mut Option<u64>) -> Result<()> {
         let batch = i64::from(self.config.batch_size);
         loop {
             let from = cursor.unwrap_or(0);
@@ -372,17 +391,17 @@ impl Stream {
             for (seq, channel, offset, epoch, data, info, lag) in rows {
                 self.status.lag.observe(lag);
                 if self.hub.has_subscribers(&channel) {
-                    let data = RawValue::from_string(data)?;
-                    let info = info.map(RawValue::from_string).transpose()?;
+                    let data = RawValue::from_string(data).map_err(row)?;
+                    let info = info.map(RawValue::from_string).transpose().map_err(row)?;
                     self.hub.publish(
                         &channel,
-                        u64::try_from(offset)?,
+                        u64::try_from(offset).map_err(row)?,
                         &epoch,
                         &data,
                         info.as_deref(),
                     );
                 }
-                let seq = u64::try_from(seq)?;
+                let seq = u64::try_from(seq).map_err(row)?;
                 *cursor = Some(seq);
                 self.status.cursor.store(seq, Ordering::Relaxed);
             }

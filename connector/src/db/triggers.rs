@@ -33,7 +33,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Mapping, TemplatePart, parse_template};
+use crate::config::{Mapping, TemplatePart};
 use crate::error::{Error, Result};
 
 /// The SQL of one mapping's trigger.
@@ -133,11 +133,8 @@ pub(crate) fn channel_expr(rec: &str, parts: &[TemplatePart]) -> String {
 
 /// Builds the trigger SQL for a (validated) mapping.
 pub fn spec(index: usize, m: &Mapping) -> Result<TriggerSpec> {
-    let parts = parse_template(&m.channel).map_err(|problem| Error::Mapping {
-        index,
-        table: format!("{}.{}", m.schema, m.table),
-        problem,
-    })?;
+    // Parsed when the configuration was loaded.
+    let parts = m.channel.parts();
     let ops: Vec<&str> = m.operations.iter().map(|o| o.sql()).collect();
     let canonical = format!(
         "{}|{}|{}|{}|{}",
@@ -193,8 +190,8 @@ BEGIN
 END
 "#,
         mapping = canonical,
-        ch_old = channel_expr("OLD", &parts),
-        ch_new = channel_expr("NEW", &parts),
+        ch_old = channel_expr("OLD", parts),
+        ch_new = channel_expr("NEW", parts),
         row_old = row_expr("OLD", cols),
         row_new = row_expr("NEW", cols),
     );
@@ -267,13 +264,10 @@ pub async fn mapping_problems(pool: &PgPool, mappings: &[Mapping]) -> Result<Vec
             continue;
         }
         let have: HashSet<&str> = cols.iter().map(String::as_str).collect();
-        let template_cols = parse_template(&m.channel)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|p| match p {
-                TemplatePart::Column(c) => Some(("channel template", c)),
-                TemplatePart::Literal(_) => None,
-            });
+        let template_cols = m.channel.parts().iter().filter_map(|p| match p {
+            TemplatePart::Column(c) => Some(("channel template", c.clone())),
+            TemplatePart::Literal(_) => None,
+        });
         let listed = m.columns.iter().flatten().map(|c| ("columns", c.clone()));
         for (place, col) in template_cols.chain(listed) {
             if !have.contains(col.as_str()) {

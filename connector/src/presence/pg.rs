@@ -52,7 +52,10 @@ impl PgStore {
     }
 
     /// A store on `pool` that hears events from the node's listener (subscribed to [`CHANNEL`]).
-    pub fn with_listener(pool: PgPool, events: mpsc::UnboundedReceiver<ListenEvent>) -> Self {
+    pub(crate) fn with_listener(
+        pool: PgPool,
+        events: mpsc::UnboundedReceiver<ListenEvent>,
+    ) -> Self {
         Self {
             pool,
             events: Source::Node(Mutex::new(Some(events))),

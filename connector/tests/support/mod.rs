@@ -22,12 +22,14 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
-/// A database made for one test, dropped by [`TestDb::drop_db`].
+/// A database made for one test, dropped by [`TestDb::drop_db`], or else when the value is dropped
+/// (a test that panics leaves no database behind).
 pub struct TestDb {
     admin: String,
     pub name: String,
     pub url: String,
     pub pool: PgPool,
+    dropped: bool,
 }
 
 impl TestDb {
@@ -56,10 +58,11 @@ impl TestDb {
             name,
             url,
             pool,
+            dropped: false,
         }
     }
 
-    pub async fn drop_db(self) {
+    pub async fn drop_db(mut self) {
         self.pool.close().await;
         let admin = PgPool::connect(&self.admin).await.unwrap();
         let _ = sqlx::query(&format!(
@@ -69,6 +72,7 @@ impl TestDb {
         .execute(&admin)
         .await;
         admin.close().await;
+        self.dropped = true;
     }
 
     /// Inserts a chat row directly (as an application would).
@@ -82,6 +86,34 @@ impl TestDb {
         .execute(&self.pool)
         .await
         .unwrap();
+    }
+}
+
+impl Drop for TestDb {
+    /// Drops the database when [`TestDb::drop_db`] did not (the test panicked, or returned early):
+    /// on a thread of its own with its own runtime, since `Drop` cannot await.
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        let dropping = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let connect = tokio::time::timeout(Duration::from_secs(5), PgPool::connect(&admin));
+                if let Ok(Ok(admin)) = connect.await {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::query(&sql).execute(&admin).await;
+                    admin.close().await;
+                }
+            });
+        });
+        let _ = dropping.join();
     }
 }
 
