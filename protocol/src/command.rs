@@ -5,6 +5,8 @@
 //! never travels further in, except publication payloads, which stay [`RawValue`]s so they are
 //! re-sent byte for byte.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
@@ -125,6 +127,24 @@ pub struct ConnectRequest {
     /// Client version.
     #[serde(default)]
     pub version: String,
+    /// Positions of the server-side subscriptions the client had, for their recovery on
+    /// reconnect (only the server's own server-side channels are looked up here).
+    #[serde(default)]
+    pub subs: BTreeMap<String, ServerSubRequest>,
+}
+
+/// A server-side subscription's position in a `connect` request (`subs`): what to recover from.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct ServerSubRequest {
+    /// Recover what was missed since `offset` in `epoch`.
+    #[serde(default)]
+    pub recover: bool,
+    /// The epoch of the position.
+    #[serde(default)]
+    pub epoch: String,
+    /// The offset of the position.
+    #[serde(default)]
+    pub offset: u64,
 }
 
 /// `subscribe` request fields.

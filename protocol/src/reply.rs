@@ -7,6 +7,8 @@
 //! ([`crate::pb`]). Application data (publication payloads, connection and channel info) is JSON in
 //! both: embedded as raw JSON in the first, its raw bytes in the `bytes` fields of the second.
 
+use std::collections::BTreeMap;
+
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
@@ -74,7 +76,7 @@ pub struct ClientInfo {
 
 /// Result of `connect`.
 #[derive(Debug, Serialize)]
-pub struct ConnectResult {
+pub struct ConnectResult<'a> {
     /// The unique id of this connection (mandatory: centrifuge-python reads it with `[]`).
     pub client: String,
     /// Server version.
@@ -89,6 +91,10 @@ pub struct ConnectResult {
     /// Seconds until the connection expires (present whenever `expires` is: Python reads it with `[]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u32>,
+    /// The server-side subscriptions made at connect, by channel (with their positions, and what
+    /// they recovered).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub subs: BTreeMap<String, SubscribeResult<'a>>,
 }
 
 /// Result of `refresh`.
@@ -221,7 +227,7 @@ pub enum ReplyBody<'a> {
     /// The command failed.
     Error(ReplyError),
     /// `connect` succeeded.
-    Connect(ConnectResult),
+    Connect(ConnectResult<'a>),
     /// `subscribe` succeeded.
     Subscribe(SubscribeResult<'a>),
     /// `unsubscribe` done (empty result).

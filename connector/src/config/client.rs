@@ -49,6 +49,10 @@ pub struct ClientConfig {
     pub recovery_max_publications: u32,
     /// Most channels one connection may subscribe to (default 128).
     pub max_channels_per_connection: usize,
+    /// Every authenticated connection is subscribed server-side to this channel at connect, with
+    /// `{user}` replaced by its user id (Centrifugo's personal channel, e.g. `"#{user}"`; default
+    /// none). It appears in the connect reply's `subs`, with recovery on reconnect.
+    pub personal_channel: Option<String>,
     /// Most publishes of one connection waiting for their target at once (default 16).
     pub max_pending_publishes: usize,
     /// Seconds a new connection has to send `connect` (default 15).
@@ -111,6 +115,7 @@ impl Default for ClientConfig {
             recovery_max_publications: 1_000_000,
             replies_in_flight_bytes: 256 << 20,
             max_channels_per_connection: 128,
+            personal_channel: None,
             max_pending_publishes: 16,
             connect_timeout_secs: 15,
             write_timeout_secs: 10,
@@ -162,6 +167,18 @@ impl ClientConfig {
         self.check_timers()?;
         self.check_sizes()?;
         self.check_rates()?;
+        if let Some(template) = &self.personal_channel
+            && (template.matches("{user}").count() != 1
+                || relay_protocol::channel::validate_channel(&template.replace("{user}", "u"))
+                    .is_err())
+        {
+            return Err(invalid(
+                "client.personal_channel",
+                format!(
+                    "{template:?} must be a channel name with {{user}} once, like \"#{{user}}\""
+                ),
+            ));
+        }
         if let Some(origins) = &self.allowed_origins
             && let Some(bad) = origins.iter().find(|o| o.is_empty() || o.ends_with('/'))
         {

@@ -4,6 +4,7 @@
 use super::*;
 
 use super::encode::info_len;
+use super::subscriptions::Start;
 
 impl Session {
     /// Handles every command of a frame, in order, appending replies to `out`.
@@ -135,6 +136,51 @@ impl Session {
                         .presence
                         .register_session(&self.client, &self.identity.user),
                 );
+                // Server-side subscriptions: opened before the reply, which carries them.
+                let mut opened = Vec::new();
+                for channel in self.server_side_channels() {
+                    let start = request
+                        .subs
+                        .get(&channel)
+                        .map_or_else(Start::default, |p| Start {
+                            recover: p.recover,
+                            offset: p.offset,
+                            epoch: p.epoch.clone(),
+                            reject_unrecovered: false,
+                        });
+                    match self
+                        .open(channel, &start, auth::SubscriptionGrant::default())
+                        .await
+                    {
+                        Ok(o) => opened.push(o),
+                        Err(e) => {
+                            for o in &opened {
+                                self.state.hub.unsubscribe(&o.channel, self.id);
+                            }
+                            return match e {
+                                SubscribeError::Reply(e) => {
+                                    self.connected = false;
+                                    out.push(self.encode(&Reply::error(id, e)));
+                                    Flow::Continue
+                                }
+                                SubscribeError::Close(d) => Flow::Close(d),
+                            };
+                        }
+                    }
+                }
+                // Presence members before the reply (a `presence` call after it sees them); a
+                // channel whose presence refuses the member is left out of the reply.
+                let mut joined = Vec::with_capacity(opened.len());
+                for o in opened {
+                    match self.join_presence(&o, None, false).await {
+                        Ok(presence) => joined.push((o, presence)),
+                        Err(e) => tracing::warn!(
+                            channel = %o.channel,
+                            error = ?e,
+                            "server-side subscription left out: presence refused it"
+                        ),
+                    }
+                }
                 let result = ConnectResult {
                     client: self.client.clone(),
                     version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -143,8 +189,15 @@ impl Session {
                     pong: true,
                     expires: ttl.is_some(),
                     ttl,
+                    subs: joined
+                        .iter()
+                        .map(|(o, _)| (o.channel.clone(), o.result()))
+                        .collect(),
                 };
                 out.push(self.encode(&Reply::new(id, ReplyBody::Connect(result))));
+                for (o, presence) in joined {
+                    self.keep(o, presence, true);
+                }
                 Flow::Continue
             }
             // The SDK fetches a new token and reconnects; the connection stays unauthenticated.
@@ -238,6 +291,42 @@ impl Session {
                 Flow::Close(Disconnect::INVALID_TOKEN)
             }
         }
+    }
+
+    /// The channels this connection is subscribed to server-side: the token's `channels` claim
+    /// (the application's grant, each a valid channel name) and the user's personal channel
+    /// (`client.personal_channel`), at most `client.max_channels_per_connection`.
+    fn server_side_channels(&self) -> Vec<String> {
+        let mut channels: Vec<String> = Vec::new();
+        if let Some(serde_json::Value::Array(claimed)) = self.identity.claims.get("channels") {
+            channels.extend(
+                claimed
+                    .iter()
+                    .filter_map(serde_json::Value::as_str)
+                    .filter(|c| validate_channel(c).is_ok())
+                    .map(str::to_owned),
+            );
+        }
+        if let Some(template) = &self.state.config.client.personal_channel
+            && !self.identity.user.is_empty()
+        {
+            let personal = template.replace("{user}", &self.identity.user);
+            if validate_channel(&personal).is_ok() {
+                channels.push(personal);
+            }
+        }
+        channels.sort();
+        channels.dedup();
+        let max = self.state.config.client.max_channels_per_connection;
+        if channels.len() > max {
+            tracing::warn!(
+                client = %self.client,
+                dropped = channels.len() - max,
+                "more server-side channels than client.max_channels_per_connection"
+            );
+            channels.truncate(max);
+        }
+        channels
     }
 
     /// Whether this connection may do `op` on `channel` by the configured permissions.

@@ -59,7 +59,7 @@ use relay_protocol::{Command, CommandError, Disconnect, ErrorCode, ReplyError, R
 
 use crate::auth::{self, ConnectError, Identity, Op, SubscriptionError};
 use crate::db::fence;
-use crate::db::history::{self, Bound, Keep, StoredPublication};
+use crate::db::history::{self, Bound, Keep, StreamSlice};
 use crate::hub::{Delivery, Subscriber};
 use crate::limits::TokenBucket;
 use crate::rules::{self, NamedData};
@@ -372,6 +372,7 @@ impl Session {
 
 /// A subscribe that fails: an error reply, or (a token for another channel, user or connection) a
 /// disconnect.
+#[derive(Debug)]
 pub(super) enum SubscribeError {
     Reply(ReplyError),
     Close(Disconnect),

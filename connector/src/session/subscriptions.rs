@@ -22,6 +22,9 @@ pub(super) struct SubState {
     pub(super) join_leave: bool,
     /// Its membership in the channel's presence (the id [`crate::presence::Presence::leave`] takes).
     pub(super) membership: Option<String>,
+    /// A server-side subscription (made at connect): losing track of it closes the connection
+    /// (3010, the client reconnects and recovers it) instead of unsubscribing it.
+    pub(super) server_side: bool,
 }
 
 /// What a subscription does with a publication of its channel.
@@ -54,6 +57,65 @@ impl SubState {
         }
         self.offset = offset;
         Verdict::Deliver
+    }
+}
+
+/// Where a subscription starts: recovering from a position the client had, or at the stream's top.
+#[derive(Debug, Default)]
+pub(super) struct Start {
+    /// Recover what was missed since `offset` in `epoch`.
+    pub(super) recover: bool,
+    /// The offset of the client's position.
+    pub(super) offset: u64,
+    /// The epoch of the client's position ("" when unknown).
+    pub(super) epoch: String,
+    /// Answer an unrecoverable position with error 112 instead of `recovered: false` (flag 2).
+    pub(super) reject_unrecovered: bool,
+}
+
+/// A subscription registered in the hub, with its read of the stream: what its reply says.
+pub(super) struct Opened {
+    pub(super) channel: String,
+    slice: StreamSlice,
+    recovered: bool,
+    was_recovering: bool,
+    /// The position the client recovers from.
+    from: u64,
+    /// The offset its reply delivers up to.
+    delivered: u64,
+    grant: auth::SubscriptionGrant,
+}
+
+impl Opened {
+    /// The subscribe result: the position, and the recovered publications.
+    pub(super) fn result(&self) -> SubscribeResult<'_> {
+        SubscribeResult {
+            recoverable: true,
+            positioned: true,
+            epoch: &self.slice.epoch,
+            offset: if self.recovered {
+                self.from
+            } else {
+                self.slice.top
+            },
+            was_recovering: self.was_recovering,
+            recovered: self.recovered,
+            publications: if self.recovered {
+                self.slice
+                    .publications
+                    .iter()
+                    .map(|p| Publication {
+                        data: &p.data,
+                        offset: p.offset,
+                        info: p.info.as_deref(),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            expires: self.grant.expires_at.is_some(),
+            ttl: ttl(self.grant.expires_at),
+        }
     }
 }
 
@@ -111,8 +173,33 @@ impl Session {
                 }
             }
         };
-        // Register before reading, so nothing committed after the read can be missed; what arrives
-        // twice is dropped by offset in `deliver`.
+        let start = Start {
+            recover: req.recover,
+            offset: req.offset,
+            epoch: req.epoch.clone(),
+            reject_unrecovered: req.flag & 2 != 0,
+        };
+        let opened = self.open(channel, &start, grant).await?;
+        let body = self.encode(&Reply::new(id, ReplyBody::Subscribe(opened.result())));
+        // Presence: the subscription becomes a member before the reply, so a `presence` call that
+        // follows it sees the subscriber; its join push (to those who asked) follows the reply.
+        let token_data = req.data.as_deref().filter(|_| req.token.is_empty());
+        let presence = self
+            .join_presence(&opened, token_data, req.join_leave)
+            .await?;
+        self.keep(opened, presence, false);
+        Ok(body)
+    }
+
+    /// Registers `channel` in the hub, then reads its position (and, for a recovery, what was
+    /// missed) from history: registered first, so nothing committed after the read can be missed;
+    /// what arrives twice is dropped by offset in `deliver`.
+    pub(super) async fn open(
+        &mut self,
+        channel: String,
+        start: &Start,
+        grant: auth::SubscriptionGrant,
+    ) -> Result<Opened, SubscribeError> {
         self.state.hub.subscribe(
             &channel,
             self.id,
@@ -124,8 +211,12 @@ impl Session {
                 encoding: self.encoding,
             },
         );
-        let limit = if req.recover {
-            cfg.recovery_max_publications.saturating_add(1)
+        let limit = if start.recover {
+            self.state
+                .config
+                .client
+                .recovery_max_publications
+                .saturating_add(1)
         } else {
             0
         };
@@ -135,7 +226,7 @@ impl Session {
         let slice = match history::read(
             &self.state.pool,
             &channel,
-            Bound::After(req.offset),
+            Bound::After(start.offset),
             limit,
             self.reply_budget,
             keep,
@@ -159,17 +250,16 @@ impl Session {
             }
         }
         let mut recovered = false;
-        let mut publications: Vec<&StoredPublication> = Vec::new();
-        if req.recover {
-            let epoch_ok = req.epoch.is_empty() || req.epoch == slice.epoch;
-            let missed = slice.top.saturating_sub(req.offset);
-            let complete = req.offset <= slice.top
+        if start.recover {
+            let epoch_ok = start.epoch.is_empty() || start.epoch == slice.epoch;
+            let missed = slice.top.saturating_sub(start.offset);
+            let complete = start.offset <= slice.top
                 && !slice.overflow
                 && slice.publications.len() as u64 == missed
                 && slice
                     .publications
                     .first()
-                    .is_none_or(|p| p.offset == req.offset + 1)
+                    .is_none_or(|p| p.offset == start.offset + 1)
                 && slice
                     .publications
                     .last()
@@ -178,45 +268,46 @@ impl Session {
             if slice.overflow {
                 self.reply_budget = 0;
             }
-            if recovered {
-                publications = slice.publications.iter().collect();
-            }
             self.state.metrics.record_recovery(recovered);
-            if !recovered && req.flag & 2 != 0 {
+            if !recovered && start.reject_unrecovered {
                 self.state.hub.unsubscribe(&channel, self.id);
                 return Err(ReplyError::from(ErrorCode::UnrecoverablePosition).into());
             }
         }
-        let delivered = publications
-            .last()
-            .map_or(if recovered { req.offset } else { slice.top }, |p| p.offset);
-        let result = SubscribeResult {
-            recoverable: true,
-            positioned: true,
-            epoch: &slice.epoch,
-            offset: if recovered { req.offset } else { slice.top },
-            was_recovering: req.recover,
-            recovered,
-            publications: publications
-                .iter()
-                .map(|p| Publication {
-                    data: &p.data,
-                    offset: p.offset,
-                    info: p.info.as_deref(),
-                })
-                .collect(),
-            expires: grant.expires_at.is_some(),
-            ttl: ttl(grant.expires_at),
+        let delivered = if recovered {
+            slice.publications.last().map_or(start.offset, |p| p.offset)
+        } else {
+            slice.top
         };
-        let body = self.encode(&Reply::new(id, ReplyBody::Subscribe(result)));
-        // Presence: the subscription becomes a member before the reply, so a `presence` call that
-        // follows it sees the subscriber; its join push (to those who asked) follows the reply.
+        Ok(Opened {
+            channel,
+            slice,
+            recovered,
+            was_recovering: start.recover,
+            from: start.offset,
+            delivered,
+            grant,
+        })
+    }
+
+    /// Makes an opened subscription a presence member where the channel has presence (with the
+    /// subscribe `data` as its channel info where the channel takes it). Returns whether join/leave
+    /// pushes go to it (it asked for them, or the channel forces them) and its membership. On an
+    /// error the subscription is gone from the hub.
+    pub(super) async fn join_presence(
+        &mut self,
+        opened: &Opened,
+        data: Option<&RawValue>,
+        ask_join_leave: bool,
+    ) -> Result<(bool, Option<String>), SubscribeError> {
+        let channel = opened.channel.clone();
+        let grant = &opened.grant;
         let mut join_leave = false;
         let mut membership = None;
         if let Some(rule) = self.state.presence.rule_for(&channel).cloned() {
-            let chan_info = match (&grant.chan_info, &req.data) {
+            let chan_info = match (&grant.chan_info, data) {
                 (Some(info), _) => Some(info.clone()),
-                (None, Some(data)) if rule.info_from_subscribe_data && req.token.is_empty() => {
+                (None, Some(data)) if rule.info_from_subscribe_data => {
                     if data.get().len() > 1024 || !data.get().starts_with('{') {
                         self.state.hub.unsubscribe(&channel, self.id);
                         return Err(ReplyError::with_message(
@@ -225,7 +316,7 @@ impl Session {
                         )
                         .into());
                     }
-                    Some(Arc::from(data.clone()))
+                    Some(Arc::from(data.to_owned()))
                 }
                 _ => None,
             };
@@ -259,7 +350,7 @@ impl Session {
             }
             // Pushes only to subscribers that may see presence, as Centrifugo does; to those that
             // asked, or to all where the channel forces them.
-            join_leave = (req.join_leave || rule.force_push_join_leave)
+            join_leave = (ask_join_leave || rule.force_push_join_leave)
                 && rule.join_leave
                 && auth::permissions::allowed(
                     &self.state.config.channels,
@@ -269,18 +360,28 @@ impl Session {
                     true,
                 );
         }
+        Ok((join_leave, membership))
+    }
+
+    /// Keeps an opened subscription: from now on its channel's publications are delivered to it.
+    pub(super) fn keep(
+        &mut self,
+        opened: Opened,
+        (join_leave, membership): (bool, Option<String>),
+        server_side: bool,
+    ) {
         self.subs.insert(
-            channel,
+            opened.channel,
             SubState {
-                epoch: slice.epoch.clone(),
-                offset: delivered,
-                expires_at: grant.expires_at,
-                chan_info: grant.chan_info,
+                epoch: opened.slice.epoch,
+                offset: opened.delivered,
+                expires_at: opened.grant.expires_at,
+                chan_info: opened.grant.chan_info,
                 join_leave,
                 membership,
+                server_side,
             },
         );
-        Ok(body)
     }
 
     /// Passes a hub publication on if it is the next one of a subscription.
@@ -318,7 +419,11 @@ impl Session {
     pub(super) fn insufficient_state(&mut self, channel: &str, out: &mut Vec<Message>) -> Flow {
         tracing::warn!(client = %self.client, channel, "gap in a channel stream; client told to recover");
         if let Some(sub) = self.subs.remove(channel) {
+            let server_side = sub.server_side;
             self.leave_later(channel, sub);
+            if server_side {
+                return Flow::Close(Disconnect::INSUFFICIENT_STATE);
+            }
         }
         self.state.hub.unsubscribe(channel, self.id);
         let push = Push::Unsubscribe {
@@ -344,6 +449,7 @@ mod tests {
             chan_info: None,
             join_leave: false,
             membership: None,
+            server_side: false,
         }
     }
 

@@ -18,9 +18,9 @@ use serde_json::value::RawValue;
 
 use crate::command::{
     ChannelRequest, ConnectRequest, HistoryRequest, PublishRequest, RefreshRequest, RpcRequest,
-    SendRequest, SubRefreshRequest, SubscribeRequest,
+    SendRequest, ServerSubRequest, SubRefreshRequest, SubscribeRequest,
 };
-use crate::reply::{ClientInfo, Publication, Push, Reply, ReplyBody};
+use crate::reply::{ClientInfo, Publication, Push, Reply, ReplyBody, SubscribeResult};
 use crate::{Command, CommandError, Request, StreamPosition};
 
 /// The generated message types (package `centrifugal.centrifuge.protocol`).
@@ -80,6 +80,18 @@ impl Command {
                     data,
                     name: r.name,
                     version: r.version,
+                    subs: r
+                        .subs
+                        .into_iter()
+                        .map(|(channel, s)| {
+                            let position = ServerSubRequest {
+                                recover: s.recover,
+                                epoch: s.epoch,
+                                offset: s.offset,
+                            };
+                            (channel, position)
+                        })
+                        .collect(),
                 }),
                 Err(()) => invalid("connect"),
             });
@@ -195,6 +207,23 @@ fn error(e: &crate::ReplyError) -> messages::Error {
     }
 }
 
+/// The Protobuf form of a subscribe result (a `subscribe` reply, or a server-side subscription of a
+/// `connect` reply).
+fn subscribe_result(s: &SubscribeResult<'_>) -> messages::SubscribeResult {
+    messages::SubscribeResult {
+        expires: s.expires,
+        ttl: s.ttl.unwrap_or(0),
+        recoverable: s.recoverable,
+        epoch: s.epoch.to_owned(),
+        publications: s.publications.iter().map(publication).collect(),
+        recovered: s.recovered,
+        offset: s.offset,
+        positioned: s.positioned,
+        was_recovering: s.was_recovering,
+        ..Default::default()
+    }
+}
+
 /// The length-delimited Protobuf `Reply` of a command's answer.
 pub fn encode_reply(r: &Reply<'_>) -> Vec<u8> {
     let mut m = messages::Reply {
@@ -211,23 +240,15 @@ pub fn encode_reply(r: &Reply<'_>) -> Vec<u8> {
                 ttl: c.ttl.unwrap_or(0),
                 ping: c.ping,
                 pong: c.pong,
+                subs: c
+                    .subs
+                    .iter()
+                    .map(|(channel, s)| (channel.clone(), subscribe_result(s)))
+                    .collect(),
                 ..Default::default()
             });
         }
-        ReplyBody::Subscribe(s) => {
-            m.subscribe = Some(messages::SubscribeResult {
-                expires: s.expires,
-                ttl: s.ttl.unwrap_or(0),
-                recoverable: s.recoverable,
-                epoch: s.epoch.to_owned(),
-                publications: s.publications.iter().map(publication).collect(),
-                recovered: s.recovered,
-                offset: s.offset,
-                positioned: s.positioned,
-                was_recovering: s.was_recovering,
-                ..Default::default()
-            });
-        }
+        ReplyBody::Subscribe(s) => m.subscribe = Some(subscribe_result(s)),
         ReplyBody::Unsubscribe => m.unsubscribe = Some(messages::UnsubscribeResult {}),
         ReplyBody::Publish => m.publish = Some(messages::PublishResult {}),
         ReplyBody::Presence(p) => {
