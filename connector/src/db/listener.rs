@@ -262,4 +262,95 @@ mod tests {
             r#"LISTEN relay_changes; LISTEN "Odd""Name";"#
         );
     }
+
+    /// The next event, or a failure after 10 s.
+    async fn next(events: &mut mpsc::UnboundedReceiver<ListenEvent>) -> ListenEvent {
+        tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("the listener is running")
+    }
+
+    async fn notify(pool: &sqlx::PgPool, channel: &str, payload: &str) {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+
+    /// Against the local PostgreSQL (127.0.0.1:5432, user postgres), in a database of its own.
+    #[tokio::test]
+    async fn a_lost_connection_is_a_gap_and_is_listened_again() {
+        let server = "postgres://postgres@127.0.0.1:5432";
+        let name = format!(
+            "relay_listener_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        let admin = sqlx::PgPool::connect(&format!("{server}/postgres"))
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let url = format!("{server}/{name}?sslmode=disable");
+        let db = sqlx::PgPool::connect(&url).await.unwrap();
+
+        let mut listener = Listener::new(&url, Duration::from_secs(5)).unwrap();
+        let mut changes = listener.subscribe(&["relay_changes"]);
+        let mut presence = listener.subscribe(&["relay_presence"]);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(listener.run(shutdown.clone()));
+        assert_eq!(next(&mut changes).await, ListenEvent::Connected);
+        assert_eq!(next(&mut presence).await, ListenEvent::Connected);
+
+        notify(&db, "relay_changes", "a").await;
+        assert_eq!(
+            next(&mut changes).await,
+            ListenEvent::Notification {
+                channel: "relay_changes".into(),
+                payload: "a".into()
+            }
+        );
+        // As the fault suite finds it: one backend whose statement starts `LISTEN relay_changes`.
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND query ILIKE 'LISTEN relay_changes%'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!(killed, 1);
+        // Presence heard nothing of `relay_changes`: its next events are the loss and the reconnect.
+        for events in [&mut changes, &mut presence] {
+            assert_eq!(next(events).await, ListenEvent::Lost);
+            assert_eq!(next(events).await, ListenEvent::Connected);
+        }
+        notify(&db, "relay_presence", "b").await;
+        assert_eq!(
+            next(&mut presence).await,
+            ListenEvent::Notification {
+                channel: "relay_presence".into(),
+                payload: "b".into()
+            }
+        );
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the listener stops on shutdown")
+            .unwrap();
+        assert!(changes.recv().await.is_none(), "nothing after shutdown");
+        db.close().await;
+        sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
 }
