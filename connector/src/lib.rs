@@ -15,8 +15,10 @@
 //!   (channel patterns compiled into [`config::ChannelRules`], parsed mapping templates, durations,
 //!   PostgreSQL connect options, loaded auth keys); environment overrides; one
 //!   [`config::ConfigError`] naming the field. Every limit lives here; features take their section.
-//! - [`db`]: pool and migrations; [`db::listener`] (the node's one LISTEN connection: sqlx
-//!   `PgListener` on the pool's connect options, one backoff, typed events; a reconnect is a gap);
+//! - [`db`]: pool and migrations; [`db::listener`] (the node's one LISTEN connection, on
+//!   tokio-postgres, the driver the project chose for it, with TLS read from the same URL as libpq
+//!   would (`sslmode`, `sslrootcert`); one backoff, typed events; a reconnect is a gap; the one
+//!   module that owns that driver);
 //!   [`db::triggers`] (generated capture triggers); [`db::stream`] (wake-ups from the listener +
 //!   gapless reads into the hub); [`db::history`] (positions, history, recovery, publishing).
 //! - [`hub`]: channel registry and fan-out (encode once, bounded mailboxes, slow clients marked).
@@ -141,10 +143,8 @@ pub async fn run(
         ..config.database.clone()
     })?;
     // The node's one LISTEN connection, for the stream and (with the PostgreSQL store) presence.
-    let mut pg_listener = db::listener::Listener::new(
-        db::named(config.database.listen_options()?),
-        config.database.connect_timeout,
-    );
+    let mut pg_listener =
+        db::listener::Listener::new(&listen_url, config.database.connect_timeout)?;
     let stream = Stream {
         pool: stream_pool.clone(),
         events: pg_listener.subscribe(&Stream::CHANNELS),

@@ -1,22 +1,35 @@
-//! The node's one LISTEN connection: a task that owns a [`PgListener`] on every channel the node
-//! listens to (`relay_changes` and `relay_publications` for the change stream, `relay_presence`
-//! for presence events and disconnect orders) and hands typed [`ListenEvent`]s to its subscribers.
+//! The node's one LISTEN connection: a task that owns a tokio-postgres connection listening on
+//! every channel the node listens to (`relay_changes` and `relay_publications` for the change
+//! stream, `relay_presence` for presence events and disconnect orders) and hands typed
+//! [`ListenEvent`]s to its subscribers.
 //!
-//! It connects with the same [`PgConnectOptions`] as the pool (`database.listen_url`, else
-//! `database.url`), so `sslmode`, `sslrootcert` and the rest of the URL mean what they mean for
-//! every other connection: one TLS configuration. When the connection is lost it backs off (one
-//! policy: [`Backoff::reconnect`]) and connects again; after every (re)connect — once it LISTENs again — each
-//! subscriber gets [`ListenEvent::Connected`], which is a gap: whatever was notified meanwhile is
-//! gone, and the subscriber reads what it missed (the stream from the changelog; presence queries
-//! stay exact and only join/leave pushes are missed, as before).
+//! tokio-postgres is the driver the project chose for this connection; this module is the one
+//! place that uses it. It connects to `database.listen_url` (else `database.url`), the URL the
+//! configuration checks and every other LISTEN-side connection uses, with TLS from [`super::tls`]:
+//! `sslmode` and `sslrootcert` mean what they mean to libpq and to the query pool. When the
+//! connection is lost it backs off (one policy: [`Backoff::reconnect`]) and connects again; after
+//! every (re)connect — once it LISTENs again — each subscriber gets [`ListenEvent::Connected`],
+//! which is a gap: whatever was notified meanwhile is gone, and the subscriber reads what it
+//! missed (the stream from the changelog; presence queries stay exact and only join/leave pushes
+//! are missed, as before).
 
+use std::future::poll_fn;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::mpsc;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, Notification, Socket};
 use tokio_util::sync::CancellationToken;
 
+use super::tls::ListenTarget;
 use crate::backoff::Backoff;
+use crate::error::ConfigError;
+
+/// The connection half of a LISTEN connection (the client half only sends the LISTEN statements).
+type Connection = tokio_postgres::Connection<
+    Socket,
+    <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream,
+>;
 
 /// What a subscriber of the listener hears.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,19 +55,27 @@ struct Subscriber {
 
 /// The LISTEN task of a node; subscribe, then [`Listener::run`] it.
 pub(crate) struct Listener {
-    options: PgConnectOptions,
+    target: ListenTarget,
     connect_timeout: Duration,
     subscribers: Vec<Subscriber>,
 }
 
 impl Listener {
-    /// A listener that connects with `options`, giving up an attempt after `connect_timeout`.
-    pub(crate) fn new(options: PgConnectOptions, connect_timeout: Duration) -> Self {
-        Self {
-            options,
+    /// A listener that connects to `url` (its `sslmode` and `sslrootcert` as libpq reads them),
+    /// giving up an attempt (connect, TLS, authentication, LISTEN) after `connect_timeout`. The
+    /// error is the URL's, for `database.listen_url` (else `database.url`), which it comes from.
+    pub(crate) fn new(url: &str, connect_timeout: Duration) -> Result<Self, ConfigError> {
+        let target = super::tls::listen_target(url).map_err(|e| {
+            ConfigError::new(
+                "database.listen_url",
+                format!("the LISTEN connection cannot use it: {e:#}"),
+            )
+        })?;
+        Ok(Self {
+            target,
             connect_timeout,
             subscribers: Vec::new(),
-        }
+        })
     }
 
     /// The events of `channels` (and every connect and loss), for one subscriber.
@@ -77,28 +98,37 @@ impl Listener {
         channels.sort_unstable();
         channels.dedup();
         let channels: Vec<String> = channels.into_iter().map(str::to_owned).collect();
+        let sql = listen_sql(&channels);
         let mut backoff = Backoff::reconnect();
         loop {
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = self.connect(&channels) => r,
+                r = self.connect(&sql) => r,
             };
             match connected {
-                Ok(mut listener) => {
+                Ok(Listening {
+                    client,
+                    mut connection,
+                    early,
+                }) => {
                     backoff.reset();
                     if !self.broadcast(&ListenEvent::Connected) {
                         return;
                     }
+                    for n in &early {
+                        self.route(n.channel(), n.payload());
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        () = self.receive(&mut listener) => {}
+                        () = self.receive(&mut connection) => {}
                     }
+                    drop(client);
                     if !self.broadcast(&ListenEvent::Lost) {
                         return;
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %super::error_text(&e), "LISTEN connection failed")
+                    tracing::warn!(error = %super::error_text(e.as_ref()), "LISTEN connection failed")
                 }
             }
             let wait = backoff.next_delay();
@@ -113,37 +143,61 @@ impl Listener {
         }
     }
 
-    /// A connection that LISTENs on `channels`.
-    async fn connect(&self, channels: &[String]) -> Result<PgListener, sqlx::Error> {
-        // A pool of one, for this listener only: it is how `PgListener` opens its connection.
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(self.connect_timeout)
-            .max_lifetime(None)
-            .idle_timeout(None)
-            .connect_with(self.options.clone())
-            .await?;
-        let mut listener = PgListener::connect_with(&pool).await?;
-        listener.ignore_pool_close_event(true);
-        // Reconnects are this task's (with its backoff), so each one is seen as a gap; the
-        // listener is dropped on a loss, so it need not know its channels.
-        listener.eager_reconnect(false);
-        // On the listener's connection, so notifications that arrive with the reply are kept.
-        execute(&mut listener, &listen_sql(channels)).await?;
-        Ok(listener)
+    /// A connection that has run `listen` (the LISTEN statements), within the connect timeout.
+    async fn connect(&self, listen: &str) -> anyhow::Result<Listening> {
+        match tokio::time::timeout(self.connect_timeout, self.try_connect(listen)).await {
+            Ok(r) => r,
+            Err(_) => anyhow::bail!(
+                "no connection within {} ms",
+                self.connect_timeout.as_millis()
+            ),
+        }
+    }
+
+    async fn try_connect(&self, listen: &str) -> anyhow::Result<Listening> {
+        let (client, mut connection) = self.target.config.connect(self.target.tls.clone()).await?;
+        // The connection only makes progress while it is polled: drive it while the LISTEN
+        // statements run, keeping the notifications that arrive with their reply.
+        let mut early = Vec::new();
+        {
+            let mut listening = std::pin::pin!(client.batch_execute(listen));
+            loop {
+                tokio::select! {
+                    r = &mut listening => {
+                        r?;
+                        break;
+                    }
+                    m = poll_fn(|cx| connection.poll_message(cx)) => match m {
+                        Some(Ok(AsyncMessage::Notification(n))) => early.push(n),
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Err(e.into()),
+                        None => anyhow::bail!("the connection closed during LISTEN"),
+                    },
+                }
+            }
+        }
+        Ok(Listening {
+            client,
+            connection,
+            early,
+        })
     }
 
     /// Routes notifications until the connection is lost.
-    async fn receive(&self, listener: &mut PgListener) {
+    async fn receive(&self, connection: &mut Connection) {
         loop {
-            match listener.try_recv().await {
-                Ok(Some(n)) => self.route(n.channel(), n.payload()),
-                Ok(None) => {
-                    tracing::warn!("LISTEN connection lost");
+            match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => self.route(n.channel(), n.payload()),
+                Some(Ok(AsyncMessage::Notice(notice))) => {
+                    tracing::debug!(notice = %notice, "LISTEN connection: server notice")
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %super::error_text(&e), "LISTEN connection failed");
                     return;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %super::error_text(&e), "LISTEN connection failed");
+                None => {
+                    tracing::warn!("LISTEN connection lost");
                     return;
                 }
             }
@@ -171,14 +225,13 @@ impl Listener {
     }
 }
 
-/// Runs `sql` (no parameters: the simple query protocol, several statements allowed) on the
-/// listener's connection. Boxed so the future is `Send` for one concrete lifetime (sqlx's
-/// `Executor` impls otherwise trip the compiler's higher-ranked `Send` check in spawned tasks).
-fn execute<'a>(
-    listener: &'a mut PgListener,
-    sql: &'a str,
-) -> futures_util::future::BoxFuture<'a, Result<(), sqlx::Error>> {
-    Box::pin(async move { sqlx::Executor::execute(listener, sql).await.map(drop) })
+/// A connection that LISTENs.
+struct Listening {
+    /// Kept so the connection stays open (dropping the client closes it).
+    client: tokio_postgres::Client,
+    connection: Connection,
+    /// Notifications that arrived before the LISTEN statements' reply.
+    early: Vec<Notification>,
 }
 
 /// `LISTEN a; LISTEN b; …`: plain identifiers as they are (so `pg_stat_activity` shows
@@ -208,5 +261,96 @@ mod tests {
             listen_sql(&channels),
             r#"LISTEN relay_changes; LISTEN "Odd""Name";"#
         );
+    }
+
+    /// The next event, or a failure after 10 s.
+    async fn next(events: &mut mpsc::UnboundedReceiver<ListenEvent>) -> ListenEvent {
+        tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("the listener is running")
+    }
+
+    async fn notify(pool: &sqlx::PgPool, channel: &str, payload: &str) {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+
+    /// Against the local PostgreSQL (127.0.0.1:5432, user postgres), in a database of its own.
+    #[tokio::test]
+    async fn a_lost_connection_is_a_gap_and_is_listened_again() {
+        let server = "postgres://postgres@127.0.0.1:5432";
+        let name = format!(
+            "relay_listener_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        let admin = sqlx::PgPool::connect(&format!("{server}/postgres"))
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let url = format!("{server}/{name}?sslmode=disable");
+        let db = sqlx::PgPool::connect(&url).await.unwrap();
+
+        let mut listener = Listener::new(&url, Duration::from_secs(5)).unwrap();
+        let mut changes = listener.subscribe(&["relay_changes"]);
+        let mut presence = listener.subscribe(&["relay_presence"]);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(listener.run(shutdown.clone()));
+        assert_eq!(next(&mut changes).await, ListenEvent::Connected);
+        assert_eq!(next(&mut presence).await, ListenEvent::Connected);
+
+        notify(&db, "relay_changes", "a").await;
+        assert_eq!(
+            next(&mut changes).await,
+            ListenEvent::Notification {
+                channel: "relay_changes".into(),
+                payload: "a".into()
+            }
+        );
+        // As the fault suite finds it: one backend whose statement starts `LISTEN relay_changes`.
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND query ILIKE 'LISTEN relay_changes%'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!(killed, 1);
+        // Presence heard nothing of `relay_changes`: its next events are the loss and the reconnect.
+        for events in [&mut changes, &mut presence] {
+            assert_eq!(next(events).await, ListenEvent::Lost);
+            assert_eq!(next(events).await, ListenEvent::Connected);
+        }
+        notify(&db, "relay_presence", "b").await;
+        assert_eq!(
+            next(&mut presence).await,
+            ListenEvent::Notification {
+                channel: "relay_presence".into(),
+                payload: "b".into()
+            }
+        );
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the listener stops on shutdown")
+            .unwrap();
+        assert!(changes.recv().await.is_none(), "nothing after shutdown");
+        db.close().await;
+        sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+            .execute(&admin)
+            .await
+            .unwrap();
     }
 }

@@ -6,8 +6,12 @@
 //! - [`stream`]: the task that sequences the changelog and reads new publications for the hub.
 //! - [`history`]: stream positions, history and recovery reads, client publications.
 //! - [`fence`]: read-your-writes, the wait for a write's publication to be sequenced.
-//! - [`listener`]: the node's one LISTEN connection (sqlx `PgListener`, the pool's connect options
-//!   and TLS), handing typed events to the stream and to presence.
+//! - [`listener`]: the node's one LISTEN connection, handing typed events to the stream and to
+//!   presence. It uses tokio-postgres, the driver the project chose for LISTEN (sqlx is the
+//!   query pool's); [`listener`] and [`tls`] are the only modules that use it.
+//! - [`tls`]: the LISTEN connection's TLS, reading the URL's `sslmode` and `sslrootcert` as libpq
+//!   and the pool do (tokio-postgres knows neither `verify-*` nor `sslrootcert`), so one URL
+//!   configures both connections.
 //! - [`retention`]: the pruning task that keeps each channel's history within its retention rule.
 
 pub mod fence;
@@ -15,6 +19,7 @@ pub mod history;
 pub(crate) mod listener;
 pub mod retention;
 pub mod stream;
+mod tls;
 pub mod triggers;
 
 use std::str::FromStr as _;

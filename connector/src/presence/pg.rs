@@ -289,14 +289,13 @@ impl PresenceStore for PgStore {
                     forward(events, &sink, &shutdown).await;
                 }
                 Source::Own(url) => {
-                    let options = match crate::db::connect_options(url) {
-                        Ok(options) => options,
+                    let mut listener = match Listener::new(url, Duration::from_secs(5)) {
+                        Ok(listener) => listener,
                         Err(e) => {
                             tracing::error!(error = %e, "presence events: bad LISTEN URL");
                             return;
                         }
                     };
-                    let mut listener = Listener::new(options, Duration::from_secs(5));
                     let events = listener.subscribe(&[CHANNEL]);
                     tokio::select! {
                         () = listener.run(shutdown.clone()) => {}
