@@ -15,6 +15,7 @@
 
 pub mod channel;
 pub mod codes;
+pub mod fossil;
 pub mod command;
 pub mod pb;
 pub mod reply;

@@ -158,6 +158,10 @@ pub struct SubscribeResult<'a> {
     /// Seconds until the subscription expires.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u32>,
+    /// Fossil delta compression was negotiated: publications may come as deltas, and in JSON
+    /// every publication's `data` is a JSON string holding the JSON text.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub delta: bool,
 }
 
 /// Result of `history`.
@@ -238,6 +242,8 @@ pub enum ReplyBody<'a> {
     Refresh(RefreshResult),
     /// `sub_refresh` succeeded.
     SubRefresh(SubRefreshResult),
+    /// `rpc` answered: the data of the answer, if any.
+    Rpc(Option<&'a RawValue>),
 }
 
 impl<'a> Reply<'a> {
@@ -284,8 +290,74 @@ impl Serialize for Reply<'_> {
             ReplyBody::History(r) => map.serialize_entry("history", r)?,
             ReplyBody::Refresh(r) => map.serialize_entry("refresh", r)?,
             ReplyBody::SubRefresh(r) => map.serialize_entry("sub_refresh", r)?,
+            ReplyBody::Rpc(data) => {
+                #[derive(Serialize)]
+                struct RpcResult<'a> {
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    data: Option<&'a RawValue>,
+                }
+                map.serialize_entry("rpc", &RpcResult { data: *data })?;
+            }
         }
         map.end()
+    }
+}
+
+/// A `pub` push for a subscription with fossil delta compression: `text` is the JSON text of the
+/// payload (`delta` false) or the fossil delta against the previous publication (`delta` true). In
+/// JSON, `data` is a JSON string holding that text (what the SDKs parse in delta mode); in
+/// Protobuf, its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct DeltaPub<'a> {
+    /// The channel.
+    pub channel: &'a str,
+    /// The payload's JSON text, or the delta.
+    pub text: &'a str,
+    /// Offset in the channel's stream.
+    pub offset: u64,
+    /// The publisher: the JSON of a [`ClientInfo`].
+    pub info: Option<&'a RawValue>,
+    /// `text` is a delta.
+    pub delta: bool,
+}
+
+impl DeltaPub<'_> {
+    /// The push in `encoding`, ready to be joined into a frame ([`Encoding::join`]).
+    pub fn encode(&self, encoding: Encoding) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Pub<'a> {
+            data: &'a str,
+            offset: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            info: Option<&'a RawValue>,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            delta: bool,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            channel: &'a str,
+            #[serde(rename = "pub")]
+            publication: Pub<'a>,
+        }
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            push: Body<'a>,
+        }
+        match encoding {
+            Encoding::Json => serde_json::to_vec(&Envelope {
+                push: Body {
+                    channel: self.channel,
+                    publication: Pub {
+                        data: self.text,
+                        offset: self.offset,
+                        info: self.info,
+                        delta: self.delta,
+                    },
+                },
+            })
+            .unwrap_or_else(|_| b"{\"push\":{}}".to_vec()),
+            Encoding::Protobuf => crate::pb::encode_delta_pub(self),
+        }
     }
 }
 
@@ -435,6 +507,7 @@ mod tests {
             publications: vec![],
             expires: false,
             ttl: None,
+            delta: false,
         };
         assert_eq!(
             Reply::new(2, ReplyBody::Subscribe(sub)).to_json(),
