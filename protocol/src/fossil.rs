@@ -161,7 +161,8 @@ mod tests {
 
     #[test]
     fn deltas_reproduce_the_target() {
-        let base = r#"{"user":"alice","text":"hello there, this is a fairly long message body","n":1}"#;
+        let base =
+            r#"{"user":"alice","text":"hello there, this is a fairly long message body","n":1}"#;
         let cases = [
             (base, base.replace("\"n\":1", "\"n\":2")),
             (base, format!("{base}{base}")),

@@ -15,8 +15,8 @@
 
 pub mod channel;
 pub mod codes;
-pub mod fossil;
 pub mod command;
+pub mod fossil;
 pub mod pb;
 pub mod reply;
 

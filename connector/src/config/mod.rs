@@ -40,7 +40,7 @@ pub use self::api::ApiConfig;
 pub use self::auth::{AuthConfig, AuthKeys};
 pub use self::capture::{CaptureConfig, CaptureMode, is_slot_name};
 pub use self::channel_rules::{ChannelRules, PatternEntry};
-pub use self::channels::{Access, ChannelRule, Level};
+pub use self::channels::{Access, ChannelRule, DeltaType, Level};
 pub use self::client::{Cidr, ClientConfig};
 pub use self::database::{DatabaseConfig, StreamConfig};
 pub use self::demo::DemoConfig;
@@ -220,6 +220,14 @@ impl Config {
     /// The publish rule of `channel` (the first match in configuration order).
     pub fn rule_for(&self, channel: &str) -> Option<&Rule> {
         self.rules.first_match(channel)
+    }
+
+    /// Whether subscriptions to `channel` may negotiate `delta` (its `channels[]` entry's
+    /// `allowed_delta_types`).
+    pub fn delta_allowed(&self, channel: &str, delta: DeltaType) -> bool {
+        self.channels
+            .first_match(channel)
+            .is_some_and(|c| c.allowed_delta_types.contains(&delta))
     }
 
     /// Whether `channel` is fed by a table mapping (such channels are never publishable by clients).

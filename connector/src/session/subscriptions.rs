@@ -22,6 +22,20 @@ pub(super) struct SubState {
     pub(super) join_leave: bool,
     /// Its membership in the channel's presence (the id [`crate::presence::Presence::leave`] takes).
     pub(super) membership: Option<String>,
+    /// Fossil delta compression, and whether the client holds the previous publication.
+    pub(super) delta: Delta,
+}
+
+/// A subscription's fossil delta state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Delta {
+    /// Not negotiated: full payloads.
+    #[default]
+    Off,
+    /// Negotiated; the next publication goes full (the client has no base yet).
+    First,
+    /// Negotiated; the client holds the previous publication: deltas when the hub made one.
+    Ready,
 }
 
 /// What a subscription does with a publication of its channel.
@@ -66,6 +80,21 @@ impl Session {
         let channel = req.channel.clone();
         validate_channel(&channel)
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
+        // Map and shared-poll subscriptions (Centrifugo 6.8) are refused, never served as a stream.
+        if req.r#type != 0 {
+            return Err(ReplyError::with_message(
+                ErrorCode::NotAvailable,
+                "subscription type not supported",
+            )
+            .into());
+        }
+        // Fossil deltas where the channel's configuration allows them; otherwise declined (full
+        // payloads, no `delta: true`), as Centrifugo does.
+        let delta = req.delta == "fossil"
+            && self
+                .state
+                .config
+                .delta_allowed(&channel, crate::config::DeltaType::Fossil);
         if self.subs.contains_key(&channel) {
             return Err(ReplyError::from(ErrorCode::AlreadySubscribed).into());
         }
@@ -113,7 +142,7 @@ impl Session {
         };
         // Register before reading, so nothing committed after the read can be missed; what arrives
         // twice is dropped by offset in `deliver`.
-        self.state.hub.subscribe(
+        self.state.hub.subscribe_with(
             &channel,
             self.id,
             Subscriber {
@@ -123,6 +152,7 @@ impl Session {
                 max_bytes: self.state.config.client.outbound_queue_bytes,
                 encoding: self.encoding,
             },
+            delta,
         );
         let limit = if req.recover {
             cfg.recovery_max_publications.saturating_add(1)
@@ -190,6 +220,15 @@ impl Session {
         let delivered = publications
             .last()
             .map_or(if recovered { req.offset } else { slice.top }, |p| p.offset);
+        // In JSON with deltas, every publication's data is a JSON string holding the JSON text.
+        let as_strings: Vec<Box<RawValue>> = if delta && self.encoding == Encoding::Json {
+            publications
+                .iter()
+                .map(|p| json_string(p.data.get()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let result = SubscribeResult {
             recoverable: true,
             positioned: true,
@@ -199,14 +238,16 @@ impl Session {
             recovered,
             publications: publications
                 .iter()
-                .map(|p| Publication {
-                    data: &p.data,
+                .enumerate()
+                .map(|(i, p)| Publication {
+                    data: as_strings.get(i).map_or(&*p.data, |s| &**s),
                     offset: p.offset,
                     info: p.info.as_deref(),
                 })
                 .collect(),
             expires: grant.expires_at.is_some(),
             ttl: ttl(grant.expires_at),
+            delta,
         };
         let body = self.encode(&Reply::new(id, ReplyBody::Subscribe(result)));
         // Presence: the subscription becomes a member before the reply, so a `presence` call that
@@ -278,6 +319,7 @@ impl Session {
                 chan_info: grant.chan_info,
                 join_leave,
                 membership,
+                delta: if delta { Delta::First } else { Delta::Off },
             },
         );
         Ok(body)
@@ -304,9 +346,19 @@ impl Session {
             Verdict::Duplicate => return Flow::Continue,
             Verdict::Lost => return self.insufficient_state(&delivery.channel.clone(), out),
         }
-        if let Some(frame) = frame(delivery, self.encoding) {
-            out.push(frame);
-        }
+        let sent = match sub.delta {
+            Delta::Off => frame(delivery, self.encoding),
+            mode => {
+                sub.delta = Delta::Ready;
+                delta_frame(delivery, self.encoding, mode == Delta::Ready)
+            }
+        };
+        let Some(frame) = sent else {
+            // Encoded for another kind of subscription of this session (a resubscribe raced
+            // it): never skip a publication silently; the client recovers it.
+            return self.insufficient_state(&delivery.channel.clone(), out);
+        };
+        out.push(frame);
         self.state
             .metrics
             .publications_out
@@ -332,6 +384,36 @@ impl Session {
     }
 }
 
+/// The frame of a hub delivery for a delta subscription: the delta when the client holds the
+/// previous publication and the hub made one, else the full frame of delta mode.
+fn delta_frame(delivery: &Delivery, encoding: Encoding, ready: bool) -> Option<Message> {
+    let frames = delivery.delta.as_ref()?;
+    match encoding {
+        Encoding::Json => frames
+            .json_delta
+            .as_ref()
+            .filter(|_| ready)
+            .or(frames.json_full.as_ref())
+            .cloned()
+            .map(Message::Text),
+        Encoding::Protobuf => frames
+            .protobuf_delta
+            .as_ref()
+            .filter(|_| ready)
+            .or(delivery.protobuf.as_ref())
+            .cloned()
+            .map(Message::Binary),
+    }
+}
+
+/// A JSON string holding `text`.
+fn json_string(text: &str) -> Box<RawValue> {
+    serde_json::to_string(text)
+        .ok()
+        .and_then(|s| RawValue::from_string(s).ok())
+        .unwrap_or_else(|| RawValue::NULL.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::{SubState, Verdict};
@@ -344,6 +426,7 @@ mod tests {
             chan_info: None,
             join_leave: false,
             membership: None,
+            delta: super::Delta::Off,
         }
     }
 
