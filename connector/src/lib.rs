@@ -74,7 +74,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     // First, so a rule whose AWS region cannot be determined stops start-up before anything else.
-    let lambda = rules::LambdaClients::for_rules(&config.rules).await?;
+    let lambda =
+        rules::LambdaClients::for_rules(&[&config.rules[..], &config.rpc[..]].concat()).await?;
     let pool = db::pool(&config.database)?;
     db::migrate(&pool).await?;
     // The node's id: its presence identity and its entry in the capture-owner registry.

@@ -45,7 +45,7 @@ impl Shared {
                 MAX_KEYS,
             ),
             trusted_proxies: c.trusted_proxies.clone(),
-            targets: crate::rules::Concurrency::for_rules(&config.rules),
+            targets: crate::rules::Concurrency::for_rules(&config.rules).with_rpc(&config.rpc),
             replies_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 (c.replies_in_flight_bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS),
             )),

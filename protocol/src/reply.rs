@@ -243,7 +243,7 @@ pub enum ReplyBody<'a> {
     /// `sub_refresh` succeeded.
     SubRefresh(SubRefreshResult),
     /// `rpc` answered: the data of the answer, if any.
-    Rpc(Option<&'a RawValue>),
+    Rpc(Option<Box<RawValue>>),
 }
 
 impl<'a> Reply<'a> {
@@ -296,7 +296,12 @@ impl Serialize for Reply<'_> {
                     #[serde(skip_serializing_if = "Option::is_none")]
                     data: Option<&'a RawValue>,
                 }
-                map.serialize_entry("rpc", &RpcResult { data: *data })?;
+                map.serialize_entry(
+                    "rpc",
+                    &RpcResult {
+                        data: data.as_deref(),
+                    },
+                )?;
             }
         }
         map.end()

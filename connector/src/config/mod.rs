@@ -73,6 +73,10 @@ pub struct Config {
     /// Channel pattern → publish target rules (first match wins).
     #[serde(default)]
     pub rules: ChannelRules<Rule>,
+    /// Method pattern → target rules for client `rpc` calls (first match wins; key `method`
+    /// instead of `channel`); a method without a rule is answered 108 "not available".
+    #[serde(default)]
+    pub rpc: ChannelRules<Rule>,
     /// Token verification: JWT keys, audience, issuer.
     #[serde(default)]
     pub auth: AuthConfig,
@@ -183,7 +187,8 @@ impl Config {
             m.check(&format!("mappings[{i}]"))?;
         }
         self.check_mappings_against_rules()?;
-        rules::validate(&self.rules)
+        rules::validate(&self.rules, "rules")?;
+        rules::validate(&self.rpc, "rpc")
     }
 
     /// A mapping listed twice would capture every change twice (one trigger, or two on one
@@ -220,6 +225,11 @@ impl Config {
     /// The publish rule of `channel` (the first match in configuration order).
     pub fn rule_for(&self, channel: &str) -> Option<&Rule> {
         self.rules.first_match(channel)
+    }
+
+    /// The `rpc[]` rule of `method` (the first match in configuration order).
+    pub fn rpc_rule_for(&self, method: &str) -> Option<&Rule> {
+        self.rpc.first_match(method)
     }
 
     /// Whether subscriptions to `channel` may negotiate `delta` (its `channels[]` entry's

@@ -265,7 +265,7 @@ pub fn encode_reply(r: &Reply<'_>) -> Vec<u8> {
         }
         ReplyBody::Rpc(data) => {
             m.rpc = Some(messages::RpcResult {
-                data: raw_bytes(*data),
+                data: raw_bytes(data.as_deref()),
             });
         }
         ReplyBody::SubRefresh(r) => {
