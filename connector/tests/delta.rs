@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 fn apply(base: &[u8], delta: &[u8]) -> Vec<u8> {
     const DIGITS: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~";
     let mut at = 0usize;
-    let mut int = |at: &mut usize| -> usize {
+    let int = |at: &mut usize| -> usize {
         let mut v = 0usize;
         while let Some(d) = delta
             .get(*at)
