@@ -179,7 +179,10 @@ impl Hub {
             if entry.subs.remove(&session).is_some() {
                 self.subscriptions.fetch_sub(1, Ordering::Relaxed);
             }
-            entry.delta.remove(&session);
+            if entry.delta.remove(&session) && entry.delta.is_empty() {
+                // No delta subscriber left: the base is not kept.
+                *entry.prev.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+            }
             if entry.subs.is_empty() {
                 channels.remove(channel);
             }
