@@ -521,6 +521,39 @@ mod tests {
     }
 
     #[test]
+    fn rpc_replies_and_delta_pushes() {
+        let data = RawValue::from_string(r#"{"x":1}"#.to_owned()).unwrap();
+        assert_eq!(
+            Reply::new(5, ReplyBody::Rpc(Some(data))).to_json(),
+            r#"{"id":5,"rpc":{"data":{"x":1}}}"#
+        );
+        assert_eq!(
+            Reply::new(6, ReplyBody::Rpc(None)).to_json(),
+            r#"{"id":6,"rpc":{}}"#
+        );
+        let full = DeltaPub {
+            channel: "c",
+            text: r#"{"a":"é"}"#,
+            offset: 3,
+            info: None,
+            delta: false,
+        };
+        assert_eq!(
+            String::from_utf8(full.encode(Encoding::Json)).unwrap(),
+            r#"{"push":{"channel":"c","pub":{"data":"{\"a\":\"é\"}","offset":3}}}"#
+        );
+        let delta = DeltaPub {
+            text: "9\n3@0,1:x3;",
+            delta: true,
+            ..full
+        };
+        assert_eq!(
+            String::from_utf8(delta.encode(Encoding::Json)).unwrap(),
+            r#"{"push":{"channel":"c","pub":{"data":"9\n3@0,1:x3;","offset":3,"delta":true}}}"#
+        );
+    }
+
+    #[test]
     fn push_and_presence_json() {
         assert_eq!(
             Push::Unsubscribe {

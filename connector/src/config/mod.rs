@@ -320,6 +320,36 @@ mod tests {
         assert!(e.contains("client.ping_interval_secs"), "{e}");
         let e = err(r#"{"database":{"url":"postgres://x"},"bogus":1}"#);
         assert!(e.contains("bogus"), "{e}");
+        let e = err(
+            r#"{"database":{"url":"postgres://x"},"rpc":[{"method":"a","target":{"type":"http","url":"ftp://x"}}]}"#,
+        );
+        assert!(e.contains("rpc[0].target.url"), "{e}");
+        let e = err(
+            r#"{"database":{"url":"postgres://x"},"channels":[{"channel":"a","allowed_delta_types":["xdelta"]}]}"#,
+        );
+        assert!(
+            e.contains("allowed_delta_types") && e.contains("fossil"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rpc_rules_and_delta_channels() {
+        let c = Config::from_json(
+            r#"{"database":{"url":"postgres://x"},
+                "rpc":[{"method":"app.*","target":{"type":"http","url":"http://127.0.0.1:1/rpc"}}],
+                "channels":[{"channel":"d:*","subscribe":"anyone","allowed_delta_types":["fossil"]},
+                            {"channel":"*","subscribe":"anyone"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rpc_rule_for("app.echo").unwrap().channel, "app.*");
+        assert!(c.rpc_rule_for("other").is_none());
+        assert!(
+            c.rule_for("app.echo").is_none(),
+            "rpc rules are not publish rules"
+        );
+        assert!(c.delta_allowed("d:1", DeltaType::Fossil));
+        assert!(!c.delta_allowed("e:1", DeltaType::Fossil));
     }
 
     #[test]
