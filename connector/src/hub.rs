@@ -6,10 +6,16 @@
 //! mailbox: never an encoding per subscriber. Fan-out never waits: a mailbox
 //! that is full marks its session as slow (the session then closes with 3008 and the client recovers
 //! from history), so one slow client never delays the others and memory stays bounded.
+//!
+//! Fossil delta compression: a channel with subscriptions that negotiated `delta: "fossil"` keeps
+//! its previous publication, and each publication's delta against it is computed once, here, for
+//! all of them (never per subscriber); such subscriptions get a full frame first (its data a JSON
+//! string in JSON), then the delta frame ([`DeltaFrames`]). Channels without delta subscribers
+//! keep nothing and compute nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
@@ -17,7 +23,7 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use relay_protocol::reply::{ClientInfo, Encoding, Publication, Push};
+use relay_protocol::reply::{ClientInfo, DeltaPub, Encoding, Publication, Push};
 
 /// One publication (or join/leave event), encoded once per encoding in use, shared by every
 /// subscriber.
@@ -31,16 +37,53 @@ pub struct Delivery {
     pub epoch: Arc<str>,
     /// The complete push frame in JSON, if the channel has JSON subscribers.
     pub json: Option<Utf8Bytes>,
-    /// The complete push frame in Protobuf, if the channel has Protobuf subscribers.
+    /// The complete push frame in Protobuf, if the channel has Protobuf subscribers (delta
+    /// subscribers included: their full frame in Protobuf is this one).
     pub protobuf: Option<Bytes>,
+    /// The frames of delta subscribers, if the channel has any.
+    pub delta: Option<DeltaFrames>,
+}
+
+/// The frames of a publication for subscriptions with fossil delta compression.
+#[derive(Debug, Default)]
+pub struct DeltaFrames {
+    /// JSON, full: `data` is a JSON string holding the payload's JSON text (what the SDKs parse in
+    /// delta mode), if the channel has JSON delta subscribers.
+    pub json_full: Option<Utf8Bytes>,
+    /// JSON, `delta: true`: `data` is the fossil delta against the previous publication, if it
+    /// was known and the delta is shorter than the payload.
+    pub json_delta: Option<Utf8Bytes>,
+    /// Protobuf, `delta: true` (the full frame is [`Delivery::protobuf`]).
+    pub protobuf_delta: Option<Bytes>,
 }
 
 impl Delivery {
-    /// The length of the frame in `encoding` (0 if it was not encoded: no such subscriber).
+    /// The bytes a delivery counts in the mailbox of a session in `encoding`: the longest of its
+    /// frames in that encoding (0 if none was encoded: no such subscriber). The hub adds it when
+    /// it queues the delivery, the session subtracts it when it takes it out, whichever frame it
+    /// sends.
     pub fn frame_len(&self, encoding: Encoding) -> usize {
+        let delta = self.delta.as_ref();
         match encoding {
-            Encoding::Json => self.json.as_ref().map_or(0, |f| f.as_str().len()),
-            Encoding::Protobuf => self.protobuf.as_ref().map_or(0, Bytes::len),
+            Encoding::Json => [
+                self.json.as_ref(),
+                delta.and_then(|d| d.json_full.as_ref()),
+                delta.and_then(|d| d.json_delta.as_ref()),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|f| f.as_str().len())
+            .max()
+            .unwrap_or(0),
+            Encoding::Protobuf => [
+                self.protobuf.as_ref(),
+                delta.and_then(|d| d.protobuf_delta.as_ref()),
+            ]
+            .into_iter()
+            .flatten()
+            .map(Bytes::len)
+            .max()
+            .unwrap_or(0),
         }
     }
 }
@@ -69,10 +112,28 @@ pub struct Subscriber {
     pub encoding: Encoding,
 }
 
+/// A channel's subscribers on this node.
+#[derive(Debug, Default)]
+struct Channel {
+    subs: HashMap<u64, Subscriber>,
+    /// The sessions whose subscription negotiated fossil deltas.
+    delta: HashSet<u64>,
+    /// The channel's previous publication, kept while it has delta subscribers.
+    prev: Mutex<Option<Prev>>,
+}
+
+/// A publication kept as the base of the next one's delta.
+#[derive(Debug)]
+struct Prev {
+    offset: u64,
+    epoch: Box<str>,
+    data: Box<str>,
+}
+
 /// The channel registry.
 #[derive(Debug, Default)]
 pub struct Hub {
-    channels: RwLock<HashMap<Arc<str>, HashMap<u64, Subscriber>>>,
+    channels: RwLock<HashMap<Arc<str>, Channel>>,
     next_session: AtomicU64,
     delivered: AtomicU64,
     slow_disconnects: AtomicU64,
@@ -90,16 +151,22 @@ impl Hub {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Adds `session` as a subscriber of `channel`.
+    /// Adds `session` as a subscriber of `channel` (full payloads).
     pub fn subscribe(&self, channel: &str, session: u64, subscriber: Subscriber) {
+        self.subscribe_with(channel, session, subscriber, false);
+    }
+
+    /// Adds `session` as a subscriber of `channel`; with `delta`, it also gets the fossil delta
+    /// frames ([`DeltaFrames`]).
+    pub fn subscribe_with(&self, channel: &str, session: u64, subscriber: Subscriber, delta: bool) {
         let mut channels = self.channels.write().unwrap_or_else(|e| e.into_inner());
-        let added = match channels.get_mut(channel) {
-            Some(subs) => subs.insert(session, subscriber).is_none(),
-            None => {
-                channels.insert(Arc::from(channel), HashMap::from([(session, subscriber)]));
-                true
-            }
-        };
+        let entry = channels.entry(Arc::from(channel)).or_default();
+        let added = entry.subs.insert(session, subscriber).is_none();
+        if delta {
+            entry.delta.insert(session);
+        } else {
+            entry.delta.remove(&session);
+        }
         if added {
             self.subscriptions.fetch_add(1, Ordering::Relaxed);
         }
@@ -108,11 +175,15 @@ impl Hub {
     /// Removes `session` from `channel`.
     pub fn unsubscribe(&self, channel: &str, session: u64) {
         let mut channels = self.channels.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(subs) = channels.get_mut(channel) {
-            if subs.remove(&session).is_some() {
+        if let Some(entry) = channels.get_mut(channel) {
+            if entry.subs.remove(&session).is_some() {
                 self.subscriptions.fetch_sub(1, Ordering::Relaxed);
             }
-            if subs.is_empty() {
+            if entry.delta.remove(&session) && entry.delta.is_empty() {
+                // No delta subscriber left: the base is not kept.
+                *entry.prev.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            if entry.subs.is_empty() {
                 channels.remove(channel);
             }
         }
@@ -158,15 +229,16 @@ impl Hub {
         info: Option<&RawValue>,
     ) {
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
-        let Some((name, subs)) = channels.get_key_value(channel) else {
+        let Some((name, entry)) = channels.get_key_value(channel) else {
             return;
         };
         let push = Push::Pub {
             channel,
             publication: Publication { data, offset, info },
         };
-        let delivery = Arc::new(encode_for(name, offset, epoch, &push, subs));
-        self.fan_out(subs, &delivery);
+        let mut delivery = encode_for(name, offset, epoch, &push, entry);
+        delivery.delta = delta_frames(channel, offset, epoch, data, info, entry);
+        self.fan_out(&entry.subs, &Arc::new(delivery));
     }
 
     /// Hands a `join` or `leave` push to every subscriber of `channel`. It travels like a
@@ -174,15 +246,15 @@ impl Hub {
     /// subscriptions that asked for join/leave.
     pub fn push_join_leave(&self, channel: &str, kind: Presence, info: &ClientInfo) {
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
-        let Some((name, subs)) = channels.get_key_value(channel) else {
+        let Some((name, entry)) = channels.get_key_value(channel) else {
             return;
         };
         let push = match kind {
             Presence::Join => Push::Join { channel, info },
             Presence::Leave => Push::Leave { channel, info },
         };
-        let delivery = Arc::new(encode_for(name, 0, "", &push, subs));
-        self.fan_out(subs, &delivery);
+        let delivery = Arc::new(encode_for(name, 0, "", &push, entry));
+        self.fan_out(&entry.subs, &delivery);
     }
 
     /// Channels with subscribers on this node and their subscription counts.
@@ -190,7 +262,7 @@ impl Hub {
         let channels = self.channels.read().unwrap_or_else(|e| e.into_inner());
         channels
             .iter()
-            .map(|(name, subs)| (name.to_string(), subs.len() as u64))
+            .map(|(name, entry)| (name.to_string(), entry.subs.len() as u64))
             .collect()
     }
 
@@ -227,12 +299,13 @@ fn encode_for(
     offset: u64,
     epoch: &str,
     push: &Push<'_>,
-    subs: &HashMap<u64, Subscriber>,
+    entry: &Channel,
 ) -> Delivery {
+    // JSON delta subscribers take their own full frame; Protobuf ones share the plain one.
     let (mut json, mut protobuf) = (false, false);
-    for sub in subs.values() {
+    for (session, sub) in &entry.subs {
         match sub.encoding {
-            Encoding::Json => json = true,
+            Encoding::Json => json |= !entry.delta.contains(session),
             Encoding::Protobuf => protobuf = true,
         }
         if json && protobuf {
@@ -245,7 +318,75 @@ fn encode_for(
         epoch: Arc::from(epoch),
         json: json.then(|| Utf8Bytes::from(push.to_json())),
         protobuf: protobuf.then(|| Bytes::from(push.encode(Encoding::Protobuf))),
+        delta: None,
     }
+}
+
+/// The delta subscribers' frames of a publication, once for all of them: the JSON full frame, and
+/// the delta against the channel's previous publication when it is the one just before (same
+/// epoch, offset - 1) and the delta is shorter than the payload. Keeps this publication as the
+/// next one's base; a channel without delta subscribers keeps and computes nothing.
+fn delta_frames(
+    channel: &str,
+    offset: u64,
+    epoch: &str,
+    data: &RawValue,
+    info: Option<&RawValue>,
+    entry: &Channel,
+) -> Option<DeltaFrames> {
+    let mut prev = entry.prev.lock().unwrap_or_else(|e| e.into_inner());
+    if entry.delta.is_empty() {
+        *prev = None;
+        return None;
+    }
+    let (mut json, mut protobuf) = (false, false);
+    for session in &entry.delta {
+        match entry.subs.get(session).map(|s| s.encoding) {
+            Some(Encoding::Json) => json = true,
+            Some(Encoding::Protobuf) => protobuf = true,
+            None => {}
+        }
+    }
+    let text = data.get();
+    let full = |delta_text: &str, delta: bool, encoding: Encoding| {
+        DeltaPub {
+            channel,
+            text: delta_text,
+            offset,
+            info,
+            delta,
+        }
+        .encode(encoding)
+    };
+    let mut frames = DeltaFrames {
+        json_full: json
+            .then(|| String::from_utf8(full(text, false, Encoding::Json)).ok())
+            .flatten()
+            .map(Utf8Bytes::from),
+        ..DeltaFrames::default()
+    };
+    let base = prev
+        .as_ref()
+        .filter(|p| p.offset + 1 == offset && &*p.epoch == epoch);
+    if let Some(base) = base {
+        let delta = relay_protocol::fossil::delta(base.data.as_bytes(), text);
+        if delta.len() < text.len() {
+            if json {
+                frames.json_delta = String::from_utf8(full(&delta, true, Encoding::Json))
+                    .ok()
+                    .map(Utf8Bytes::from);
+            }
+            if protobuf {
+                frames.protobuf_delta = Some(Bytes::from(full(&delta, true, Encoding::Protobuf)));
+            }
+        }
+    }
+    *prev = Some(Prev {
+        offset,
+        epoch: epoch.into(),
+        data: text.into(),
+    });
+    Some(frames)
 }
 
 #[cfg(test)]
@@ -402,5 +543,77 @@ mod tests {
         let df = rx_f.try_recv().unwrap();
         assert_eq!(df.offset, 0);
         assert!(df.json.is_none() && df.protobuf.is_some());
+    }
+
+    #[test]
+    fn deltas_are_computed_once_per_publication_for_delta_subscribers_only() {
+        let hub = Hub::new();
+        let (plain, mut rx_plain) = subscriber(Encoding::Json);
+        let (dj, mut rx_dj) = subscriber(Encoding::Json);
+        let (dp, mut rx_dp) = subscriber(Encoding::Protobuf);
+        hub.subscribe("d", 1, plain);
+        hub.subscribe_with("d", 2, dj, true);
+        hub.subscribe_with("d", 3, dp, true);
+        let body = |n: u32| {
+            RawValue::from_string(format!(
+                "{{\"text\":\"a long enough payload that stays the same\",\"n\":{n}}}"
+            ))
+            .unwrap()
+        };
+        hub.publish("d", 1, "e", &body(1), None);
+        let first = rx_dj.try_recv().unwrap();
+        assert!(Arc::ptr_eq(&first, &rx_plain.try_recv().unwrap()));
+        assert!(Arc::ptr_eq(&first, &rx_dp.try_recv().unwrap()));
+        let frames = first.delta.as_ref().unwrap();
+        assert!(
+            frames.json_delta.is_none() && frames.protobuf_delta.is_none(),
+            "no base yet"
+        );
+        let full: serde_json::Value =
+            serde_json::from_str(frames.json_full.as_ref().unwrap().as_str()).unwrap();
+        assert_eq!(
+            full["push"]["pub"]["data"],
+            body(1).get(),
+            "data as a JSON string"
+        );
+        hub.publish("d", 2, "e", &body(2), None);
+        let second = rx_dj.try_recv().unwrap();
+        let frames = second.delta.as_ref().unwrap();
+        let push: serde_json::Value =
+            serde_json::from_str(frames.json_delta.as_ref().unwrap().as_str()).unwrap();
+        assert_eq!(push["push"]["pub"]["delta"], true);
+        let delta = push["push"]["pub"]["data"].as_str().unwrap();
+        assert_eq!(
+            delta,
+            relay_protocol::fossil::delta(body(1).get().as_bytes(), body(2).get())
+        );
+        let pb = relay_protocol::pb::messages::Reply::decode_length_delimited(
+            &frames.protobuf_delta.as_ref().unwrap()[..],
+        )
+        .unwrap();
+        let publication = pb.push.unwrap().r#pub.unwrap();
+        assert!(publication.delta);
+        assert_eq!(&publication.data[..], delta.as_bytes());
+        // A gap (offset 4 after 2): no base, no delta.
+        hub.publish("d", 4, "e", &body(4), None);
+        assert!(
+            rx_dj
+                .try_recv()
+                .unwrap()
+                .delta
+                .as_ref()
+                .unwrap()
+                .json_delta
+                .is_none()
+        );
+        // Without delta subscribers the channel keeps and computes nothing.
+        hub.unsubscribe("d", 2);
+        hub.unsubscribe("d", 3);
+        hub.publish("d", 5, "e", &body(5), None);
+        let last = std::iter::from_fn(|| rx_plain.try_recv().ok())
+            .last()
+            .unwrap();
+        assert_eq!(last.offset, 5);
+        assert!(last.delta.is_none());
     }
 }

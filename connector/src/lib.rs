@@ -97,7 +97,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     // First, so a rule whose AWS region cannot be determined stops start-up before anything else.
-    let lambda = rules::LambdaClients::for_rules(&config.rules).await?;
+    let lambda =
+        rules::LambdaClients::for_rules(&[&config.rules[..], &config.rpc[..]].concat()).await?;
     let pool = db::pool(&config.database)?;
     db::migrate(&pool).await?;
     // The node's id: its presence identity and its entry in the capture-owner registry.
@@ -166,7 +167,7 @@ pub async fn run(
     let mut presence = presence::Presence::new(config.presence.clone(), store);
     presence.node = node.clone();
     let presence = Arc::new(presence);
-    let limits = limits::Shared::new(&config.client, &config.rules);
+    let limits = limits::Shared::new(&config.client, &config.rules, &config.rpc);
     let state = Arc::new(AppState {
         config: Arc::new(config),
         pool: pool.clone(),

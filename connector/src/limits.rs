@@ -31,7 +31,11 @@ const MAX_KEYS: usize = 100_000;
 
 impl Shared {
     /// The limits of a validated `client` section and the publish `rules`.
-    pub fn new(c: &crate::config::ClientConfig, rules: &[crate::config::Rule]) -> Self {
+    pub fn new(
+        c: &crate::config::ClientConfig,
+        rules: &[crate::config::Rule],
+        rpc: &[crate::config::Rule],
+    ) -> Self {
         Self {
             publish_per_ip: KeyedLimiter::new(
                 c.publish_rate_per_ip_per_sec,
@@ -44,7 +48,7 @@ impl Shared {
                 MAX_KEYS,
             ),
             trusted_proxies: c.trusted_proxies.clone(),
-            targets: crate::rules::Concurrency::for_rules(rules),
+            targets: crate::rules::Concurrency::for_rules(rules).with_rpc(rpc),
             replies_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 (c.replies_in_flight_bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS),
             )),

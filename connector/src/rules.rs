@@ -34,6 +34,14 @@
 //! "<t>.<body>")>` when `WRITER_SECRET` is set, which the local writer requires (see
 //! `writer-lambda/src/auth.rs`); in AWS, IAM authenticates the call instead.
 //!
+//! # RPC
+//! An `rpc` whose method matches an `rpc[]` rule goes to that rule's target the same way, as an
+//! envelope with `source` `"rpc"`, the method as `channel` and as the message's `name`, and the
+//! call's data as the message's data. The answer follows the same contract; on success the rpc
+//! reply's `data` is the matching `results` entry's `data` (none if absent), or, for an answer
+//! without `results`, the answer itself when it is JSON (none when empty or not JSON). Refusals
+//! and failures are the caller's error replies exactly as for a publish.
+//!
 //! # Identity
 //! Each message says whose it is with two fields: `clientId` and `clientKind` — `user` (the token's
 //! `sub`), `anonymous` (the connection's id, which the connector generates) or `server` (the server
@@ -213,12 +221,27 @@ impl Concurrency {
         Self { permits }
     }
 
+    /// Adds one semaphore per `rpc[]` rule (keyed apart from the publish rules).
+    #[must_use]
+    pub fn with_rpc(mut self, rules: &[Rule]) -> Self {
+        for rule in rules {
+            self.permits.entry(rpc_key(rule)).or_insert_with(|| {
+                std::sync::Arc::new(tokio::sync::Semaphore::new(rule.max_concurrency as usize))
+            });
+        }
+        self
+    }
+
     /// Deliveries of `rule` in flight now.
     pub fn in_flight(&self, rule: &Rule) -> usize {
         self.permits.get(&rule.channel).map_or(0, |s| {
             (rule.max_concurrency as usize).saturating_sub(s.available_permits())
         })
     }
+}
+
+fn rpc_key(rule: &Rule) -> String {
+    format!("rpc\u{0}{}", rule.channel)
 }
 
 /// [`deliver`], holding one of the rule's `max_concurrency` permits. The wait for a permit takes at
@@ -230,8 +253,69 @@ pub async fn deliver_limited(
     rule: &Rule,
     envelope: &Envelope<'_>,
 ) -> Result<(), TargetError> {
-    let Some(semaphore) = limits.permits.get(&rule.channel) else {
-        return deliver(http, lambda, rule, envelope).await;
+    let body = limited(
+        limits,
+        &rule.channel,
+        rule,
+        deliver_raw(http, lambda, rule, envelope),
+    )
+    .await?;
+    outcome(&body, message_id(envelope))
+}
+
+/// An `rpc` through an `rpc[]` rule's target, within the rule's `max_concurrency`: the data of the
+/// rpc reply (see the module's RPC section), or why there is none.
+pub async fn call_limited(
+    limits: &Concurrency,
+    http: &reqwest::Client,
+    lambda: &LambdaClients,
+    rule: &Rule,
+    envelope: &Envelope<'_>,
+) -> Result<Option<Box<RawValue>>, TargetError> {
+    let body = limited(
+        limits,
+        &rpc_key(rule),
+        rule,
+        deliver_raw(http, lambda, rule, envelope),
+    )
+    .await?;
+    rpc_answer(&body, message_id(envelope))
+}
+
+/// The rpc reply's data in a target's success answer: the outcome contract first (refusals and
+/// invalid outcomes are errors), then the entry's `data`, or the whole JSON answer without
+/// `results`.
+pub fn rpc_answer(body: &[u8], message_id: &str) -> Result<Option<Box<RawValue>>, TargetError> {
+    use serde_json::Value;
+    outcome(body, message_id)?;
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return Ok(None);
+    };
+    let data = match value.get("results").and_then(Value::as_array) {
+        Some(results) => {
+            let entry = results
+                .iter()
+                .find(|r| r.get("id").and_then(Value::as_str) == Some(message_id))
+                .or_else(|| results.first());
+            match entry.and_then(|e| e.get("data")) {
+                Some(d) => d.clone(),
+                None => return Ok(None),
+            }
+        }
+        None => value,
+    };
+    Ok(serde_json::value::to_raw_value(&data).ok())
+}
+
+/// Runs `delivery` holding one of the permits under `key`, within the rule's timeout.
+async fn limited<T>(
+    limits: &Concurrency,
+    key: &str,
+    rule: &Rule,
+    delivery: impl Future<Output = Result<T, TargetError>>,
+) -> Result<T, TargetError> {
+    let Some(semaphore) = limits.permits.get(key) else {
+        return delivery.await;
     };
     let started = tokio::time::Instant::now();
     let budget = rule.timeout;
@@ -242,7 +326,7 @@ pub async fn deliver_limited(
     // The rule (and so its AWS client, chosen by timeout) is unchanged; the wait is taken off the
     // delivery's time from outside.
     let rest = budget.saturating_sub(started.elapsed());
-    match tokio::time::timeout(rest, deliver(http, lambda, rule, envelope)).await {
+    match tokio::time::timeout(rest, delivery).await {
         Ok(r) => r,
         Err(_) => Err(TargetError::Unreachable("timed out".to_owned())),
     }
@@ -304,6 +388,20 @@ pub fn client_kind(client_id: &str, connection_id: &str) -> &'static str {
         "anonymous"
     } else {
         "user"
+    }
+}
+
+/// Builds the envelope of an `rpc`: source `rpc`, the method as channel and message name.
+pub fn rpc_envelope<'a>(
+    method: &'a str,
+    client_id: &'a str,
+    connection_id: &'a str,
+    named: &'a NamedData<'_>,
+    message_id: String,
+) -> Envelope<'a> {
+    Envelope {
+        source: "rpc",
+        ..envelope(method, client_id, connection_id, named, message_id)
     }
 }
 
@@ -484,13 +582,24 @@ impl LambdaClients {
     }
 }
 
-/// Sends `envelope` to the rule's target and waits for its answer.
+/// Sends `envelope` to the rule's target and waits for its answer and its outcome.
 pub async fn deliver(
     http: &reqwest::Client,
     lambda: &LambdaClients,
     rule: &Rule,
     envelope: &Envelope<'_>,
 ) -> Result<(), TargetError> {
+    let body = deliver_raw(http, lambda, rule, envelope).await?;
+    outcome(&body, message_id(envelope))
+}
+
+/// Sends `envelope` to the rule's target, with the rule's retries: the body of its success answer.
+async fn deliver_raw(
+    http: &reqwest::Client,
+    lambda: &LambdaClients,
+    rule: &Rule,
+    envelope: &Envelope<'_>,
+) -> Result<Vec<u8>, TargetError> {
     // The whole delivery, retries included, fits in the rule's timeout: the client's publish waits
     // for it (the SDKs give up after 5 s by default). Only failures a retry can cure are retried —
     // unreachable, timed out, throttled, 5xx — with the same envelope, so the same message id: the
@@ -529,7 +638,7 @@ async fn deliver_once(
     rule: &Rule,
     envelope: &Envelope<'_>,
     timeout: Duration,
-) -> Result<(), TargetError> {
+) -> Result<Vec<u8>, TargetError> {
     let request = match &rule.target {
         Target::Lambda {
             function,
@@ -576,7 +685,7 @@ async fn deliver_once(
     let function_error = response.headers().get("X-Amz-Function-Error").is_some();
     let body = read_bounded(response).await?;
     if status.is_success() && !function_error {
-        return outcome(&body, message_id(envelope));
+        return Ok(body);
     }
     let detail = truncate(&String::from_utf8_lossy(&body));
     if function_error {
@@ -595,7 +704,7 @@ async fn invoke_aws(
     client: &aws_sdk_lambda::Client,
     function: &str,
     envelope: &Envelope<'_>,
-) -> Result<(), TargetError> {
+) -> Result<Vec<u8>, TargetError> {
     let payload =
         serde_json::to_vec(envelope).map_err(|e| TargetError::Failed(format!("envelope: {e}")))?;
     let output = client
@@ -607,10 +716,11 @@ async fn invoke_aws(
         .await
         .map_err(classify)?;
     match output.function_error() {
-        None => outcome(
-            output.payload().map(Blob::as_ref).unwrap_or_default(),
-            message_id(envelope),
-        ),
+        None => Ok(output
+            .payload()
+            .map(Blob::as_ref)
+            .unwrap_or_default()
+            .to_vec()),
         Some(kind) => {
             let payload = output.payload().map(Blob::as_ref).unwrap_or_default();
             let message = serde_json::from_slice::<serde_json::Value>(payload)

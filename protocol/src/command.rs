@@ -179,6 +179,13 @@ pub struct SubscribeRequest {
     /// Custom data of the subscribe request (the SDKs' subscription `data` option).
     #[serde(default)]
     pub data: Option<Box<RawValue>>,
+    /// Delta compression asked for (`"fossil"`), or "".
+    #[serde(default)]
+    pub delta: String,
+    /// The subscription type: 0 a stream; 1 and 2 are Centrifugo 6.8's map and shared-poll
+    /// subscriptions, which the relay refuses explicitly.
+    #[serde(default, rename = "type")]
+    pub r#type: i32,
 }
 
 /// Requests that name only a channel (`unsubscribe`, `presence`, `presence_stats`).

@@ -16,6 +16,7 @@
 pub mod channel;
 pub mod codes;
 pub mod command;
+pub mod fossil;
 pub mod pb;
 pub mod reply;
 

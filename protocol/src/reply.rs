@@ -164,6 +164,10 @@ pub struct SubscribeResult<'a> {
     /// Seconds until the subscription expires.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u32>,
+    /// Fossil delta compression was negotiated: publications may come as deltas, and in JSON
+    /// every publication's `data` is a JSON string holding the JSON text.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub delta: bool,
 }
 
 /// Result of `history`.
@@ -244,6 +248,8 @@ pub enum ReplyBody<'a> {
     Refresh(RefreshResult),
     /// `sub_refresh` succeeded.
     SubRefresh(SubRefreshResult),
+    /// `rpc` answered: the data of the answer, if any.
+    Rpc(Option<Box<RawValue>>),
 }
 
 impl<'a> Reply<'a> {
@@ -290,8 +296,79 @@ impl Serialize for Reply<'_> {
             ReplyBody::History(r) => map.serialize_entry("history", r)?,
             ReplyBody::Refresh(r) => map.serialize_entry("refresh", r)?,
             ReplyBody::SubRefresh(r) => map.serialize_entry("sub_refresh", r)?,
+            ReplyBody::Rpc(data) => {
+                #[derive(Serialize)]
+                struct RpcResult<'a> {
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    data: Option<&'a RawValue>,
+                }
+                map.serialize_entry(
+                    "rpc",
+                    &RpcResult {
+                        data: data.as_deref(),
+                    },
+                )?;
+            }
         }
         map.end()
+    }
+}
+
+/// A `pub` push for a subscription with fossil delta compression: `text` is the JSON text of the
+/// payload (`delta` false) or the fossil delta against the previous publication (`delta` true). In
+/// JSON, `data` is a JSON string holding that text (what the SDKs parse in delta mode); in
+/// Protobuf, its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct DeltaPub<'a> {
+    /// The channel.
+    pub channel: &'a str,
+    /// The payload's JSON text, or the delta.
+    pub text: &'a str,
+    /// Offset in the channel's stream.
+    pub offset: u64,
+    /// The publisher: the JSON of a [`ClientInfo`].
+    pub info: Option<&'a RawValue>,
+    /// `text` is a delta.
+    pub delta: bool,
+}
+
+impl DeltaPub<'_> {
+    /// The push in `encoding`, ready to be joined into a frame ([`Encoding::join`]).
+    pub fn encode(&self, encoding: Encoding) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Pub<'a> {
+            data: &'a str,
+            offset: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            info: Option<&'a RawValue>,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            delta: bool,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            channel: &'a str,
+            #[serde(rename = "pub")]
+            publication: Pub<'a>,
+        }
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            push: Body<'a>,
+        }
+        match encoding {
+            Encoding::Json => serde_json::to_vec(&Envelope {
+                push: Body {
+                    channel: self.channel,
+                    publication: Pub {
+                        data: self.text,
+                        offset: self.offset,
+                        info: self.info,
+                        delta: self.delta,
+                    },
+                },
+            })
+            .unwrap_or_else(|_| b"{\"push\":{}}".to_vec()),
+            Encoding::Protobuf => crate::pb::encode_delta_pub(self),
+        }
     }
 }
 
@@ -441,10 +518,44 @@ mod tests {
             publications: vec![],
             expires: false,
             ttl: None,
+            delta: false,
         };
         assert_eq!(
             Reply::new(2, ReplyBody::Subscribe(sub)).to_json(),
             r#"{"id":2,"subscribe":{"recoverable":true,"positioned":true,"epoch":"e","offset":0}}"#
+        );
+    }
+
+    #[test]
+    fn rpc_replies_and_delta_pushes() {
+        let data = RawValue::from_string(r#"{"x":1}"#.to_owned()).unwrap();
+        assert_eq!(
+            Reply::new(5, ReplyBody::Rpc(Some(data))).to_json(),
+            r#"{"id":5,"rpc":{"data":{"x":1}}}"#
+        );
+        assert_eq!(
+            Reply::new(6, ReplyBody::Rpc(None)).to_json(),
+            r#"{"id":6,"rpc":{}}"#
+        );
+        let full = DeltaPub {
+            channel: "c",
+            text: r#"{"a":"é"}"#,
+            offset: 3,
+            info: None,
+            delta: false,
+        };
+        assert_eq!(
+            String::from_utf8(full.encode(Encoding::Json)).unwrap(),
+            r#"{"push":{"channel":"c","pub":{"data":"{\"a\":\"é\"}","offset":3}}}"#
+        );
+        let delta = DeltaPub {
+            text: "9\n3@0,1:x3;",
+            delta: true,
+            ..full
+        };
+        assert_eq!(
+            String::from_utf8(delta.encode(Encoding::Json)).unwrap(),
+            r#"{"push":{"channel":"c","pub":{"data":"9\n3@0,1:x3;","offset":3,"delta":true}}}"#
         );
     }
 

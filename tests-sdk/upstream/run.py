@@ -157,15 +157,15 @@ def relay_config(port: int, db_url: str) -> dict:
     force_recovery                                      always: every subscription is recoverable
     subscribe_to_user_personal_channel                  client.personal_channel "#{user}" ("#*"
                                                         channels, user_limited)
-    allowed_delta_types fossil, delta_publish           nothing yet: the relay ignores `delta` (issue 12
-                                                        item 5); upstream's fossil subtests check only the
-                                                        payloads, so they pass without it
+    allowed_delta_types fossil, delta_publish           channels[].allowed_delta_types ["fossil"] (every
+                                                        publication goes to delta subscribers as a delta
+                                                        when it is smaller: no per-publish opt-in)
     force_push_join_leave                               presence.channels "*" force_push_join_leave
     no rate limits                                      the relay's per-connection / IP / user publish and
                                                         subscribe limits raised far above the suite's use
     """
     rules_common = {"subscribe": "token", "publish": "subscriber", "history": "subscriber",
-                    "presence": "subscriber"}
+                    "presence": "subscriber", "allowed_delta_types": ["fossil"]}
     return {
         "listen": f"127.0.0.1:{port}",
         "database": {"url": db_url, "pool_size": 10},

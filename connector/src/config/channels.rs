@@ -112,6 +112,18 @@ pub struct ChannelRule {
     /// Only the users named after the channel's last `#` may use it.
     #[serde(default)]
     pub user_limited: bool,
+    /// Delta compressions a subscription may negotiate (`["fossil"]`; default none: a subscribe
+    /// asking for `delta` gets full payloads and no `delta: true`).
+    #[serde(default)]
+    pub allowed_delta_types: Vec<DeltaType>,
+}
+
+/// A delta compression of publications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeltaType {
+    /// Fossil deltas (`delta: "fossil"` in the subscribe request).
+    Fossil,
 }
 
 impl PatternEntry for ChannelRule {

@@ -40,7 +40,7 @@ pub use self::api::ApiConfig;
 pub use self::auth::{AuthConfig, AuthKeys};
 pub use self::capture::{CaptureConfig, CaptureMode, is_slot_name};
 pub use self::channel_rules::{ChannelRules, PatternEntry};
-pub use self::channels::{Access, ChannelRule, Level};
+pub use self::channels::{Access, ChannelRule, DeltaType, Level};
 pub use self::client::{Cidr, ClientConfig};
 pub use self::database::{DatabaseConfig, StreamConfig};
 pub use self::demo::DemoConfig;
@@ -73,6 +73,10 @@ pub struct Config {
     /// Channel pattern → publish target rules (first match wins).
     #[serde(default)]
     pub rules: ChannelRules<Rule>,
+    /// Method pattern → target rules for client `rpc` calls (first match wins; key `method`
+    /// instead of `channel`); a method without a rule is answered 108 "not available".
+    #[serde(default)]
+    pub rpc: ChannelRules<Rule>,
     /// Token verification: JWT keys, audience, issuer.
     #[serde(default)]
     pub auth: AuthConfig,
@@ -183,7 +187,8 @@ impl Config {
             m.check(&format!("mappings[{i}]"))?;
         }
         self.check_mappings_against_rules()?;
-        rules::validate(&self.rules)
+        rules::validate(&self.rules, "rules")?;
+        rules::validate(&self.rpc, "rpc")
     }
 
     /// A mapping listed twice would capture every change twice (one trigger, or two on one
@@ -220,6 +225,19 @@ impl Config {
     /// The publish rule of `channel` (the first match in configuration order).
     pub fn rule_for(&self, channel: &str) -> Option<&Rule> {
         self.rules.first_match(channel)
+    }
+
+    /// The `rpc[]` rule of `method` (the first match in configuration order).
+    pub fn rpc_rule_for(&self, method: &str) -> Option<&Rule> {
+        self.rpc.first_match(method)
+    }
+
+    /// Whether subscriptions to `channel` may negotiate `delta` (its `channels[]` entry's
+    /// `allowed_delta_types`).
+    pub fn delta_allowed(&self, channel: &str, delta: DeltaType) -> bool {
+        self.channels
+            .first_match(channel)
+            .is_some_and(|c| c.allowed_delta_types.contains(&delta))
     }
 
     /// Whether `channel` is fed by a table mapping (such channels are never publishable by clients).
@@ -302,6 +320,36 @@ mod tests {
         assert!(e.contains("client.ping_interval_secs"), "{e}");
         let e = err(r#"{"database":{"url":"postgres://x"},"bogus":1}"#);
         assert!(e.contains("bogus"), "{e}");
+        let e = err(
+            r#"{"database":{"url":"postgres://x"},"rpc":[{"method":"a","target":{"type":"http","url":"ftp://x"}}]}"#,
+        );
+        assert!(e.contains("rpc[0].target.url"), "{e}");
+        let e = err(
+            r#"{"database":{"url":"postgres://x"},"channels":[{"channel":"a","allowed_delta_types":["xdelta"]}]}"#,
+        );
+        assert!(
+            e.contains("allowed_delta_types") && e.contains("fossil"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rpc_rules_and_delta_channels() {
+        let c = Config::from_json(
+            r#"{"database":{"url":"postgres://x"},
+                "rpc":[{"method":"app.*","target":{"type":"http","url":"http://127.0.0.1:1/rpc"}}],
+                "channels":[{"channel":"d:*","subscribe":"anyone","allowed_delta_types":["fossil"]},
+                            {"channel":"*","subscribe":"anyone"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rpc_rule_for("app.echo").unwrap().channel, "app.*");
+        assert!(c.rpc_rule_for("other").is_none());
+        assert!(
+            c.rule_for("app.echo").is_none(),
+            "rpc rules are not publish rules"
+        );
+        assert!(c.delta_allowed("d:1", DeltaType::Fossil));
+        assert!(!c.delta_allowed("e:1", DeltaType::Fossil));
     }
 
     #[test]

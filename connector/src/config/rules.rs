@@ -13,7 +13,9 @@ use crate::error::ConfigError;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
-    /// Channel pattern (`*` matches any run of characters).
+    /// Channel pattern (`*` matches any run of characters); in `rpc[]`, the method pattern (key
+    /// `method`).
+    #[serde(alias = "method")]
     pub channel: String,
     /// Where publications go.
     pub target: Target,
@@ -88,11 +90,11 @@ fn default_rule_concurrency() -> u32 {
     32
 }
 
-/// Checks `rules[]`; the error names the field.
-pub(crate) fn validate(rules: &ChannelRules<Rule>) -> Result<(), ConfigError> {
-    rules.check_patterns("rules")?;
+/// Checks `rules[]` (or `rpc[]`: `list`); the error names the field.
+pub(crate) fn validate(rules: &ChannelRules<Rule>, list: &str) -> Result<(), ConfigError> {
+    rules.check_patterns(list)?;
     for (i, r) in rules.iter().enumerate() {
-        let field = |f: &str| format!("rules[{i}].{f}");
+        let field = |f: &str| format!("{list}[{i}].{f}");
         duration::check(
             &field("timeout_ms"),
             r.timeout,

@@ -98,7 +98,10 @@ impl Session {
             Request::Ping | Request::Refresh(_) | Request::SubRefresh(_) => {
                 Err(ErrorCode::NotAvailable.into())
             }
-            Request::Rpc(_) => Err(ErrorCode::MethodNotFound.into()),
+            Request::Rpc(r) => match self.rpc(id, r) {
+                Ok(()) => return Flow::Continue,
+                Err(e) => Err(e),
+            },
             Request::Invalid { reason, .. } => {
                 Err(ReplyError::with_message(ErrorCode::BadRequest, reason))
             }
@@ -607,6 +610,93 @@ impl Session {
                 Err(e) => {
                     tracing::warn!(channel = %req.channel, error = %e, "publish failed");
                     Reply::error(id, ReplyError::new(ErrorCode::Internal))
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// Starts an `rpc` through the method's `rpc[]` rule (108 without one); its reply is written
+    /// when the target answered, with the target's data, or its refusal as for a publish.
+    pub(super) fn rpc(
+        &mut self,
+        id: u32,
+        req: relay_protocol::command::RpcRequest,
+    ) -> Result<(), ReplyError> {
+        if req.method.len() > 255 || req.method.chars().any(char::is_control) {
+            return Err(ReplyError::with_message(
+                ErrorCode::BadRequest,
+                "rpc method must be at most 255 characters, no control characters",
+            ));
+        }
+        let Some(rule) = self.state.config.rpc_rule_for(&req.method).cloned() else {
+            return Err(ErrorCode::NotAvailable.into());
+        };
+        // Calls share the publish allowances: rate, per IP, per user, in flight.
+        let now = std::time::Instant::now();
+        if !self.publish_bucket.try_take(now)
+            || !self.state.limits.publish_per_ip.try_take(&self.ip, now)
+            || (!self.identity.user.is_empty()
+                && !self
+                    .state
+                    .limits
+                    .publish_per_user
+                    .try_take(&self.identity.user, now))
+        {
+            return Err(ReplyError::with_message(
+                ErrorCode::TooManyRequests,
+                "rpc rate limit",
+            ));
+        }
+        if self.pending.len() >= self.state.config.client.max_pending_publishes {
+            return Err(ErrorCode::TooManyRequests.into());
+        }
+        let state = self.state.clone();
+        let sender = if self.identity.user.is_empty() {
+            self.client.clone()
+        } else {
+            self.identity.user.clone()
+        };
+        let connection = self.client.clone();
+        self.pending.push(Box::pin(async move {
+            let named = NamedData {
+                name: req.method.clone(),
+                data: req.data.as_deref(),
+            };
+            let message_id = uuid::Uuid::new_v4().to_string();
+            let envelope =
+                rules::rpc_envelope(&req.method, &sender, &connection, &named, message_id);
+            let answer = rules::call_limited(
+                &state.limits.targets,
+                &state.http,
+                &state.lambda,
+                &rule,
+                &envelope,
+            )
+            .await;
+            match answer {
+                Ok(data) => Reply::new(id, ReplyBody::Rpc(data)),
+                Err(rules::TargetError::Refused(r)) => {
+                    tracing::info!(method = %req.method, status = r.status.as_str(), reason = %r.reason, "rpc refused by the target");
+                    Reply::error(id, r.reply_error())
+                }
+                Err(e) => {
+                    tracing::warn!(method = %req.method, error = %e, "rpc target failed");
+                    let err = match e {
+                        rules::TargetError::Refused(r) => r.reply_error(),
+                        rules::TargetError::Unreachable(_) => ReplyError::with_message(
+                            ErrorCode::Internal,
+                            "rpc target unavailable",
+                        ),
+                        rules::TargetError::Failed(_) => {
+                            ReplyError::with_message(ErrorCode::Internal, "rpc target failed")
+                        }
+                        rules::TargetError::Busy(_) => ReplyError::with_message(
+                            ErrorCode::TooManyRequests,
+                            "rpc target busy",
+                        ),
+                    };
+                    Reply::error(id, err)
                 }
             }
         }));

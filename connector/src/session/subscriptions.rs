@@ -25,6 +25,20 @@ pub(super) struct SubState {
     /// A server-side subscription (made at connect): losing track of it closes the connection
     /// (3010, the client reconnects and recovers it) instead of unsubscribing it.
     pub(super) server_side: bool,
+    /// Fossil delta compression, and whether the client holds the previous publication.
+    pub(super) delta: Delta,
+}
+
+/// A subscription's fossil delta state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Delta {
+    /// Not negotiated: full payloads.
+    #[default]
+    Off,
+    /// Negotiated; the next publication goes full (the client has no base yet).
+    First,
+    /// Negotiated; the client holds the previous publication: deltas when the hub made one.
+    Ready,
 }
 
 /// What a subscription does with a publication of its channel.
@@ -128,6 +142,21 @@ impl Session {
         let channel = req.channel.clone();
         validate_channel(&channel)
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
+        // Map and shared-poll subscriptions (Centrifugo 6.8) are refused, never served as a stream.
+        if req.r#type != 0 {
+            return Err(ReplyError::with_message(
+                ErrorCode::NotAvailable,
+                "subscription type not supported",
+            )
+            .into());
+        }
+        // Fossil deltas where the channel's configuration allows them; otherwise declined (full
+        // payloads, no `delta: true`), as Centrifugo does.
+        let delta = req.delta == "fossil"
+            && self
+                .state
+                .config
+                .delta_allowed(&channel, crate::config::DeltaType::Fossil);
         if self.subs.contains_key(&channel) {
             return Err(ReplyError::from(ErrorCode::AlreadySubscribed).into());
         }
@@ -200,7 +229,7 @@ impl Session {
         start: &Start,
         grant: auth::SubscriptionGrant,
     ) -> Result<Opened, SubscribeError> {
-        self.state.hub.subscribe(
+        self.state.hub.subscribe_with(
             &channel,
             self.id,
             Subscriber {
@@ -210,6 +239,7 @@ impl Session {
                 max_bytes: self.state.config.client.outbound_queue_bytes,
                 encoding: self.encoding,
             },
+            delta,
         );
         let limit = if start.recover {
             self.state
@@ -380,6 +410,11 @@ impl Session {
                 join_leave,
                 membership,
                 server_side,
+                delta: if opened.delta {
+                    Delta::First
+                } else {
+                    Delta::Off
+                },
             },
         );
     }
@@ -405,9 +440,19 @@ impl Session {
             Verdict::Duplicate => return Flow::Continue,
             Verdict::Lost => return self.insufficient_state(&delivery.channel.clone(), out),
         }
-        if let Some(frame) = frame(delivery, self.encoding) {
-            out.push(frame);
-        }
+        let sent = match sub.delta {
+            Delta::Off => frame(delivery, self.encoding),
+            mode => {
+                sub.delta = Delta::Ready;
+                delta_frame(delivery, self.encoding, mode == Delta::Ready)
+            }
+        };
+        let Some(frame) = sent else {
+            // Encoded for another kind of subscription of this session (a resubscribe raced
+            // it): never skip a publication silently; the client recovers it.
+            return self.insufficient_state(&delivery.channel.clone(), out);
+        };
+        out.push(frame);
         self.state
             .metrics
             .publications_out
@@ -437,6 +482,36 @@ impl Session {
     }
 }
 
+/// The frame of a hub delivery for a delta subscription: the delta when the client holds the
+/// previous publication and the hub made one, else the full frame of delta mode.
+fn delta_frame(delivery: &Delivery, encoding: Encoding, ready: bool) -> Option<Message> {
+    let frames = delivery.delta.as_ref()?;
+    match encoding {
+        Encoding::Json => frames
+            .json_delta
+            .as_ref()
+            .filter(|_| ready)
+            .or(frames.json_full.as_ref())
+            .cloned()
+            .map(Message::Text),
+        Encoding::Protobuf => frames
+            .protobuf_delta
+            .as_ref()
+            .filter(|_| ready)
+            .or(delivery.protobuf.as_ref())
+            .cloned()
+            .map(Message::Binary),
+    }
+}
+
+/// A JSON string holding `text`.
+fn json_string(text: &str) -> Box<RawValue> {
+    serde_json::to_string(text)
+        .ok()
+        .and_then(|s| RawValue::from_string(s).ok())
+        .unwrap_or_else(|| RawValue::NULL.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::{SubState, Verdict};
@@ -450,6 +525,7 @@ mod tests {
             join_leave: false,
             membership: None,
             server_side: false,
+            delta: super::Delta::Off,
         }
     }
 

@@ -45,7 +45,7 @@ async fn state() -> Arc<AppState> {
         capture: Arc::default(),
         metrics: Metrics::default(),
         verifier: crate::auth::Verifier::new(&config.auth).unwrap(),
-        limits: crate::limits::Shared::new(&config.client, &config.rules),
+        limits: crate::limits::Shared::new(&config.client, &config.rules, &config.rpc),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(10)),
         presence,
         shutdown: CancellationToken::new(),

@@ -109,6 +109,8 @@ impl Command {
                     epoch: r.epoch,
                     flag: r.flag,
                     data,
+                    delta: r.delta,
+                    r#type: r.r#type,
                 }),
                 Err(()) => invalid("subscribe"),
             });
@@ -220,6 +222,7 @@ fn subscribe_result(s: &SubscribeResult<'_>) -> messages::SubscribeResult {
         offset: s.offset,
         positioned: s.positioned,
         was_recovering: s.was_recovering,
+        delta: s.delta,
         ..Default::default()
     }
 }
@@ -281,6 +284,11 @@ pub fn encode_reply(r: &Reply<'_>) -> Vec<u8> {
                 ttl: r.ttl.unwrap_or(0),
             });
         }
+        ReplyBody::Rpc(data) => {
+            m.rpc = Some(messages::RpcResult {
+                data: raw_bytes(data.as_deref()),
+            });
+        }
         ReplyBody::SubRefresh(r) => {
             m.sub_refresh = Some(messages::SubRefreshResult {
                 expires: r.expires,
@@ -289,6 +297,30 @@ pub fn encode_reply(r: &Reply<'_>) -> Vec<u8> {
         }
     }
     m.encode_length_delimited_to_vec()
+}
+
+/// The length-delimited Protobuf `Reply` (id 0, `push` set) of a delta-mode `pub` push: `data` is
+/// the payload's bytes or the fossil delta, `delta` says which.
+pub fn encode_delta_pub(p: &crate::reply::DeltaPub<'_>) -> Vec<u8> {
+    let push = messages::Push {
+        channel: p.channel.to_owned(),
+        r#pub: Some(messages::Publication {
+            data: Bytes::copy_from_slice(p.text.as_bytes()),
+            info: p
+                .info
+                .and_then(|i| serde_json::from_str::<ClientInfo>(i.get()).ok())
+                .map(|i| client_info(&i)),
+            offset: p.offset,
+            delta: p.delta,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    messages::Reply {
+        push: Some(push),
+        ..Default::default()
+    }
+    .encode_length_delimited_to_vec()
 }
 
 /// The length-delimited Protobuf `Reply` (id 0, `push` set) of a push.
