@@ -41,6 +41,7 @@ pub mod capture;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod emulation;
 pub mod error;
 pub mod http;
 pub mod hub;
