@@ -492,3 +492,38 @@ async fn http_stream_protobuf() {
     assert_eq!(disconnect.code, 3001);
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn pings_are_answered_through_emulation_or_the_stream_closes_3012() {
+    let db = TestDb::new().await;
+    let config = config_json(
+        &db.url,
+        json!({"client": {"ping_interval_secs": 1, "pong_timeout_secs": 1}}),
+    );
+    let server = Server::start(&config).await;
+    let (mut answering, _) = Stream::connect(&server, Kind::Sse).await;
+    let (mut silent, _) = Stream::connect(&server, Kind::HttpStream).await;
+    // The answering client posts the pong (an empty command) for every ping ({}) it reads.
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(3500);
+    while tokio::time::Instant::now() < until {
+        let next = tokio::time::timeout(Duration::from_millis(300), answering.next()).await;
+        if let Ok(Some(m)) = next
+            && m == json!({})
+        {
+            pings += 1;
+            let session = answering.session.clone();
+            assert_eq!(answering.post(&session, &[json!({})]).await, 204);
+        }
+    }
+    assert!(pings >= 2, "pings: {pings}");
+    // The silent one was closed with 3012 (no pong) meanwhile; the answering one still works.
+    let d = silent.disconnected().await;
+    assert_eq!(d["code"], 3012, "{d}");
+    let r = answering
+        .call(json!({"subscribe": {"channel": "room"}}))
+        .await;
+    assert!(r["subscribe"].is_object(), "{r}");
+    server.stop().await;
+    db.drop_db().await;
+}
