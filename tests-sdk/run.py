@@ -16,7 +16,7 @@ nothing failed. Logs, configs and wire frames of each run are kept in artifacts/
 
 Usage: tests-sdk/run.py [--only node|python|chat|protobuf|sse] [--bin-dir DIR] [--keep-db]
 (`--only chat` runs the chat permissions scenario only; `--only protobuf` the two Protobuf-mode chat
-scenarios only; `--only sse` centrifuge-js's chat scenario over SSE and over HTTP-streaming.)
+scenarios only; `--only sse` centrifuge-js's chat scenario over SSE and over HTTP-streaming, JSON and Protobuf.)
 """
 
 from __future__ import annotations
@@ -435,6 +435,9 @@ COMMIT;
                     self.scenario("node-sse", ["node", "scenario.mjs"], HERE / "node", {"SDK_TRANSPORT": "sse"})
                     self.scenario("node-http-stream", ["node", "scenario.mjs"], HERE / "node",
                                   {"SDK_TRANSPORT": "http_stream"})
+                    # centrifuge-js's Protobuf build over HTTP-streaming (length-delimited frames).
+                    self.scenario("node-http-stream-protobuf", ["node", "scenario.mjs"], HERE / "node",
+                                  {"SDK_TRANSPORT": "http_stream", "SDK_PROTOCOL": "protobuf"})
                 if only in (None, "python", "protobuf"):
                     # The chat scenario with centrifuge-python in Protobuf mode (use_protobuf=True).
                     self.scenario("python-protobuf", [str(py if py.exists() else sys.executable), "scenario.py"],
