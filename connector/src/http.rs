@@ -506,7 +506,7 @@ async fn metrics(State(state): State<Arc<AppState>>, meta: Option<Extension<Conn
     line(
         "relay_connections",
         "gauge",
-        "Open WebSocket connections.",
+        "Open client connections (WebSocket, HTTP-streaming, SSE).",
         m.connections.load(Ordering::Relaxed),
     );
     line(

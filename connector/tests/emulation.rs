@@ -527,3 +527,86 @@ async fn pings_are_answered_through_emulation_or_the_stream_closes_3012() {
     server.stop().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn origins_cors_and_an_oversized_connect() {
+    let db = TestDb::new().await;
+    let config = config_json(
+        &db.url,
+        json!({"client": {"allowed_origins": ["https://app.example"], "max_message_bytes": 4096}}),
+    );
+    let server = Server::start(&config).await;
+    let base = format!("http://{}", server.addr);
+    let http = reqwest::Client::new();
+    let connect = json!({"id": 1, "connect": {}}).to_string();
+    // An Origin that is not allowed: 403 before any session, as for the WebSocket upgrade.
+    for path in ["/connection/http_stream", "/emulation"] {
+        let r = http
+            .post(format!("{base}{path}"))
+            .header("Origin", "https://evil.example")
+            .body(connect.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+    }
+    let r = http
+        .get(format!("{base}/connection/sse"))
+        .header("Origin", "https://evil.example")
+        .query(&[("cf_connect", connect.clone())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // The preflight of an allowed origin, and the stream itself: CORS headers echo it.
+    let r = http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{base}/connection/http_stream"),
+        )
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(r.headers()["access-control-allow-headers"], "content-type");
+    let mut r = http
+        .post(format!("{base}/connection/http_stream"))
+        .header("Origin", "https://app.example")
+        .body(connect.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(r.headers()["access-control-allow-credentials"], "true");
+    let first = tokio::time::timeout(Duration::from_secs(10), r.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let reply: Value = serde_json::from_slice(first.strip_suffix(b"\n").unwrap()).unwrap();
+    assert!(reply["connect"]["session"].is_string(), "{reply}");
+    drop(r);
+    // A connect body over client.max_message_bytes: 413, no session.
+    let r = http
+        .post(format!("{base}/connection/http_stream"))
+        .body(format!(
+            "{{\"id\":1,\"connect\":{{\"name\":\"{}\"}}}}",
+            "x".repeat(5000)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    server.stop().await;
+    db.drop_db().await;
+}
