@@ -22,8 +22,11 @@
 //!
 //! The session id is 128 random bits, known only to the client that opened the stream; an
 //! `/emulation` request carries nothing else the session trusts (the commands run with the
-//! session's identity). An unknown session, or another node's, is answered 404, on which
-//! centrifuge-js closes the stream and reconnects.
+//! session's identity). The statuses are Centrifugo's: a session that is not (or no longer) on
+//! this node gets 204 and its commands are dropped (Centrifugo's survey finds no client and
+//! reports success); another `node` gets 500 (Centrifugo answers so when its survey of that node
+//! times out; the relay has no routing between nodes and answers at once), on which centrifuge-js
+//! closes the stream and reconnects.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -435,9 +438,10 @@ struct PbEmulation {
     data: Bytes,
 }
 
-/// `POST /emulation`: a command frame for a stream's session. 204 when handed to the session,
-/// 400 for a malformed request, 404 for a session that is not (or no longer) on this node, 413 for
-/// a body over the limit, 503 when the session does not take it within the write timeout.
+/// `POST /emulation`: a command frame for a stream's session. 204 when handed to the session or
+/// when no such session is on this node (dropped, as Centrifugo does), 400 for a malformed request,
+/// 413 for a body over the limit, 500 for another node's session, 503 when the session does not
+/// take it within the write timeout.
 async fn emulation(
     State(state): State<Arc<AppState>>,
     Extension(registry): Extension<Arc<Registry>>,
@@ -467,10 +471,10 @@ async fn emulation(
         }
     };
     if !node.is_empty() && node != registry.node {
-        return reply(StatusCode::NOT_FOUND);
+        return reply(StatusCode::INTERNAL_SERVER_ERROR);
     }
     let Some(entry) = registry.sessions.lock().get(&session).cloned() else {
-        return reply(StatusCode::NOT_FOUND);
+        return reply(StatusCode::NO_CONTENT);
     };
     let frame = match (entry.encoding, data) {
         // A JSON session's commands: the lines, as a JSON string.
@@ -487,8 +491,8 @@ async fn emulation(
     let wait = Duration::from_secs(state.config.client.write_timeout_secs);
     match tokio::time::timeout(wait, entry.inbound.send(frame)).await {
         Ok(Ok(())) => reply(StatusCode::NO_CONTENT),
-        // The session ended meanwhile.
-        Ok(Err(_)) => reply(StatusCode::NOT_FOUND),
+        // The session ended meanwhile: as for an unknown session.
+        Ok(Err(_)) => reply(StatusCode::NO_CONTENT),
         Err(_) => reply(StatusCode::SERVICE_UNAVAILABLE),
     }
 }

@@ -256,15 +256,16 @@ async fn emulation_refuses_unknown_sessions_and_bad_bodies() {
     let (mut s, _) = Stream::connect(&server, Kind::HttpStream).await;
     let http = reqwest::Client::new();
     let url = format!("{}/emulation", s.base);
-    // A guessed session, or another node's: 404 (the SDK closes the stream and reconnects).
+    // A guessed session: 204 as from Centrifugo, and its commands reach no session (the stream
+    // gets no reply to them). Another node's: 500 (the SDK closes the stream and reconnects).
+    let guessed = json!({"id": 77, "subscribe": {"channel": "guessed"}});
     assert_eq!(
-        s.post("00000000000000000000000000000000", &[json!({})])
-            .await,
-        404
+        s.post("00000000000000000000000000000000", &[guessed]).await,
+        204
     );
     let other_node = json!({"session": s.session, "node": "elsewhere", "data": "{}"}).to_string();
     let r = http.post(&url).body(other_node).send().await.unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(r.status(), 500);
     // Not JSON, or data that is not the string of commands: 400.
     let r = http.post(&url).body("nonsense").send().await.unwrap();
     assert_eq!(r.status(), 400);
@@ -281,6 +282,11 @@ async fn emulation_refuses_unknown_sessions_and_bad_bodies() {
     );
     let r = s.call(json!({"subscribe": {"channel": "room"}})).await;
     assert!(r["subscribe"].is_object(), "{r}");
+    assert!(
+        s.pending.iter().all(|m| m["id"] != 77),
+        "the guessed session's command was run: {:?}",
+        s.pending
+    );
     // A malformed command through /emulation closes the session as on a WebSocket: 3501 bad
     // request (no reconnect), as a disconnect push.
     let session = s.session.clone();
@@ -296,8 +302,8 @@ async fn emulation_refuses_unknown_sessions_and_bad_bodies() {
     );
     let d = s.disconnected().await;
     assert_eq!(d["code"], 3501, "{d}");
-    // The session is gone: 404.
-    assert_eq!(s.post(&session, &[json!({})]).await, 404);
+    // The session is gone: its commands are dropped (204), nothing runs them.
+    assert_eq!(s.post(&session, &[json!({})]).await, 204);
     server.stop().await;
     db.drop_db().await;
 }
