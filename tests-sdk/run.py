@@ -14,9 +14,9 @@ For one run this orchestrator:
 and prints `N passed, N failed` (scenario checks plus its own) as its last line. Exit code 0 only when
 nothing failed. Logs, configs and wire frames of each run are kept in artifacts/sdk-tests/<database>/.
 
-Usage: tests-sdk/run.py [--only node|python|chat|protobuf] [--bin-dir DIR] [--keep-db]
+Usage: tests-sdk/run.py [--only node|python|chat|protobuf|sse] [--bin-dir DIR] [--keep-db]
 (`--only chat` runs the chat permissions scenario only; `--only protobuf` the two Protobuf-mode chat
-scenarios only.)
+scenarios only; `--only sse` centrifuge-js's chat scenario over SSE and over HTTP-streaming, JSON and Protobuf.)
 """
 
 from __future__ import annotations
@@ -430,6 +430,14 @@ COMMIT;
                 if only in (None, "node", "protobuf"):
                     # The chat scenario with centrifuge-js's Protobuf build (binary frames).
                     self.scenario("node-protobuf", ["node", "scenario.mjs"], HERE / "node", protobuf)
+                if only in (None, "node", "sse"):
+                    # The chat scenario over centrifuge-js's emulated transports (SSE, HTTP-streaming).
+                    self.scenario("node-sse", ["node", "scenario.mjs"], HERE / "node", {"SDK_TRANSPORT": "sse"})
+                    self.scenario("node-http-stream", ["node", "scenario.mjs"], HERE / "node",
+                                  {"SDK_TRANSPORT": "http_stream"})
+                    # centrifuge-js's Protobuf build over HTTP-streaming (length-delimited frames).
+                    self.scenario("node-http-stream-protobuf", ["node", "scenario.mjs"], HERE / "node",
+                                  {"SDK_TRANSPORT": "http_stream", "SDK_PROTOCOL": "protobuf"})
                 if only in (None, "python", "protobuf"):
                     # The chat scenario with centrifuge-python in Protobuf mode (use_protobuf=True).
                     self.scenario("python-protobuf", [str(py if py.exists() else sys.executable), "scenario.py"],
@@ -461,7 +469,7 @@ COMMIT;
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["node", "python", "chat", "protobuf"],
+    parser.add_argument("--only", choices=["node", "python", "chat", "protobuf", "sse"],
                         help="run one SDK's scenarios, only the chat permissions, or only the Protobuf-mode ones")
     parser.add_argument("--bin-dir", default=str(ROOT / "target" / "debug"), help="where connector and writer-lambda are")
     parser.add_argument("--keep-db", action="store_true", help="do not drop the database (for debugging)")

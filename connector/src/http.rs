@@ -1,4 +1,5 @@
-//! The accept loop and the HTTP router: the WebSocket endpoint, health, readiness, metrics, the
+//! The accept loop and the HTTP router: the WebSocket endpoint (HTTP-streaming and SSE are in
+//! [`crate::emulation`]), health, readiness, metrics, the
 //! server API (`/api`) and the chat page at `/`.
 //!
 //! Connections that never become sessions cost nothing lasting ([`serve`]):
@@ -159,7 +160,7 @@ pub struct ConnMeta {
 impl ConnMeta {
     /// The connection becomes a WebSocket: it leaves the pending set (no eviction, no handshake
     /// limit) and lingers when closed.
-    fn upgrading(&self) {
+    pub(crate) fn upgrading(&self) {
         self.upgraded.store(true, Ordering::Relaxed);
         self.pending.release(self.id);
     }
@@ -335,6 +336,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::page::routes())
         .merge(crate::api::routes())
+        .merge(crate::emulation::routes())
         .merge(crate::demo::routes(state.config.demo.token_endpoint))
         .with_state(state)
 }
@@ -504,7 +506,7 @@ async fn metrics(State(state): State<Arc<AppState>>, meta: Option<Extension<Conn
     line(
         "relay_connections",
         "gauge",
-        "Open WebSocket connections.",
+        "Open client connections (WebSocket, HTTP-streaming, SSE).",
         m.connections.load(Ordering::Relaxed),
     );
     line(

@@ -58,6 +58,7 @@ pub mod capture;
 pub mod config;
 pub mod db;
 pub(crate) mod demo;
+pub mod emulation;
 pub mod error;
 // TODO(issue 10): remove after the session/hub/http restructuring merges and converts its items.
 #[allow(unreachable_pub)]

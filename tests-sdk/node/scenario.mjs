@@ -9,11 +9,15 @@
 // Environment: RELAY_WS_URL (required), SCENARIO_LABEL, STEP_TIMEOUT_MS (default 20000),
 // RESTART_TIMEOUT_MS (default 90000), FRAME_LOG (file that gets every WebSocket frame), RUN_TAG,
 // SDK_PROTOCOL (`json`, the default, or `protobuf`: the SDK's Protobuf build, binary frames; then
-// publication data travels as the bytes of its JSON, encoded and decoded here).
+// publication data travels as the bytes of its JSON, encoded and decoded here), SDK_TRANSPORT
+// (`websocket`, the default, or `sse` / `http_stream`: the SDK's emulated transports, endpoints
+// derived from RELAY_WS_URL, commands posted to /emulation; EventSource from the `eventsource`
+// package, as Node 20 has none).
 
 import { Centrifuge as JsonCentrifuge } from 'centrifuge';
 import { Centrifuge as ProtobufCentrifuge } from 'centrifuge/build/protobuf';
 import WebSocket from 'ws';
+import { EventSource } from 'eventsource';
 import fs from 'node:fs';
 import readline from 'node:readline';
 import { randomBytes } from 'node:crypto';
@@ -27,6 +31,18 @@ const IN_CHANNEL = 'incoming-chat';
 const OUT_CHANNEL = 'outgoing-chat';
 const PROTOBUF = process.env.SDK_PROTOCOL === 'protobuf';
 const Centrifuge = PROTOBUF ? ProtobufCentrifuge : JsonCentrifuge;
+const TRANSPORT = process.env.SDK_TRANSPORT || 'websocket';
+/** The endpoint the scenario's client connects to: the WebSocket URL, or the one emulated transport. */
+function endpoints() {
+  if (TRANSPORT === 'websocket') return url;
+  const http = url.replace(/^ws/, 'http');
+  return [{ transport: TRANSPORT, endpoint: http.replace(/\/connection\/websocket$/, `/connection/${TRANSPORT}`) }];
+}
+function emulationOptions() {
+  if (TRANSPORT === 'websocket') return {};
+  const http = url.replace(/^ws/, 'http');
+  return { eventsource: EventSource, emulationEndpoint: http.replace(/\/connection\/websocket$/, '/emulation') };
+}
 
 /** Publication data as the SDK wants it: the JSON value, or in Protobuf mode its UTF-8 bytes. */
 function encodeData(value) {
@@ -167,7 +183,8 @@ rl.on('close', () => {
 
 // ---- the scenario -------------------------------------------------------------------------------
 
-const client = new Centrifuge(url, {
+const client = new Centrifuge(endpoints(), {
+  ...emulationOptions(),
   websocket: LoggingWebSocket,
   name: `sdk-test-${label}`,
   timeout: 5000,
@@ -208,6 +225,12 @@ const steps = [
     return `client id ${c.client}`;
   }],
   ['the connection speaks the expected encoding', async () => {
+    if (TRANSPORT !== 'websocket') {
+      const c = events.find((e) => e.kind === 'connected')?.ctx;
+      expect(c?.transport === TRANSPORT, `connected over ${describe(c?.transport)}, want ${TRANSPORT}`);
+      expect(wire.binaryIn === 0 && wire.textIn === 0, `WebSocket frames in: ${wire.binaryIn + wire.textIn}, want none`);
+      return `${TRANSPORT}, no WebSocket`;
+    }
     if (PROTOBUF) {
       expect(wire.selected[0] === 'centrifuge-protobuf', `selected subprotocol ${describe(wire.selected)}, want centrifuge-protobuf`);
       expect(wire.binaryIn > 0 && wire.textIn === 0, `frames in: ${wire.binaryIn} binary, ${wire.textIn} text; want binary only`);

@@ -150,6 +150,7 @@ impl Session {
                             offset: p.offset,
                             epoch: p.epoch.clone(),
                             reject_unrecovered: false,
+                            delta: false,
                         });
                     match self
                         .open(channel, &start, auth::SubscriptionGrant::default())

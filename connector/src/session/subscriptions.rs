@@ -85,6 +85,8 @@ pub(super) struct Start {
     pub(super) epoch: String,
     /// Answer an unrecoverable position with error 112 instead of `recovered: false` (flag 2).
     pub(super) reject_unrecovered: bool,
+    /// Fossil delta compression was negotiated.
+    pub(super) delta: bool,
 }
 
 /// A subscription registered in the hub, with its read of the stream: what its reply says.
@@ -98,6 +100,11 @@ pub(super) struct Opened {
     /// The offset its reply delivers up to.
     delivered: u64,
     grant: auth::SubscriptionGrant,
+    /// Fossil deltas were negotiated.
+    delta: bool,
+    /// With deltas in JSON, every publication's data is a JSON string holding the JSON text: the
+    /// recovered publications' data in that form.
+    as_strings: Vec<Box<RawValue>>,
 }
 
 impl Opened {
@@ -118,8 +125,9 @@ impl Opened {
                 self.slice
                     .publications
                     .iter()
-                    .map(|p| Publication {
-                        data: &p.data,
+                    .enumerate()
+                    .map(|(i, p)| Publication {
+                        data: self.as_strings.get(i).map_or(&*p.data, |s| &**s),
                         offset: p.offset,
                         info: p.info.as_deref(),
                     })
@@ -129,6 +137,7 @@ impl Opened {
             },
             expires: self.grant.expires_at.is_some(),
             ttl: ttl(self.grant.expires_at),
+            delta: self.delta,
         }
     }
 }
@@ -207,6 +216,7 @@ impl Session {
             offset: req.offset,
             epoch: req.epoch.clone(),
             reject_unrecovered: req.flag & 2 != 0,
+            delta,
         };
         let opened = self.open(channel, &start, grant).await?;
         let body = self.encode(&Reply::new(id, ReplyBody::Subscribe(opened.result())));
@@ -239,7 +249,7 @@ impl Session {
                 max_bytes: self.state.config.client.outbound_queue_bytes,
                 encoding: self.encoding,
             },
-            delta,
+            start.delta,
         );
         let limit = if start.recover {
             self.state
@@ -309,7 +319,18 @@ impl Session {
         } else {
             slice.top
         };
+        let as_strings = if start.delta && self.encoding == Encoding::Json && recovered {
+            slice
+                .publications
+                .iter()
+                .map(|p| json_string(p.data.get()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Opened {
+            delta: start.delta,
+            as_strings,
             channel,
             slice,
             recovered,
