@@ -1,8 +1,8 @@
 //! The realtime relay: rows that change in PostgreSQL reach the WebSocket clients subscribed to their
 //! channels, in commit order, with nothing lost; clients publish events that a writer turns into rows.
 //!
-//! Clients speak the Centrifugo JSON protocol at `/connection/websocket`, so the official SDKs work
-//! unmodified. Changes flow: capture trigger → `relay.changelog` → `relay.sequence_changes()`
+//! Clients speak the Centrifugo protocol (JSON or Protobuf) at `/connection/websocket`, or over
+//! HTTP-streaming / SSE with `/emulation` for their commands, so the official SDKs work unmodified. Changes flow: capture trigger → `relay.changelog` → `relay.sequence_changes()`
 //! (per-channel offsets, global commit-ordered `seq`) → `relay.publications` (the history) → the
 //! stream task of every node → the hub → each subscriber's session.
 //!
@@ -21,13 +21,20 @@
 //!   module that owns that driver);
 //!   [`db::triggers`] (generated capture triggers); [`db::stream`] (wake-ups from the listener +
 //!   gapless reads into the hub); [`db::history`] (positions, history, recovery, publishing).
-//! - [`hub`]: channel registry and fan-out (encode once, bounded mailboxes, slow clients marked).
-//! - [`session`]: one task per WebSocket: commands, replies, pushes, pings, close codes.
+//! - [`hub`]: channel registry and fan-out (each publication encoded once per encoding in use, and
+//!   its fossil delta computed once for the channel's delta subscribers; bounded mailboxes, slow
+//!   clients marked).
+//! - [`session`]: one task per connection, generic over its transport: commands (`commands.rs`),
+//!   subscriptions and delivery (`subscriptions.rs`: client-side and server-side, the pure
+//!   offset/gap decision), typed replies and pushes encoded at the edge (`encode.rs`), pings, close
+//!   codes.
+//! - [`emulation`]: the HTTP-streaming and SSE transports and `/emulation`, adapters onto the same
+//!   session loop.
 //! - [`auth`]: who a connection is (JWT connection and subscription tokens) and what it may do on a
 //!   channel (permissions from `channels[]`).
 //! - [`limits`]: publish and subscribe rates (per connection, per client IP, per user), the client
 //!   IP behind trusted proxies, and the WebSocket `Origin` allow-list.
-//! - [`rules`]: client publications to the writer Lambda or a webhook.
+//! - [`rules`]: client publications and `rpc` calls to the writer Lambda or a webhook.
 //! - [`demo`]: the demo token endpoint (off by default).
 //! - [`http`]: the accept loop (handshake timeout, cap on connections not yet WebSockets, socket
 //!   options, closes that are not overtaken by a reset) and the router (WebSocket, `/healthz`,
