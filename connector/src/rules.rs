@@ -97,6 +97,27 @@ pub enum TargetError {
     Busy(u32),
 }
 
+impl TargetError {
+    /// The client's error reply for this outcome of a `what` ("publish", "rpc"): a refusal carries
+    /// the target's code and reason (420-422); a busy target is 111 (the SDK retries); an unreachable
+    /// or failing one is 100.
+    pub fn reply_error(&self, what: &str) -> relay_protocol::codes::ReplyError {
+        use relay_protocol::codes::{ErrorCode, ReplyError};
+        match self {
+            Self::Refused(r) => r.reply_error(),
+            Self::Unreachable(_) => {
+                ReplyError::with_message(ErrorCode::Internal, format!("{what} target unavailable"))
+            }
+            Self::Failed(_) => {
+                ReplyError::with_message(ErrorCode::Internal, format!("{what} target failed"))
+            }
+            Self::Busy(_) => {
+                ReplyError::with_message(ErrorCode::TooManyRequests, format!("{what} target busy"))
+            }
+        }
+    }
+}
+
 /// A message the target refused, with its reason (see the module's outcome contract).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {

@@ -563,22 +563,7 @@ impl Session {
                     }
                     Err(e) => {
                         tracing::warn!(channel = %req.channel, error = %e, "publish target failed");
-                        let err = match e {
-                            rules::TargetError::Refused(r) => r.reply_error(),
-                            rules::TargetError::Unreachable(_) => ReplyError::with_message(
-                                ErrorCode::Internal,
-                                "publish target unavailable",
-                            ),
-                            rules::TargetError::Failed(_) => ReplyError::with_message(
-                                ErrorCode::Internal,
-                                "publish target failed",
-                            ),
-                            rules::TargetError::Busy(_) => ReplyError::with_message(
-                                ErrorCode::TooManyRequests,
-                                "publish target busy",
-                            ),
-                        };
-                        Reply::error(id, err)
+                        Reply::error(id, e.reply_error("publish"))
                     }
                 }
             }));
@@ -683,21 +668,7 @@ impl Session {
                 }
                 Err(e) => {
                     tracing::warn!(method = %req.method, error = %e, "rpc target failed");
-                    let err = match e {
-                        rules::TargetError::Refused(r) => r.reply_error(),
-                        rules::TargetError::Unreachable(_) => ReplyError::with_message(
-                            ErrorCode::Internal,
-                            "rpc target unavailable",
-                        ),
-                        rules::TargetError::Failed(_) => {
-                            ReplyError::with_message(ErrorCode::Internal, "rpc target failed")
-                        }
-                        rules::TargetError::Busy(_) => ReplyError::with_message(
-                            ErrorCode::TooManyRequests,
-                            "rpc target busy",
-                        ),
-                    };
-                    Reply::error(id, err)
+                    Reply::error(id, e.reply_error("rpc"))
                 }
             }
         }));
