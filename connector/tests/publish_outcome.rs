@@ -5,34 +5,13 @@
 
 mod support;
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
 use axum::routing::post;
 use serde_json::{Value, json};
 use support::{Client, Server, TestDb, config_json};
 
 const KEY: &str = "outcome-test-api-key-0123";
-
-/// The real writer's handler behind the Invoke path, on port 0, writing into the test's database.
-async fn writer(db: &TestDb) -> String {
-    async fn invoke(
-        State(s): State<Arc<writer_lambda::State>>,
-        Json(event): Json<Value>,
-    ) -> Json<Value> {
-        Json(serde_json::to_value(writer_lambda::handle(&s, event).await.unwrap()).unwrap())
-    }
-    let state = Arc::new(writer_lambda::State::new(db.pool.clone()));
-    let app = Router::new()
-        .route("/2015-03-31/functions/{name}/invocations", post(invoke))
-        .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
 
 /// A webhook that answers each message name with a canned body.
 async fn canned_hook() -> String {
@@ -76,7 +55,7 @@ async fn rows(db: &TestDb) -> Vec<(String, String, bool)> {
 #[tokio::test]
 async fn refusals_reach_the_publisher_as_errors_with_the_writers_reason() {
     let db = TestDb::new().await;
-    let endpoint = writer(&db).await;
+    let endpoint = db.local_writer().await;
     let hook = canned_hook().await;
     let config = config_json(
         &db.url,

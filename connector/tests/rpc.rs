@@ -18,26 +18,6 @@ use support::{Client, Server, TestDb, config_json};
 use tokio_tungstenite::connect_async;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The real writer's handler behind the Invoke path, on port 0.
-async fn writer(db: &TestDb) -> String {
-    use axum::extract::State;
-    use std::sync::Arc;
-    async fn invoke(
-        State(s): State<Arc<writer_lambda::State>>,
-        Json(event): Json<Value>,
-    ) -> Json<Value> {
-        Json(serde_json::to_value(writer_lambda::handle(&s, event).await.unwrap()).unwrap())
-    }
-    let state = Arc::new(writer_lambda::State::new(db.pool.clone()));
-    let app = Router::new()
-        .route("/2015-03-31/functions/{name}/invocations", post(invoke))
-        .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
 /// A webhook answering by method (the envelope's message name).
 async fn hook() -> String {
     async fn answer(Json(env): Json<Value>) -> axum::response::Response {
@@ -75,7 +55,7 @@ async fn hook() -> String {
 async fn rpc_goes_to_the_rule_target_or_is_not_available() {
     let db = TestDb::new().await;
     let url = hook().await;
-    let endpoint = writer(&db).await;
+    let endpoint = db.local_writer().await;
     let config = config_json(
         &db.url,
         json!({"rpc": [{"method": "app.*", "target": {"type": "http", "url": url},

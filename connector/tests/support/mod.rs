@@ -75,6 +75,31 @@ impl TestDb {
         self.dropped = true;
     }
 
+    /// The real writer's handler (`writer_lambda::handle`) behind the Lambda Invoke path, on port
+    /// 0, writing into this database; returns the endpoint for a rule's `lambda` target.
+    pub async fn local_writer(&self) -> String {
+        use std::sync::Arc;
+
+        use axum::extract::State;
+        use axum::routing::post;
+        use axum::{Json, Router};
+
+        async fn invoke(
+            State(s): State<Arc<writer_lambda::State>>,
+            Json(event): Json<Value>,
+        ) -> Json<Value> {
+            Json(serde_json::to_value(writer_lambda::handle(&s, event).await.unwrap()).unwrap())
+        }
+        let state = Arc::new(writer_lambda::State::new(self.pool.clone()));
+        let app = Router::new()
+            .route("/2015-03-31/functions/{name}/invocations", post(invoke))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
     /// Inserts a chat row directly (as an application would).
     pub async fn insert_chat(&self, id: &str, text: &str) {
         sqlx::query(
