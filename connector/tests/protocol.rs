@@ -350,3 +350,26 @@ async fn a_stalled_client_is_dropped_and_never_slows_the_others() {
     server.stop().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_subscription_type_that_is_not_a_stream_is_refused() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    let mut c = Client::connected(&server.ws_url()).await;
+    // Centrifugo 6.8's map (1) and shared-poll (2) subscriptions: an explicit 108, never a stream.
+    for kind in [1, 2] {
+        let r = c
+            .call(json!({"subscribe": {"channel": "incoming-chat", "type": kind}}))
+            .await;
+        assert_eq!(r["error"]["code"], 108, "{r}");
+    }
+    let r = c
+        .call(json!({"subscribe": {"channel": "incoming-chat"}}))
+        .await;
+    assert!(
+        r["subscribe"].is_object(),
+        "no subscription was left behind: {r}"
+    );
+    server.stop().await;
+    db.drop_db().await;
+}
