@@ -546,10 +546,8 @@ impl Leader<'_> {
         let mut slots: Vec<(usize, Vec<usize>)> = Vec::new(); // (txn, mappings) per change
         let mut toast_unavailable = 0u64;
         let mut k = 0i32;
-        let mut change_txn: Vec<usize> = Vec::new();
         for (ti, txn) in txns.iter().enumerate() {
             for c in &txn.changes {
-                change_txn.push(ti);
                 let mut wanted = Vec::new();
                 if let Change::Row {
                     relation,
@@ -679,7 +677,6 @@ impl Leader<'_> {
                 k += 1;
             }
         }
-        let _ = change_txn;
         let written: i32 =
             sqlx::query_scalar("SELECT relay.wal_apply($1, $2, $3, $4, $5, $6, $7::text::pg_lsn)")
                 .bind(&self.slot)
