@@ -15,8 +15,10 @@
 //!   writer applies a retried call once); on any other channel it is recorded with `relay.publish()`,
 //!   delivered in commit order through the change stream like every publication. The answer comes
 //!   once the publication is in the history (read-your-writes, [`crate::db::fence`]), so a `history`
-//!   call after it sees it. The result has no offset: a writer may turn one publish into any number
-//!   of rows, or none.
+//!   call after it sees it. On a channel without a rule the result is the publication's `{offset,
+//!   epoch}` (as Centrifugo's, whose history is on); it is `{}` when that position cannot be told
+//!   ([`history::publish_located`]). Through a rule the result is `{}`: the writer may turn one
+//!   publish into any number of rows, or none.
 //! - `broadcast {channels, data}`: `publish` to each channel; one response per channel.
 //! - `history {channel, limit?, since?, reverse?}`: as the client command (limit 0 = position only,
 //!   −1 = all up to `client.history_max_limit`).
@@ -190,8 +192,7 @@ struct PublishParams {
 }
 
 async fn publish(state: &AppState, p: PublishParams) -> ApiResult {
-    publish_one(state, &p.channel, &p.data, p.idempotency_key.as_deref()).await?;
-    Ok(json!({}))
+    publish_one(state, &p.channel, &p.data, p.idempotency_key.as_deref()).await
 }
 
 async fn publish_one(
@@ -199,7 +200,7 @@ async fn publish_one(
     channel: &str,
     data: &RawValue,
     idempotency_key: Option<&str>,
-) -> Result<(), ReplyError> {
+) -> Result<Value, ReplyError> {
     check_channel(channel)?;
     if let Some(rule) = state.config.rule_for(channel) {
         let named: NamedData<'_> = serde_json::from_str(data.get()).map_err(|_| {
@@ -235,20 +236,19 @@ async fn publish_one(
         })?;
         // Read-your-writes: the answer follows the publication into the history.
         fence::settle(&state.pool).await;
-        return Ok(());
+        return Ok(json!({}));
     }
-    sqlx::query("SELECT relay.publish($1, $2::text::jsonb)")
-        .bind(channel)
-        .bind(data.get())
-        .execute(&state.pool)
+    let located = history::publish_located(&state.pool, channel, data)
         .await
         .map_err(|e| internal("publish", e))?;
-    fence::settle(&state.pool).await;
     state
         .metrics
         .publications_in
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
+    Ok(located.map_or_else(
+        || json!({}),
+        |at| json!({"offset": at.offset, "epoch": at.epoch}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -276,7 +276,7 @@ async fn broadcast(state: &AppState, p: BroadcastParams) -> ApiResult {
         let key = p.idempotency_key.as_ref().map(|k| format!("{k}:{channel}"));
         responses.push(
             match publish_one(state, channel, &p.data, key.as_deref()).await {
-                Ok(()) => json!({"result": {}}),
+                Ok(result) => json!({ "result": result }),
                 Err(e) => json!({"error": e}),
             },
         );
