@@ -16,10 +16,10 @@
 //     that carries upstream's key in `X-API-Key` carries the relay's key instead; other requests
 //     are untouched.
 //
-// It also counts, per test, the TCP connections opened to port 8000 (the relay's port in the
-// network namespace run_js.py creates), so the runner can tell the cases that reached the relay
-// from the SDK-only ones (unit tests that never open a connection). Counts go, one JSON line per
-// test, to the file named by RELAY_UPSTREAM_JS_CONNS.
+// It also counts, per test, the connections opened to port 8000 (the relay's port in the network
+// namespace run_js.py creates) and the writes on them, so the runner can tell the cases that
+// reached the relay from the SDK-only ones (unit tests that never touch a server). Counts go, one JSON line
+// per test, to the file named by RELAY_UPSTREAM_JS_CONNS.
 //
 // Environment (set by run_js.py): RELAY_UPSTREAM_JS_CHECKOUT (the upstream tree),
 // RELAY_UPSTREAM_JS_UPSTREAM_HMAC / RELAY_UPSTREAM_JS_RELAY_HMAC (the two token keys),
@@ -103,11 +103,15 @@ const { Subscription } = require(path.join(checkout, 'src', 'subscription'));
 // `getToken` or `setToken`).
 patchMethod(Centrifuge.prototype, '_constructConnectCommand', 'Centrifuge', (original) =>
   function constructConnectCommand(...args) {
-    const req = original.apply(this, args);
-    if (req && typeof req.token === 'string') {
+    const cmd = original.apply(this, args); // { connect: { token, ... } }
+    const req = cmd && cmd.connect;
+    if (!req || typeof req !== 'object') {
+      throw new Error('bind.cjs: _constructConnectCommand returned no `connect` request');
+    }
+    if (typeof req.token === 'string') {
       req.token = rebind(req.token);
     }
-    return req;
+    return cmd;
   });
 
 // The subscribe command of a stream subscription (the token is its first argument).
@@ -118,7 +122,8 @@ patchMethod(Subscription.prototype, '_buildSubscribeCommand', 'Subscription', (o
 
 // ---- the server API key ---------------------------------------------------------------------------
 
-const undici = require('undici');
+// The checkout's undici, resolved as upstream's test files resolve it (the same module instance).
+const undici = require(path.join(checkout, 'node_modules', 'undici'));
 if (!undici.fetch.__relayBound) {
   const originalFetch = undici.fetch;
   const boundFetch = function fetch(input, init) {
@@ -134,14 +139,16 @@ if (!undici.fetch.__relayBound) {
   undici.fetch = boundFetch;
 }
 
-// ---- connections to the relay, per test ---------------------------------------------------------
+// ---- traffic to the relay, per test ------------------------------------------------------------
 
-// `net` is Node's own module, shared by every test file of the worker: patched once, counter kept
-// on the patched function.
+// Sockets are pooled (undici keeps connections alive between tests), so what is counted is the
+// connections opened to the relay's port and the writes on them. `net` is Node's own module,
+// shared by every test file of the worker: patched once, the counter kept on the patched function.
 let counter = net.Socket.prototype.connect.__relayCounter;
 if (!counter) {
   counter = { n: 0 };
   const originalConnect = net.Socket.prototype.connect;
+  const originalWrite = net.Socket.prototype.write;
   const countingConnect = function connect(...args) {
     let opts = args[0];
     if (Array.isArray(opts)) {
@@ -149,12 +156,19 @@ if (!counter) {
     }
     const port = opts !== null && typeof opts === 'object' ? opts.port : opts;
     if (Number(port) === RELAY_PORT) {
+      this.__relaySocket = true;
       counter.n += 1;
     }
     return originalConnect.apply(this, args);
   };
   countingConnect.__relayCounter = counter;
   net.Socket.prototype.connect = countingConnect;
+  net.Socket.prototype.write = function write(...args) {
+    if (this.__relaySocket) {
+      counter.n += 1;
+    }
+    return originalWrite.apply(this, args);
+  };
 }
 
 beforeEach(() => {
@@ -166,7 +180,7 @@ afterEach(() => {
   const line = JSON.stringify({
     file: state.testPath,
     test: state.currentTestName,
-    relay_connections: counter.n,
+    relay_traffic: counter.n,
   });
   fs.appendFileSync(connsFile, line + '\n');
 });

@@ -26,7 +26,7 @@ is not part of `scripts/test`: it takes a source tree of centrifuge-js that you 
        --json --outputFile             the results, read back here;
   4. stops the connector and drops the database, always;
 and prints one line per case, the counts per file, and `N passed, N failed` as its last line
-(exit 0 only when nothing failed). Cases of the run files that opened no connection to the relay
+(exit 0 only when nothing failed). Cases of the run files that never touched the relay
 (upstream's unit tests inside them) are counted apart as SDK-only. Logs, the configuration and
 jest's JSON report are kept in artifacts/upstream-js/<db>/.
 
@@ -363,13 +363,13 @@ def inner(state_path: Path) -> int:
 
 class Case:
     def __init__(self, file: str, name: str, outcome: str, seconds: float = 0.0, detail: str = "",
-                 relay_connections: int | None = None) -> None:
+                 relay_traffic: int | None = None) -> None:
         self.file = file
         self.name = name
         self.outcome = outcome  # pass | fail | excluded | skipped
         self.seconds = seconds
         self.detail = detail
-        self.relay_connections = relay_connections
+        self.relay_traffic = relay_traffic
 
 
 def jest_regex_literal(text: str) -> str:
@@ -455,7 +455,8 @@ class Runner:
 
         excluded_files, excluded_tests = read_exclusions(HERE / "exclusions.txt")
         report = self.dir / "jest.json"
-        jest = ["node", str(self.tree / "node_modules" / "jest" / "bin" / "jest.js"),
+        # Test path patterns first: jest's array options (--setupFilesAfterEnv, …) take what follows.
+        jest = ["node", str(self.tree / "node_modules" / "jest" / "bin" / "jest.js"), *self.args.files,
                 # upstream's `yarn test`:
                 "--detectOpenHandles", "--verbose",
                 # the runner's additions (see the module doc):
@@ -468,7 +469,6 @@ class Runner:
         elif names:
             alt = "|".join(jest_regex_literal(n) for n in names)
             jest.append(f"--testNamePattern=^(?!(?:{alt})$)")
-        jest += self.args.files
         state = {"dir": str(self.dir), "connector": str(connector), "config": str(cfg_path), "jest": jest,
                  "checkout": str(self.tree), "budget": self.args.budget}
         state_path = self.dir / "state.json"
@@ -511,7 +511,7 @@ class Runner:
             for line in conn_file.read_text().splitlines():
                 rec = json.loads(line)
                 key = (os.path.relpath(rec["file"], self.tree), rec["test"])
-                conns[key] = conns.get(key, 0) + int(rec["relay_connections"])
+                conns[key] = conns.get(key, 0) + int(rec["relay_traffic"])
         out: list[Case] = []
         for tr in sorted(data.get("testResults", []), key=lambda t: t["name"]):
             file = os.path.relpath(tr["name"], self.tree)
@@ -540,22 +540,23 @@ class Runner:
         log("cases:")
         for c in cases:
             where = ""
-            if c.outcome in ("pass", "fail") and c.relay_connections == 0:
-                where = " [SDK-only: no connection to the relay]"
+            if c.outcome in ("pass", "fail") and c.relay_traffic == 0:
+                where = " [SDK-only: never touched the relay]"
             log(f"  {c.outcome.upper():8} {c.file} :: {c.name} ({c.seconds:.1f} s){where}")
             if c.outcome == "fail":
                 lines = [ln for ln in c.detail.splitlines() if ln.strip()][:DETAIL_LINES]
                 for ln in lines:
                     log(f"           | {ln}")
+        skip_why = "not selected by -t / test paths" if (self.args.t or self.args.files) else "by upstream"
         log("per file:")
         for file in sorted({c.file for c in cases}):
             fc = [c for c in cases if c.file == file]
             counts = {k: sum(1 for c in fc if c.outcome == k) for k in ("pass", "fail", "excluded", "skipped")}
             log(f"  {file}: {counts['pass']} passed, {counts['fail']} failed, {counts['excluded']} excluded, "
-                f"{counts['skipped']} skipped by upstream")
-        relay = [c for c in cases if c.outcome in ("pass", "fail") and c.relay_connections != 0]
-        sdk_only = [c for c in cases if c.outcome in ("pass", "fail") and c.relay_connections == 0]
-        for label, group in (("against the relay", relay), ("SDK-only (no connection to the relay)", sdk_only)):
+                f"{counts['skipped']} skipped ({skip_why})")
+        relay = [c for c in cases if c.outcome in ("pass", "fail") and c.relay_traffic != 0]
+        sdk_only = [c for c in cases if c.outcome in ("pass", "fail") and c.relay_traffic == 0]
+        for label, group in (("against the relay", relay), ("SDK-only (never touched the relay)", sdk_only)):
             log(f"  {label}: {sum(c.outcome == 'pass' for c in group)} passed, "
                 f"{sum(c.outcome == 'fail' for c in group)} failed")
         log(f"excluded (exclusions.txt): {len(excluded_files)} files, {len(excluded_tests)} tests")
