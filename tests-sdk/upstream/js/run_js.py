@@ -21,7 +21,7 @@ is not part of `scripts/test`: it takes a source tree of centrifuge-js that you 
      upstream's jest there with upstream's own flags (`jest --detectOpenHandles --verbose`, its
      jest.config.js, ts-jest), unmodified, plus:
        --setupFilesAfterEnv bind.cjs   the run-time bindings of upstream's two short secrets (token
-                                       key, API key) and a per-test count of connections to the relay;
+                                       key, API key) and a per-test count of traffic to the relay;
        --testPathIgnorePatterns / --testNamePattern   the files and tests of exclusions.txt;
        --json --outputFile             the results, read back here;
   4. stops the connector and drops the database, always;
