@@ -162,11 +162,12 @@ fn raw(text: String) -> Box<RawValue> {
     RawValue::from_string(text).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
-/// Records a client publication with `relay.publish()` and returns once it is in the history (or
+/// Records a client publication with `relay.publish_json()` (its data kept as written, migration
+/// 0015) and returns once it is in the history (or
 /// after [`fence::MAX_WAIT`], see [`fence`]); it is delivered through the same sequencer as table
 /// changes.
 pub async fn publish(pool: &PgPool, channel: &str, data: &RawValue, info: &RawValue) -> Result<()> {
-    sqlx::query("SELECT relay.publish($1, $2::text::jsonb, $3::text::jsonb)")
+    sqlx::query("SELECT relay.publish_json($1, $2::text::json, $3::text::jsonb)")
         .bind(channel)
         .bind(data.get())
         .bind(info.get())
@@ -185,7 +186,7 @@ pub struct Located {
     pub epoch: String,
 }
 
-/// Records a publication with `relay.publish()` (no client info), waits until it is in the history
+/// Records a publication with `relay.publish_json()` (no client info), waits until it is in the history
 /// (see [`fence`]), and returns where it landed, for answers that carry the offset (the server API).
 ///
 /// Offsets are assigned after the commit, so the publication is found afterwards: it is the one on
@@ -205,7 +206,7 @@ pub async fn publish_located(
     .bind(channel)
     .fetch_one(pool)
     .await?;
-    sqlx::query("SELECT relay.publish($1, $2::text::jsonb)")
+    sqlx::query("SELECT relay.publish_json($1, $2::text::json)")
         .bind(channel)
         .bind(data.get())
         .execute(pool)
@@ -222,7 +223,7 @@ pub async fn publish_located(
     }
     let rows: Vec<(i64, String)> = sqlx::query_as(
         "SELECT \"offset\", epoch FROM relay.publications \
-         WHERE channel = $1 AND \"offset\" > $2 AND data = $3::text::jsonb \
+         WHERE channel = $1 AND \"offset\" > $2 AND data::jsonb = $3::text::jsonb \
          ORDER BY \"offset\" LIMIT 2",
     )
     .bind(channel)
