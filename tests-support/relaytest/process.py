@@ -33,16 +33,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free loopback ports."""
-    ports: list[int] = []
-    while len(ports) < n:
-        p = free_port()
-        if p not in ports:
-            ports.append(p)
-    return ports
-
-
 def http_status(url: str, timeout: float = 2) -> int | None:
     """The status of a GET on `url`, or None when nothing answered."""
     try:
