@@ -244,10 +244,7 @@ async fn publish_one(
         .await
         .map_err(|e| internal("publish", e))?;
     fence::settle(&state.pool).await;
-    state
-        .metrics
-        .publications_in
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.metrics.publications_in.inc();
     Ok(())
 }
 
