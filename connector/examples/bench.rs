@@ -683,7 +683,10 @@ fn median(v: &[f64]) -> f64 {
 /// The `p`th percentile of `samples` (microseconds, in any order), by HdrHistogram: 3 significant
 /// digits (the value returned is within 0.1 % of the sample at that rank); 0 when there are none.
 fn pct(samples: &[u64], p: f64) -> u64 {
-    let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("3 significant digits are valid");
+    // Sized to the largest sample (`saturating_record` on an auto-resizing histogram would clamp).
+    let max = samples.iter().copied().max().unwrap_or(0).max(2);
+    let mut h = hdrhistogram::Histogram::<u64>::new_with_max(max, 3)
+        .expect("a maximum of 2 or more with 3 significant digits is valid");
     for &v in samples {
         h.saturating_record(v);
     }
