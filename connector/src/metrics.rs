@@ -5,7 +5,7 @@
 //! Where each number comes from:
 //! - counted here, by the sessions and the server API: connections, client publications in and out,
 //!   recoveries;
-//! - counted by the part that sees the event, on a handle of this crate's types that it owns (a
+//! - counted by the part that sees the event, on a `prometheus-client` handle that it owns (a
 //!   counter is one `Arc`; [`Metrics::new`] registers a clone): the hub (slow disconnects), the
 //!   change stream ([`StreamStatus`]: reconnects, catch-up reads, sequencer polls, cursor, the delivery
 //!   lag histogram), the `wal` capture ([`CaptureStatus`]: registered only in `wal` mode) and the JWKS
@@ -15,6 +15,7 @@
 //!   unsequenced backlog, the NOTIFY queue, the replication slot). A collector encodes them, so a
 //!   database read that failed leaves its lines out instead of showing a stale value.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -25,7 +26,6 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
-use std::sync::Arc;
 
 use crate::capture::{CaptureMode, CaptureStatus};
 use crate::db::stream::StreamStatus;
@@ -586,6 +586,27 @@ mod tests {
             assert!(!text.contains(name), "{name} in\n{text}");
         }
         assert_eq!(sample(&text, "relay_channels"), Some("0"));
+    }
+
+    #[test]
+    fn a_jwks_url_adds_the_fetch_counter() {
+        let config = crate::Config::from_json(
+            r#"{"database":{"url":"postgres://x"},"auth":{"jwks_url":"http://127.0.0.1:9/jwks"}}"#,
+        )
+        .unwrap();
+        let verifier = crate::auth::Verifier::new(&config.auth).unwrap();
+        let m = Metrics::new(
+            &Hub::new(),
+            &StreamStatus::default(),
+            &CaptureStatus::default(),
+            &verifier,
+        );
+        let text = m.encode(Scrape::default());
+        assert_eq!(
+            sample(&text, "relay_jwks_fetches_total"),
+            Some("0"),
+            "{text}"
+        );
     }
 
     #[test]
