@@ -241,10 +241,7 @@ async fn publish_one(
     let located = history::publish_located(&state.pool, channel, data)
         .await
         .map_err(|e| internal("publish", e))?;
-    state
-        .metrics
-        .publications_in
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.metrics.publications_in.inc();
     Ok(located.map_or_else(
         || json!({}),
         |at| json!({"offset": at.offset, "epoch": at.epoch}),

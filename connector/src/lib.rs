@@ -43,12 +43,13 @@
 //! - [`presence`]: channel members on every node (a PostgreSQL or in-memory store), join/leave
 //!   pushes (heard on the node's listener), the node heartbeat.
 //! - [`api`]: the Centrifugo-compatible HTTP server API (`/api`).
-//! - [`state`]: the shared state and counters.
+//! - [`metrics`]: the node's Prometheus registry (`prometheus-client`): typed counters, gauges and
+//!   the delivery lag histogram, the values read at scrape time, the `/metrics` exposition by the
+//!   crate's encoder.
+//! - [`state`]: the shared state.
 //! - [`error`]: error types.
 //!
-//! Not yet in this shape (issue 10): metrics are still counted in `state.rs`, `hub.rs`,
-//! `db/stream.rs` (the lag histogram) and `auth/jwks.rs` and rendered by hand in `http.rs`;
-//! moving them to `prometheus-client` waits for the session/hub/http restructuring. `AppState`
+//! Not yet in this shape (issue 10): `AppState`
 //! still carries the whole [`Config`] for the session and the HTTP layer, so [`auth::connect`]
 //! keeps a `&Config` adapter over [`auth::connect_with`].
 
@@ -74,6 +75,7 @@ pub mod http;
 #[allow(unreachable_pub)]
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub(crate) mod page;
 pub mod presence;
 pub mod rules;
@@ -95,7 +97,8 @@ pub use error::{Error, Result};
 
 use crate::db::stream::{Stream, StreamStatus};
 use crate::hub::Hub;
-use crate::state::{AppState, Metrics};
+use crate::metrics::Metrics;
+use crate::state::AppState;
 
 /// Prepares the database (migrations, triggers) and serves on `listener` until `shutdown` completes;
 /// then closes every session with the shutdown code, stops the stream and closes the pool.
@@ -176,6 +179,7 @@ pub async fn run(
     presence.node = node.clone();
     let presence = Arc::new(presence);
     let limits = limits::Shared::new(&config.client, &config.rules, &config.rpc);
+    let metrics = Metrics::new(&hub, &status, &capture_status, &verifier);
     let state = Arc::new(AppState {
         config: Arc::new(config),
         pool: pool.clone(),
@@ -184,7 +188,7 @@ pub async fn run(
         lambda,
         stream: status,
         capture: capture_status.clone(),
-        metrics: Metrics::default(),
+        metrics,
         verifier,
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         limits,

@@ -1,8 +1,7 @@
 //! The state shared by every part of a running connector: configuration, pool, hub, HTTP client,
-//! stream status, counters and the shutdown handle.
+//! stream status, metrics and the shutdown handle.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -11,33 +10,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::db::stream::StreamStatus;
 use crate::hub::Hub;
-
-/// Process-wide counters (exported at `/metrics`).
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Open WebSocket connections.
-    pub connections: AtomicU64,
-    /// Client publications accepted (by a target or the database).
-    pub publications_in: AtomicU64,
-    /// Publications written to client sockets.
-    pub publications_out: AtomicU64,
-    /// Recoveries that filled the gap.
-    pub recovered: AtomicU64,
-    /// Recoveries that could not.
-    pub not_recovered: AtomicU64,
-}
-
-impl Metrics {
-    /// Counts a recovery attempt.
-    pub fn record_recovery(&self, recovered: bool) {
-        let counter = if recovered {
-            &self.recovered
-        } else {
-            &self.not_recovered
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
+use crate::metrics::Metrics;
 
 /// Everything a session or an HTTP handler needs.
 #[derive(Debug)]
@@ -56,7 +29,7 @@ pub struct AppState {
     pub stream: Arc<StreamStatus>,
     /// Change-capture status (the `wal` leader's counters).
     pub capture: Arc<crate::capture::CaptureStatus>,
-    /// Counters.
+    /// The node's metrics registry and the sessions' counters.
     pub metrics: Metrics,
     /// Verifies connection and subscription tokens.
     pub verifier: crate::auth::Verifier,

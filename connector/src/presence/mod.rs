@@ -38,7 +38,6 @@ pub mod pg;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -585,7 +584,7 @@ impl Presence {
             name: node_name(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             stats: json!({
-                "num_clients": state.metrics.connections.load(Ordering::Relaxed),
+                "num_clients": state.metrics.connections.get(),
                 "num_subs": state.hub.subscription_count(),
                 "num_channels": state.hub.channel_count(),
                 "num_users": self.local_users(),

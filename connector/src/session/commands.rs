@@ -552,7 +552,7 @@ impl Session {
                         state
                             .metrics
                             .publications_in
-                            .fetch_add(1, Ordering::Relaxed);
+                            .inc();
                         Reply::new(id, ReplyBody::Publish)
                     }
                     // A per-message refusal of the target is the publisher's error reply, with
@@ -587,10 +587,7 @@ impl Session {
             let info = RawValue::from_string(info).unwrap_or_else(|_| RawValue::NULL.to_owned());
             match history::publish(&state.pool, &req.channel, &req.data, &info).await {
                 Ok(()) => {
-                    state
-                        .metrics
-                        .publications_in
-                        .fetch_add(1, Ordering::Relaxed);
+                    state.metrics.publications_in.inc();
                     Reply::new(id, ReplyBody::Publish)
                 }
                 Err(e) => {

@@ -180,17 +180,9 @@ pub(crate) async fn serve_on<K, R>(
         encoding,
         state,
     };
-    session
-        .state
-        .metrics
-        .connections
-        .fetch_add(1, Ordering::Relaxed);
+    session.state.metrics.connections.inc();
     session.run(sink, stream, inbox).await;
-    session
-        .state
-        .metrics
-        .connections
-        .fetch_sub(1, Ordering::Relaxed);
+    session.state.metrics.connections.dec();
     // Its memberships leave presence now (join/leave pushes announce it on every node); on shutdown
     // the node removes all of its members at once.
     session

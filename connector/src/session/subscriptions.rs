@@ -474,10 +474,7 @@ impl Session {
             return self.insufficient_state(&delivery.channel.clone(), out);
         };
         out.push(frame);
-        self.state
-            .metrics
-            .publications_out
-            .fetch_add(1, Ordering::Relaxed);
+        self.state.metrics.publications_out.inc();
         Flow::Continue
     }
 

@@ -12,7 +12,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::state::{AppState, Metrics};
+use crate::metrics::Metrics;
+use crate::state::AppState;
 
 /// An AppState whose database is never reached (a lazy pool on a closed port) and whose presence is
 /// in memory: enough for connect, pings and refused frames.
@@ -36,15 +37,19 @@ async fn state() -> Arc<AppState> {
         config.presence.clone(),
         store,
     ));
+    let hub = Arc::new(crate::hub::Hub::new());
+    let stream = Arc::default();
+    let capture = Arc::default();
+    let verifier = crate::auth::Verifier::new(&config.auth).unwrap();
     Arc::new(AppState {
         pool,
-        hub: Arc::new(crate::hub::Hub::new()),
+        metrics: Metrics::new(&hub, &stream, &capture, &verifier),
+        hub,
         http: reqwest::Client::new(),
         lambda: crate::rules::LambdaClients::for_rules(&[]).await.unwrap(),
-        stream: Arc::default(),
-        capture: Arc::default(),
-        metrics: Metrics::default(),
-        verifier: crate::auth::Verifier::new(&config.auth).unwrap(),
+        stream,
+        capture,
+        verifier,
         limits: crate::limits::Shared::new(&config.client, &config.rules, &config.rpc),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(10)),
         presence,
