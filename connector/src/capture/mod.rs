@@ -89,6 +89,12 @@ pub struct CaptureStatus {
     pub toast_unavailable: AtomicU64,
     /// Replication stream interruptions.
     pub stream_errors: AtomicU64,
+    /// Microseconds the leader spent turning received transactions into batch parameters (record
+    /// literals; the connector's CPU between two batches).
+    pub prepare_micros: AtomicU64,
+    /// Microseconds the leader's batch statements took, from sending to their result: conversion,
+    /// history write and commit on the database (the next batch is received meanwhile).
+    pub apply_micros: AtomicU64,
 }
 
 /// Prepares the database for the configured mode on start-up (every node): records the mode, and
@@ -287,6 +293,19 @@ pub async fn render_metrics(pool: &PgPool, status: &CaptureStatus) -> String {
         "counter",
         "History transactions this node wrote as the wal leader.",
         load(&status.batches),
+    );
+    let seconds = |c: &AtomicU64| format!("{:.6}", c.load(Ordering::Relaxed) as f64 / 1e6);
+    line(
+        "relay_wal_prepare_seconds_total",
+        "counter",
+        "Time the leader spent preparing batches (record literals) on this node.",
+        seconds(&status.prepare_micros),
+    );
+    line(
+        "relay_wal_apply_seconds_total",
+        "counter",
+        "Time the leader's batch statements took (conversion, history write, commit).",
+        seconds(&status.apply_micros),
     );
     line(
         "relay_wal_slot_losses_total",
