@@ -1212,7 +1212,9 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                 }
                 let m =
                     |f: fn(&LeaderProfile) -> f64| median(&ps.iter().map(f).collect::<Vec<_>>());
-                let per_row = |x: f64, r: f64| if r > 0.0 { x * 1e6 / r } else { 0.0 };
+                fn per_row(x: f64, r: f64) -> f64 {
+                    if r > 0.0 { x * 1e6 / r } else { 0.0 }
+                }
                 prof.push(vec![
                     cfg.label(),
                     format!("{:.0}", m(|p| p.rows)),

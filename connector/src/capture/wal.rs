@@ -222,6 +222,11 @@ const KEY_CHANGE: i64 = 1 << 20;
 /// Parameters of the batch statement before the first mapping's: slot, upto, and the six arrays of
 /// the `relay.publish()` messages.
 const FIXED_PARAMS: usize = 8;
+/// Batches of at most this many changes run the batch statement with a generic plan: planning it
+/// (and the history write inside `relay.wal_apply_batch()`) for each small batch costs about as much
+/// as executing it, and at a few rows a generic plan is as good. Larger batches get custom plans,
+/// which see the arrays' lengths (hash joins instead of nested loops over thousands of rows).
+const GENERIC_PLAN_MAX_CHANGES: usize = 64;
 /// Parameters per mapping in the batch statement (index, LSN, commit time, operation, new and old
 /// record literals).
 const MAPPING_PARAMS: usize = 6;
@@ -383,6 +388,8 @@ struct PublishInput {
 struct Batch {
     /// End LSN of the last transaction: the position stored with it, and confirmed after it.
     upto: Lsn,
+    /// Changes in it.
+    changes: usize,
     /// Transactions in it.
     txns: usize,
     publish: PublishInput,
@@ -420,8 +427,22 @@ async fn apply_batch(
     sql: Arc<str>,
     slot: Arc<str>,
     batch: Batch,
+    set_plan_mode: Option<bool>,
 ) -> (HistoryConn, anyhow::Result<Applied>) {
     let started = std::time::Instant::now();
+    if let Some(generic) = set_plan_mode {
+        let set = if generic {
+            "SET plan_cache_mode = force_generic_plan"
+        } else {
+            "SET plan_cache_mode = auto"
+        };
+        if let Err(e) = sqlx::query(set).execute(&mut *conn).await {
+            return (
+                conn,
+                Err(anyhow::Error::from(e).context("setting plan_cache_mode")),
+            );
+        }
+    }
     let p = &batch.publish;
     let mut q = sqlx::query_scalar::<_, i32>(&sql)
         .bind(&*slot)
@@ -542,6 +563,8 @@ impl Leader<'_> {
                 .context("history connection")?,
         );
         let mut inflight: Option<InFlight> = None;
+        // The history connection's plan_cache_mode: generic (true) or auto; unknown at first.
+        let mut generic: Option<bool> = None;
         let mut current: Option<Txn> = None;
         let mut pending: Vec<Txn> = Vec::new();
         let mut pending_changes = 0usize;
@@ -557,12 +580,16 @@ impl Leader<'_> {
                 }
                 let batch = self.prepare(std::mem::take(&mut pending)).await?;
                 pending_changes = 0;
+                let want = batch.changes <= GENERIC_PLAN_MAX_CHANGES;
+                let set_plan_mode = (generic != Some(want)).then_some(want);
+                generic = Some(want);
                 let c = conn.take().context("history connection in use")?;
                 inflight = Some(Box::pin(apply_batch(
                     c,
                     self.batch_sql.clone(),
                     slot.clone(),
                     batch,
+                    set_plan_mode,
                 )));
             }
             // A full next batch waits for the write in flight (the stream backs up meanwhile).
@@ -811,6 +838,7 @@ impl Leader<'_> {
         status_add_micros(&self.cap.status.prepare_micros, started.elapsed());
         Ok(Batch {
             upto,
+            changes: usize::try_from(k).unwrap_or(usize::MAX),
             txns: count,
             publish,
             rows: inputs,
