@@ -7,12 +7,18 @@
 //!
 //! **Position and replay.** `relay.wal_state.lsn` is the end LSN of the last transaction whose
 //! publications are in the history. The leader streams from it, and writes each batch of
-//! transactions with `relay.wal_apply()`, which drops the publications of any transaction at or below
-//! the stored position and moves the position, in the same transaction as the publications. Only
-//! after that commit is the slot confirmed. So a crash anywhere replays at most a batch, and the
+//! transactions with one statement (`relay.wal_apply_batch()`, migration 0014), which drops the
+//! publications of any transaction at or below the stored position and moves the position, in the
+//! same transaction as the publications. Only after that commit is the slot confirmed. So a crash anywhere replays at most a batch, and the
 //! replay writes nothing twice; two leaders that briefly overlap cannot both write a transaction.
 //! Offsets and `seq` come from the same `relay.channels` / `relay.sequencer` as trigger mode, in
 //! commit order (the order pgoutput sends transactions), so every node reads identical offsets.
+//!
+//! **Pipeline.** One batch statement is in flight at a time, on a connection the leader holds; while
+//! it runs (conversion, history write, commit), the next batch is received and decoded, and it is
+//! written with everything that arrived meanwhile. So batches grow with the load (up to
+//! `capture.batch_max_publications` changes), and there are as many history transactions (and WAL
+//! flushes) per second as the database can commit, not one per source transaction.
 //!
 //! **Rows.** Column values arrive in PostgreSQL's text format. The leader hands them back to
 //! PostgreSQL as a record literal of the table's row type (`$n::text::"schema"."table"`) and builds
