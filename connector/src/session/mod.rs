@@ -111,7 +111,7 @@ struct Session {
     held: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// The earliest moment a token expiry (connection or subscription) must be acted on.
     next_expiry: Option<Instant>,
-    subs: HashMap<String, SubState>,
+    subs: Subs,
     /// Pushes from the hub; it counts the bytes waiting (and the replies being written), refuses
     /// more than the limit, and carries the slow mark.
     mailbox: Arc<Mailbox>,
@@ -148,6 +148,98 @@ impl Timers {
             due = due.min(at);
         }
         due
+    }
+}
+
+/// A session's subscriptions by channel. Most connections hold one or a few: a vector searched in
+/// order while they are at most [`Subs::FEW`] (a `HashMap` of one subscription takes four buckets
+/// of 120 bytes), a map beyond.
+enum Subs {
+    Few(Vec<(String, SubState)>),
+    Many(HashMap<String, SubState>),
+}
+
+impl Default for Subs {
+    fn default() -> Self {
+        Self::Few(Vec::new())
+    }
+}
+
+impl Subs {
+    /// The most subscriptions kept in the vector.
+    const FEW: usize = 8;
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Few(few) => few.len(),
+            Self::Many(many) => many.len(),
+        }
+    }
+
+    fn contains_key(&self, channel: &str) -> bool {
+        match self {
+            Self::Few(few) => few.iter().any(|(c, _)| c == channel),
+            Self::Many(many) => many.contains_key(channel),
+        }
+    }
+
+    fn get(&self, channel: &str) -> Option<&SubState> {
+        match self {
+            Self::Few(few) => few.iter().find(|(c, _)| c == channel).map(|(_, s)| s),
+            Self::Many(many) => many.get(channel),
+        }
+    }
+
+    fn get_mut(&mut self, channel: &str) -> Option<&mut SubState> {
+        match self {
+            Self::Few(few) => few.iter_mut().find(|(c, _)| c == channel).map(|(_, s)| s),
+            Self::Many(many) => many.get_mut(channel),
+        }
+    }
+
+    fn remove(&mut self, channel: &str) -> Option<SubState> {
+        match self {
+            Self::Few(few) => {
+                let i = few.iter().position(|(c, _)| c == channel)?;
+                Some(few.swap_remove(i).1)
+            }
+            Self::Many(many) => many.remove(channel),
+        }
+    }
+
+    /// Adds or replaces the subscription of `channel`; returns the one replaced.
+    fn insert(&mut self, channel: String, sub: SubState) -> Option<SubState> {
+        if let Some(old) = self.get_mut(&channel) {
+            return Some(std::mem::replace(old, sub));
+        }
+        match self {
+            Self::Few(few) if few.len() < Self::FEW => few.push((channel, sub)),
+            Self::Few(few) => {
+                let mut many: HashMap<String, SubState> = std::mem::take(few).into_iter().collect();
+                many.insert(channel, sub);
+                *self = Self::Many(many);
+            }
+            Self::Many(many) => {
+                many.insert(channel, sub);
+            }
+        }
+        None
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &SubState)> {
+        let (few, many) = match self {
+            Self::Few(few) => (Some(few.iter().map(|(c, s)| (c, s))), None),
+            Self::Many(many) => (None, Some(many.iter())),
+        };
+        few.into_iter().flatten().chain(many.into_iter().flatten())
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.iter().map(|(c, _)| c)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &SubState> {
+        self.iter().map(|(_, s)| s)
     }
 }
 
@@ -227,7 +319,7 @@ pub(crate) async fn serve_on<K, R>(
         reply_budget: 0,
         held: Vec::new(),
         next_expiry: None,
-        subs: HashMap::new(),
+        subs: Subs::default(),
         mailbox,
         pending: Pending::default(),
         pong_deadline: None,
