@@ -392,12 +392,10 @@ async fn websocket(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
-            // Made here, not inside the tracked future, which would keep room for the socket too.
+            // Made here and mapped, not awaited inside an `async` block, which would keep room for
+            // the socket and for a second copy of the session's future.
             let session = session::serve(socket, state, ip, encoding);
-            tracker.track_future(async move {
-                session.await;
-                drop(slot);
-            })
+            tracker.track_future(futures_util::FutureExt::map(session, move |()| drop(slot)))
         })
 }
 

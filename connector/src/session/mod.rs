@@ -213,7 +213,11 @@ impl Subs {
             return Some(std::mem::replace(old, sub));
         }
         match self {
-            Self::Few(few) if few.len() < Self::FEW => few.push((channel, sub)),
+            Self::Few(few) if few.len() < Self::FEW => {
+                // One slot at a time: a first push would reserve four (480 bytes).
+                few.reserve_exact(1);
+                few.push((channel, sub));
+            }
             Self::Few(few) => {
                 let mut many: HashMap<String, SubState> = std::mem::take(few).into_iter().collect();
                 many.insert(channel, sub);
