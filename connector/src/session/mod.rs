@@ -31,7 +31,9 @@ mod subscriptions;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -176,31 +178,50 @@ impl Subs {
         }
     }
 
-    fn contains_key(&self, channel: &str) -> bool {
+    // The lookups take what `HashMap`'s do (a `&str` or a `&String`).
+    fn contains_key<Q: Hash + Eq + ?Sized>(&self, channel: &Q) -> bool
+    where
+        String: Borrow<Q>,
+    {
         match self {
-            Self::Few(few) => few.iter().any(|(c, _)| c == channel),
+            Self::Few(few) => few.iter().any(|(c, _)| c.borrow() == channel),
             Self::Many(many) => many.contains_key(channel),
         }
     }
 
-    fn get(&self, channel: &str) -> Option<&SubState> {
+    fn get<Q: Hash + Eq + ?Sized>(&self, channel: &Q) -> Option<&SubState>
+    where
+        String: Borrow<Q>,
+    {
         match self {
-            Self::Few(few) => few.iter().find(|(c, _)| c == channel).map(|(_, s)| s),
+            Self::Few(few) => few
+                .iter()
+                .find(|(c, _)| c.borrow() == channel)
+                .map(|(_, s)| s),
             Self::Many(many) => many.get(channel),
         }
     }
 
-    fn get_mut(&mut self, channel: &str) -> Option<&mut SubState> {
+    fn get_mut<Q: Hash + Eq + ?Sized>(&mut self, channel: &Q) -> Option<&mut SubState>
+    where
+        String: Borrow<Q>,
+    {
         match self {
-            Self::Few(few) => few.iter_mut().find(|(c, _)| c == channel).map(|(_, s)| s),
+            Self::Few(few) => few
+                .iter_mut()
+                .find(|(c, _)| c.borrow() == channel)
+                .map(|(_, s)| s),
             Self::Many(many) => many.get_mut(channel),
         }
     }
 
-    fn remove(&mut self, channel: &str) -> Option<SubState> {
+    fn remove<Q: Hash + Eq + ?Sized>(&mut self, channel: &Q) -> Option<SubState>
+    where
+        String: Borrow<Q>,
+    {
         match self {
             Self::Few(few) => {
-                let i = few.iter().position(|(c, _)| c == channel)?;
+                let i = few.iter().position(|(c, _)| c.borrow() == channel)?;
                 Some(few.swap_remove(i).1)
             }
             Self::Many(many) => many.remove(channel),
@@ -209,7 +230,7 @@ impl Subs {
 
     /// Adds or replaces the subscription of `channel`; returns the one replaced.
     fn insert(&mut self, channel: String, sub: SubState) -> Option<SubState> {
-        if let Some(old) = self.get_mut(&channel) {
+        if let Some(old) = self.get_mut(channel.as_str()) {
             return Some(std::mem::replace(old, sub));
         }
         match self {
