@@ -43,10 +43,10 @@ use crate::state::AppState;
 pub const LINGER: Duration = Duration::from_secs(2);
 
 /// A WebSocket's read buffer, kept for the connection's life: client frames are small (a
-/// command, a pong), so 1 KiB instead of the default 128 KiB keeps an idle connection's memory in a
-/// few kilobytes. A larger frame (up to `client.max_message_bytes`) still arrives whole: the buffer
-/// grows to the frame's length, read in pieces of this size.
-pub const READ_BUFFER: usize = 1024;
+/// command, a pong), so 512 bytes instead of the default 128 KiB keeps an idle connection's memory
+/// in a few kilobytes. A larger frame (up to `client.max_message_bytes`) still arrives whole: the
+/// buffer grows to the frame's length, read in pieces of this size.
+pub const READ_BUFFER: usize = 512;
 
 /// Serves HTTP and WebSockets on `listener` until `shutdown` completes; then asks every connection
 /// to finish (upgraded sessions end through the state's shutdown token).
@@ -391,10 +391,10 @@ async fn websocket(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
-            tracker.track_future(async move {
-                session::serve(socket, state, ip, encoding).await;
-                drop(slot);
-            })
+            // Made here and mapped, not awaited inside an `async` block, which would keep room for
+            // the socket and for a second copy of the session's future.
+            let session = session::serve(socket, state, ip, encoding);
+            tracker.track_future(futures_util::FutureExt::map(session, move |()| drop(slot)))
         })
 }
 

@@ -13,16 +13,16 @@
 //! string in JSON), then the delta frame ([`DeltaFrames`]). Channels without delta subscribers
 //! keep nothing and compute nothing.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use prometheus_client::metrics::counter::Counter;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use relay_protocol::reply::{ClientInfo, DeltaPub, Encoding, Publication, Push};
 
@@ -98,19 +98,183 @@ pub enum Presence {
     Leave,
 }
 
-/// A session as the hub sees it: its mailbox and the token that marks it slow.
+/// A session as the hub sees it: its mailbox (which also carries its encoding, byte bound and slow
+/// mark).
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     /// The session's bounded mailbox.
-    pub mailbox: mpsc::Sender<Arc<Delivery>>,
-    /// Cancelled when the mailbox overflows.
-    pub slow: CancellationToken,
-    /// Bytes of frames in the mailbox (the session subtracts what it takes out).
-    pub queued: Arc<AtomicUsize>,
-    /// The most bytes the mailbox may hold.
-    pub max_bytes: usize,
-    /// The session's encoding: which frame of a delivery it sends.
+    pub mailbox: Arc<Mailbox>,
+    /// The session's encoding: which frame of a delivery it sends (the mailbox's, copied here so
+    /// fan-out reads it without following the pointer).
     pub encoding: Encoding,
+}
+
+impl Subscriber {
+    /// The subscriber whose deliveries go to `mailbox`.
+    pub fn of(mailbox: &Arc<Mailbox>) -> Self {
+        Self {
+            mailbox: mailbox.clone(),
+            encoding: mailbox.encoding,
+        }
+    }
+}
+
+/// The mailbox is marked slow.
+const SLOW: u8 = 1;
+/// The session has ended: nothing more is accepted, and a refusal does not mark it slow.
+const CLOSED: u8 = 2;
+
+/// A session's bounded mailbox: the hub adds deliveries, the session takes them out. Bounded by
+/// a number of deliveries (`client.outbound_queue`) and by the bytes of their frames
+/// (`client.outbound_queue_bytes`, which the session's replies being written also count against).
+/// A delivery that does not fit marks the mailbox slow, which wakes the session to close with 3008.
+///
+/// One allocation per session, of about 100 bytes while empty: a queue under a short
+/// `std::sync::Mutex` (never held across `.await`) and the session task's waker. (A tokio `mpsc`
+/// channel, with a `CancellationToken` for the slow mark and an `Arc` for the byte count, took
+/// about 1 KiB per connection: cache-padded counters and a first block of 32 slots.)
+#[derive(Debug)]
+pub struct Mailbox {
+    queue: Mutex<VecDeque<Arc<Delivery>>>,
+    /// The most deliveries it holds.
+    capacity: usize,
+    /// The most bytes of frames it (and the replies being written) may hold.
+    max_bytes: usize,
+    /// Bytes of frames in the mailbox, plus those of replies being written.
+    queued: AtomicUsize,
+    /// [`SLOW`] and [`CLOSED`].
+    flags: AtomicU8,
+    /// The session task, woken by a delivery or the slow mark.
+    waker: AtomicWaker,
+    /// The session's encoding.
+    encoding: Encoding,
+}
+
+/// A queue keeps at most this capacity once emptied (a burst's larger one is given back).
+const KEPT_CAPACITY: usize = 64;
+
+impl Mailbox {
+    /// An empty mailbox of at most `capacity` deliveries and `max_bytes` bytes, for a session in
+    /// `encoding`.
+    pub fn new(capacity: usize, max_bytes: usize, encoding: Encoding) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            capacity,
+            max_bytes,
+            queued: AtomicUsize::new(0),
+            flags: AtomicU8::new(0),
+            waker: AtomicWaker::new(),
+            encoding,
+        }
+    }
+
+    /// Adds `delivery`, whose frame in this mailbox's encoding is `len` bytes. Refused (false) if
+    /// the mailbox is full, over its bytes, or closed; the caller then marks it slow unless closed.
+    fn offer(&self, delivery: &Arc<Delivery>, len: usize) -> bool {
+        if self.queued.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            // Checked under the lock: `close` sets it under the same lock, so nothing is added to
+            // a mailbox after its session emptied it for good.
+            if queue.len() >= self.capacity || self.is_closed() {
+                drop(queue);
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+                return false;
+            }
+            queue.push_back(delivery.clone());
+        }
+        self.waker.wake();
+        true
+    }
+
+    /// Marks the mailbox slow and wakes its session; true if it was not marked already (and not
+    /// closed: a session that ended is not slow).
+    fn mark_slow(&self) -> bool {
+        let before = self.flags.fetch_or(SLOW, Ordering::AcqRel);
+        if before != 0 {
+            return false;
+        }
+        self.waker.wake();
+        true
+    }
+
+    /// Whether the mailbox is marked slow.
+    pub fn is_slow(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & SLOW != 0
+    }
+
+    /// Whether its session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & CLOSED != 0
+    }
+
+    /// Ends the mailbox (its session is leaving): what it holds is dropped and nothing more is
+    /// accepted.
+    pub fn close(&self) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        self.flags.fetch_or(CLOSED, Ordering::AcqRel);
+        *queue = VecDeque::new();
+        self.queued.store(0, Ordering::Relaxed);
+    }
+
+    /// Bytes of frames waiting in the mailbox, plus those of replies being written.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Counts `bytes` more against the byte bound (replies being written).
+    pub fn hold(&self, bytes: usize) {
+        self.queued.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Gives back `bytes` counted by [`hold`](Self::hold), or of a delivery taken out.
+    pub fn release(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Completes when the mailbox is marked slow.
+    pub fn slow(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.is_slow() {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.is_slow() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Takes out the oldest delivery, waiting for one. (The session subtracts its bytes with
+    /// [`release`](Self::release) when it handles it.)
+    pub fn recv(&self) -> impl Future<Output = Arc<Delivery>> + '_ {
+        std::future::poll_fn(|cx| {
+            if let Some(d) = self.try_recv() {
+                return Poll::Ready(d);
+            }
+            self.waker.register(cx.waker());
+            match self.try_recv() {
+                Some(d) => Poll::Ready(d),
+                None => Poll::Pending,
+            }
+        })
+    }
+
+    /// Takes out the oldest delivery, if any.
+    pub fn try_recv(&self) -> Option<Arc<Delivery>> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let d = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > KEPT_CAPACITY {
+            // A burst grew it: an idle session keeps a small queue.
+            *queue = VecDeque::new();
+        }
+        d
+    }
 }
 
 /// A channel's subscribers on this node.
@@ -276,23 +440,18 @@ impl Hub {
         let json_len = delivery.frame_len(Encoding::Json);
         let protobuf_len = delivery.frame_len(Encoding::Protobuf);
         for sub in subs.values() {
-            if sub.slow.is_cancelled() {
+            let mailbox = &*sub.mailbox;
+            if mailbox.is_slow() {
                 continue;
             }
             let len = match sub.encoding {
                 Encoding::Json => json_len,
                 Encoding::Protobuf => protobuf_len,
             };
-            let over_bytes = sub.queued.fetch_add(len, Ordering::Relaxed) + len > sub.max_bytes;
-            let sent = !over_bytes && sub.mailbox.try_send(delivery.clone()).is_ok();
-            if sent {
+            if mailbox.offer(delivery, len) {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
-            } else {
-                sub.queued.fetch_sub(len, Ordering::Relaxed);
-                if !sub.mailbox.is_closed() {
-                    self.slow_disconnects.inc();
-                    sub.slow.cancel();
-                }
+            } else if !mailbox.is_closed() && mailbox.mark_slow() {
+                self.slow_disconnects.inc();
             }
         }
     }
@@ -403,31 +562,10 @@ mod tests {
     #[test]
     fn fan_out_and_slow_marking() {
         let hub = Hub::new();
-        let (tx1, mut rx1) = mpsc::channel(8);
-        let (tx2, _rx2) = mpsc::channel(1);
-        let slow2 = CancellationToken::new();
-        hub.subscribe(
-            "c",
-            1,
-            Subscriber {
-                mailbox: tx1,
-                slow: CancellationToken::new(),
-                queued: Arc::new(AtomicUsize::new(0)),
-                max_bytes: 1 << 20,
-                encoding: Encoding::Json,
-            },
-        );
-        hub.subscribe(
-            "c",
-            2,
-            Subscriber {
-                mailbox: tx2,
-                slow: slow2.clone(),
-                queued: Arc::new(AtomicUsize::new(0)),
-                max_bytes: 1 << 20,
-                encoding: Encoding::Json,
-            },
-        );
+        let rx1 = Arc::new(Mailbox::new(8, 1 << 20, Encoding::Json));
+        let rx2 = Arc::new(Mailbox::new(1, 1 << 20, Encoding::Json));
+        hub.subscribe("c", 1, Subscriber::of(&rx1));
+        hub.subscribe("c", 2, Subscriber::of(&rx2));
         let data = RawValue::from_string("{\"a\":1}".into()).unwrap();
         hub.publish("c", 1, "e", &data, None);
         hub.publish("c", 2, "e", &data, None);
@@ -439,10 +577,7 @@ mod tests {
             second.json.as_ref().unwrap().as_str(),
             r#"{"push":{"channel":"c","pub":{"data":{"a":1},"offset":2}}}"#
         );
-        assert!(
-            slow2.is_cancelled(),
-            "a full mailbox marks the session slow"
-        );
+        assert!(rx2.is_slow(), "a full mailbox marks the session slow");
         assert_eq!(hub.slow_disconnects(), 1);
         assert_eq!(hub.subscription_count(), 2);
         hub.unsubscribe("c", 1);
@@ -455,53 +590,63 @@ mod tests {
     #[test]
     fn a_mailbox_over_its_byte_limit_marks_the_session_slow() {
         let hub = Hub::new();
-        let (tx, mut rx) = mpsc::channel(100);
-        let slow = CancellationToken::new();
-        let queued = Arc::new(AtomicUsize::new(0));
-        hub.subscribe(
-            "c",
-            1,
-            Subscriber {
-                mailbox: tx,
-                slow: slow.clone(),
-                queued: queued.clone(),
-                max_bytes: 250,
-                encoding: Encoding::Json,
-            },
-        );
+        let rx = Arc::new(Mailbox::new(100, 250, Encoding::Json));
+        hub.subscribe("c", 1, Subscriber::of(&rx));
         let data = RawValue::from_string(format!("\"{}\"", "x".repeat(60))).unwrap();
         hub.publish("c", 1, "e", &data, None);
         hub.publish("c", 2, "e", &data, None);
-        assert!(!slow.is_cancelled(), "two frames of ~110 bytes fit in 250");
+        assert!(!rx.is_slow(), "two frames of ~110 bytes fit in 250");
         let frame_len = rx.try_recv().unwrap().frame_len(Encoding::Json);
-        queued.fetch_sub(frame_len, Ordering::Relaxed); // what the session does when it takes one out
+        rx.release(frame_len); // what the session does when it takes one out
         hub.publish("c", 3, "e", &data, None);
-        assert!(!slow.is_cancelled(), "room was made");
+        assert!(!rx.is_slow(), "room was made");
         hub.publish("c", 4, "e", &data, None);
-        assert!(
-            slow.is_cancelled(),
-            "a third queued frame is over 250 bytes"
-        );
-        assert!(queued.load(Ordering::Relaxed) <= 250);
+        assert!(rx.is_slow(), "a third queued frame is over 250 bytes");
+        assert!(rx.queued() <= 250);
     }
 
-    fn subscriber(encoding: Encoding) -> (Subscriber, mpsc::Receiver<Arc<Delivery>>) {
-        let (tx, rx) = mpsc::channel(8);
-        let sub = Subscriber {
-            mailbox: tx,
-            slow: CancellationToken::new(),
-            queued: Arc::new(AtomicUsize::new(0)),
-            max_bytes: 1 << 20,
-            encoding,
-        };
-        (sub, rx)
+    fn subscriber(encoding: Encoding) -> (Subscriber, Arc<Mailbox>) {
+        let rx = Arc::new(Mailbox::new(8, 1 << 20, encoding));
+        (Subscriber::of(&rx), rx)
+    }
+
+    #[test]
+    fn a_closed_mailbox_refuses_without_marking_slow() {
+        let hub = Hub::new();
+        let (sub, rx) = subscriber(Encoding::Json);
+        hub.subscribe("c", 1, sub);
+        let data = RawValue::from_string("1".into()).unwrap();
+        hub.publish("c", 1, "e", &data, None);
+        rx.close();
+        hub.publish("c", 2, "e", &data, None);
+        assert!(rx.try_recv().is_none(), "closing drops what it held");
+        assert!(!rx.is_slow());
+        assert_eq!(hub.slow_disconnects(), 0);
+        assert_eq!(rx.queued(), 0, "the refused frame is not counted");
+    }
+
+    #[test]
+    fn an_emptied_mailbox_gives_back_a_burst_s_capacity() {
+        let hub = Hub::new();
+        let rx = Arc::new(Mailbox::new(1000, 1 << 20, Encoding::Json));
+        hub.subscribe("c", 1, Subscriber::of(&rx));
+        let data = RawValue::from_string("1".into()).unwrap();
+        for offset in 1..=500 {
+            hub.publish("c", offset, "e", &data, None);
+        }
+        for offset in 1..=500 {
+            assert_eq!(rx.try_recv().unwrap().offset, offset, "in order");
+        }
+        assert!(rx.try_recv().is_none());
+        let capacity = rx.queue.lock().unwrap().capacity();
+        assert!(capacity <= KEPT_CAPACITY, "kept {capacity}");
     }
 
     #[test]
     fn each_encoding_is_made_once_and_only_when_a_subscriber_uses_it() {
         let hub = Hub::new();
-        let (a, mut rx_a) = subscriber(Encoding::Json);
-        let (b, mut rx_b) = subscriber(Encoding::Json);
+        let (a, rx_a) = subscriber(Encoding::Json);
+        let (b, rx_b) = subscriber(Encoding::Json);
         hub.subscribe("json-only", 1, a);
         hub.subscribe("json-only", 2, b);
         let data = RawValue::from_string("{\"a\":1}".into()).unwrap();
@@ -514,9 +659,9 @@ mod tests {
             "no Protobuf subscriber: never encoded"
         );
 
-        let (c, mut rx_c) = subscriber(Encoding::Json);
-        let (d, mut rx_d) = subscriber(Encoding::Protobuf);
-        let (e, mut rx_e) = subscriber(Encoding::Protobuf);
+        let (c, rx_c) = subscriber(Encoding::Json);
+        let (d, rx_d) = subscriber(Encoding::Protobuf);
+        let (e, rx_e) = subscriber(Encoding::Protobuf);
         hub.subscribe("mixed", 3, c);
         hub.subscribe("mixed", 4, d);
         hub.subscribe("mixed", 5, e);
@@ -543,7 +688,7 @@ mod tests {
             conn_info: None,
             chan_info: None,
         };
-        let (f, mut rx_f) = subscriber(Encoding::Protobuf);
+        let (f, rx_f) = subscriber(Encoding::Protobuf);
         hub.subscribe("pb-only", 6, f);
         hub.push_join_leave("pb-only", Presence::Join, &only_pb);
         let df = rx_f.try_recv().unwrap();
@@ -554,9 +699,9 @@ mod tests {
     #[test]
     fn deltas_are_computed_once_per_publication_for_delta_subscribers_only() {
         let hub = Hub::new();
-        let (plain, mut rx_plain) = subscriber(Encoding::Json);
-        let (dj, mut rx_dj) = subscriber(Encoding::Json);
-        let (dp, mut rx_dp) = subscriber(Encoding::Protobuf);
+        let (plain, rx_plain) = subscriber(Encoding::Json);
+        let (dj, rx_dj) = subscriber(Encoding::Json);
+        let (dp, rx_dp) = subscriber(Encoding::Protobuf);
         hub.subscribe("d", 1, plain);
         hub.subscribe_with("d", 2, dj, true);
         hub.subscribe_with("d", 3, dp, true);
@@ -616,9 +761,7 @@ mod tests {
         hub.unsubscribe("d", 2);
         hub.unsubscribe("d", 3);
         hub.publish("d", 5, "e", &body(5), None);
-        let last = std::iter::from_fn(|| rx_plain.try_recv().ok())
-            .last()
-            .unwrap();
+        let last = std::iter::from_fn(|| rx_plain.try_recv()).last().unwrap();
         assert_eq!(last.offset, 5);
         assert!(last.delta.is_none());
     }

@@ -626,6 +626,31 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A frame several times the WebSocket's read buffer (512 bytes, `http::READ_BUFFER`) but within
+/// `client.max_message_bytes` arrives whole: the buffer grows to the frame, and the connection
+/// goes on after it.
+#[tokio::test]
+async fn a_frame_larger_than_the_read_buffer_arrives_whole() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(
+        &db.url,
+        json!({"client": {"max_message_bytes": 4096}}),
+    ))
+    .await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let pad = "x".repeat(3500);
+    let reply = c
+        .call(json!({"connect": {"name": "test", "data": {"pad": pad}}}))
+        .await;
+    assert!(reply["connect"]["client"].is_string(), "{reply}");
+    let reply = c
+        .call(json!({"subscribe": {"channel": "incoming-chat"}}))
+        .await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    server.stop().await;
+    db.drop_db().await;
+}
+
 /// Item 8: a message over `client.max_message_bytes` ends with close 1009, delivered before an
 /// orderly end of the TCP stream (FIN), never overtaken by a reset, however much of the message
 /// was still unread. Before: the socket was closed with the rest unread, and the kernel's RST often

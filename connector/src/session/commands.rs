@@ -28,8 +28,7 @@ impl Session {
         // The replies of this frame may take what the pushes waiting leave of the outbound budget,
         // less an eighth kept for the pushes that arrive while they are written.
         let budget = self.state.config.client.outbound_queue_bytes;
-        self.reply_budget =
-            (budget - budget / 8).saturating_sub(self.queued.load(Ordering::Relaxed));
+        self.reply_budget = (budget - budget / 8).saturating_sub(self.mailbox.queued());
         for line in lines {
             let parsed = match self.encoding {
                 Encoding::Json => std::str::from_utf8(line)

@@ -31,9 +31,10 @@ mod subscriptions;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -42,9 +43,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use relay_protocol::channel::validate_channel;
 use relay_protocol::command::{
@@ -60,7 +59,7 @@ use relay_protocol::{Command, CommandError, Disconnect, ErrorCode, ReplyError, R
 use crate::auth::{self, ConnectError, Identity, Op, SubscriptionError};
 use crate::db::fence;
 use crate::db::history::{self, Bound, Keep, StreamSlice};
-use crate::hub::{Delivery, Subscriber};
+use crate::hub::{Delivery, Mailbox, Subscriber};
 use crate::limits::TokenBucket;
 use crate::rules::{self, NamedData};
 use crate::state::AppState;
@@ -113,12 +112,11 @@ struct Session {
     held: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// The earliest moment a token expiry (connection or subscription) must be acted on.
     next_expiry: Option<Instant>,
-    subs: HashMap<String, SubState>,
-    mailbox: mpsc::Sender<Arc<Delivery>>,
-    slow: CancellationToken,
-    /// Bytes waiting in the mailbox (shared with the hub, which refuses more than the limit).
-    queued: Arc<AtomicUsize>,
-    pending: FuturesUnordered<BoxFuture<'static, Reply<'static>>>,
+    subs: Subs,
+    /// Pushes from the hub; it counts the bytes waiting (and the replies being written), refuses
+    /// more than the limit, and carries the slow mark.
+    mailbox: Arc<Mailbox>,
+    pending: Pending,
     pong_deadline: Option<Instant>,
     /// Fired by a server-API `disconnect` order (registered at `connect`).
     kick: Option<Arc<crate::presence::Kick>>,
@@ -129,15 +127,186 @@ struct Session {
 /// Encoded messages (replies, pushes) waiting to be joined into one frame.
 type Out = Vec<Vec<u8>>;
 
+/// The session's deadlines other than those kept in [`Session`] (pong, token expiry).
+struct Timers {
+    /// A connection that has not sent `connect` by then is closed ([`Disconnect::STALE`]).
+    connect_by: Instant,
+    /// When the next ping is sent.
+    next_ping: Instant,
+}
+
+impl Timers {
+    /// The earliest deadline in force.
+    fn next(&self, session: &Session) -> Instant {
+        let mut due = self.next_ping;
+        if !session.connected {
+            due = due.min(self.connect_by);
+        }
+        for at in [session.pong_deadline, session.next_expiry]
+            .into_iter()
+            .flatten()
+        {
+            due = due.min(at);
+        }
+        due
+    }
+}
+
+/// A session's subscriptions by channel. Most connections hold one or a few: a vector searched in
+/// order while they are at most [`Subs::FEW`] (a `HashMap` of one subscription takes four buckets
+/// of 120 bytes), a map beyond.
+enum Subs {
+    Few(Vec<(String, SubState)>),
+    Many(HashMap<String, SubState>),
+}
+
+impl Default for Subs {
+    fn default() -> Self {
+        Self::Few(Vec::new())
+    }
+}
+
+impl Subs {
+    /// The most subscriptions kept in the vector.
+    const FEW: usize = 8;
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Few(few) => few.len(),
+            Self::Many(many) => many.len(),
+        }
+    }
+
+    // The lookups take what `HashMap`'s do (a `&str` or a `&String`).
+    fn contains_key<Q: Hash + Eq + ?Sized>(&self, channel: &Q) -> bool
+    where
+        String: Borrow<Q>,
+    {
+        match self {
+            Self::Few(few) => few.iter().any(|(c, _)| c.borrow() == channel),
+            Self::Many(many) => many.contains_key(channel),
+        }
+    }
+
+    fn get<Q: Hash + Eq + ?Sized>(&self, channel: &Q) -> Option<&SubState>
+    where
+        String: Borrow<Q>,
+    {
+        match self {
+            Self::Few(few) => few
+                .iter()
+                .find(|(c, _)| c.borrow() == channel)
+                .map(|(_, s)| s),
+            Self::Many(many) => many.get(channel),
+        }
+    }
+
+    fn get_mut<Q: Hash + Eq + ?Sized>(&mut self, channel: &Q) -> Option<&mut SubState>
+    where
+        String: Borrow<Q>,
+    {
+        match self {
+            Self::Few(few) => few
+                .iter_mut()
+                .find(|(c, _)| c.borrow() == channel)
+                .map(|(_, s)| s),
+            Self::Many(many) => many.get_mut(channel),
+        }
+    }
+
+    fn remove<Q: Hash + Eq + ?Sized>(&mut self, channel: &Q) -> Option<SubState>
+    where
+        String: Borrow<Q>,
+    {
+        match self {
+            Self::Few(few) => {
+                let i = few.iter().position(|(c, _)| c.borrow() == channel)?;
+                Some(few.swap_remove(i).1)
+            }
+            Self::Many(many) => many.remove(channel),
+        }
+    }
+
+    /// Adds or replaces the subscription of `channel`; returns the one replaced.
+    fn insert(&mut self, channel: String, sub: SubState) -> Option<SubState> {
+        if let Some(old) = self.get_mut(channel.as_str()) {
+            return Some(std::mem::replace(old, sub));
+        }
+        match self {
+            Self::Few(few) if few.len() < Self::FEW => {
+                // One slot at a time: a first push would reserve four (480 bytes).
+                few.reserve_exact(1);
+                few.push((channel, sub));
+            }
+            Self::Few(few) => {
+                let mut many: HashMap<String, SubState> = std::mem::take(few).into_iter().collect();
+                many.insert(channel, sub);
+                *self = Self::Many(many);
+            }
+            Self::Many(many) => {
+                many.insert(channel, sub);
+            }
+        }
+        None
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &SubState)> {
+        let (few, many) = match self {
+            Self::Few(few) => (Some(few.iter().map(|(c, s)| (c, s))), None),
+            Self::Many(many) => (None, Some(many.iter())),
+        };
+        few.into_iter().flatten().chain(many.into_iter().flatten())
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.iter().map(|(c, _)| c)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &SubState> {
+        self.iter().map(|(_, s)| s)
+    }
+}
+
+/// The replies of publishes in flight, made when the first one starts (most sessions never
+/// publish, and an empty `FuturesUnordered` already takes two allocations).
+#[derive(Default)]
+struct Pending(Option<FuturesUnordered<BoxFuture<'static, Reply<'static>>>>);
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesUnordered::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, reply: BoxFuture<'static, Reply<'static>>) {
+        self.0.get_or_insert_with(FuturesUnordered::new).push(reply);
+    }
+
+    /// The next reply to be ready (None if there is none in flight).
+    async fn next(&mut self) -> Option<Reply<'static>> {
+        match &mut self.0 {
+            Some(pending) => pending.next().await,
+            None => None,
+        }
+    }
+}
+
 /// Serves one upgraded WebSocket, from the client at `ip`, in `encoding`, until it closes.
-pub async fn serve(
+///
+/// Not an `async fn`: the socket is split before the session's future is made, so that future does
+/// not keep room for the whole socket, which the split halves already hold (this future is what an
+/// idle connection costs).
+pub fn serve(
     socket: WebSocket,
     state: Arc<AppState>,
     ip: std::net::IpAddr,
     encoding: Encoding,
-) {
+) -> impl Future<Output = ()> + Send {
     let (sink, stream) = socket.split();
-    serve_on(sink, stream, state, ip, encoding).await;
+    serve_on(sink, stream, state, ip, encoding)
 }
 
 /// The session over any message sink and stream: the halves of axum's socket in production, a
@@ -152,7 +321,11 @@ pub(crate) async fn serve_on<K, R>(
     K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
     R: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
 {
-    let (mailbox, inbox) = mpsc::channel(state.config.client.outbound_queue);
+    let mailbox = Arc::new(Mailbox::new(
+        state.config.client.outbound_queue,
+        state.config.client.outbound_queue_bytes,
+        encoding,
+    ));
     let mut session = Session {
         id: state.hub.next_session_id(),
         client: uuid::Uuid::new_v4().to_string(),
@@ -170,38 +343,36 @@ pub(crate) async fn serve_on<K, R>(
         reply_budget: 0,
         held: Vec::new(),
         next_expiry: None,
-        subs: HashMap::new(),
+        subs: Subs::default(),
         mailbox,
-        slow: CancellationToken::new(),
-        queued: Arc::new(AtomicUsize::new(0)),
-        pending: FuturesUnordered::new(),
+        pending: Pending::default(),
         pong_deadline: None,
         kick: None,
         encoding,
         state,
     };
     session.state.metrics.connections.inc();
-    session.run(sink, stream, inbox).await;
+    session.run(sink, stream).await;
+    session.mailbox.close();
     session.state.metrics.connections.dec();
     // Its memberships leave presence now (join/leave pushes announce it on every node); on shutdown
     // the node removes all of its members at once.
-    session
-        .state
-        .presence
-        .end_session(&session.client, session.state.shutdown.is_cancelled())
-        .await;
+    // Boxed, like the other closing steps: not carried by an idle session's task.
+    Box::pin(
+        session
+            .state
+            .presence
+            .end_session(&session.client, session.state.shutdown.is_cancelled()),
+    )
+    .await;
     for channel in session.subs.keys() {
         session.state.hub.unsubscribe(channel, session.id);
     }
 }
 
 impl Session {
-    async fn run<K, R>(
-        &mut self,
-        mut sink: K,
-        mut stream: R,
-        mut inbox: mpsc::Receiver<Arc<Delivery>>,
-    ) where
+    async fn run<K, R>(&mut self, mut sink: K, mut stream: R)
+    where
         K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
         R: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
     {
@@ -209,20 +380,23 @@ impl Session {
         let cfg = &cfg.client;
         let ping_every = Duration::from_secs(cfg.ping_interval_secs);
         let write_timeout = Duration::from_secs(cfg.write_timeout_secs);
-        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-        let connect_deadline = tokio::time::sleep(Duration::from_secs(cfg.connect_timeout_secs));
-        tokio::pin!(connect_deadline);
+        let start = Instant::now();
+        let mut timers = Timers {
+            connect_by: start + Duration::from_secs(cfg.connect_timeout_secs),
+            next_ping: start + ping_every,
+        };
+        // One timer for all of the session's deadlines (connect, pong, token expiry, ping), set to
+        // the earliest: an idle session carries one timer entry instead of four.
+        let timer = tokio::time::sleep_until(timers.next(self));
+        tokio::pin!(timer);
         let shutdown = self.state.shutdown.clone();
-        let slow = self.slow.clone();
+        let mailbox = self.mailbox.clone();
 
         let close: Option<(u16, Utf8Bytes)> = loop {
-            let pong_deadline = self.pong_deadline;
-            let pong_timeout = async move {
-                match pong_deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let due = timers.next(self);
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
+            }
             let kick = self.kick.clone();
             let kicked = async move {
                 match kick {
@@ -233,42 +407,46 @@ impl Session {
                     None => std::future::pending().await,
                 }
             };
-            let next_expiry = self.next_expiry;
-            let expiry = async move {
-                match next_expiry {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Some(code(Disconnect::SHUTDOWN)),
-                _ = slow.cancelled() => break Some(code(Disconnect::SLOW)),
+                _ = mailbox.slow() => break Some(code(Disconnect::SLOW)),
                 (kick_code, reason) = kicked => break Some((kick_code, Utf8Bytes::from(reason))),
-                _ = &mut connect_deadline, if !self.connected => break Some(code(Disconnect::STALE)),
-                _ = pong_timeout => break Some(code(Disconnect::NO_PONG)),
-                _ = expiry => {
-                    let mut out = Vec::new();
-                    let flow = self.expire(&mut out);
-                    if !out.is_empty() && send_lines(&mut sink, self.encoding, &out, write_timeout).await.is_err() {
+                _ = &mut timer => {
+                    // The timer fired at its deadline: the earliest of them is due (in this order
+                    // when several are).
+                    let now = timer.deadline();
+                    if !self.connected && timers.connect_by <= now {
+                        break Some(code(Disconnect::STALE));
+                    }
+                    if self.pong_deadline.is_some_and(|at| at <= now) {
+                        break Some(code(Disconnect::NO_PONG));
+                    }
+                    if self.next_expiry.is_some_and(|at| at <= now) {
+                        let mut out = Vec::new();
+                        let flow = self.expire(&mut out);
+                        if !out.is_empty() && send_lines(&mut sink, self.encoding, &out, write_timeout).await.is_err() {
+                            break None;
+                        }
+                        if let Flow::Close(d) = flow {
+                            break Some(code(d));
+                        }
+                        continue;
+                    }
+                    // The ping is due. Missed pings are sent at once, one per period (as
+                    // `tokio::time::Interval` does by default).
+                    timers.next_ping += ping_every;
+                    if send_lines(&mut sink, self.encoding, &[self.encoding.ping()], write_timeout).await.is_err() {
                         break None;
                     }
-                    if let Flow::Close(d) = flow {
-                        break Some(code(d));
+                    if self.connected && self.pong_deadline.is_none() {
+                        self.pong_deadline = Some(Instant::now() + Duration::from_secs(cfg.pong_timeout_secs));
                     }
                 }
                 Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
                     let line = reply.encode(self.encoding);
                     if send_lines(&mut sink, self.encoding, &[line], write_timeout).await.is_err() {
                         break None;
-                    }
-                }
-                _ = ping.tick() => {
-                    if send_lines(&mut sink, self.encoding, &[self.encoding.ping()], write_timeout).await.is_err() {
-                        break None;
-                    }
-                    if self.connected && self.pong_deadline.is_none() {
-                        self.pong_deadline = Some(Instant::now() + Duration::from_secs(cfg.pong_timeout_secs));
                     }
                 }
                 message = stream.next() => match message {
@@ -287,9 +465,9 @@ impl Session {
                         // The replies count against the outbound budget while they are written, so
                         // the pushes that arrive meanwhile cannot take a whole budget more.
                         let bytes: usize = out.iter().map(|l| l.len() + 1).sum();
-                        self.queued.fetch_add(bytes, Ordering::Relaxed);
+                        self.mailbox.hold(bytes);
                         let sent = out.is_empty() || send_lines(&mut sink, self.encoding, &out, write_timeout).await.is_ok();
-                        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+                        self.mailbox.release(bytes);
                         drop(out);
                         self.held.clear();
                         if !sent {
@@ -308,14 +486,14 @@ impl Session {
                         break None;
                     }
                 },
-                Some(delivery) = inbox.recv() => {
+                delivery = mailbox.recv() => {
                     let mut out = Vec::new();
                     let mut flow = self.deliver(&delivery, &mut out);
                     // Drain what else is waiting, to write it with one flush.
                     while matches!(flow, Flow::Continue) && out.len() < 256 {
-                        match inbox.try_recv() {
-                            Ok(d) => flow = self.deliver(&d, &mut out),
-                            Err(_) => break,
+                        match mailbox.try_recv() {
+                            Some(d) => flow = self.deliver(&d, &mut out),
+                            None => break,
                         }
                     }
                     if feed_all(&mut sink, out, write_timeout).await.is_err() {
@@ -327,6 +505,21 @@ impl Session {
                 }
             }
         };
+        // Boxed: the closing steps' futures (timed writes within a timed drain) would otherwise
+        // be part of every idle session's task.
+        Box::pin(self.finish(&mut sink, close, write_timeout)).await;
+    }
+
+    /// Closes the socket: the replies of publishes in flight first on a shutdown, then the close
+    /// frame with `close`'s code (none: the connection is already gone).
+    async fn finish<K>(
+        &mut self,
+        sink: &mut K,
+        close: Option<(u16, Utf8Bytes)>,
+        write_timeout: Duration,
+    ) where
+        K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
+    {
         if close
             .as_ref()
             .is_some_and(|(c, _)| *c == Disconnect::SHUTDOWN.code)
@@ -339,7 +532,7 @@ impl Session {
             let drain = async {
                 while let Some(reply) = self.pending.next().await {
                     let line = reply.encode(self.encoding);
-                    if send_lines(&mut sink, self.encoding, &[line], write_timeout)
+                    if send_lines(sink, self.encoding, &[line], write_timeout)
                         .await
                         .is_err()
                     {

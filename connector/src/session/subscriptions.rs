@@ -242,13 +242,7 @@ impl Session {
         self.state.hub.subscribe_with(
             &channel,
             self.id,
-            Subscriber {
-                mailbox: self.mailbox.clone(),
-                slow: self.slow.clone(),
-                queued: self.queued.clone(),
-                max_bytes: self.state.config.client.outbound_queue_bytes,
-                encoding: self.encoding,
-            },
+            Subscriber::of(&self.mailbox),
             start.delta,
         );
         let limit = if start.recover {
@@ -442,8 +436,7 @@ impl Session {
 
     /// Passes a hub publication on if it is the next one of a subscription.
     pub(super) fn deliver(&mut self, delivery: &Delivery, out: &mut Vec<Message>) -> Flow {
-        self.queued
-            .fetch_sub(delivery.frame_len(self.encoding), Ordering::Relaxed);
+        self.mailbox.release(delivery.frame_len(self.encoding));
         let Some(sub) = self.subs.get_mut(&*delivery.channel) else {
             return Flow::Continue; // unsubscribed meanwhile, or its subscribe has not been answered
         };

@@ -196,3 +196,58 @@ async fn protobuf_session_refuses_text_with_3506_and_a_request_before_connect_wi
     ));
     assert_eq!(peer.close_code().await, 3501);
 }
+
+/// A subscription at `offset` (the other fields at their defaults).
+fn sub_at(offset: u64) -> super::SubState {
+    super::SubState {
+        epoch: String::new(),
+        offset,
+        expires_at: None,
+        chan_info: None,
+        join_leave: false,
+        membership: None,
+        server_side: false,
+        delta: super::subscriptions::Delta::Off,
+    }
+}
+
+#[test]
+fn subs_behave_as_a_map_below_and_above_the_few() {
+    let mut subs = super::Subs::default();
+    for i in 0..20u64 {
+        assert!(subs.insert(format!("c{i}"), sub_at(i)).is_none());
+        assert_eq!(subs.len(), i as usize + 1);
+        if i as usize + 1 == super::Subs::FEW {
+            assert!(matches!(subs, super::Subs::Few(_)));
+        }
+        for j in 0..=i {
+            assert_eq!(subs.get_mut(&format!("c{j}")).map(|s| s.offset), Some(j));
+        }
+        assert!(!subs.contains_key("absent"));
+    }
+    assert!(matches!(subs, super::Subs::Many(_)));
+    let replaced = subs.insert("c3".into(), sub_at(33)).map(|s| s.offset);
+    assert_eq!(replaced, Some(3));
+    assert_eq!(subs.len(), 20);
+    assert_eq!(subs.remove("c3").map(|s| s.offset), Some(33));
+    assert!(subs.remove("c3").is_none());
+    let mut keys: Vec<&String> = subs.keys().collect();
+    keys.sort();
+    assert_eq!(keys.len(), 19);
+    assert_eq!(
+        subs.values().map(|s| s.offset).sum::<u64>(),
+        (0..20).sum::<u64>() - 3
+    );
+
+    let mut few = super::Subs::default();
+    few.insert("a".into(), sub_at(1));
+    few.insert("b".into(), sub_at(2));
+    assert_eq!(few.insert("a".into(), sub_at(5)).map(|s| s.offset), Some(1));
+    assert_eq!(few.remove("a").map(|s| s.offset), Some(5));
+    assert_eq!(
+        few.iter()
+            .map(|(c, s)| (c.as_str(), s.offset))
+            .collect::<Vec<_>>(),
+        [("b", 2)]
+    );
+}
