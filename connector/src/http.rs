@@ -37,8 +37,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::edge::Edge;
 use crate::session;
-use crate::state::AppState;
 
 /// The longest a closed WebSocket's socket is kept to read what the client still sends.
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -53,7 +53,7 @@ pub const READ_BUFFER: usize = 1024;
 /// to finish (upgraded sessions end through the state's shutdown token).
 pub async fn serve(
     listener: TcpListener,
-    state: Arc<AppState>,
+    state: Arc<Edge>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let cfg = &state.config.client;
@@ -328,7 +328,7 @@ impl Drop for Lingering {
 }
 
 /// Builds the router.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<Edge>) -> Router {
     Router::new()
         .route("/connection/websocket", get(websocket))
         .route("/healthz", get(healthz))
@@ -349,7 +349,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// and a connection over `client.max_connections` (503; the SDKs retry with backoff, perhaps reaching
 /// another node).
 async fn websocket(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Edge>>,
     meta: Option<Extension<ConnMeta>>,
     headers: axum::http::HeaderMap,
     RawQuery(query): RawQuery,
@@ -423,15 +423,15 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if let Some(problem) = state.stream.capture.problem() {
+async fn readyz(State(state): State<Arc<Edge>>) -> Response {
+    if let Some(problem) = state.node.stream().capture.problem() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("capture changed under this node: {problem}"),
         )
             .into_response();
     }
-    if state.stream.ready.load(Ordering::Relaxed) && !state.shutdown.is_cancelled() {
+    if state.node.stream().ready.load(Ordering::Relaxed) && !state.shutdown.is_cancelled() {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "change stream not ready").into_response()
@@ -447,7 +447,7 @@ struct DbGauges {
     notify_queue_usage: f64,
 }
 
-async fn db_gauges(state: &AppState) -> Option<DbGauges> {
+async fn db_gauges(state: &Edge) -> Option<DbGauges> {
     let query = sqlx::query_as::<_, DbGauges>(
         "SELECT count(*) AS unsequenced,
                 coalesce(extract(epoch FROM clock_timestamp() - min(written_at)), 0)::float8
@@ -455,7 +455,7 @@ async fn db_gauges(state: &AppState) -> Option<DbGauges> {
                 pg_notification_queue_usage() AS notify_queue_usage
          FROM relay.changelog",
     )
-    .fetch_one(&state.pool);
+    .fetch_one(state.node.pool());
     match tokio::time::timeout(std::time::Duration::from_secs(2), query).await {
         Ok(Ok(g)) => Some(g),
         Ok(Err(e)) => {
@@ -466,8 +466,8 @@ async fn db_gauges(state: &AppState) -> Option<DbGauges> {
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>, meta: Option<Extension<ConnMeta>>) -> String {
-    let m = &state.metrics;
+async fn metrics(State(state): State<Arc<Edge>>, meta: Option<Extension<ConnMeta>>) -> String {
+    let m = state.node.metrics();
     let mut out = String::new();
     if let Some(Extension(meta)) = meta {
         let _ = writeln!(
@@ -513,19 +513,19 @@ async fn metrics(State(state): State<Arc<AppState>>, meta: Option<Extension<Conn
         "relay_channels",
         "gauge",
         "Channels with subscribers on this node.",
-        state.hub.channel_count() as u64,
+        state.node.hub().channel_count() as u64,
     );
     line(
         "relay_subscriptions",
         "gauge",
         "Subscriptions on this node.",
-        state.hub.subscription_count(),
+        state.node.hub().subscription_count(),
     );
     line(
         "relay_presence_members",
         "gauge",
         "Presence memberships of this node's connections.",
-        state.presence.local_members() as u64,
+        state.node.presence().local_members() as u64,
     );
     line(
         "relay_publications_in_total",
@@ -543,7 +543,7 @@ async fn metrics(State(state): State<Arc<AppState>>, meta: Option<Extension<Conn
         "relay_slow_disconnects_total",
         "counter",
         "Connections closed for not reading fast enough.",
-        state.hub.slow_disconnects(),
+        state.node.hub().slow_disconnects(),
     );
     line(
         "relay_recoveries_total",
@@ -561,28 +561,28 @@ async fn metrics(State(state): State<Arc<AppState>>, meta: Option<Extension<Conn
         "relay_stream_reconnects_total",
         "counter",
         "Reconnects of the LISTEN connection.",
-        state.stream.reconnects.load(Ordering::Relaxed),
+        state.node.stream().reconnects.load(Ordering::Relaxed),
     );
     line(
         "relay_stream_cursor",
         "gauge",
         "Sequence number of the last publication read.",
-        state.stream.cursor.load(Ordering::Relaxed),
+        state.node.stream().cursor.load(Ordering::Relaxed),
     );
     line(
         "relay_stream_catch_up_reads_total",
         "counter",
         "Catch-up reads of the changelog after a (re)connect of the LISTEN connection.",
-        state.stream.catch_ups.load(Ordering::Relaxed),
+        state.node.stream().catch_ups.load(Ordering::Relaxed),
     );
     line(
         "relay_sequencer_polls_total",
         "counter",
         "Calls of the sequencer (relay.sequence_batch) by this node.",
-        state.stream.polls.load(Ordering::Relaxed),
+        state.node.stream().polls.load(Ordering::Relaxed),
     );
-    out.push_str(&crate::capture::render_metrics(&state.pool, &state.capture).await);
-    out.push_str(&state.stream.lag.render(
+    out.push_str(&crate::capture::render_metrics(state.node.pool(), state.node.capture()).await);
+    out.push_str(&state.node.stream().lag.render(
         "relay_delivery_lag_seconds",
         "From a change being written (in the writer's transaction) to its publication reaching the hub.",
     ));

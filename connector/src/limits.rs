@@ -20,22 +20,14 @@ pub struct Shared {
     pub publish_per_user: KeyedLimiter,
     /// Peers whose `X-Forwarded-For` is believed (`client.trusted_proxies`).
     pub trusted_proxies: Vec<Cidr>,
-    /// Deliveries in flight per rule (`rules[].max_concurrency`).
-    pub targets: crate::rules::Concurrency,
-    /// KiB of large replies held process-wide (`client.replies_in_flight_bytes`).
-    pub replies_in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Most keys (IPs, users) a [`KeyedLimiter`] of [`Shared`] tracks at once.
 const MAX_KEYS: usize = 100_000;
 
 impl Shared {
-    /// The limits of a validated `client` section and the publish `rules`.
-    pub fn new(
-        c: &crate::config::ClientConfig,
-        rules: &[crate::config::Rule],
-        rpc: &[crate::config::Rule],
-    ) -> Self {
+    /// The limits of a validated `client` section.
+    pub fn new(c: &crate::config::ClientConfig) -> Self {
         Self {
             publish_per_ip: KeyedLimiter::new(
                 c.publish_rate_per_ip_per_sec,
@@ -48,20 +40,7 @@ impl Shared {
                 MAX_KEYS,
             ),
             trusted_proxies: c.trusted_proxies.clone(),
-            targets: crate::rules::Concurrency::for_rules(rules).with_rpc(rpc),
-            replies_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
-                (c.replies_in_flight_bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS),
-            )),
         }
-    }
-
-    /// Reserves `bytes` of the process-wide allowance for large replies; `None` when it is used up.
-    pub fn reserve_reply(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
-        self.replies_in_flight
-            .clone()
-            .try_acquire_many_owned(kib)
-            .ok()
     }
 }
 

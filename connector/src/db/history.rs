@@ -164,12 +164,17 @@ fn raw(text: String) -> Box<RawValue> {
 
 /// Records a client publication with `relay.publish()` and returns once it is in the history (or
 /// after [`fence::MAX_WAIT`], see [`fence`]); it is delivered through the same sequencer as table
-/// changes.
-pub async fn publish(pool: &PgPool, channel: &str, data: &RawValue, info: &RawValue) -> Result<()> {
+/// changes. `info` is the publisher's `ClientInfo` (none from the server API).
+pub async fn publish(
+    pool: &PgPool,
+    channel: &str,
+    data: &RawValue,
+    info: Option<&RawValue>,
+) -> Result<()> {
     sqlx::query("SELECT relay.publish($1, $2::text::jsonb, $3::text::jsonb)")
         .bind(channel)
         .bind(data.get())
-        .bind(info.get())
+        .bind(info.map(RawValue::get))
         .execute(pool)
         .await?;
     fence::settle(pool).await;

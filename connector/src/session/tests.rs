@@ -12,11 +12,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::state::{AppState, Metrics};
+use crate::edge::Edge;
+use crate::state::Metrics;
 
-/// An AppState whose database is never reached (a lazy pool on a closed port) and whose presence is
+/// An edge whose database is never reached (a lazy pool on a closed port) and whose presence is
 /// in memory: enough for connect, pings and refused frames.
-async fn state() -> Arc<AppState> {
+async fn state() -> Arc<Edge> {
     let config = crate::Config::from_json(
         &serde_json::json!({
             "listen": "127.0.0.1:0",
@@ -36,22 +37,26 @@ async fn state() -> Arc<AppState> {
         config.presence.clone(),
         store,
     ));
-    Arc::new(AppState {
+    let config = Arc::new(config);
+    let node = crate::node::Node::new(crate::node::Parts {
+        config: config.clone(),
         pool,
         hub: Arc::new(crate::hub::Hub::new()),
+        presence,
         http: reqwest::Client::new(),
         lambda: crate::rules::LambdaClients::for_rules(&[]).await.unwrap(),
+        metrics: Arc::new(Metrics::default()),
         stream: Arc::default(),
         capture: Arc::default(),
-        metrics: Metrics::default(),
-        verifier: crate::auth::Verifier::new(&config.auth).unwrap(),
-        limits: crate::limits::Shared::new(&config.client, &config.rules, &config.rpc),
-        connection_slots: Arc::new(tokio::sync::Semaphore::new(10)),
-        presence,
-        shutdown: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        config: Arc::new(config),
-    })
+    });
+    let verifier = crate::auth::Verifier::new(&config.auth).unwrap();
+    Arc::new(Edge::new(
+        Arc::new(node),
+        config,
+        verifier,
+        CancellationToken::new(),
+        TaskTracker::new(),
+    ))
 }
 
 /// The client's side of a session: what it sends in, what comes out.
