@@ -71,7 +71,7 @@ enum Framing {
 
 /// The emulated sessions of this node, by session id.
 #[derive(Debug)]
-pub struct Registry {
+pub(crate) struct Registry {
     node: String,
     sessions: parking_lot::Mutex<HashMap<String, Entry>>,
 }
@@ -104,7 +104,7 @@ impl Drop for Registered {
 }
 
 /// The routes of the streaming transports and of `/emulation`.
-pub fn routes() -> Router<Arc<Edge>> {
+pub(crate) fn routes() -> Router<Arc<Edge>> {
     let registry = Arc::new(Registry::new());
     Router::new()
         .route("/connection/http_stream", any(http_stream))

@@ -41,17 +41,17 @@ use crate::edge::Edge;
 use crate::session;
 
 /// The longest a closed WebSocket's socket is kept to read what the client still sends.
-pub const LINGER: Duration = Duration::from_secs(2);
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
 
 /// A WebSocket's read buffer, kept for the connection's life: client frames are small (a
 /// command, a pong), so 1 KiB instead of the default 128 KiB keeps an idle connection's memory in a
 /// few kilobytes. A larger frame (up to `client.max_message_bytes`) still arrives whole: the buffer
 /// grows to the frame's length, read in pieces of this size.
-pub const READ_BUFFER: usize = 1024;
+pub(crate) const READ_BUFFER: usize = 1024;
 
 /// Serves HTTP and WebSockets on `listener` until `shutdown` completes; then asks every connection
 /// to finish (upgraded sessions end through the state's shutdown token).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     state: Arc<Edge>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -149,7 +149,7 @@ fn configure_socket(stream: &TcpStream) {
 
 /// What a request knows about its connection (a request extension).
 #[derive(Clone, Debug)]
-pub struct ConnMeta {
+pub(crate) struct ConnMeta {
     /// The socket's peer.
     pub peer: SocketAddr,
     pending: Arc<Pending>,
@@ -328,7 +328,7 @@ impl Drop for Lingering {
 }
 
 /// Builds the router.
-pub fn router(state: Arc<Edge>) -> Router {
+pub(crate) fn router(state: Arc<Edge>) -> Router {
     Router::new()
         .route("/connection/websocket", get(websocket))
         .route("/healthz", get(healthz))

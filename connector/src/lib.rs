@@ -78,23 +78,17 @@ pub mod config;
 pub mod db;
 pub(crate) mod demo;
 mod edge;
-pub mod emulation;
+pub(crate) mod emulation;
 pub mod error;
-// TODO(issue 10): remove after the session/hub/http restructuring merges and converts its items.
-#[allow(unreachable_pub)]
-pub mod http;
-// TODO(issue 10): remove after the session/hub/http restructuring merges and converts its items.
-#[allow(unreachable_pub)]
-pub mod hub;
-pub mod limits;
+pub(crate) mod http;
+pub(crate) mod hub;
+pub(crate) mod limits;
 mod node;
 pub(crate) mod page;
 pub mod presence;
-pub mod rules;
-// TODO(issue 10): remove after the session/hub/http restructuring merges and converts its items.
-#[allow(unreachable_pub)]
+pub(crate) mod rules;
 pub mod session;
-pub mod state;
+pub(crate) mod state;
 
 use std::future::Future;
 use std::sync::Arc;

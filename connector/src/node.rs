@@ -661,3 +661,71 @@ fn recovers(start: &Start, slice: &StreamSlice) -> bool {
             .is_none_or(|p| p.offset == slice.top);
     epoch_ok && complete
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::history::StoredPublication;
+
+    fn slice(epoch: &str, top: u64, offsets: &[u64]) -> StreamSlice {
+        StreamSlice {
+            epoch: epoch.to_owned(),
+            top,
+            publications: offsets
+                .iter()
+                .map(|&offset| StoredPublication {
+                    offset,
+                    data: RawValue::NULL.to_owned(),
+                    info: None,
+                })
+                .collect(),
+            overflow: false,
+            bytes: 0,
+        }
+    }
+
+    fn from(offset: u64, epoch: &str) -> Start {
+        Start {
+            recover: true,
+            offset,
+            epoch: epoch.to_owned(),
+            ..Start::default()
+        }
+    }
+
+    #[test]
+    fn a_recovery_holds_every_missed_offset_up_to_the_top() {
+        assert!(recovers(&from(2, "e"), &slice("e", 4, &[3, 4])));
+        assert!(
+            recovers(&from(4, "e"), &slice("e", 4, &[])),
+            "nothing missed"
+        );
+        assert!(
+            recovers(&from(2, ""), &slice("e", 4, &[3, 4])),
+            "no epoch given"
+        );
+    }
+
+    #[test]
+    fn a_gap_another_epoch_or_a_cut_read_is_not_recovered() {
+        assert!(
+            !recovers(&from(2, "e"), &slice("e", 5, &[3, 4])),
+            "short of the top"
+        );
+        assert!(
+            !recovers(&from(2, "e"), &slice("e", 4, &[4])),
+            "first offset missing"
+        );
+        assert!(
+            !recovers(&from(2, "old"), &slice("e", 4, &[3, 4])),
+            "history reset"
+        );
+        assert!(
+            !recovers(&from(9, "e"), &slice("e", 4, &[])),
+            "ahead of the stream"
+        );
+        let mut cut = slice("e", 4, &[]);
+        cut.overflow = true;
+        assert!(!recovers(&from(2, "e"), &cut), "over the byte budget");
+    }
+}

@@ -14,10 +14,17 @@
 //! token expired and was not refreshed within `auth.expired_close_delay_secs` is closed with 3005, or
 //! unsubscribed with 2501 (the SDK resubscribes with a new token).
 //!
+//! A session is an adapter over the [`crate::node::Node`]: it parses a command, authorizes it, calls
+//! the node and encodes the result; what a publish, a history read, a recovery or a presence query
+//! does is the node's (the server API calls the same methods).
+//!
 //! # Layout
 //! - this file: the session's state, [`serve`] and the loop (socket, mailbox, timers);
-//! - `commands`: one handler per request, each building a typed [`relay_protocol::Reply`] and encoding
+//! - `commands`: the dispatch of a frame's commands, and the channel commands (unsubscribe,
+//!   publish, rpc, history, presence), each building a typed [`relay_protocol::Reply`] and encoding
 //!   it once in the connection's encoding;
+//! - `connect`: the connection's identity: `connect` (with its server-side subscriptions),
+//!   `refresh`, `sub_refresh`, and the expiry of connection and subscription tokens;
 //! - `subscriptions`: `subscribe` and the delivery of hub publications, with the pure offset/gap
 //!   logic ([`subscriptions::SubState::accept`]) unit-tested without a socket or a database;
 //! - `encode`: frames on the wire (JSON text frames of lines, Protobuf binary frames of
