@@ -2,14 +2,16 @@
 // The chat page in a real browser: Playwright (playwright-core, pinned) driving Debian's Chromium
 // headless, against a real writer + connector.
 //
-// Orchestration as in tests-sdk/run.py: a fresh database (relay_browser_<random>) on DATABASE_URL's
-// server, `connector migrate`, writer-lambda and the connector from target/debug on free ports, always
-// torn down (processes stopped, database dropped), `N passed, N failed` as the last line, exit code 0
-// only when nothing failed. User A's page goes through a TCP proxy of this script, so A's connection
-// can be cut and restored while the others stay up. Logs and screenshots: artifacts/browser/.
+// The running system comes from the shared Python harness (tests-support/relaytest) through
+// tests-browser/run.py, which creates the database (relay_browser_<random>), runs `connector migrate`,
+// starts writer-lambda and the connector on free ports, runs this script as its scenario, and tears
+// everything down; it passes RELAY_BASE_URL, RELAY_DATABASE_URL, RELAY_API_KEY and BROWSER_ARTIFACTS.
+// This script prints PASS/FAIL lines and `RESULT passed=N failed=N` last (run.py adds its own checks and
+// prints the closing `N passed, N failed`). User A's page goes through a TCP proxy of this script, so
+// A's connection can be cut and restored while the others stay up. Logs and screenshots: artifacts/browser/.
 //
-// The run's connector config is config.json with the demo token endpoint on (a random HMAC key) and a
-// server API key (for a terminal disconnect). Browser contexts (separate storage) as alice (A, through
+// The run's connector config (run.py) is config.json with the demo token endpoint on (a random HMAC key)
+// and a server API key (for a terminal disconnect). Browser contexts (separate storage) as alice (A, through
 // the proxy), bob (B), carol (C):
 //   sign-in; A and B online in General; A sends, B sees it; A edits, B sees the "edited" mark; B has no
 //   edit control on A's message and a forged edit from B's page is refused with the writer's answer
@@ -23,9 +25,9 @@
 //   older messages on scroll; screenshots at desktop and phone size; the server API disconnects alice
 //   (terminal): the page stays disconnected and offers Reconnect, which works; change name and sign out.
 //
-// Usage: node run.mjs [--bin-dir DIR] [--keep-db]     (CHROMIUM=/path overrides /usr/bin/chromium)
+// Usage: tests-browser/run.py [--bin-dir DIR] [--keep-db]     (CHROMIUM=/path overrides /usr/bin/chromium)
 
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -35,20 +37,16 @@ import { chromium } from 'playwright-core';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '..');
-const ARTIFACTS = path.join(ROOT, 'artifacts', 'browser');
-const DATABASE_URL = process.env.DATABASE_URL || 'postgres://postgres@127.0.0.1:5432/postgres';
+const ARTIFACTS = process.env.BROWSER_ARTIFACTS || path.join(ROOT, 'artifacts', 'browser');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const STEP_MS = Number(process.env.STEP_TIMEOUT_MS || 15000);
-const args = process.argv.slice(2);
-const BIN_DIR = args.includes('--bin-dir') ? args[args.indexOf('--bin-dir') + 1] : path.join(ROOT, 'target', 'debug');
-const KEEP_DB = args.includes('--keep-db');
 // Presence (who is online, join/leave) is checked once the connector has it.
 const PRESENCE = true;
 
 let passed = 0;
 let failed = 0;
 const failures = [];
-const log = (m) => console.log(`[browser] ${m}`);
+const log = (m) => console.log(m);
 function ok(name, detail = '') {
   passed += 1;
   log(`PASS ${name}${detail ? ` (${detail})` : ''}`);
@@ -70,24 +68,7 @@ async function check(name, fn) {
   }
 }
 
-// ---- processes and the database ---------------------------------------------------------------------
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-function withDatabase(url, name) {
-  const u = new URL(url);
-  u.pathname = '/' + name;
-  return u.toString();
-}
+// ---- the database and the network ------------------------------------------------------------------
 
 function psql(url, sql) {
   const r = spawnSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-At', '-d', url, '-f', '-'], {
@@ -95,56 +76,6 @@ function psql(url, sql) {
   });
   if (r.status !== 0) throw new Error(`psql failed: ${(r.stderr || r.error || '').toString().trim()}`);
   return r.stdout;
-}
-
-class Service {
-  constructor(name, argv, env) {
-    this.name = name;
-    this.argv = argv;
-    this.env = env;
-    this.logfile = path.join(ARTIFACTS, `${name}.log`);
-    this.proc = null;
-  }
-
-  start() {
-    const fd = fs.openSync(this.logfile, 'a');
-    this.proc = spawn(this.argv[0], this.argv.slice(1), { env: this.env, cwd: ROOT, stdio: ['ignore', fd, fd] });
-    fs.closeSync(fd);
-  }
-
-  alive() {
-    return this.proc !== null && this.proc.exitCode === null && this.proc.signalCode === null;
-  }
-
-  async stop() {
-    if (!this.alive()) return;
-    const exited = new Promise((r) => this.proc.once('exit', r));
-    this.proc.kill('SIGTERM');
-    const t = setTimeout(() => this.alive() && this.proc.kill('SIGKILL'), 15000);
-    await exited;
-    clearTimeout(t);
-  }
-
-  async waitHttp(url, ms = 60000) {
-    const deadline = Date.now() + ms;
-    while (Date.now() < deadline) {
-      if (!this.alive()) throw new Error(`${this.name} exited (${this.proc.exitCode ?? this.proc.signalCode})`);
-      try {
-        const r = await fetch(url);
-        if (r.ok) return;
-      } catch { /* not yet */ }
-      await sleep(200);
-    }
-    throw new Error(`${url} not ready within ${ms / 1000} s`);
-  }
-
-  tail(n = 40) {
-    try {
-      return fs.readFileSync(this.logfile, 'utf8').split('\n').slice(-n).map((l) => '    ' + l).join('\n');
-    } catch {
-      return '    (no log)';
-    }
-  }
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -604,92 +535,30 @@ async function scenario(base, proxyBase, proxy, dbUrl, apiKey) {
 }
 
 async function main() {
-  fs.mkdirSync(ARTIFACTS, { recursive: true });
-  for (const f of fs.readdirSync(ARTIFACTS)) if (f.endsWith('.log')) fs.rmSync(path.join(ARTIFACTS, f));
-  const dbName = `relay_browser_${randomBytes(4).toString('hex')}`;
-  const dbUrl = withDatabase(DATABASE_URL, dbName);
-  let dbCreated = false;
-  const services = [];
+  const base = process.env.RELAY_BASE_URL;
+  const dbUrl = process.env.RELAY_DATABASE_URL;
+  const apiKey = process.env.RELAY_API_KEY;
   let proxy = null;
   try {
-    for (const b of ['connector', 'writer-lambda']) {
-      if (!fs.existsSync(path.join(BIN_DIR, b))) throw new Error(`${BIN_DIR}/${b} is missing: run cargo build --workspace --bins`);
-    }
+    if (!base || !dbUrl || !apiKey) throw new Error('RELAY_BASE_URL, RELAY_DATABASE_URL and RELAY_API_KEY are not set: run tests-browser/run.py');
     if (!fs.existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} not found (Debian: apt-get install chromium)`);
-    psql(DATABASE_URL, `CREATE DATABASE "${dbName}";`);
-    dbCreated = true;
-    log(`database ${dbName}; artifacts in artifacts/browser`);
-
-    const connectorPort = await freePort();
-    let writerPort = await freePort();
-    while (writerPort === connectorPort) writerPort = await freePort();
-    const config = JSON.parse(fs.readFileSync(path.join(ROOT, 'config.json'), 'utf8'));
-    config.listen = `127.0.0.1:${connectorPort}`;
-    config.database = { ...(config.database || {}), url: dbUrl };
-    for (const rule of config.rules || []) {
-      if (rule.target && rule.target.type === 'lambda') rule.target.endpoint = `http://127.0.0.1:${writerPort}`;
-    }
-    // The page signs in with the demo token endpoint (off in the shipped configs); the server API closes
-    // a user's connections for the terminal-disconnect check. Keys: fresh per run.
-    config.demo = { token_endpoint: true };
-    config.auth = { ...(config.auth || {}), hmac_secret_key: randomBytes(32).toString('hex') };
-    const apiKey = randomBytes(24).toString('hex');
-    config.api = { ...(config.api || {}), key: apiKey };
-    // Quick dead-link detection is not needed: the proxy resets A's sockets, which the page sees at once.
-    const cfgPath = path.join(ARTIFACTS, 'config.json');
-    fs.writeFileSync(cfgPath, JSON.stringify(config, null, 2));
-
-    // WRITER_SECRET: the writer runs only invocations the connector signs with it.
-    const env = { ...process.env, DATABASE_URL: dbUrl, RUST_LOG: process.env.RUST_LOG || 'info', NO_COLOR: '1',
-                  WRITER_SECRET: randomBytes(32).toString('hex') };
-    delete env.AWS_LAMBDA_RUNTIME_API;
-    const connectorBin = path.join(BIN_DIR, 'connector');
-    const m = spawnSync(connectorBin, ['--config', cfgPath, 'migrate'], { env, cwd: ROOT, encoding: 'utf8', timeout: 120000 });
-    if (m.status !== 0) throw new Error(`connector migrate: ${m.stderr}`);
-    ok('connector migrate');
-
-    const writer = new Service('writer', [path.join(BIN_DIR, 'writer-lambda')], { ...env, WRITER_LISTEN: `127.0.0.1:${writerPort}` });
-    const connector = new Service('connector', [connectorBin, '--config', cfgPath], { ...env, RELAY_LISTEN: `127.0.0.1:${connectorPort}` });
-    services.push(connector, writer);
-    writer.start();
-    connector.start();
-    const base = `http://127.0.0.1:${connectorPort}`;
-    await writer.waitHttp(`http://127.0.0.1:${writerPort}/healthz`);
-    await connector.waitHttp(`${base}/readyz`);
-    ok('writer and connector ready', base);
-
     await check('GET / serves the chat page', async () => {
       const r = await fetch(base + '/');
       if (r.status !== 200 || !(await r.text()).includes('centrifuge-5.8.0.js')) throw new Error(`status ${r.status}`);
     });
-
-    proxy = new Proxy(connectorPort);
+    proxy = new Proxy(Number(new URL(base).port));
     await proxy.listen();
     await scenario(base, `http://127.0.0.1:${proxy.port}`, proxy, dbUrl, apiKey);
-    if (failed) {
-      log(`---- connector log (artifacts/browser/connector.log) ----\n${connector.tail(60)}`);
-      log(`---- writer log ----\n${writer.tail(20)}`);
-    }
   } catch (e) {
     fail('setup', e && e.message ? e.message : e);
-    for (const s of services) log(`---- ${s.name} log ----\n${s.tail(40)}`);
   } finally {
     if (proxy) await proxy.close();
-    for (const s of services) await s.stop().catch((e) => log(`stopping ${s.name}: ${e}`));
-    if (dbCreated && !KEEP_DB) {
-      try {
-        psql(DATABASE_URL, `DROP DATABASE IF EXISTS "${dbName}" WITH (FORCE);`);
-        log(`dropped database ${dbName}`);
-      } catch (e) {
-        log(`could not drop database ${dbName}: ${e.message}`);
-      }
-    }
   }
   if (failures.length) {
     log('failures:');
     for (const f of failures) log('  ' + f);
   }
-  console.log(`${passed} passed, ${failed} failed`);
+  console.log(`RESULT passed=${passed} failed=${failed}`);
   process.exit(failed === 0 ? 0 : 1);
 }
 

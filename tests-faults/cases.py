@@ -8,7 +8,6 @@ import json
 import secrets
 import struct
 import sys
-import subprocess
 import time
 from dataclasses import dataclass
 from array import array
@@ -765,9 +764,7 @@ async def connector_accepts(stack: Stack, overrides: dict) -> bool:
     """Whether this connector's configuration knows the keys in `overrides` (unknown keys are errors)."""
     cfg = stack.write_config("probe", 1, overrides)
     # With the stack's environment: `check` also checks the mappings in DATABASE_URL's database.
-    r = await asyncio.to_thread(subprocess.run, [str(stack.bin_dir / "connector"), "--config", str(cfg), "check"],
-                                env=stack.env, capture_output=True, text=True, timeout=60)
-    return r.returncode == 0
+    return await asyncio.to_thread(stack.system.accepts, cfg)
 
 
 async def case_writer_retry(ctx: Ctx) -> None:

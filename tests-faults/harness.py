@@ -1,24 +1,18 @@
-"""Shared machinery of the fault suite (tests-faults/run.py): databases, connector and writer processes,
-concurrent writers, subscribers (centrifuge-python and raw WebSocket), proxies, and the end-of-case
-verification that every subscriber got every row once, in offset order, matching history and the table.
+"""The fault suite's own machinery (tests-faults/run.py): concurrent writers, subscribers
+(centrifuge-python and raw WebSocket), proxies, and the end-of-case verification that every subscriber got
+every row once, in offset order, matching history and the table.
 
-Process helpers (free ports, psql, the restartable `Service`) come from tests-sdk/run.py, loaded as a
-module, so both suites start the binaries the same way.
+Starting the system (database, migrate, writer, connectors, throwaway clusters) is the shared harness's,
+tests-support/relaytest, as for every black-box suite; `Stack` and `Node` adapt it to asyncio and to a case.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import re
-import secrets
-import shutil
-import signal
-import statistics
-import subprocess
-import tempfile
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,28 +39,14 @@ from centrifuge.exceptions import OperationTimeoutError
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests-support"))
 
-
-def _load_sdk_run():
-    spec = importlib.util.spec_from_file_location("sdk_run", ROOT / "tests-sdk" / "run.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_sdk = _load_sdk_run()
-free_port: Callable[[], int] = _sdk.free_port
-with_database: Callable[[str, str], str] = _sdk.with_database
-psql = _sdk.psql
-http_status = _sdk.http_status
-tail = _sdk.tail
-Service = _sdk.Service
-DEFAULT_DATABASE_URL: str = _sdk.DEFAULT_DATABASE_URL
+import relaytest  # noqa: E402
+from relaytest import free_port, http_get, tail  # noqa: E402,F401 - http_get is re-exported for cases.py
+from relaytest.system import Connector, System  # noqa: E402
 
 CHANNEL = "incoming-chat"
 OUT_CHANNEL = "outgoing-chat"
-READY_TIMEOUT_S = 60
 
 
 def log(msg: str) -> None:
@@ -76,68 +56,14 @@ def log(msg: str) -> None:
 # ---- results ------------------------------------------------------------------------------------------
 
 
-class Results:
-    """Checks of the whole suite, and the figures the cases report."""
+class Results(relaytest.Results):
+    """Checks of the whole suite, and the figures the cases report (the shared counter, logging as [faults])."""
 
     def __init__(self) -> None:
-        self.passed = 0
-        self.failed = 0
-        self.xfailed = 0
-        self.failures: list[str] = []
-        self.figures: dict[str, dict[str, Any]] = {}
-
-    def ok(self, name: str, detail: str = "") -> None:
-        self.passed += 1
-        log(f"PASS {name}" + (f" ({detail})" if detail else ""))
-
-    def fail(self, name: str, detail: str) -> None:
-        self.failed += 1
-        self.failures.append(f"{name}: {detail}")
-        log(f"FAIL {name}: {detail}")
-
-    def check(self, name: str, cond: bool, detail: str = "", why: str = "") -> bool:
-        if cond:
-            self.ok(name, detail)
-        else:
-            self.fail(name, why or detail or "condition false")
-        return cond
-
-    def xfail(self, name: str, detail: str) -> None:
-        """A known defect, described in docs/faults.md: reported, not counted as a failure."""
-        self.xfailed += 1
-        log(f"XFAIL {name}: {detail}")
-
-    def figure(self, case: str, key: str, value: Any) -> None:
-        self.figures.setdefault(case, {})[key] = value
-        log(f"FIGURE {case}: {key} = {json.dumps(value)}")
+        super().__init__(log)
 
 
 # ---- small async helpers -----------------------------------------------------------------------------
-
-
-async def http_get(url: str, timeout: float = 2.0) -> tuple[int | None, str]:
-    """GET on a loopback URL: (status or None, body)."""
-    m = re.match(r"http://([^:/]+):(\d+)(/.*)?$", url)
-    assert m, url
-    host, port, path = m.group(1), int(m.group(2)), m.group(3) or "/"
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return None, ""
-    try:
-        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return None, ""
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    try:
-        status = int(head.split(b" ", 2)[1])
-    except (IndexError, ValueError):
-        return None, ""
-    return status, body.decode(errors="replace")
 
 
 async def metrics(base: str) -> dict[str, float]:
@@ -182,22 +108,19 @@ def ms(v: float | None) -> float | None:
 
 
 class Node:
-    """One connector process on a fixed port (restartable on the same port)."""
+    """One connector process on a fixed port (restartable on the same port), with asyncio waits."""
 
-    def __init__(self, name: str, bin_dir: Path, cfg_path: Path, port: int, env: dict[str, str], logfile: Path):
-        self.name = name
-        self.port = port
-        self.base = f"http://127.0.0.1:{port}"
-        self.ws_url = f"ws://127.0.0.1:{port}/connection/websocket"
-        self.cfg_path = cfg_path
-        self.service = Service(
-            name, [str(bin_dir / "connector"), "--config", str(cfg_path)], dict(env, RELAY_LISTEN=f"127.0.0.1:{port}"), logfile
-        )
+    def __init__(self, service: Connector) -> None:
+        self.service = service
+        self.name = service.name
+        self.port = service.port
+        self.base = service.base
+        self.ws_url = service.ws_url
+        self.cfg_path = service.cfg_path
 
     @property
     def pid(self) -> int | None:
-        p = self.service.proc
-        return p.pid if p is not None and p.poll() is None else None
+        return self.service.pid
 
     def alive(self) -> bool:
         return self.service.alive()
@@ -207,38 +130,20 @@ class Node:
         self.service.start()
         return await self.wait_ready()
 
-    async def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> str | None:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if not self.alive():
-                p = self.service.proc
-                return f"{self.name} exited with status {p.returncode if p else '?'}"
-            last, _ = await http_get(f"{self.base}/readyz", timeout=1)
-            if last == 200:
-                return None
-            await asyncio.sleep(0.05)
-        return f"{self.base}/readyz not 200 within {timeout:.0f} s (last {last})"
+    async def wait_ready(self, timeout: float = relaytest.process.READY_TIMEOUT_S) -> str | None:
+        return await self.service.wait_http_async(f"{self.base}/readyz", timeout)
 
     def kill(self) -> None:
         self.service.kill()
 
     def sigterm(self) -> None:
-        if self.alive():
-            assert self.service.proc is not None
-            self.service.proc.send_signal(signal.SIGTERM)
+        self.service.sigterm()
 
     async def wait_exit(self, timeout: float) -> int | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            p = self.service.proc
-            if p is None or p.poll() is not None:
-                return None if p is None else p.returncode
-            await asyncio.sleep(0.05)
-        return None
+        return await self.service.wait_exit_async(timeout)
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self.service.stop)
+        await self.service.stop_async()
 
 
 def connector_config(db_url: str, port: int, writer_url: str, overrides: dict | None = None) -> dict:
@@ -279,79 +184,63 @@ def connector_config(db_url: str, port: int, writer_url: str, overrides: dict | 
 
 
 class Stack:
-    """A case's world: a fresh database (on DATABASE_URL's server, or a given server), the writer, and
-    connector nodes. Torn down always."""
+    """A case's world: the shared harness's System (a fresh database on DATABASE_URL's server, or a given
+    server; the writer) and connector nodes. Torn down always."""
 
     def __init__(self, case: str, results: Results, bin_dir: Path, art_root: Path, admin_url: str | None = None,
                  keep_db: bool = False) -> None:
         self.case = case
         self.results = results
-        self.bin_dir = bin_dir
-        self.admin_url = admin_url or os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
-        self.db_name = f"relay_faults_{case.replace('-', '_')}_{secrets.token_hex(3)}"
-        self.db_url = with_database(self.admin_url, self.db_name)
-        self.dir = art_root / self.db_name
-        self.keep_db = keep_db
-        self.db_created = False
-        self.writer: Any = None
-        self.writer_port = free_port()
-        self.writer_url = f"http://127.0.0.1:{self.writer_port}"
+        self.system = System(f"relay_faults_{case.replace('-', '_')}", art_root, bin_dir=bin_dir, server=admin_url,
+                             keep_db=keep_db, random_bytes=3, log=log)
+        self.bin_dir = self.system.bin_dir
+        self.db_name = self.system.db_name
+        self.db_url = self.system.db_url
+        self.dir = self.system.dir
+        self.env = self.system.env
+        self.writer_url = self.system.writer_url
         self.nodes: list[Node] = []
         self.failed_before = results.failed
         self.client_extra: dict[str, Any] = {}
-        self.env = dict(os.environ)
-        self.env.update({"DATABASE_URL": self.db_url, "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1",
-                         # The writer accepts only invocations the connector signs with this.
-                         "WRITER_SECRET": secrets.token_hex(32)})
-        self.env.pop("AWS_LAMBDA_RUNTIME_API", None)
+
+    @property
+    def writer(self) -> relaytest.Service | None:
+        return self.system.writer
 
     async def setup(self, writer: bool = True) -> bool:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            await asyncio.to_thread(psql, self.admin_url, f'CREATE DATABASE "{self.db_name}";')
-        except Exception as e:  # noqa: BLE001 - reported
-            self.results.fail(f"{self.case}: create database", str(e))
+        err = await asyncio.to_thread(self.system.create_database)
+        if err:
+            self.results.fail(f"{self.case}: create database", err)
             return False
-        self.db_created = True
         log(f"[{self.case}] database {self.db_name}; logs in {self.dir.relative_to(ROOT)}")
         cfg = self.write_config("migrate", free_port())
-        r = await asyncio.to_thread(
-            subprocess.run, [str(self.bin_dir / "connector"), "--config", str(cfg), "migrate"],
-            env=self.env, capture_output=True, text=True, timeout=120, cwd=ROOT,
-        )
-        (self.dir / "migrate.log").write_text(r.stdout + r.stderr)
-        if r.returncode != 0:
-            self.results.fail(f"{self.case}: connector migrate", f"exit {r.returncode}:\n{tail(self.dir / 'migrate.log')}")
+        err = await asyncio.to_thread(self.system.migrate, cfg)
+        if err:
+            self.results.fail(f"{self.case}: connector migrate", err)
             return False
         # Newer connectors limit publishes per connection (client.publish_rate_per_sec, default 10/s): the
         # publishers here publish faster on purpose, so lift the limit where the connector has it.
         probe = self.write_config("probe", 1, {"client": {"publish_rate_per_sec": 100000, "publish_burst": 100000}})
-        r = await asyncio.to_thread(subprocess.run, [str(self.bin_dir / "connector"), "--config", str(probe), "check"],
-                                    env=self.env, capture_output=True, text=True, timeout=60, cwd=ROOT)
-        if r.returncode == 0:
+        if await asyncio.to_thread(self.system.accepts, probe):
             self.client_extra = {"publish_rate_per_sec": 100000, "publish_burst": 100000}
         if writer:
-            env_writer = dict(self.env, WRITER_LISTEN=f"127.0.0.1:{self.writer_port}", WRITER_DB_MAX_CONNECTIONS="8")
-            self.writer = Service("writer-lambda", [str(self.bin_dir / "writer-lambda")], env_writer, self.dir / "writer.log")
-            self.writer.start()
-            err = await asyncio.to_thread(self.writer.wait_http, f"{self.writer_url}/healthz")
+            err = await asyncio.to_thread(self.system.start_writer, {"WRITER_DB_MAX_CONNECTIONS": "8"})
             if err:
-                self.results.fail(f"{self.case}: writer-lambda healthy", f"{err}\n{tail(self.writer.logfile)}")
+                self.results.fail(f"{self.case}: writer-lambda healthy", err)
                 return False
         return True
 
     def write_config(self, name: str, port: int, overrides: dict | None = None, writer_url: str | None = None) -> Path:
         overrides = dict(overrides or {})
         overrides["client"] = {**self.client_extra, **overrides.get("client", {})}
-        path = self.dir / f"config-{name}.json"
-        path.write_text(json.dumps(connector_config(self.db_url, port, writer_url or self.writer_url, overrides), indent=2))
-        return path
+        return self.system.write_config(
+            f"config-{name}", connector_config(self.db_url, port, writer_url or self.writer_url, overrides))
 
     async def add_node(self, name: str = "connector", overrides: dict | None = None, writer_url: str | None = None,
                        port: int | None = None) -> Node | None:
         port = port or free_port()
         cfg = self.write_config(name, port, overrides, writer_url)
-        node = Node(name, self.bin_dir, cfg, port, self.env, self.dir / f"{name}.log")
+        node = Node(self.system.new_connector(cfg, port, name))
         self.nodes.append(node)
         err = await node.start()
         if err:
@@ -361,104 +250,20 @@ class Stack:
 
     async def teardown(self) -> None:
         if self.results.failed > self.failed_before:
-            self.dump_logs()
-        for node in self.nodes:
-            try:
-                await node.stop()
-            except Exception as e:  # noqa: BLE001 - teardown goes on
-                log(f"stopping {node.name}: {e}")
-        if self.writer is not None:
-            try:
-                await asyncio.to_thread(self.writer.stop)
-            except Exception as e:  # noqa: BLE001
-                log(f"stopping writer: {e}")
-        if self.db_created and not self.keep_db:
-            try:
-                if capture_mode() == "wal":
-                    # A database with a replication slot cannot be dropped: drop its slots first (the
-                    # nodes are stopped; a walsender may take a moment to exit).
-                    await asyncio.to_thread(psql, self.admin_url, (
-                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                        f"WHERE database = '{self.db_name}' AND active_pid IS NOT NULL; SELECT pg_sleep(0.5); "
-                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                        f"WHERE database = '{self.db_name}';"))
-                await asyncio.to_thread(psql, self.admin_url, f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE);')
-            except Exception as e:  # noqa: BLE001 - reported, not fatal
-                log(f"could not drop database {self.db_name}: {e}")
-
-    def dump_logs(self) -> None:
-        for node in self.nodes:
-            log(f"---- {node.name} log ({node.service.logfile.relative_to(ROOT)}) ----\n{tail(node.service.logfile, 40)}")
-        if self.writer is not None:
-            log(f"---- writer log ----\n{tail(self.writer.logfile, 15)}")
+            self.system.dump_logs(lines=40, writer_lines=15)
+        await asyncio.to_thread(self.system.stop_processes)
+        if self.system.db.created and not self.system.keep_db:
+            # With wal capture, a database with a replication slot cannot be dropped: its slots go first.
+            err = await asyncio.to_thread(self.system.db.drop, capture_mode() == "wal")
+            if err:
+                log(err)
 
 
-class Cluster:
-    """A throwaway PostgreSQL cluster in a temporary directory, on a free loopback port, trust auth; run
-    as the postgres user when we are root (initdb refuses root). The test may restart it at will."""
+class Cluster(relaytest.Cluster):
+    """A throwaway cluster (the shared harness's), with wal_level = logical when this run captures from WAL."""
 
     def __init__(self, art_dir: Path) -> None:
-        self.bindir = self._bindir()
-        self.port = free_port()
-        self.tmp = Path(tempfile.mkdtemp(prefix="relay-faults-pg-"))
-        self.data = self.tmp / "data"
-        self.logfile = self.tmp / "postgres.log"
-        self.art_dir = art_dir
-        self.url = f"postgres://postgres@127.0.0.1:{self.port}/postgres"
-        self.started = False
-
-    @staticmethod
-    def _bindir() -> Path:
-        env = os.environ.get("PG_BINDIR")
-        if env:
-            return Path(env)
-        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
-                       if p.parent.parent.name.isdigit() else 0)
-        if found:
-            return found[-1].parent
-        r = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
-        return Path(r.stdout.strip())
-
-    def _argv(self, argv: list[str]) -> list[str]:
-        if os.geteuid() == 0:
-            return ["runuser", "-u", "postgres", "--", *argv]
-        return argv
-
-    async def _run(self, *argv: str, timeout: float = 120) -> None:
-        r = await asyncio.to_thread(subprocess.run, self._argv([str(self.bindir / argv[0]), *argv[1:]]),
-                                    capture_output=True, text=True, timeout=timeout, cwd=self.tmp)
-        if r.returncode != 0:
-            raise RuntimeError(f"{argv[0]} failed ({r.returncode}): {r.stderr.strip()[-800:]}")
-
-    async def start(self) -> None:
-        if os.geteuid() == 0:
-            shutil.chown(self.tmp, "postgres", "postgres")
-        await self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                        "--no-sync", "--no-instructions")
-        opts = (f"-p {self.port} -k {self.tmp} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c max_connections=200")
-        if capture_mode() == "wal":
-            opts += " -c wal_level=logical -c max_wal_senders=40 -c max_replication_slots=40"
-        await self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "-o", opts, "start")
-        self.started = True
-
-    async def restart(self) -> None:
-        """`pg_ctl restart -m fast`: every backend terminated, the server back with the same options."""
-        await self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "-m", "fast",
-                        "restart")
-
-    async def destroy(self) -> None:
-        if self.started:
-            try:
-                await self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "30", "-m", "immediate", "stop")
-            except Exception as e:  # noqa: BLE001
-                log(f"stopping the throwaway cluster: {e}")
-        try:
-            self.art_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy(self.logfile, self.art_dir / "postgres.log")
-        except OSError:
-            pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        super().__init__(art_dir, logical=capture_mode() == "wal", log=log)
 
 
 # ---- writers ----------------------------------------------------------------------------------------

@@ -34,8 +34,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -45,6 +43,7 @@ sys.path.insert(0, str(HERE))
 
 import cases  # noqa: E402
 from harness import ROOT, Cluster, Results, log  # noqa: E402
+from relaytest import install_sigterm, prune_runs  # noqa: E402 - on sys.path through harness
 
 CASE_TIMEOUT_S = 180
 
@@ -54,9 +53,7 @@ async def amain(args: argparse.Namespace) -> int:
     run_id = time.strftime("%Y%m%d-%H%M%S")
     art = ROOT / "artifacts" / "fault-tests" / run_id
     art.mkdir(parents=True, exist_ok=True)
-    runs = sorted((d for d in art.parent.iterdir() if d.is_dir()), key=lambda d: d.name)
-    for old in runs[:-10]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_runs(art.parent, "*", keep=10)
     ctx = cases.Ctx(results=results, bin_dir=Path(args.bin_dir).resolve(), art=art, keep_db=args.keep_db,
                     clients=args.clients, rate=args.rate)
     for b in ("connector", "writer-lambda"):
@@ -111,12 +108,7 @@ async def run_cases(args: argparse.Namespace, ctx, results: Results, art: Path, 
     log(f"figures in {(art / 'figures.json').relative_to(ROOT)}; suite took {time.monotonic() - t_all:.0f} s")
     if results.xfailed:
         log(f"{results.xfailed} known defect(s) reported as XFAIL (see docs/faults.md)")
-    if results.failures:
-        log("failures:")
-        for f in results.failures:
-            log("  " + f.splitlines()[0][:300])
-    print(f"{results.passed} passed, {results.failed} failed", flush=True)
-    return 0 if results.failed == 0 else 1
+    return results.close()
 
 
 def main() -> int:
@@ -130,10 +122,7 @@ def main() -> int:
                         help="capture mode of every connector (default trigger; wal starts a logical cluster)")
     args = parser.parse_args()
 
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
+    install_sigterm()
     try:
         return asyncio.run(amain(args))
     except KeyboardInterrupt:

@@ -15,8 +15,10 @@
 //!   writer applies a retried call once); on any other channel it is recorded with `relay.publish()`,
 //!   delivered in commit order through the change stream like every publication. The answer comes
 //!   once the publication is in the history (read-your-writes, [`crate::db::fence`]), so a `history`
-//!   call after it sees it. The result has no offset: a writer may turn one publish into any number
-//!   of rows, or none.
+//!   call after it sees it. On a channel without a rule the result is the publication's `{offset,
+//!   epoch}` (as Centrifugo's, whose history is on); it is `{}` when that position cannot be told
+//!   ([`crate::db::history::publish_located`]). Through a rule the result is `{}`: the writer may turn one
+//!   publish into any number of rows, or none.
 //! - `broadcast {channels, data}`: `publish` to each channel; one response per channel.
 //! - `history {channel, limit?, since?, reverse?}`: as the client command (limit 0 = position only,
 //!   −1 = all up to `client.history_max_limit`).
@@ -200,8 +202,7 @@ struct PublishParams {
 }
 
 async fn publish(node: &Node, p: PublishParams) -> ApiResult {
-    publish_one(node, &p.channel, &p.data, p.idempotency_key.as_deref()).await?;
-    Ok(json!({}))
+    publish_one(node, &p.channel, &p.data, p.idempotency_key.as_deref()).await
 }
 
 async fn publish_one(
@@ -209,7 +210,7 @@ async fn publish_one(
     channel: &str,
     data: &RawValue,
     idempotency_key: Option<&str>,
-) -> Result<(), ReplyError> {
+) -> Result<Value, ReplyError> {
     check_channel(channel)?;
     let key_ok = idempotency_key.is_none_or(|k| !k.is_empty() && k.len() <= 256);
     let message_id = idempotency_key.filter(|_| key_ok).map(str::to_owned);
@@ -224,7 +225,11 @@ async fn publish_one(
     if !key_ok && node.has_rule(channel) {
         return Err(bad("idempotency_key must be 1-256 bytes"));
     }
-    node.publish(publication).await.map_err(reply)
+    let located = node.publish(publication).await.map_err(reply)?;
+    Ok(located.map_or_else(
+        || json!({}),
+        |at| json!({"offset": at.offset, "epoch": at.epoch}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -252,7 +257,7 @@ async fn broadcast(node: &Node, p: BroadcastParams) -> ApiResult {
         let key = p.idempotency_key.as_ref().map(|k| format!("{k}:{channel}"));
         responses.push(
             match publish_one(node, channel, &p.data, key.as_deref()).await {
-                Ok(()) => json!({"result": {}}),
+                Ok(result) => json!({ "result": result }),
                 Err(e) => json!({"error": e}),
             },
         );

@@ -23,7 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::capture::CaptureStatus;
 use crate::config::{Config, Rule};
 use crate::db::fence;
-use crate::db::history::{self, Bound, Keep, StreamSlice};
+use crate::db::history::{self, Bound, Keep, Located, StreamSlice};
 use crate::db::stream::StreamStatus;
 use crate::hub::Hub;
 use crate::presence::{DisconnectOrder, JoinError, Member, Presence};
@@ -78,6 +78,12 @@ pub(crate) fn replies_busy() -> ReplyError {
     )
 }
 
+/// A publication that could not be written: logged, answered with the generic internal error.
+fn publish_failed(channel: &str, e: &crate::Error) -> ReplyError {
+    tracing::warn!(channel, error = %e, "publish failed");
+    ReplyError::new(ErrorCode::Internal)
+}
+
 /// A storage failure: logged, answered with the generic internal error.
 fn internal(what: &str, e: &crate::Error) -> ReplyError {
     tracing::warn!(error = %e, "{what} failed");
@@ -109,7 +115,7 @@ pub(crate) enum Publisher {
         /// The connection's client id.
         connection: String,
         /// The publisher's `ClientInfo` JSON, kept with a publication in the history.
-        info: Option<Box<RawValue>>,
+        info: Box<RawValue>,
     },
 }
 
@@ -313,26 +319,31 @@ impl Node {
     }
 
     /// Publishes: through the channel's rule to its target, or into the history with
-    /// `relay.publish()`. Answers once the publication is in the history (read-your-writes,
-    /// [`fence`]), so a history read after it sees it.
-    pub(crate) async fn publish(&self, p: Publication) -> NodeResult<()> {
-        match &p.rule {
-            Some(rule) => self.publish_to_target(&p, rule).await?,
-            None => {
-                let info = match &p.publisher {
-                    Publisher::Client { info, .. } => info.as_deref(),
-                    Publisher::Api { .. } => None,
-                };
+    /// `relay.publish_json()`. Answers once the publication is in the history (read-your-writes,
+    /// [`fence`]), so a history read after it sees it. For the server API on a channel without a
+    /// rule, the answer is where the publication landed, when that can be told
+    /// ([`history::publish_located`]); otherwise `None` (a writer may turn one publish into any
+    /// number of rows, or none).
+    pub(crate) async fn publish(&self, p: Publication) -> NodeResult<Option<Located>> {
+        let located = match (&p.rule, &p.publisher) {
+            (Some(rule), _) => {
+                self.publish_to_target(&p, rule).await?;
+                None
+            }
+            (None, Publisher::Api { .. }) => {
+                history::publish_located(&self.pool, &p.channel, &p.data)
+                    .await
+                    .map_err(|e| publish_failed(&p.channel, &e))?
+            }
+            (None, Publisher::Client { info, .. }) => {
                 history::publish(&self.pool, &p.channel, &p.data, info)
                     .await
-                    .map_err(|e| {
-                        tracing::warn!(channel = %p.channel, error = %e, "publish failed");
-                        ReplyError::new(ErrorCode::Internal)
-                    })?;
+                    .map_err(|e| publish_failed(&p.channel, &e))?;
+                None
             }
-        }
+        };
         self.metrics.publications_in.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(located)
     }
 
     async fn publish_to_target(&self, p: &Publication, rule: &Rule) -> NodeResult<()> {

@@ -158,6 +158,19 @@ impl PbClient {
         }
     }
 
+    /// The next publication push on `channel`: its offset and its data's bytes, as sent.
+    async fn next_pub_bytes(&mut self, channel: &str) -> (u64, Bytes) {
+        loop {
+            let m = self.next_message().await;
+            if let Some(push) = m.push
+                && push.channel == channel
+                && let Some(p) = push.r#pub
+            {
+                return (p.offset, p.data);
+            }
+        }
+    }
+
     /// Waits for the server's close frame; returns its code.
     async fn closed(&mut self) -> u16 {
         loop {
@@ -610,6 +623,88 @@ async fn connect_and_subscribe_in_one_frame() {
     assert!(first.connect.is_some(), "{first:?}");
     assert_eq!(second.id, 2);
     assert!(second.subscribe.is_some(), "{second:?}");
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn publication_data_comes_back_byte_for_byte() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    let (mut p, _) = PbClient::connected(&server.ws_url(), Select::Subprotocol).await;
+    let r = p
+        .call(Command {
+            subscribe: Some(subscribe("news")),
+            ..Default::default()
+        })
+        .await;
+    assert!(r.error.is_none(), "{r:?}");
+    let mut j = support::Client::connected(&server.ws_url()).await;
+    let r = j.call(json!({"subscribe": {"channel": "news"}})).await;
+    assert!(r.get("error").is_none(), "{r}");
+
+    // What centrifuge-js's Protobuf suite checks: the bytes it published, back unchanged.
+    let publish = |data: &'static [u8]| Command {
+        publish: Some(PublishRequest {
+            channel: "news".into(),
+            data: Bytes::from_static(data),
+        }),
+        ..Default::default()
+    };
+    let r = p.call(publish(br#"{"my":"data"}"#)).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert_eq!(
+        p.next_pub_bytes("news").await,
+        (1, Bytes::from_static(br#"{"my":"data"}"#))
+    );
+    assert_eq!(j.next_pub("news").await["data"], json!({"my": "data"}));
+
+    // A JSON client's data keeps its key order and spacing too.
+    j.send_raw(r#"{"id":900,"publish":{"channel":"news","data":{"b":1, "a":[2,3],"b2":{}}}}"#)
+        .await;
+    assert_eq!(
+        p.next_pub_bytes("news").await,
+        (2, Bytes::from_static(br#"{"b":1, "a":[2,3],"b2":{}}"#))
+    );
+
+    // Data over several lines is put on one (JSON-protocol frames are newline-delimited): the JSON
+    // subscriber still reads a well-formed frame.
+    let r = p
+        .call(publish(b"{\n  \"x\": 1,\r\n  \"y\": [true]\n}"))
+        .await;
+    assert!(r.error.is_none(), "{r:?}");
+    let (offset, data) = p.next_pub_bytes("news").await;
+    assert_eq!(offset, 3);
+    assert!(!data.contains(&b'\n') && !data.contains(&b'\r'), "{data:?}");
+    let seen: Value = serde_json::from_slice(&data).unwrap();
+    assert_eq!(seen, json!({"x": 1, "y": [true]}));
+    let mut from_json = Vec::new();
+    for _ in 0..2 {
+        from_json.push(j.next_pub("news").await["data"].clone());
+    }
+    assert_eq!(from_json[0], json!({"b": 1, "a": [2, 3], "b2": {}}));
+    assert_eq!(from_json[1], json!({"x": 1, "y": [true]}), "{from_json:?}");
+
+    // History hands out the same bytes.
+    let h = p
+        .call(Command {
+            history: Some(HistoryRequest {
+                channel: "news".into(),
+                limit: 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .history
+        .unwrap();
+    let datas: Vec<Bytes> = h.publications.into_iter().map(|p| p.data).collect();
+    assert_eq!(datas[0], Bytes::from_static(br#"{"my":"data"}"#));
+    assert_eq!(
+        datas[1],
+        Bytes::from_static(br#"{"b":1, "a":[2,3],"b2":{}}"#)
+    );
+    assert_eq!(datas[2], data);
     server.stop().await;
     db.drop_db().await;
 }

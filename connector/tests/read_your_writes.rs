@@ -103,6 +103,15 @@ async fn a_server_api_publish_answer_means_the_publication_is_in_history() {
         let h = api(&server, "history", json!({"channel": "news", "limit": -1})).await;
         let n = h["result"]["publications"].as_array().map_or(0, Vec::len);
         assert_eq!(n, i + 1, "round {i}: history right after the answer: {h}");
+        // The answer carries the publication's position, as Centrifugo's does.
+        assert_eq!(r["result"]["offset"], json!(i + 1), "round {i}: {r}");
+        assert_eq!(
+            r["result"]["epoch"], h["result"]["epoch"],
+            "round {i}: {r} {h}"
+        );
+        let newest = &h["result"]["publications"][i];
+        assert_eq!(newest["offset"], r["result"]["offset"], "{h}");
+        assert_eq!(newest["data"], json!({"n": i}), "{h}");
     }
     server.stop().await;
     db.drop_db().await;
@@ -222,6 +231,48 @@ async fn history_keeps_the_retention_age_before_any_pruning() {
     c.call(json!({"publish": {"channel": "brief", "data": {"n": 2}}}))
         .await;
     assert_eq!(offsets(&mut c, "brief").await, [2]);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn concurrent_server_api_publishes_each_answer_their_own_offset() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({"api": {"key": KEY}}))).await;
+    let calls = (0..20).map(|i| {
+        let server = &server;
+        async move {
+            let r = api(
+                server,
+                "publish",
+                json!({"channel": "busy", "data": {"n": i}}),
+            )
+            .await;
+            (i, r)
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let h = api(&server, "history", json!({"channel": "busy", "limit": -1})).await;
+    let by_offset: std::collections::HashMap<u64, Value> = h["result"]["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["offset"].as_u64().unwrap(), p["data"].clone()))
+        .collect();
+    assert_eq!(by_offset.len(), 20, "{h}");
+    let mut offsets: Vec<u64> = answers
+        .iter()
+        .map(|(i, r)| {
+            let offset = r["result"]["offset"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{r}"));
+            assert_eq!(by_offset[&offset], json!({"n": i}), "answer {r} for n={i}");
+            assert_eq!(r["result"]["epoch"], h["result"]["epoch"]);
+            offset
+        })
+        .collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (1..=20).collect::<Vec<u64>>());
     server.stop().await;
     db.drop_db().await;
 }

@@ -20,14 +20,9 @@ import asyncio
 import http.server
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import jwt  # PyJWT
@@ -41,6 +36,10 @@ from centrifuge import (
     SubscriptionEventHandler,
     UnsubscribedContext,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests-support"))
+from relaytest import free_port  # noqa: E402
+from relaytest.system import Connector  # noqa: E402
 
 URL = os.environ.get("RELAY_WS_URL", "")
 SECRET = os.environ.get("JWT_HMAC_SECRET", "")
@@ -206,14 +205,9 @@ class JwksServer:
         self.httpd.server_close()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_jwks_connector(jwks_url: str) -> tuple[subprocess.Popen, str, str]:
-    """A second connector on the run's database, verifying tokens with the JWKS only."""
+def start_jwks_connector(jwks_url: str) -> Connector:
+    """A second connector on the run's database, verifying tokens with the JWKS only (started with the
+    shared harness; stopped by the caller)."""
     cfg_path = Path(RELAY_CONFIG)
     config = json.loads(cfg_path.read_text())
     port = free_port()
@@ -221,25 +215,15 @@ def start_jwks_connector(jwks_url: str) -> tuple[subprocess.Popen, str, str]:
     config["auth"] = {"jwks_url": jwks_url, "jwks_min_refetch_secs": 1}
     jwks_cfg = cfg_path.parent / "config-jwks.json"
     jwks_cfg.write_text(json.dumps(config, indent=2))
-    env = dict(os.environ, DATABASE_URL=config["database"]["url"], RELAY_LISTEN=f"127.0.0.1:{port}", NO_COLOR="1")
+    env = dict(os.environ, DATABASE_URL=config["database"]["url"], NO_COLOR="1")
     env.pop("RELAY__AUTH__HMAC_SECRET_KEY", None)
-    log = open(cfg_path.parent / "connector-jwks.log", "ab")
-    proc = subprocess.Popen([str(Path(RELAY_BIN_DIR) / "connector"), "--config", str(jwks_cfg)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    log.close()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    else:
-        raise RuntimeError(f"the JWKS connector did not become ready (see {cfg_path.parent / 'connector-jwks.log'})")
-    return proc, f"ws://127.0.0.1:{port}/connection/websocket", str(cfg_path.parent / "connector-jwks.log")
+    node = Connector("connector-jwks", Path(RELAY_BIN_DIR), jwks_cfg, port, env, cfg_path.parent / "connector-jwks.log")
+    node.start()
+    err = node.wait_http(f"{node.base}/readyz")
+    if err:
+        node.stop()
+        raise RuntimeError(f"the JWKS connector did not become ready: {err} (see {node.logfile})")
+    return node
 
 
 async def expect_connected(name: str, token: str, url: str) -> None:
@@ -273,9 +257,10 @@ async def jwks_checks() -> None:
     server = JwksServer()
     rsa_jwk = RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True)
     server.keys = [dict(rsa_jwk, kid="py-rsa-1", use="sig", alg="RS256")]
-    proc = None
+    node = None
     try:
-        proc, url, _log = await asyncio.to_thread(start_jwks_connector, server.url)
+        node = await asyncio.to_thread(start_jwks_connector, server.url)
+        url = node.ws_url
         check("JWKS: connector fetched the JWKS at start-up", server.hits == 1, f"{server.hits} requests")
         now = int(time.time())
         rs = jwt.encode({"sub": "py-jwks", "exp": now + 3600}, rsa_key, algorithm="RS256",
@@ -299,12 +284,8 @@ async def jwks_checks() -> None:
     except Exception as e:  # noqa: BLE001
         check("JWKS: scenario", False, repr(e))
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=35)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if node is not None:
+            await asyncio.to_thread(node.stop)
         server.close()
 
 

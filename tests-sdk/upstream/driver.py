@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import sys
 import traceback
 import unittest
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests-support"))
+
+from relaytest.tokens import hs256  # noqa: E402
 
 PREFIX = "@@upstream "
 UPSTREAM_WS = "ws://localhost:8000/connection/websocket"
@@ -44,18 +46,6 @@ DETAIL_MAX = 1500
 def emit(obj: dict) -> None:
     sys.stdout.write(PREFIX + json.dumps(obj) + "\n")
     sys.stdout.flush()
-
-
-def b64url(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
-
-
-def hs256(claims: dict, secret: str) -> str:
-    """A compact HS256 JWT of `claims`."""
-    head = b64url(json.dumps({"typ": "JWT", "alg": "HS256"}).encode())
-    body = b64url(json.dumps(claims).encode())
-    sig = b64url(hmac.new(secret.encode(), head + b"." + body, hashlib.sha256).digest())
-    return (head + b"." + body + b"." + sig).decode()
 
 
 class Counter:

@@ -6,8 +6,8 @@ For one run this runner:
      with pip into target/upstream/, checks its sha256, and unpacks it (its tests/ are upstream's suite);
   2. creates a fresh database (relay_upstream_<random>), writes a connector configuration translated
      from the Centrifugo configuration upstream's CI runs its suite against (the sdist's
-     docker-compose.yml; see `relay_config`), runs `connector migrate` and starts the connector
-     (tests-sdk/run.py's Service and helpers, imported) on a free port;
+     docker-compose.yml; see `relay_config`), runs `connector migrate` and starts the connector on a
+     free port (the shared harness, tests-support/relaytest: `System`);
   3. runs upstream's test module(s) with upstream's own runner (unittest) through driver.py, minus the
      cases in exclusions.txt (each with its reason), with a deadline per test and for the whole run:
      a test that hangs is killed, reported as failed, and the run goes on with the next one;
@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
-import importlib.util
 import json
-import os
 import queue
 import secrets
 import shutil
@@ -45,11 +43,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "tests-support"))
 
-_spec = importlib.util.spec_from_file_location("sdk_run", HERE.parent / "run.py")
-assert _spec is not None and _spec.loader is not None
-sdk = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sdk)
+from relaytest import System, free_port, install_sigterm, kill_group, prune_runs, require_psql, tail  # noqa: E402
 
 # The pinned upstream release: the sdist carries tests/, client.proto and the CI's server config.
 SDIST_NAME = "centrifuge-python"
@@ -228,13 +224,10 @@ class Runner:
         self.python = str(ROOT / "tests-sdk" / ".venv" / "bin" / "python")
         if not Path(self.python).exists():
             self.python = sys.executable
-        self.admin_url = os.environ.get("DATABASE_URL") or sdk.DEFAULT_DATABASE_URL
-        self.db_name = f"relay_upstream_{secrets.token_hex(4)}"
-        self.db_url = sdk.with_database(self.admin_url, self.db_name)
-        self.db_created = False
-        self.dir = ROOT / "artifacts" / "upstream-tests" / self.db_name
-        self.bin_dir = Path(args.bin_dir).resolve()
-        self.port = sdk.free_port()
+        self.system = System("relay_upstream", ROOT / "artifacts" / "upstream-tests", bin_dir=Path(args.bin_dir),
+                             keep_db=args.keep_db, writer=False, log=log)
+        self.dir = self.system.dir
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}/connection/websocket"
         self.secret = secrets.token_hex(24)
@@ -247,17 +240,13 @@ class Runner:
         self.durations: dict[str, float] = {}
         self.lock = threading.Lock()
 
-    def prune_artifacts(self, keep: int = 10) -> None:
-        runs = sorted((d for d in self.dir.parent.glob("relay_upstream_*") if d.is_dir()),
-                      key=lambda d: d.stat().st_mtime)
-        for old in runs[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
     def setup(self) -> Path | None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.prune_artifacts()
-        if not (self.bin_dir / "connector").is_file():
-            self.setup_failures.append(f"{self.bin_dir / 'connector'} is missing: run `cargo build --workspace --bins`")
+        system = self.system
+        system.dir.mkdir(parents=True, exist_ok=True)
+        prune_runs(self.dir.parent, "relay_upstream_*", keep=10)
+        err = system.missing_binaries(("connector",))
+        if err:
+            self.setup_failures.append(err)
             return None
         try:
             tree = unpack(fetch_sdist(self.python))
@@ -265,46 +254,28 @@ class Runner:
             self.setup_failures.append(f"upstream sdist: {e}")
             return None
         log(f"{SDIST_FILE} (sha256 {SDIST_SHA256[:16]}…) unpacked in {tree.relative_to(ROOT)}")
-        try:
-            sdk.psql(self.admin_url, f'CREATE DATABASE "{self.db_name}";')
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-            self.setup_failures.append(f"create database {self.db_name}: {e}")
+        err = system.create_database()
+        if err:
+            self.setup_failures.append(f"create database {err}")
             return None
-        self.db_created = True
-        log(f"database {self.db_name}; artifacts in {self.dir.relative_to(ROOT)}")
-        cfg_path = self.dir / "config.json"
-        cfg_path.write_text(json.dumps(relay_config(self.port, self.db_url), indent=2))
-        env = dict(os.environ)
-        env.update({"DATABASE_URL": self.db_url, "RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1",
-                    "RELAY_LISTEN": f"127.0.0.1:{self.port}", "RELAY__AUTH__HMAC_SECRET_KEY": self.secret})
-        binary = str(self.bin_dir / "connector")
-        r = subprocess.run([binary, "--config", str(cfg_path), "migrate"], env=env, capture_output=True,
-                           text=True, timeout=120, cwd=ROOT)
-        (self.dir / "migrate.log").write_text(r.stdout + r.stderr)
-        if r.returncode != 0:
-            self.setup_failures.append(f"connector migrate: exit {r.returncode}\n{sdk.tail(self.dir / 'migrate.log')}")
+        log(f"database {system.db_name}; artifacts in {self.dir.relative_to(ROOT)}")
+        cfg_path = system.write_config("config", relay_config(self.port, system.db_url))
+        key = {"RELAY__AUTH__HMAC_SECRET_KEY": self.secret}
+        err = system.migrate(cfg_path, env=dict(system.env, RELAY_LISTEN=f"127.0.0.1:{self.port}", **key))
+        if err:
+            self.setup_failures.append(f"connector migrate: {err}")
             return None
-        self.connector = sdk.Service("connector", [binary, "--config", str(cfg_path)], env, self.dir / "connector.log")
+        self.connector = system.new_connector(cfg_path, self.port, extra_env=key)
         self.connector.start()
         err = self.connector.wait_http(f"{self.base}/readyz")
         if err:
-            self.setup_failures.append(f"connector ready: {err}\n{sdk.tail(self.connector.logfile)}")
+            self.setup_failures.append(f"connector ready: {err}\n{tail(self.connector.logfile)}")
             return None
         log(f"connector ready at {self.base}")
         return tree
 
     def teardown(self) -> None:
-        if self.connector is not None:
-            try:
-                self.connector.stop()
-            except Exception as e:  # noqa: BLE001 - teardown goes on
-                log(f"stopping the connector: {e}")
-        if self.db_created and not self.args.keep_db:
-            try:
-                sdk.psql(self.admin_url, f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE);')
-                log(f"dropped database {self.db_name}")
-            except Exception as e:  # noqa: BLE001 - reported, not fatal
-                log(f"could not drop database {self.db_name}: {e}")
+        self.system.teardown()
 
     # ---- the driver ---------------------------------------------------------------------------
 
@@ -332,15 +303,8 @@ class Runner:
         proc.wait(timeout=60)
         ids = [json.loads(line[len(PREFIX):])["test"] for line in out.splitlines() if line.startswith(PREFIX)]
         if proc.returncode != 0 or not ids:
-            raise RuntimeError(f"listing {module} failed ({proc.returncode}):\n{sdk.tail(self.dir / 'driver-0-stderr.log')}")
+            raise RuntimeError(f"listing {module} failed ({proc.returncode}):\n{tail(self.dir / 'driver-0-stderr.log')}")
         return ids
-
-    def kill(self, proc: subprocess.Popen) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
 
     def run_module(self, tree: Path, module: str, deadline: float) -> None:
         """Runs the module's tests, minus the exclusions, in WORKERS driver processes at once."""
@@ -395,7 +359,7 @@ class Runner:
                 try:
                     line = lines.get(timeout=max(0.05, limit - time.monotonic()))
                 except queue.Empty:
-                    self.kill(proc)
+                    kill_group(proc)
                     why = (f"timed out after {PER_TEST_TIMEOUT_S:.0f} s (killed; the test's later subtests, if any, "
                            "did not run)" if time.monotonic() < deadline
                            else f"killed at the end of the run's budget of {RUN_BUDGET_S:.0f} s")
@@ -427,14 +391,14 @@ class Runner:
                 try:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
-                    self.kill(proc)
+                    kill_group(proc)
             if finished:
                 return
             if current is None and proc.returncode not in (0, -signal.SIGKILL):
                 with self.lock:
                     self.setup_failures.append(
                         f"driver {n} for {module} exited {proc.returncode}:\n"
-                        f"{sdk.tail(self.dir / f'driver-{n}-stderr.log')}")
+                        f"{tail(self.dir / f'driver-{n}-stderr.log')}")
                 return
 
     def add(self, c: Case) -> None:
@@ -530,15 +494,10 @@ def main() -> int:
     parser.add_argument("--keep-db", action="store_true", help="do not drop the database (for debugging)")
     parser.add_argument("-k", help="run only the tests whose id contains this")
     args = parser.parse_args()
-    if shutil.which("psql") is None:
-        log("psql is not on PATH (Debian: apt-get install postgresql-client)")
+    if not require_psql(log):
         print("0 passed, 1 failed", flush=True)
         return 1
-
-    def on_signal(signum, _frame):  # noqa: ANN001
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
+    install_sigterm()
     return Runner(args).main()
 
 

@@ -53,14 +53,6 @@ impl DatabaseConfig {
         self.listen_url.as_deref().unwrap_or(&self.url)
     }
 
-    /// The options of the LISTEN connection (from `listen_url`, else `url`).
-    pub fn listen_options(&self) -> Result<PgConnectOptions, ConfigError> {
-        match &self.listen_url {
-            Some(url) => pg_options("database.listen_url", url),
-            None => self.connect_options(),
-        }
-    }
-
     /// Checks the section; the error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_url("database.url", &self.url)?;

@@ -162,21 +162,80 @@ fn raw(text: String) -> Box<RawValue> {
     RawValue::from_string(text).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
-/// Records a client publication with `relay.publish()` and returns once it is in the history (or
+/// Records a client publication with `relay.publish_json()` (its data kept as written, migration
+/// 0015) and returns once it is in the history (or
 /// after [`fence::MAX_WAIT`], see [`fence`]); it is delivered through the same sequencer as table
-/// changes. `info` is the publisher's `ClientInfo` (none from the server API).
-pub async fn publish(
-    pool: &PgPool,
-    channel: &str,
-    data: &RawValue,
-    info: Option<&RawValue>,
-) -> Result<()> {
-    sqlx::query("SELECT relay.publish($1, $2::text::jsonb, $3::text::jsonb)")
+/// changes.
+pub async fn publish(pool: &PgPool, channel: &str, data: &RawValue, info: &RawValue) -> Result<()> {
+    sqlx::query("SELECT relay.publish_json($1, $2::text::json, $3::text::jsonb)")
         .bind(channel)
         .bind(data.get())
-        .bind(info.map(RawValue::get))
+        .bind(info.get())
         .execute(pool)
         .await?;
     fence::settle(pool).await;
     Ok(())
+}
+
+/// Where a publication landed: its offset in the channel's stream and the stream's epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    /// The publication's offset.
+    pub offset: u64,
+    /// The channel's epoch when it was sequenced.
+    pub epoch: String,
+}
+
+/// Records a publication with `relay.publish_json()` (no client info), waits until it is in the history
+/// (see [`fence`]), and returns where it landed, for answers that carry the offset (the server API).
+///
+/// Offsets are assigned after the commit, so the publication is found afterwards: it is the one on
+/// the channel with the same data and an offset above the channel's top read before the write (the
+/// write commits after that read, so it is sequenced after it). `None` when that does not name
+/// exactly one publication (an identical publication sequenced on the channel at the same time, a
+/// channel reset in between) or when sequencing did not finish within [`fence::MAX_WAIT`]: the write
+/// is durable either way, only its position is not reported.
+pub async fn publish_located(
+    pool: &PgPool,
+    channel: &str,
+    data: &RawValue,
+) -> Result<Option<Located>> {
+    let top: i64 = sqlx::query_scalar(
+        "SELECT coalesce((SELECT top_offset FROM relay.channels WHERE name = $1), 0)",
+    )
+    .bind(channel)
+    .fetch_one(pool)
+    .await?;
+    sqlx::query("SELECT relay.publish_json($1, $2::text::json)")
+        .bind(channel)
+        .bind(data.get())
+        .execute(pool)
+        .await?;
+    let sequenced = match fence::sequenced(pool, fence::MAX_WAIT).await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check that a publish was sequenced; acknowledged");
+            false
+        }
+    };
+    if !sequenced {
+        return Ok(None);
+    }
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT \"offset\", epoch FROM relay.publications \
+         WHERE channel = $1 AND \"offset\" > $2 AND data::jsonb = $3::text::jsonb \
+         ORDER BY \"offset\" LIMIT 2",
+    )
+    .bind(channel)
+    .bind(top)
+    .bind(data.get())
+    .fetch_all(pool)
+    .await?;
+    Ok(match rows.as_slice() {
+        [(offset, epoch)] => Some(Located {
+            offset: u64::try_from(*offset).unwrap_or(0),
+            epoch: epoch.clone(),
+        }),
+        _ => None,
+    })
 }

@@ -247,13 +247,10 @@ impl Session {
             return Err(ErrorCode::PermissionDenied.into());
         }
         // Without a rule, into the history: where clients may publish, with who published.
-        let info = if node.has_rule(&req.channel) {
-            None
-        } else if !self.edge.config.client.allow_publish {
+        if !node.has_rule(&req.channel) && !self.edge.config.client.allow_publish {
             return Err(ErrorCode::PermissionDenied.into());
-        } else {
-            Some(self.publisher_info(&req.channel)?)
-        };
+        }
+        let info = self.publisher_info(&req.channel)?;
         let publisher = Publisher::Client {
             sender: self.sender(),
             connection: self.client.clone(),
@@ -264,7 +261,7 @@ impl Session {
             .map_err(reply)?;
         self.pending.push(Box::pin(async move {
             match node.publish(publication).await {
-                Ok(()) => Reply::new(id, ReplyBody::Publish),
+                Ok(_) => Reply::new(id, ReplyBody::Publish),
                 Err(e) => Reply::error(id, reply(e)),
             }
         }));
