@@ -152,21 +152,6 @@ fn params<T: serde::de::DeserializeOwned>(p: Value) -> Result<T, ReplyError> {
     serde_json::from_value(p).map_err(|e| bad(e.to_string()))
 }
 
-/// A node error as the API's error: the API has no connection to close, so a disconnect is an
-/// internal error (no operation the API calls returns one).
-fn reply(e: NodeError) -> ReplyError {
-    match e {
-        NodeError::Reply(e) => e,
-        NodeError::Disconnect(d) => {
-            tracing::warn!(
-                code = d.code,
-                "server API: a disconnect where a reply was due"
-            );
-            ReplyError::new(ErrorCode::Internal)
-        }
-    }
-}
-
 async fn call(edge: &Edge, method: &str, p: Value) -> ApiResult {
     let node = &*edge.node;
     match method {
@@ -220,12 +205,15 @@ async fn publish_one(
             data.to_owned(),
             Publisher::Api { message_id },
         )
-        .map_err(reply)?;
+        .map_err(NodeError::into_reply)?;
     // The key is the message id a rule's target sees; elsewhere it is not used.
     if !key_ok && node.has_rule(channel) {
         return Err(bad("idempotency_key must be 1-256 bytes"));
     }
-    let located = node.publish(publication).await.map_err(reply)?;
+    let located = node
+        .publish(publication)
+        .await
+        .map_err(NodeError::into_reply)?;
     Ok(located.map_or_else(
         || json!({}),
         |at| json!({"offset": at.offset, "epoch": at.epoch}),
@@ -297,7 +285,7 @@ async fn history(edge: &Edge, p: HistoryParams) -> ApiResult {
         .node
         .history(&p.channel, query, &mut budget)
         .await
-        .map_err(reply)?;
+        .map_err(NodeError::into_reply)?;
     let publications: Vec<Value> = slice
         .value
         .publications
@@ -320,7 +308,9 @@ struct ChannelParams {
 
 async fn history_remove(node: &Node, p: ChannelParams) -> ApiResult {
     check_channel(&p.channel)?;
-    node.remove_history(&p.channel).await.map_err(reply)?;
+    node.remove_history(&p.channel)
+        .await
+        .map_err(NodeError::into_reply)?;
     Ok(json!({}))
 }
 
@@ -338,7 +328,7 @@ async fn channels(edge: &Edge, p: ChannelsParams) -> ApiResult {
     let mut out = serde_json::Map::new();
     let budget = reply_budget(edge);
     let mut bytes = 0usize;
-    for (name, n) in edge.node.channels().await.map_err(reply)? {
+    for (name, n) in edge.node.channels().await.map_err(NodeError::into_reply)? {
         if pattern.as_ref().is_none_or(|p| p.matches(&name)) {
             bytes += name.len() + 40;
             if bytes > budget {
@@ -351,7 +341,7 @@ async fn channels(edge: &Edge, p: ChannelsParams) -> ApiResult {
 }
 
 async fn info(node: &Node) -> ApiResult {
-    let nodes = node.info().await.map_err(reply)?;
+    let nodes = node.info().await.map_err(NodeError::into_reply)?;
     Ok(json!({ "nodes": nodes }))
 }
 
@@ -361,7 +351,7 @@ async fn presence(edge: &Edge, p: ChannelParams) -> ApiResult {
         .node
         .presence_members(&p.channel, reply_budget(edge))
         .await
-        .map_err(reply)?;
+        .map_err(NodeError::into_reply)?;
     let mut map = serde_json::Map::new();
     for m in &members.value {
         map.insert(m.client.clone(), m.to_json());
@@ -378,7 +368,10 @@ fn reply_budget(edge: &Edge) -> usize {
 
 async fn presence_stats(node: &Node, p: ChannelParams) -> ApiResult {
     check_channel(&p.channel)?;
-    let (clients, users) = node.presence_stats(&p.channel).await.map_err(reply)?;
+    let (clients, users) = node
+        .presence_stats(&p.channel)
+        .await
+        .map_err(NodeError::into_reply)?;
     Ok(json!({"num_clients": clients, "num_users": users}))
 }
 
@@ -425,7 +418,7 @@ async fn disconnect(node: &Node, p: DisconnectParams) -> ApiResult {
         reason,
     })
     .await
-    .map_err(reply)?;
+    .map_err(NodeError::into_reply)?;
     Ok(json!({}))
 }
 

@@ -27,8 +27,9 @@
 //! - [`node`]: the channel operations a client connection and the server API share — publish (to a
 //!   rule's target or into the history), history, a subscription's position and recovery,
 //!   presence, presence stats, channels, info, disconnect, rpc — over the services it owns (pool,
-//!   hub, presence, publish targets, metrics, stream and capture status). Each answers with a
-//!   reply error or a disconnect.
+//!   hub, presence, publish targets, metrics, stream and capture status); `publish.rs` holds
+//!   publications and rpc calls (a rule's target, or the history). Each answers with a reply
+//!   error or a disconnect.
 //! - [`edge`]: what only the HTTP layer and its sessions need ([`Edge`]): the node, the configuration
 //!   a session runs with, the token verifier, per-IP and per-user publish rates, connection slots,
 //!   the shutdown token and the task tracker.

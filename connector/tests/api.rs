@@ -131,7 +131,10 @@ async fn keys_methods_rules_and_sql_publish() {
     .await;
     // The answer says where the publication landed (as Centrifugo's, with history on).
     assert_eq!(r["result"]["offset"], 1, "{r}");
-    assert!(r["result"]["epoch"].as_str().is_some_and(|e| !e.is_empty()), "{r}");
+    assert!(
+        r["result"]["epoch"].as_str().is_some_and(|e| !e.is_empty()),
+        "{r}"
+    );
     let p = c.next_pub("news").await;
     assert_eq!(
         (p["data"].clone(), p["offset"].clone()),

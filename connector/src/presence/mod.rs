@@ -671,85 +671,81 @@ impl Presence {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) {
-        let presence = self;
-        let every = presence.config.node_ttl.div_f64(3.0);
-        let heartbeat = {
-            let presence = presence.clone();
-            let hub = hub.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tick.tick() => {}
-                    }
-                    if let Err(e) = presence.heartbeat(&hub, &metrics).await {
-                        tracing::warn!(error = %e, "presence heartbeat failed");
-                    }
-                }
-            }
-        };
-        // Failed leaves are retried every second; the members are reconciled every
-        // `reconcile_interval_secs`.
-        let repair = {
-            let presence = presence.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                let reconcile_every = presence.config.reconcile_interval;
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut next_reconcile = tokio::time::Instant::now() + reconcile_every;
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tick.tick() => {}
-                    }
-                    presence.retry_leaves().await;
-                    if tokio::time::Instant::now() >= next_reconcile {
-                        next_reconcile = tokio::time::Instant::now() + reconcile_every;
-                        match presence.reconcile().await {
-                            Ok((0, 0)) => {}
-                            Ok((removed, restored)) => tracing::info!(
-                                removed,
-                                restored,
-                                "presence: reconciled this node's members with its sessions"
-                            ),
-                            Err(e) => tracing::warn!(error = %e, "presence: reconciliation failed"),
-                        }
-                    }
-                }
-            }
-        };
-        let (sink, mut events) = mpsc::unbounded_channel();
-        let listen = presence.store.clone().listen(sink, shutdown.clone());
-        let handle = {
-            let presence = presence.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        event = events.recv() => match event {
-                            Some(e) => presence.handle_event(&hub, e),
-                            None => break,
-                        },
-                    }
-                }
-            }
-        };
-        tokio::join!(heartbeat, listen, handle, repair);
+        let (sink, events) = mpsc::unbounded_channel();
+        let listen = self.store.clone().listen(sink, shutdown.clone());
+        tokio::join!(
+            self.beat(&hub, &metrics, &shutdown),
+            listen,
+            self.hand_out(&hub, events, &shutdown),
+            self.repair(&shutdown),
+        );
         // Leaving: this node's members go now rather than after the TTL.
-        match tokio::time::timeout(
-            Duration::from_secs(3),
-            presence.store.remove_node(&presence.node),
-        )
-        .await
+        match tokio::time::timeout(Duration::from_secs(3), self.store.remove_node(&self.node)).await
         {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "presence: could not deregister the node"),
             Err(_) => tracing::warn!("presence: deregistering the node timed out"),
+        }
+    }
+
+    /// Heartbeats every `node_ttl` / 3 until `shutdown`.
+    async fn beat(&self, hub: &Hub, metrics: &Metrics, shutdown: &CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.node_ttl.div_f64(3.0));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.heartbeat(hub, metrics).await {
+                tracing::warn!(error = %e, "presence heartbeat failed");
+            }
+        }
+    }
+
+    /// Hands events to this node: join/leave pushes to the hub, disconnect orders to the sessions.
+    async fn hand_out(
+        &self,
+        hub: &Hub,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        shutdown: &CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(e) => self.handle_event(hub, e),
+                    None => break,
+                },
+            }
+        }
+    }
+
+    /// Retries failed leaves every second, and reconciles the members every
+    /// `reconcile_interval_secs`, until `shutdown`.
+    async fn repair(&self, shutdown: &CancellationToken) {
+        let reconcile_every = self.config.reconcile_interval;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_reconcile = tokio::time::Instant::now() + reconcile_every;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            self.retry_leaves().await;
+            if tokio::time::Instant::now() >= next_reconcile {
+                next_reconcile = tokio::time::Instant::now() + reconcile_every;
+                match self.reconcile().await {
+                    Ok((0, 0)) => {}
+                    Ok((removed, restored)) => tracing::info!(
+                        removed,
+                        restored,
+                        "presence: reconciled this node's members with its sessions"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "presence: reconciliation failed"),
+                }
+            }
         }
     }
 }

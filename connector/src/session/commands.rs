@@ -173,7 +173,7 @@ impl Session {
                 .node()
                 .presence_stats(&req.channel)
                 .await
-                .map_err(reply)?;
+                .map_err(NodeError::into_reply)?;
             let result = reply::PresenceStatsResult {
                 num_clients: u32::try_from(clients).unwrap_or(u32::MAX),
                 num_users: u32::try_from(users).unwrap_or(u32::MAX),
@@ -184,7 +184,7 @@ impl Session {
             .node()
             .presence_members(&req.channel, self.reply_budget)
             .await
-            .map_err(reply)?;
+            .map_err(NodeError::into_reply)?;
         self.held.extend(members.permit);
         let presence = reply::PresenceResult {
             presence: members.value.iter().map(Member::client_info).collect(),
@@ -258,11 +258,11 @@ impl Session {
         };
         let publication = node
             .publication(req.channel, req.data, publisher)
-            .map_err(reply)?;
+            .map_err(NodeError::into_reply)?;
         self.pending.push(Box::pin(async move {
             match node.publish(publication).await {
                 Ok(_) => Reply::new(id, ReplyBody::Publish),
-                Err(e) => Reply::error(id, reply(e)),
+                Err(e) => Reply::error(id, e.into_reply()),
             }
         }));
         Ok(())
@@ -298,7 +298,7 @@ impl Session {
             ));
         }
         let node = self.edge.node.clone();
-        let rule = node.rpc_rule(&req.method).map_err(reply)?;
+        let rule = node.rpc_rule(&req.method).map_err(NodeError::into_reply)?;
         // Calls share the publish allowances: rate, per IP, per user, in flight.
         self.take_publish()
             .map_err(|_| ReplyError::with_message(ErrorCode::TooManyRequests, "rpc rate limit"))?;
@@ -318,7 +318,7 @@ impl Session {
                 .await;
             match answer {
                 Ok(data) => Reply::new(id, ReplyBody::Rpc(data)),
-                Err(e) => Reply::error(id, reply(e)),
+                Err(e) => Reply::error(id, e.into_reply()),
             }
         }));
         Ok(())
@@ -343,7 +343,7 @@ impl Session {
         let slice = node
             .history(&req.channel, query, &mut self.reply_budget)
             .await
-            .map_err(reply)?;
+            .map_err(NodeError::into_reply)?;
         self.held.extend(slice.permit);
         let slice = slice.value;
         let result = HistoryResult {
@@ -360,17 +360,5 @@ impl Session {
             offset: slice.top,
         };
         Ok(self.encode(&Reply::new(id, ReplyBody::History(result))))
-    }
-}
-
-/// A node error where the command gets a reply: the operations a session calls here answer with
-/// reply errors only.
-fn reply(e: NodeError) -> ReplyError {
-    match e {
-        NodeError::Reply(e) => e,
-        NodeError::Disconnect(d) => {
-            tracing::warn!(code = d.code, "a disconnect where a reply was due");
-            ReplyError::new(ErrorCode::Internal)
-        }
     }
 }
