@@ -16,7 +16,6 @@
 //! would report a reset as "transport closed" and reconnect, even after a terminal close code).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -438,155 +437,31 @@ async fn readyz(State(state): State<Arc<Edge>>) -> Response {
     }
 }
 
-/// Database-side gauges, read at scrape time: how far the stream is behind, and how full
-/// PostgreSQL's NOTIFY queue is (a full queue makes notifying commits fail).
-#[derive(sqlx::FromRow)]
-struct DbGauges {
-    unsequenced: i64,
-    oldest_unsequenced_secs: f64,
-    notify_queue_usage: f64,
-}
-
-async fn db_gauges(state: &Edge) -> Option<DbGauges> {
-    let query = sqlx::query_as::<_, DbGauges>(
-        "SELECT count(*) AS unsequenced,
-                coalesce(extract(epoch FROM clock_timestamp() - min(written_at)), 0)::float8
-                    AS oldest_unsequenced_secs,
-                pg_notification_queue_usage() AS notify_queue_usage
-         FROM relay.changelog",
+/// `/metrics`: the node's registry with the values read now ([`crate::metrics`]).
+async fn metrics(
+    State(state): State<Arc<Edge>>,
+    meta: Option<Extension<ConnMeta>>,
+) -> impl IntoResponse {
+    let pending = meta.map(|Extension(meta)| crate::metrics::Pending {
+        connections: meta.pending.len() as u64,
+        evictions: meta.pending.evicted.load(Ordering::Relaxed),
+    });
+    let node = &state.node;
+    let scrape = crate::metrics::scrape(
+        node.pool(),
+        node.hub(),
+        node.presence(),
+        node.capture(),
+        pending,
     )
-    .fetch_one(state.node.pool());
-    match tokio::time::timeout(std::time::Duration::from_secs(2), query).await {
-        Ok(Ok(g)) => Some(g),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "metrics query failed");
-            None
-        }
-        Err(_) => None,
-    }
-}
-
-async fn metrics(State(state): State<Arc<Edge>>, meta: Option<Extension<ConnMeta>>) -> String {
-    let m = state.node.metrics();
-    let mut out = String::new();
-    if let Some(Extension(meta)) = meta {
-        let _ = writeln!(
-            out,
-            "# HELP relay_pending_connections TCP connections that are not WebSockets (yet).\n\
-             # TYPE relay_pending_connections gauge\nrelay_pending_connections {}\n\
-             # HELP relay_pending_evictions_total Connections closed to admit a new one over \
-             client.max_pending_connections.\n\
-             # TYPE relay_pending_evictions_total counter\nrelay_pending_evictions_total {}",
-            meta.pending.len(),
-            meta.pending.evicted.load(Ordering::Relaxed)
-        );
-    }
-    if let Some(g) = db_gauges(&state).await {
-        let _ = writeln!(
-            out,
-            "# HELP relay_changelog_unsequenced Changes committed but not yet sequenced (held back by \
-             the oldest open transaction, or waiting for the next wake-up).\n\
-             # TYPE relay_changelog_unsequenced gauge\nrelay_changelog_unsequenced {}\n\
-             # HELP relay_changelog_oldest_unsequenced_seconds Age of the oldest change not yet \
-             sequenced: the delivery delay a long-running writer transaction causes.\n\
-             # TYPE relay_changelog_oldest_unsequenced_seconds gauge\n\
-             relay_changelog_oldest_unsequenced_seconds {:.3}\n\
-             # HELP relay_pg_notification_queue_usage pg_notification_queue_usage(): fraction of the \
-             NOTIFY queue in use.\n# TYPE relay_pg_notification_queue_usage gauge\n\
-             relay_pg_notification_queue_usage {}",
-            g.unsequenced, g.oldest_unsequenced_secs, g.notify_queue_usage
-        );
-    }
-    let mut line = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    };
-    line(
-        "relay_connections",
-        "gauge",
-        "Open client connections (WebSocket, HTTP-streaming, SSE).",
-        m.connections.load(Ordering::Relaxed),
-    );
-    line(
-        "relay_channels",
-        "gauge",
-        "Channels with subscribers on this node.",
-        state.node.hub().channel_count() as u64,
-    );
-    line(
-        "relay_subscriptions",
-        "gauge",
-        "Subscriptions on this node.",
-        state.node.hub().subscription_count(),
-    );
-    line(
-        "relay_presence_members",
-        "gauge",
-        "Presence memberships of this node's connections.",
-        state.node.presence().local_members() as u64,
-    );
-    line(
-        "relay_publications_in_total",
-        "counter",
-        "Client publications accepted.",
-        m.publications_in.load(Ordering::Relaxed),
-    );
-    line(
-        "relay_publications_out_total",
-        "counter",
-        "Publications written to clients.",
-        m.publications_out.load(Ordering::Relaxed),
-    );
-    line(
-        "relay_slow_disconnects_total",
-        "counter",
-        "Connections closed for not reading fast enough.",
-        state.node.hub().slow_disconnects(),
-    );
-    line(
-        "relay_recoveries_total",
-        "counter",
-        "Subscriptions recovered completely.",
-        m.recovered.load(Ordering::Relaxed),
-    );
-    line(
-        "relay_recoveries_failed_total",
-        "counter",
-        "Recoveries answered with recovered=false.",
-        m.not_recovered.load(Ordering::Relaxed),
-    );
-    line(
-        "relay_stream_reconnects_total",
-        "counter",
-        "Reconnects of the LISTEN connection.",
-        state.node.stream().reconnects.load(Ordering::Relaxed),
-    );
-    line(
-        "relay_stream_cursor",
-        "gauge",
-        "Sequence number of the last publication read.",
-        state.node.stream().cursor.load(Ordering::Relaxed),
-    );
-    line(
-        "relay_stream_catch_up_reads_total",
-        "counter",
-        "Catch-up reads of the changelog after a (re)connect of the LISTEN connection.",
-        state.node.stream().catch_ups.load(Ordering::Relaxed),
-    );
-    line(
-        "relay_sequencer_polls_total",
-        "counter",
-        "Calls of the sequencer (relay.sequence_batch) by this node.",
-        state.node.stream().polls.load(Ordering::Relaxed),
-    );
-    out.push_str(&crate::capture::render_metrics(state.node.pool(), state.node.capture()).await);
-    out.push_str(&state.node.stream().lag.render(
-        "relay_delivery_lag_seconds",
-        "From a change being written (in the writer's transaction) to its publication reaching the hub.",
-    ));
-    out
+    .await;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        node.metrics().encode(scrape),
+    )
 }
 
 #[cfg(test)]

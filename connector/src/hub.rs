@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -136,7 +137,7 @@ pub struct Hub {
     channels: RwLock<HashMap<Arc<str>, Channel>>,
     next_session: AtomicU64,
     delivered: AtomicU64,
-    slow_disconnects: AtomicU64,
+    slow_disconnects: Counter,
     subscriptions: AtomicU64,
 }
 
@@ -215,7 +216,12 @@ impl Hub {
 
     /// Sessions marked slow so far.
     pub fn slow_disconnects(&self) -> u64 {
-        self.slow_disconnects.load(Ordering::Relaxed)
+        self.slow_disconnects.get()
+    }
+
+    /// The counter of [`Hub::slow_disconnects`], for the registry ([`crate::metrics::Metrics`]).
+    pub fn slow_disconnects_counter(&self) -> Counter {
+        self.slow_disconnects.clone()
     }
 
     /// Encodes a publication once per encoding its channel's subscribers use, and hands it to every
@@ -284,7 +290,7 @@ impl Hub {
             } else {
                 sub.queued.fetch_sub(len, Ordering::Relaxed);
                 if !sub.mailbox.is_closed() {
-                    self.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                    self.slow_disconnects.inc();
                     sub.slow.cancel();
                 }
             }

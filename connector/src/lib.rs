@@ -55,16 +55,17 @@
 //!   pushes (heard on the node's listener, handed to the hub), the node heartbeat.
 //! - [`api`]: the Centrifugo-compatible HTTP server API (`/api`), an adapter over the node (parse,
 //!   call, encode; the key is its authorization).
-//! - [`state`]: the node's counters.
+//! - [`metrics`]: the node's Prometheus registry (`prometheus-client`): typed counters, gauges and
+//!   the delivery lag histogram, the values read at scrape time, the `/metrics` exposition by the
+//!   crate's encoder.
 //! - [`error`]: error types.
 //!
 //! Data flows one way. Changes: `db` (listener, stream) → `hub` → `session` → socket. Client
 //! publishes and calls: `session` / `api` → `node` → `rules` / `db`. `config` and `protocol` import
 //! no feature.
 //!
-//! Not yet in this shape (issue 10): metrics are still counted in `state.rs`, `hub.rs`,
-//! `db/stream.rs` (the lag histogram) and `auth/jwks.rs` and rendered by hand in `http.rs`.
-//! [`auth::connect`] keeps a `&Config` adapter over [`auth::connect_with`] for the session.
+//! Not yet in this shape (issue 10): [`auth::connect`] keeps a `&Config` adapter over
+//! [`auth::connect_with`] for the session.
 
 // `pub` is the library's surface (what the binary, the tests, the fuzz targets and the examples
 // use); everything else is `pub(crate)`. On the crate, not in `[workspace.lints]`: test support
@@ -84,12 +85,12 @@ pub mod error;
 pub(crate) mod http;
 pub(crate) mod hub;
 pub(crate) mod limits;
+pub mod metrics;
 mod node;
 pub(crate) mod page;
 pub mod presence;
 pub(crate) mod rules;
 pub mod session;
-pub(crate) mod state;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -105,8 +106,8 @@ pub use error::{Error, Result};
 
 use crate::db::stream::{Stream, StreamStatus};
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::state::Metrics;
 
 /// Prepares the database (migrations, triggers) and serves on `listener` until `shutdown` completes;
 /// then closes every session with the shutdown code, stops the stream and closes the pool.
@@ -140,6 +141,7 @@ pub async fn run(
             capture: capture_status,
             capture_specs,
         },
+        &verifier,
         &token,
         &tracker,
     )
@@ -229,6 +231,7 @@ struct Started {
 async fn start(
     config: &Arc<Config>,
     services: Services,
+    verifier: &auth::Verifier,
     token: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Started> {
@@ -269,7 +272,7 @@ async fn start(
     let mut presence = presence::Presence::new(config.presence.clone(), store);
     presence.node = node_id.clone();
     let presence = Arc::new(presence);
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(&hub, &status, &capture, verifier));
     let node = Arc::new(Node::new(node::Parts {
         config: config.clone(),
         pool: pool.clone(),

@@ -17,8 +17,8 @@ listed in pending.txt are known failures: each is printed with the relay feature
 counted on its own line, not in the closing line's `failed`; any other failure fails the run. Exit code 0
 only when no failure is outside pending.txt. Logs and the configuration are kept in artifacts/upstream-tests/<db>/.
 
-centrifuge-js's own suite is not run: no package of it on npm contains its tests (see the README,
-"Upstream conformance").
+centrifuge-js's own suite is not run here: no package of it on npm contains its tests. It runs by hand
+from a source tree with tests-sdk/upstream/js/run_js.py (see the README, "Upstream conformance").
 
 Usage: tests-sdk/upstream/run.py [--bin-dir DIR] [--keep-db] [-k SUBSTRING]
 """

@@ -19,12 +19,12 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use parking_lot::{Mutex, RwLock};
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -83,7 +83,7 @@ pub struct Jwks {
     min_refetch: Duration,
     keys: RwLock<Arc<KeySet>>,
     demand: Mutex<Demand>,
-    fetches: AtomicU64,
+    fetches: Counter,
 }
 
 impl std::fmt::Debug for Jwks {
@@ -126,7 +126,7 @@ impl Jwks {
             min_refetch,
             keys: RwLock::new(Arc::new(KeySet::new())),
             demand: Mutex::new(Demand::default()),
-            fetches: AtomicU64::new(0),
+            fetches: Counter::default(),
         })
     }
 
@@ -137,7 +137,12 @@ impl Jwks {
 
     /// How many fetches were started (start-up, periodic and on demand).
     pub fn fetches(&self) -> u64 {
-        self.fetches.load(Ordering::Relaxed)
+        self.fetches.get()
+    }
+
+    /// The counter of [`Jwks::fetches`], for the registry ([`crate::metrics::Metrics`]).
+    pub fn fetches_counter(&self) -> Counter {
+        self.fetches.clone()
     }
 
     /// Fetches the set once (start-up) and spawns the periodic refresh. A failed start-up fetch is
@@ -232,7 +237,7 @@ impl Jwks {
 
     /// Fetches the set and replaces the cached one; the number of usable keys.
     async fn fetch_and_store(&self) -> Result<usize, String> {
-        self.fetches.fetch_add(1, Ordering::Relaxed);
+        self.fetches.inc();
         let body = self.fetch_body().await?;
         let set = parse_set(&body)?;
         let n = set.len();

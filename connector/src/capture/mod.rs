@@ -28,9 +28,10 @@
 pub mod pgoutput;
 pub mod wal;
 
-use std::fmt::Write as _;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
+
+use prometheus_client::metrics::counter::Counter;
 
 use sqlx::PgPool;
 
@@ -65,7 +66,8 @@ pub fn default_slot_name(db: &str) -> String {
     }
 }
 
-/// What the capture reports at `/metrics`.
+/// What the capture reports at `/metrics` (the counters are registered in
+/// [`crate::metrics::Metrics`] in `wal` mode).
 #[derive(Debug, Default)]
 pub struct CaptureStatus {
     /// The running mode.
@@ -75,20 +77,20 @@ pub struct CaptureStatus {
     /// This node is the `wal` leader.
     pub leader: AtomicBool,
     /// Times this node became the leader.
-    pub leaderships: AtomicU64,
+    pub leaderships: Counter,
     /// Transactions the leader applied (written or found already written).
-    pub transactions: AtomicU64,
+    pub transactions: Counter,
     /// Publications the leader wrote.
-    pub publications: AtomicU64,
+    pub publications: Counter,
     /// Batches (history transactions) the leader wrote.
-    pub batches: AtomicU64,
+    pub batches: Counter,
     /// Times the slot was found lost or invalidated (channels got new epochs).
-    pub slot_losses: AtomicU64,
+    pub slot_losses: Counter,
     /// New values of unchanged TOASTed columns that could not be filled (no old row: the table is not
     /// `REPLICA IDENTITY FULL`); they were published as null.
-    pub toast_unavailable: AtomicU64,
+    pub toast_unavailable: Counter,
     /// Replication stream interruptions.
-    pub stream_errors: AtomicU64,
+    pub stream_errors: Counter,
 }
 
 /// Prepares the database for the configured mode on start-up (every node): records the mode, and
@@ -249,107 +251,6 @@ async fn sync_publication(
     }
     tx.commit().await?;
     Ok(())
-}
-
-/// The capture's metrics in Prometheus text; in `wal` mode with the slot's retained WAL, read now.
-pub async fn render_metrics(pool: &PgPool, status: &CaptureStatus) -> String {
-    let mut out = String::new();
-    if status.mode.get() != Some(&CaptureMode::Wal) {
-        return out;
-    }
-    let mut line = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    };
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed).to_string();
-    line(
-        "relay_wal_leader",
-        "gauge",
-        "1 while this node is the wal capture leader.",
-        u64::from(status.leader.load(Ordering::Relaxed)).to_string(),
-    );
-    line(
-        "relay_wal_transactions_total",
-        "counter",
-        "Transactions this node applied as the wal leader.",
-        load(&status.transactions),
-    );
-    line(
-        "relay_wal_publications_total",
-        "counter",
-        "Publications this node wrote as the wal leader.",
-        load(&status.publications),
-    );
-    line(
-        "relay_wal_batches_total",
-        "counter",
-        "History transactions this node wrote as the wal leader.",
-        load(&status.batches),
-    );
-    line(
-        "relay_wal_slot_losses_total",
-        "counter",
-        "Times this node found the slot lost or invalidated (every channel got a new epoch).",
-        load(&status.slot_losses),
-    );
-    line(
-        "relay_wal_toast_unavailable_total",
-        "counter",
-        "Unchanged TOASTed values published as null (table not REPLICA IDENTITY FULL).",
-        load(&status.toast_unavailable),
-    );
-    line(
-        "relay_wal_stream_errors_total",
-        "counter",
-        "Interruptions of the replication stream on this node.",
-        load(&status.stream_errors),
-    );
-    let Some(slot) = status.slot.get() else {
-        return out;
-    };
-    let query = sqlx::query_as::<_, (Option<i64>, Option<String>, Option<i64>, bool)>(
-        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8, wal_status,
-                safe_wal_size, active
-         FROM pg_replication_slots WHERE slot_name = $1",
-    )
-    .bind(slot)
-    .fetch_optional(pool);
-    let row = match tokio::time::timeout(std::time::Duration::from_secs(2), query).await {
-        Ok(Ok(row)) => row,
-        _ => return out,
-    };
-    let (retained, wal_status, safe, exists) = match row {
-        Some((r, s, safe, _active)) => (r.unwrap_or(0), s, safe, 1),
-        None => (0, None, None, 0),
-    };
-    let _ = writeln!(
-        out,
-        "# HELP relay_wal_slot_exists 1 while the capture slot exists.\n\
-         # TYPE relay_wal_slot_exists gauge\nrelay_wal_slot_exists {exists}\n\
-         # HELP relay_wal_slot_retained_bytes WAL the slot keeps on the server (current WAL position \
-         minus the slot's restart_lsn); bound it with max_slot_wal_keep_size.\n\
-         # TYPE relay_wal_slot_retained_bytes gauge\nrelay_wal_slot_retained_bytes {retained}"
-    );
-    if let Some(safe) = safe {
-        let _ = writeln!(
-            out,
-            "# HELP relay_wal_slot_safe_bytes WAL that can still be written before the slot is at \
-             risk of invalidation (pg_replication_slots.safe_wal_size).\n\
-             # TYPE relay_wal_slot_safe_bytes gauge\nrelay_wal_slot_safe_bytes {safe}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP relay_wal_slot_status pg_replication_slots.wal_status of the capture slot (1 for the \
-         current value).\n# TYPE relay_wal_slot_status gauge"
-    );
-    for s in ["reserved", "extended", "unreserved", "lost"] {
-        let v = u8::from(wal_status.as_deref() == Some(s));
-        let _ = writeln!(out, "relay_wal_slot_status{{status=\"{s}\"}} {v}");
-    }
-    out
 }
 
 #[cfg(test)]

@@ -282,7 +282,7 @@ impl WalCapture {
                 Ok(true) => {}
                 Ok(false) => {}
                 Err(e) => {
-                    self.status.stream_errors.fetch_add(1, Ordering::Relaxed);
+                    self.status.stream_errors.inc();
                     tracing::warn!(error = %format!("{e:#}"), "wal capture interrupted");
                 }
             }
@@ -348,7 +348,7 @@ impl Leader<'_> {
             .context("replication connection")?;
         // Leading from here: the slot is ready and streaming.
         self.cap.status.leader.store(true, Ordering::Relaxed);
-        self.cap.status.leaderships.fetch_add(1, Ordering::Relaxed);
+        self.cap.status.leaderships.inc();
         tracing::info!(slot = %self.slot, start = %start, "wal capture leader: streaming from the slot");
 
         let result = self.stream(&mut client, &mut lock, shutdown).await;
@@ -594,10 +594,7 @@ impl Leader<'_> {
             }
         }
         if toast_unavailable > 0 {
-            self.cap
-                .status
-                .toast_unavailable
-                .fetch_add(toast_unavailable, Ordering::Relaxed);
+            self.cap.status.toast_unavailable.inc_by(toast_unavailable);
             tracing::warn!(
                 values = toast_unavailable,
                 "unchanged TOASTed values without an old row (table not REPLICA IDENTITY FULL) \
@@ -691,13 +688,11 @@ impl Leader<'_> {
                 .context("writing the history")?;
         client.update_applied_lsn(upto);
         let status = &self.cap.status;
-        status
-            .transactions
-            .fetch_add(txns.len() as u64, Ordering::Relaxed);
+        status.transactions.inc_by(txns.len() as u64);
         status
             .publications
-            .fetch_add(u64::try_from(written).unwrap_or(0), Ordering::Relaxed);
-        status.batches.fetch_add(1, Ordering::Relaxed);
+            .inc_by(u64::try_from(written).unwrap_or(0));
+        status.batches.inc();
         Ok(())
     }
 }
@@ -849,7 +844,7 @@ async fn prepare_slot(pool: &PgPool, slot: &str, status: &CaptureStatus) -> anyh
             .bind(at.to_string())
             .fetch_one(&mut *tx)
             .await?;
-        status.slot_losses.fetch_add(1, Ordering::Relaxed);
+        status.slot_losses.inc();
         tracing::error!(
             slot = %slot, stored = ?stored.map(|s| s.to_string()), resume = %at, channels,
             "the capture slot lost changes it had not delivered: every channel got a new epoch \

@@ -14,9 +14,12 @@
 //! the node is not ready (`/readyz`), and every reconnect is followed by a catch-up read.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use serde_json::value::RawValue;
 use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc};
@@ -32,66 +35,37 @@ const CHANGES: &str = "relay_changes";
 /// Some node sequenced changes into the history.
 const PUBLICATIONS: &str = "relay_publications";
 
-/// State shared with the HTTP endpoints.
-#[derive(Debug, Default)]
+/// State shared with the HTTP endpoints; the counters are registered in [`crate::metrics::Metrics`].
+#[derive(Debug)]
 pub struct StreamStatus {
     /// The LISTEN connection is up and the last catch-up read succeeded.
     pub ready: AtomicBool,
     /// `seq` of the last publication handed to the hub.
-    pub cursor: AtomicU64,
+    pub cursor: Gauge,
     /// Reconnects of the LISTEN connection.
-    pub reconnects: AtomicU64,
+    pub reconnects: Counter,
     /// Catch-up reads (after every (re)connect of the LISTEN connection).
-    pub catch_ups: AtomicU64,
+    pub catch_ups: Counter,
     /// Calls of the sequencer (`relay.sequence_batch()`) by this node.
-    pub polls: AtomicU64,
-    /// Time from a change being written to its publication being handed to the hub.
-    pub lag: LagHistogram,
+    pub polls: Counter,
+    /// Time from a change being written to its publication being handed to the hub, in seconds
+    /// (buckets: [`crate::metrics::LAG_BUCKETS`]).
+    pub lag: Histogram,
     /// Whether this node's capture triggers are in place (see [`crate::db::triggers::watch`]).
     pub capture: Arc<crate::db::triggers::CaptureStatus>,
 }
 
-/// Upper bounds of the lag histogram's buckets, in seconds.
-pub const LAG_BUCKETS: [f64; 13] = [
-    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// A fixed-bucket histogram of delivery lag, lock-free, rendered as a Prometheus histogram.
-#[derive(Debug, Default)]
-pub struct LagHistogram {
-    buckets: [AtomicU64; LAG_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl LagHistogram {
-    /// Records one observation.
-    pub fn observe(&self, seconds: f64) {
-        let seconds = seconds.max(0.0);
-        if let Some(i) = LAG_BUCKETS.iter().position(|b| seconds <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+impl Default for StreamStatus {
+    fn default() -> Self {
+        Self {
+            ready: AtomicBool::default(),
+            cursor: Gauge::default(),
+            reconnects: Counter::default(),
+            catch_ups: Counter::default(),
+            polls: Counter::default(),
+            lag: Histogram::new(crate::metrics::LAG_BUCKETS),
+            capture: Arc::default(),
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
-    }
-
-    /// Prometheus text for the histogram `name`.
-    pub fn render(&self, name: &str, help: &str) -> String {
-        use std::fmt::Write as _;
-        let mut out = format!("# HELP {name} {help}\n# TYPE {name} histogram\n");
-        let mut cumulative = 0;
-        for (bound, bucket) in LAG_BUCKETS.iter().zip(&self.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
-        );
-        out
     }
 }
 
@@ -227,7 +201,7 @@ impl Stream {
         if lost {
             tracing::warn!("change stream: LISTEN connection lost; catching up when it is back");
         }
-        self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+        self.status.reconnects.inc();
         self.status.ready.swap(false, Ordering::Relaxed)
     }
 
@@ -247,7 +221,7 @@ impl Stream {
             *cursor = Some(u64::try_from(last).unwrap_or(0));
         }
         // Catch up: whatever committed while no connection listened.
-        self.status.catch_ups.fetch_add(1, Ordering::Relaxed);
+        self.status.catch_ups.inc();
         self.sequence_all().await?;
         self.read(cursor).await?;
         self.status.ready.store(true, Ordering::Relaxed);
@@ -349,7 +323,7 @@ impl Stream {
                 .bind(arm)
                 .fetch_one(&self.pool)
                 .await?;
-        self.status.polls.fetch_add(1, Ordering::Relaxed);
+        self.status.polls.inc();
         Ok(Batch {
             moved,
             busy,
@@ -389,7 +363,7 @@ impl Stream {
             .await?;
             let n = rows.len();
             for (seq, channel, offset, epoch, data, info, lag) in rows {
-                self.status.lag.observe(lag);
+                self.status.lag.observe(lag.max(0.0));
                 if self.hub.has_subscribers(&channel) {
                     let data = RawValue::from_string(data).map_err(row)?;
                     let info = info.map(RawValue::from_string).transpose().map_err(row)?;
@@ -403,7 +377,9 @@ impl Stream {
                 }
                 let seq = u64::try_from(seq).map_err(row)?;
                 *cursor = Some(seq);
-                self.status.cursor.store(seq, Ordering::Relaxed);
+                self.status
+                    .cursor
+                    .set(i64::try_from(seq).unwrap_or(i64::MAX));
             }
             if (n as i64) < batch {
                 return Ok(());

@@ -27,9 +27,9 @@ use crate::config::Config;
 use crate::db::history::{self, Bound, Keep, StreamSlice};
 use crate::db::stream::StreamStatus;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::presence::{DisconnectOrder, JoinError, Member, Presence};
 use crate::rules::{Concurrency, LambdaClients};
-use crate::state::Metrics;
 
 /// Why an operation failed: an error reply to the one command, or the connection closed.
 #[derive(Debug)]

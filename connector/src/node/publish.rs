@@ -3,8 +3,6 @@
 //! into the history with `relay.publish_json()`. The answer waits for the publication to be in the
 //! history (read-your-writes).
 
-use std::sync::atomic::Ordering;
-
 use relay_protocol::{ErrorCode, ReplyError};
 use serde_json::value::RawValue;
 
@@ -129,7 +127,7 @@ impl Node {
                 None
             }
         };
-        self.metrics.publications_in.fetch_add(1, Ordering::Relaxed);
+        self.metrics.publications_in.inc();
         Ok(located)
     }
 

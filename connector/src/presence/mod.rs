@@ -38,7 +38,6 @@ pub mod pg;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -51,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
 use crate::hub::Hub;
-use crate::state::Metrics;
+use crate::metrics::Metrics;
 
 pub use crate::config::{Engine, PresenceConfig, PresenceRule};
 
@@ -616,7 +615,7 @@ impl Presence {
             name: node_name(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             stats: json!({
-                "num_clients": metrics.connections.load(Ordering::Relaxed),
+                "num_clients": metrics.connections.get(),
                 "num_subs": hub.subscription_count(),
                 "num_channels": hub.channel_count(),
                 "num_users": self.local_users(),

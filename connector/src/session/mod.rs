@@ -164,9 +164,9 @@ pub(crate) async fn serve_on<K, R>(
         edge,
     };
     let metrics = session.node().metrics().clone();
-    metrics.connections.fetch_add(1, Ordering::Relaxed);
+    metrics.connections.inc();
     session.run(sink, stream, inbox).await;
-    metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    metrics.connections.dec();
     // Its memberships leave presence now (join/leave pushes announce it on every node); on shutdown
     // the node removes all of its members at once.
     session

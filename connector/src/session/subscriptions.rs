@@ -385,10 +385,7 @@ impl Session {
             return self.insufficient_state(&delivery.channel.clone(), out);
         };
         out.push(frame);
-        self.node()
-            .metrics()
-            .publications_out
-            .fetch_add(1, Ordering::Relaxed);
+        self.node().metrics().publications_out.inc();
         Flow::Continue
     }
 

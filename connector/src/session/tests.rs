@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::edge::Edge;
-use crate::state::Metrics;
+use crate::metrics::Metrics;
 
 /// An edge whose database is never reached (a lazy pool on a closed port) and whose presence is
 /// in memory: enough for connect, pings and refused frames.
@@ -38,18 +38,21 @@ async fn state() -> Arc<Edge> {
         store,
     ));
     let config = Arc::new(config);
+    let hub = Arc::new(crate::hub::Hub::new());
+    let stream = Arc::default();
+    let capture = Arc::default();
+    let verifier = crate::auth::Verifier::new(&config.auth).unwrap();
     let node = crate::node::Node::new(crate::node::Parts {
         config: config.clone(),
         pool,
-        hub: Arc::new(crate::hub::Hub::new()),
+        metrics: Arc::new(Metrics::new(&hub, &stream, &capture, &verifier)),
+        hub,
         presence,
         http: reqwest::Client::new(),
         lambda: crate::rules::LambdaClients::for_rules(&[]).await.unwrap(),
-        metrics: Arc::new(Metrics::default()),
-        stream: Arc::default(),
-        capture: Arc::default(),
+        stream,
+        capture,
     });
-    let verifier = crate::auth::Verifier::new(&config.auth).unwrap();
     Arc::new(Edge::new(
         Arc::new(node),
         config,
