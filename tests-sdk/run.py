@@ -15,7 +15,11 @@ For one run this orchestrator:
 and prints `N passed, N failed` (scenario checks plus its own) as its last line. Exit code 0 only when
 nothing failed. Logs, configs and wire frames of each run are kept in artifacts/sdk-tests/<database>/.
 
-Usage: tests-sdk/run.py [--only node|python|chat|protobuf|sse] [--bin-dir DIR] [--keep-db]
+With --capture wal the connectors run `capture.mode = wal` (RELAY__CAPTURE__MODE) on a throwaway cluster
+with wal_level = logical started here (relaytest's `Cluster`), so every scenario also checks the logical
+replication path; without it, trigger mode on DATABASE_URL's server.
+
+Usage: tests-sdk/run.py [--only node|python|chat|protobuf|sse] [--capture trigger|wal] [--bin-dir DIR] [--keep-db]
 (`--only chat` runs the chat permissions scenario only; `--only protobuf` the two Protobuf-mode chat
 scenarios only; `--only sse` centrifuge-js's chat scenario over SSE and over HTTP-streaming, JSON and Protobuf.)
 """
@@ -23,6 +27,7 @@ scenarios only; `--only sse` centrifuge-js's chat scenario over SSE and over HTT
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import secrets
@@ -35,6 +40,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests-support"))
 
 from relaytest import (  # noqa: E402
+    Cluster,
     Results,
     System,
     install_sigterm,
@@ -240,7 +246,7 @@ COMMIT;
         except KeyboardInterrupt:
             self.results.fail("run", "interrupted")
         finally:
-            self.system.teardown()
+            self.system.teardown(drop_slots=self.args.capture == "wal")
         return self.results.close()
 
 
@@ -248,6 +254,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["node", "python", "chat", "protobuf", "sse"],
                         help="run one SDK's scenarios, only the chat permissions, or only the Protobuf-mode ones")
+    parser.add_argument("--capture", choices=["trigger", "wal"], default="trigger",
+                        help="capture mode of the connectors (default trigger; wal starts a logical cluster)")
     parser.add_argument("--bin-dir", default=str(ROOT / "target" / "debug"), help="where connector and writer-lambda are")
     parser.add_argument("--keep-db", action="store_true", help="do not drop the database (for debugging)")
     args = parser.parse_args()
@@ -255,7 +263,24 @@ def main() -> int:
         print("0 passed, 1 failed", flush=True)
         return 1
     install_sigterm()
-    return Run(args).main()
+    if args.capture == "trigger":
+        return Run(args).main()
+    # wal: every process of the run (System copies the environment) reads the mode and the cluster's URL.
+    cluster = Cluster(ROOT / "artifacts" / "sdk-tests" / "wal-cluster", logical=True, log=log)
+    try:
+        asyncio.run(cluster.start())
+    except Exception as e:  # noqa: BLE001 - reported
+        log(f"wal: throwaway cluster with wal_level = logical: {e}")
+        print("0 passed, 1 failed", flush=True)
+        asyncio.run(cluster.destroy())
+        return 1
+    os.environ["RELAY__CAPTURE__MODE"] = "wal"
+    os.environ["DATABASE_URL"] = cluster.url
+    log(f"capture mode wal: cluster with wal_level = logical on port {cluster.port}")
+    try:
+        return Run(args).main()
+    finally:
+        asyncio.run(cluster.destroy())
 
 
 if __name__ == "__main__":

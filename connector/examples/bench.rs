@@ -832,6 +832,71 @@ struct WriteRun {
     /// With a connector: seconds from the writers' end until every row written is in the history
     /// (a connector that falls behind makes the writers' figure look better than it is).
     drain_s: Option<f64>,
+    /// With a `wal` connector: where the leader's time went.
+    leader: Option<LeaderProfile>,
+}
+
+/// Where the `wal` leader's time went in one write run (from the writers' start to the end of the
+/// drain): its own metrics, and the CPU time of the server processes that serve it.
+#[derive(Debug, Clone, Copy, Default)]
+struct LeaderProfile {
+    /// History transactions (batches) written.
+    batches: f64,
+    /// Publications written.
+    rows: f64,
+    /// Leader CPU building batches (record literals), s.
+    prepare_s: f64,
+    /// Batch statements in flight (conversion, history write, commit), s.
+    apply_s: f64,
+    /// CPU of the walsender (decoding the whole WAL), s.
+    walsender_cpu_s: f64,
+    /// CPU of the connector's database backends (the leader's batch statements, the stream reads), s.
+    relay_cpu_s: f64,
+}
+
+/// CPU seconds (user + system) of this database's walsender and of the connector's backends, read
+/// from `/proc` (PostgreSQL runs on this host).
+async fn server_cpu(db: &BenchDb) -> Result<(f64, f64)> {
+    let procs: Vec<(i32, String, String)> = sqlx::query_as(
+        "SELECT pid, coalesce(backend_type, ''), coalesce(application_name, '')
+         FROM pg_stat_activity WHERE pid <> pg_backend_pid()",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    let tick = 100.0; // USER_HZ on Linux
+    let (mut walsender, mut relay) = (0.0, 0.0);
+    for (pid, kind, app) in procs {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command (which may hold spaces) end with ')'.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let cpu = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+        if kind == "walsender" {
+            walsender += cpu / tick;
+        } else if app == "pg-relay connector" || app == "relay-wal-leader" {
+            relay += cpu / tick;
+        }
+    }
+    Ok((walsender, relay))
+}
+
+/// The connector's `relay_wal_*` counters.
+async fn wal_metrics(relay: &Relay) -> Result<HashMap<String, f64>> {
+    let text = reqwest::get(format!("http://{}/metrics", relay.addr))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("relay_wal_"))
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_owned(), v.trim().parse().ok()?))
+        })
+        .collect())
 }
 
 /// Waits until every `chat_data` row is in the history; returns how long that took (at most 60 s).
@@ -999,6 +1064,7 @@ async fn write_run(
         p99_us: pct(&lat, 99.0),
         retries,
         drain_s: None,
+        leader: None,
     })
 }
 
@@ -1036,20 +1102,45 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                     let cfg = cfgs[i];
                     run += 1;
                     let relay = apply(db, cfg, &wake_sql, &config.mappings).await?;
+                    let before = match (&relay, cfg) {
+                        (Some(relay), WriteCfg::WalWithConnector) => {
+                            Some((wal_metrics(relay).await?, server_cpu(db).await?))
+                        }
+                        _ => None,
+                    };
                     let mut r = write_run(db, cfg, rows, sync, opts.secs, run).await;
                     if let Some(relay) = relay {
                         if let Ok(run) = &mut r {
                             run.drain_s = Some(drain(db).await?);
+                            if let Some((m0, (w0, r0))) = before {
+                                let m1 = wal_metrics(&relay).await?;
+                                let (w1, r1) = server_cpu(db).await?;
+                                let d = |k: &str| {
+                                    m1.get(k).copied().unwrap_or(0.0)
+                                        - m0.get(k).copied().unwrap_or(0.0)
+                                };
+                                run.leader = Some(LeaderProfile {
+                                    batches: d("relay_wal_batches_total"),
+                                    rows: d("relay_wal_publications_total"),
+                                    prepare_s: d("relay_wal_prepare_seconds_total"),
+                                    apply_s: d("relay_wal_apply_seconds_total"),
+                                    walsender_cpu_s: w1 - w0,
+                                    relay_cpu_s: r1 - r0,
+                                });
+                            }
                         }
                         relay.stop().await?;
                     }
                     let r = r?;
                     println!(
-                        "  rep {} sync {:<3} rows/tx {rows:>2} {:<42} {:>8.0} commits/s",
+                        "  rep {} sync {:<3} rows/tx {rows:>2} {:<42} {:>8.0} commits/s{}  (loadavg {})",
                         rep + 1,
                         if sync { "on" } else { "off" },
                         cfg.label(),
-                        r.commits_per_s
+                        r.commits_per_s,
+                        r.drain_s
+                            .map_or(String::new(), |d| format!(", drain {d:.2} s")),
+                        loadavg()
                     );
                     results.entry((i, rows, sync)).or_default().push(r);
                 }
@@ -1113,6 +1204,65 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                 ],
                 &out,
             );
+            let mut prof = Vec::new();
+            for (i, cfg) in cfgs.iter().enumerate() {
+                let ps: Vec<LeaderProfile> = results[&(i, rows, sync)]
+                    .iter()
+                    .filter_map(|r| r.leader)
+                    .collect();
+                if ps.is_empty() {
+                    continue;
+                }
+                let m =
+                    |f: fn(&LeaderProfile) -> f64| median(&ps.iter().map(f).collect::<Vec<_>>());
+                fn per_row(x: f64, r: f64) -> f64 {
+                    if r > 0.0 { x * 1e6 / r } else { 0.0 }
+                }
+                prof.push(vec![
+                    cfg.label(),
+                    format!("{:.0}", m(|p| p.rows)),
+                    format!("{:.0}", m(|p| p.batches)),
+                    format!(
+                        "{:.0}",
+                        m(|p| if p.batches > 0.0 {
+                            p.rows / p.batches
+                        } else {
+                            0.0
+                        })
+                    ),
+                    format!(
+                        "{:.2}",
+                        m(|p| if p.batches > 0.0 {
+                            p.apply_s * 1e3 / p.batches
+                        } else {
+                            0.0
+                        })
+                    ),
+                    format!("{:.1}", m(|p| per_row(p.apply_s, p.rows))),
+                    format!("{:.1}", m(|p| per_row(p.prepare_s, p.rows))),
+                    format!("{:.1}", m(|p| per_row(p.relay_cpu_s, p.rows))),
+                    format!("{:.1}", m(|p| per_row(p.walsender_cpu_s, p.rows))),
+                ]);
+            }
+            if !prof.is_empty() {
+                println!(
+                    "where the wal leader's time went (medians of runs; per publication written):"
+                );
+                table(
+                    &[
+                        "configuration",
+                        "publications",
+                        "batches",
+                        "rows/batch",
+                        "statement ms/batch",
+                        "statement us/row",
+                        "prepare us/row",
+                        "relay backends CPU us/row",
+                        "walsender CPU us/row",
+                    ],
+                    &prof,
+                );
+            }
             println!();
         }
     }

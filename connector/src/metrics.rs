@@ -277,6 +277,16 @@ fn register_wal(r: &mut Registry, capture: &CaptureStatus) {
     for (name, help, counter) in counters {
         r.register(name, help, counter.clone());
     }
+    r.register(
+        "relay_wal_prepare_seconds",
+        "Seconds this node's wal leader spent building batches from received transactions",
+        capture.prepare_seconds.clone(),
+    );
+    r.register(
+        "relay_wal_apply_seconds",
+        "Seconds this node's wal leader's batch statements took (conversion, history write, commit)",
+        capture.apply_seconds.clone(),
+    );
 }
 
 /// Encodes the [`Scrape`] of the scrape in progress.

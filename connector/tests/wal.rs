@@ -491,6 +491,18 @@ async fn a_publish_reply_means_the_publication_is_in_history() {
         assert!(r.get("error").is_none(), "{r}");
         assert_eq!(history(&mut c, "news").await.len(), i + 1, "round {i}");
     }
+    // The data's text is kept as published (key order, spacing), through the logical message.
+    c.send_raw(r#"{"id":900,"publish":{"channel":"news","data":{"b":1, "a":[2,3]}}}"#)
+        .await;
+    assert_eq!(history(&mut c, "news").await.len(), 16);
+    let text: String = sqlx::query_scalar(
+        "SELECT data::text FROM relay.publications WHERE channel = 'news' \
+         ORDER BY \"offset\" DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(text, r#"{"b":1, "a":[2,3]}"#);
     open.rollback().await.unwrap();
     server.stop().await;
     db.drop_db().await;

@@ -29,7 +29,7 @@ pub mod pgoutput;
 pub mod wal;
 
 use std::sync::OnceLock;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use prometheus_client::metrics::counter::Counter;
 
@@ -91,6 +91,12 @@ pub struct CaptureStatus {
     pub toast_unavailable: Counter,
     /// Replication stream interruptions.
     pub stream_errors: Counter,
+    /// Seconds the leader spent turning received transactions into batch parameters (record
+    /// literals; the connector's CPU between two batches).
+    pub prepare_seconds: Counter<f64, AtomicU64>,
+    /// Seconds the leader's batch statements took, from sending to their result: conversion,
+    /// history write and commit on the database (the next batch is received meanwhile).
+    pub apply_seconds: Counter<f64, AtomicU64>,
 }
 
 /// Prepares the database for the configured mode on start-up (every node): records the mode, and

@@ -7,12 +7,18 @@
 //!
 //! **Position and replay.** `relay.wal_state.lsn` is the end LSN of the last transaction whose
 //! publications are in the history. The leader streams from it, and writes each batch of
-//! transactions with `relay.wal_apply()`, which drops the publications of any transaction at or below
-//! the stored position and moves the position, in the same transaction as the publications. Only
-//! after that commit is the slot confirmed. So a crash anywhere replays at most a batch, and the
+//! transactions with one statement (`relay.wal_apply_batch()`, migration 0014), which drops the
+//! publications of any transaction at or below the stored position and moves the position, in the
+//! same transaction as the publications. Only after that commit is the slot confirmed. So a crash anywhere replays at most a batch, and the
 //! replay writes nothing twice; two leaders that briefly overlap cannot both write a transaction.
 //! Offsets and `seq` come from the same `relay.channels` / `relay.sequencer` as trigger mode, in
 //! commit order (the order pgoutput sends transactions), so every node reads identical offsets.
+//!
+//! **Pipeline.** One batch statement is in flight at a time, on a connection the leader holds; while
+//! it runs (conversion, history write, commit), the next batch is received and decoded, and it is
+//! written with everything that arrived meanwhile. So batches grow with the load (up to
+//! `capture.batch_max_publications` changes), and there are as many history transactions (and WAL
+//! flushes) per second as the database can commit, not one per source transaction.
 //!
 //! **Rows.** Column values arrive in PostgreSQL's text format. The leader hands them back to
 //! PostgreSQL as a record literal of the table's row type (`$n::text::"schema"."table"`) and builds
@@ -34,12 +40,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use futures_util::FutureExt as _;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use sqlx::postgres::PgConnectOptions;
@@ -109,8 +116,6 @@ struct RelationInfo {
 
 /// Precomputed per mapping.
 struct MappingSql {
-    /// The conversion statement (record literals → channel, old channel, payload).
-    sql: String,
     operations: Vec<Operation>,
     schema: String,
     table: String,
@@ -218,22 +223,55 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// The conversion statement of a mapping: for arrays of (index, operation, new record literal, old
-/// record literal) it returns (index, channel, old channel, payload) with the trigger's expressions.
-fn mapping_sql(m: &Mapping) -> anyhow::Result<String> {
+/// Multiplier of a change's index in a batch in the order key of its publications; below it, the
+/// mapping's rank (by trigger name) times two plus 0 (new channel) or 1 (old channel).
+const KEY_CHANGE: i64 = 1 << 20;
+/// Parameters of the batch statement before the first mapping's: slot, upto, and the six arrays of
+/// the `relay.publish()` messages.
+const FIXED_PARAMS: usize = 8;
+/// Batches of at most this many changes run the batch statement with a generic plan: planning it
+/// (and the history write inside `relay.wal_apply_batch()`) for each small batch costs about as much
+/// as executing it, and at a few rows a generic plan is as good. Larger batches get custom plans,
+/// which see the arrays' lengths (hash joins instead of nested loops over thousands of rows).
+const GENERIC_PLAN_MAX_CHANGES: usize = 64;
+/// Parameters per mapping in the batch statement (index, LSN, commit time, operation, new and old
+/// record literals).
+const MAPPING_PARAMS: usize = 6;
+
+/// The conversion of a mapping's rows inside the batch statement, its parameters from `$p`: for
+/// arrays of (change index, end LSN, commit time, operation, new record literal, old record literal)
+/// it yields (order key, LSN, channel, payload, info, commit time) with the trigger's expressions:
+/// a publication on the row's channel and, for an UPDATE that moved the row to another channel, one
+/// on the old channel. The two lateral subqueries are fenced with `OFFSET 0` so that each record
+/// literal is parsed once and each payload built once per row (a flattened subquery would repeat the
+/// cast in every expression that names the record).
+fn mapping_sql(m: &Mapping, rank: usize, p: usize) -> String {
     let parts = m.channel.parts();
     let cols = m.columns.as_deref();
     let new = r#"(r."NEW")"#;
     let old = r#"(r."OLD")"#;
-    Ok(format!(
-        r#"SELECT u.i,
-       CASE WHEN u.op = 'DELETE' THEN {ch_old} ELSE {ch_new} END,
-       CASE WHEN u.op = 'UPDATE' THEN {ch_old} END,
-       (jsonb_build_object('type', u.op, 'schema', {schema}, 'table', {table}, 'row',
-            CASE WHEN u.op = 'DELETE' THEN {row_old} ELSE {row_new} END)
-        || CASE WHEN u.op = 'UPDATE' THEN jsonb_build_object('old', {row_old}) ELSE '{{}}'::jsonb END)::text
-FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[]) AS u(i, op, n, o)
-CROSS JOIN LATERAL (SELECT u.n::"{s}"."{t}" AS "NEW", u.o::"{s}"."{t}" AS "OLD") AS r"#,
+    format!(
+        r#"SELECT u.k * {KEY_CHANGE} + {rank2} + v.sub, u.lsn::pg_lsn, v.channel, x.payload::json, NULL::jsonb, u.micros
+FROM unnest(${p0}::int8[], ${p1}::text[], ${p2}::int8[], ${p3}::text[], ${p4}::text[], ${p5}::text[])
+     AS u(k, lsn, micros, op, n, o)
+CROSS JOIN LATERAL (SELECT u.n::"{s}"."{t}" AS "NEW", u.o::"{s}"."{t}" AS "OLD" OFFSET 0) AS r
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN u.op = 'DELETE' THEN {ch_old} ELSE {ch_new} END,
+           CASE WHEN u.op = 'UPDATE' THEN {ch_old} END,
+           jsonb_build_object('type', u.op, 'schema', {schema}, 'table', {table}, 'row',
+                CASE WHEN u.op = 'DELETE' THEN {row_old} ELSE {row_new} END)
+           || CASE WHEN u.op = 'UPDATE' THEN jsonb_build_object('old', {row_old}) ELSE '{{}}'::jsonb END
+    OFFSET 0) AS x(ch, ch_old, payload)
+CROSS JOIN LATERAL (VALUES (0, x.ch),
+    (1, CASE WHEN x.ch_old IS DISTINCT FROM nullif(x.ch, '') THEN x.ch_old END)) AS v(sub, channel)
+WHERE v.channel <> ''"#,
+        rank2 = rank * 2,
+        p0 = p,
+        p1 = p + 1,
+        p2 = p + 2,
+        p3 = p + 3,
+        p4 = p + 4,
+        p5 = p + 5,
         ch_old = channel_expr(old, parts),
         ch_new = channel_expr(new, parts),
         row_old = row_expr(old, cols),
@@ -242,7 +280,33 @@ CROSS JOIN LATERAL (SELECT u.n::"{s}"."{t}" AS "NEW", u.o::"{s}"."{t}" AS "OLD")
         table = quote_literal(&m.table),
         s = m.schema,
         t = m.table,
-    ))
+    )
+}
+
+/// The one statement that writes a batch: the `relay.publish()` messages and every mapping's
+/// converted rows, gathered into arrays for `relay.wal_apply_batch()` (migration 0014), which
+/// orders them by key and writes them with the position. The statement is its own transaction.
+/// `ranks[i]` is mapping `i`'s rank by trigger name.
+fn batch_sql(mappings: &[Mapping], ranks: &[usize]) -> String {
+    let mut sql = format!(
+        r#"SELECT relay.wal_apply_batch($1, $2::text::pg_lsn, array_agg(c.key), array_agg(c.lsn),
+       array_agg(c.channel), array_agg(c.data), array_agg(c.info), array_agg(c.micros))
+FROM (
+SELECT p.k * {KEY_CHANGE} AS key, p.lsn::pg_lsn AS lsn, p.channel, p.data::json AS data,
+       p.info::jsonb AS info, p.micros
+FROM unnest($3::int8[], $4::text[], $5::int8[], $6::text[], $7::text[], $8::text[])
+     AS p(k, lsn, micros, channel, data, info)"#
+    );
+    for (i, m) in mappings.iter().enumerate() {
+        sql.push_str("\nUNION ALL\n");
+        sql.push_str(&mapping_sql(
+            m,
+            ranks[i],
+            FIXED_PARAMS + 1 + i * MAPPING_PARAMS,
+        ));
+    }
+    sql.push_str("\n) AS c");
+    sql
 }
 
 impl WalCapture {
@@ -255,7 +319,6 @@ impl WalCapture {
             .enumerate()
             .map(|(i, m)| {
                 Ok(MappingSql {
-                    sql: mapping_sql(m)?,
                     operations: m.operations.clone(),
                     schema: m.schema.clone(),
                     table: m.table.clone(),
@@ -270,8 +333,16 @@ impl WalCapture {
                 return;
             }
         };
+        // A mapping's rank: its place in the order its trigger would fire among all (by name).
+        let mut by_name: Vec<usize> = (0..sqls.len()).collect();
+        by_name.sort_by(|a, b| sqls[*a].trigger_name.cmp(&sqls[*b].trigger_name));
+        let mut ranks = vec![0; sqls.len()];
+        for (rank, i) in by_name.into_iter().enumerate() {
+            ranks[i] = rank;
+        }
         let mut leader = Leader {
             cap: &self,
+            batch_sql: batch_sql(&self.mappings, &ranks).into(),
             slot,
             sqls,
             relations: HashMap::new(),
@@ -298,8 +369,123 @@ impl WalCapture {
     }
 }
 
+/// A mapping's rows of one batch: the parameters of its part of the batch statement.
+#[derive(Default)]
+struct RowsInput {
+    k: Vec<i64>,
+    lsn: Vec<String>,
+    micros: Vec<i64>,
+    op: Vec<&'static str>,
+    new: Vec<Option<String>>,
+    old: Vec<Option<String>>,
+}
+
+/// The `relay.publish()` messages of one batch.
+#[derive(Default)]
+struct PublishInput {
+    k: Vec<i64>,
+    lsn: Vec<String>,
+    micros: Vec<i64>,
+    channel: Vec<String>,
+    data: Vec<String>,
+    info: Vec<Option<String>>,
+}
+
+/// A batch of committed transactions, ready for the batch statement.
+struct Batch {
+    /// End LSN of the last transaction: the position stored with it, and confirmed after it.
+    upto: Lsn,
+    /// Changes in it.
+    changes: usize,
+    /// Transactions in it.
+    txns: usize,
+    publish: PublishInput,
+    /// Per mapping, in mapping order.
+    rows: Vec<RowsInput>,
+}
+
+/// What a written batch reports.
+struct Applied {
+    upto: Lsn,
+    txns: usize,
+    written: i32,
+    took: Duration,
+}
+
+/// The history connection, handed to a batch write and back.
+type HistoryConn = sqlx::pool::PoolConnection<sqlx::Postgres>;
+/// A batch write in flight: gives the connection back with the outcome.
+type InFlight = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (HistoryConn, anyhow::Result<Applied>)> + Send>,
+>;
+
+/// The outcome of the write in flight (never ready without one).
+async fn in_flight(f: &mut Option<InFlight>) -> (HistoryConn, anyhow::Result<Applied>) {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs the batch statement on `conn` (one transaction: the conversions, the publications, the
+/// position); the slot is confirmed by the caller once this has returned.
+async fn apply_batch(
+    mut conn: HistoryConn,
+    sql: Arc<str>,
+    slot: Arc<str>,
+    batch: Batch,
+    set_plan_mode: Option<bool>,
+) -> (HistoryConn, anyhow::Result<Applied>) {
+    let started = std::time::Instant::now();
+    if let Some(generic) = set_plan_mode {
+        let set = if generic {
+            "SET plan_cache_mode = force_generic_plan"
+        } else {
+            "SET plan_cache_mode = auto"
+        };
+        if let Err(e) = sqlx::query(set).execute(&mut *conn).await {
+            return (
+                conn,
+                Err(anyhow::Error::from(e).context("setting plan_cache_mode")),
+            );
+        }
+    }
+    let p = &batch.publish;
+    let mut q = sqlx::query_scalar::<_, i32>(&sql)
+        .bind(&*slot)
+        .bind(batch.upto.to_string())
+        .bind(&p.k)
+        .bind(&p.lsn)
+        .bind(&p.micros)
+        .bind(&p.channel)
+        .bind(&p.data)
+        .bind(&p.info);
+    for r in &batch.rows {
+        q = q
+            .bind(&r.k)
+            .bind(&r.lsn)
+            .bind(&r.micros)
+            .bind(&r.op)
+            .bind(&r.new)
+            .bind(&r.old);
+    }
+    let result = q
+        .fetch_one(&mut *conn)
+        .await
+        .context("writing the history")
+        .map(|written| Applied {
+            upto: batch.upto,
+            txns: batch.txns,
+            written,
+            took: started.elapsed(),
+        });
+    (conn, result)
+}
+
 struct Leader<'a> {
     cap: &'a WalCapture,
+    /// The batch statement ([`batch_sql`]).
+    batch_sql: Arc<str>,
     slot: String,
     sqls: Vec<MappingSql>,
     relations: HashMap<u32, RelationInfo>,
@@ -357,6 +543,11 @@ impl Leader<'_> {
         result.map(|()| true)
     }
 
+    /// Streams from the slot and writes the history, pipelined: while one batch's statement runs
+    /// (conversion, history write, commit), the next batch is received and decoded; it is written as
+    /// soon as the previous one has committed and the slot has been confirmed up to it, with
+    /// everything received meanwhile (up to `capture.batch_max_publications` changes). So batches
+    /// grow with the load and at most one history transaction is open at a time, in commit order.
     async fn stream(
         &mut self,
         client: &mut ReplicationClient,
@@ -368,24 +559,64 @@ impl Leader<'_> {
         let mut heartbeat = tokio::time::interval(self.cap.config.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max = self.cap.config.batch_max_publications as usize;
+        let slot: Arc<str> = self.slot.as_str().into();
+        // One connection for the history writes while leading: its prepared batch statement is
+        // reused, and no batch waits for the pool.
+        let mut conn = Some(
+            self.cap
+                .pool
+                .acquire()
+                .await
+                .context("history connection")?,
+        );
+        let mut inflight: Option<InFlight> = None;
+        // The history connection's plan_cache_mode: generic (true) or auto; unknown at first.
+        let mut generic: Option<bool> = None;
         let mut current: Option<Txn> = None;
         let mut pending: Vec<Txn> = Vec::new();
         let mut pending_changes = 0usize;
         loop {
-            if !pending.is_empty() {
-                // Take what is already received into the same batch; write when nothing is.
-                if pending_changes < max
-                    && let Some(ev) = client.recv().now_or_never()
-                {
+            if inflight.is_none() && !pending.is_empty() {
+                // Take what is already received into the same batch.
+                while pending_changes < max {
+                    let Some(ev) = client.recv().now_or_never() else {
+                        break;
+                    };
                     let ev = ev?.context("replication stream ended")?;
                     self.handle(ev, &mut current, &mut pending, &mut pending_changes)?;
-                    continue;
                 }
-                self.write(client, std::mem::take(&mut pending)).await?;
+                let batch = self.prepare(std::mem::take(&mut pending)).await?;
                 pending_changes = 0;
+                let want = batch.changes <= GENERIC_PLAN_MAX_CHANGES;
+                let set_plan_mode = (generic != Some(want)).then_some(want);
+                generic = Some(want);
+                let c = conn.take().context("history connection in use")?;
+                inflight = Some(Box::pin(apply_batch(
+                    c,
+                    self.batch_sql.clone(),
+                    slot.clone(),
+                    batch,
+                    set_plan_mode,
+                )));
             }
+            // A full next batch waits for the write in flight (the stream backs up meanwhile).
+            let receive = pending_changes < max || inflight.is_none();
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
+                (c, result) = in_flight(&mut inflight), if inflight.is_some() => {
+                    inflight = None;
+                    conn = Some(c);
+                    let applied = result?;
+                    // Only now, after the commit: the slot may release what this batch held.
+                    client.update_applied_lsn(applied.upto);
+                    let status = &self.cap.status;
+                    status.transactions.inc_by(applied.txns as u64);
+                    status
+                        .publications
+                        .inc_by(u64::try_from(applied.written).unwrap_or(0));
+                    status.batches.inc();
+                    status_add_seconds(&status.apply_seconds, applied.took);
+                }
                 _ = election.tick() => {
                     tokio::time::timeout(Duration::from_secs(3), sqlx::query("SELECT 1").execute(&mut *lock))
                         .await
@@ -399,7 +630,7 @@ impl Leader<'_> {
                         .await
                         .context("heartbeat")?;
                 }
-                ev = client.recv() => {
+                ev = client.recv(), if receive => {
                     let ev = ev?.context("replication stream ended")?;
                     self.handle(ev, &mut current, &mut pending, &mut pending_changes)?;
                 }
@@ -509,11 +740,12 @@ impl Leader<'_> {
         Ok(())
     }
 
-    /// Writes `txns` into the history in one transaction, then confirms the slot up to the last one.
-    async fn write(&mut self, client: &ReplicationClient, txns: Vec<Txn>) -> anyhow::Result<()> {
-        let Some(upto) = txns.last().map(|t| t.end_lsn) else {
-            return Ok(());
-        };
+    /// Turns `txns` into the batch statement's parameters (record literals of every row, per
+    /// mapping that captures it).
+    async fn prepare(&mut self, txns: Vec<Txn>) -> anyhow::Result<Batch> {
+        let started = std::time::Instant::now();
+        let upto = txns.last().map_or(Lsn::ZERO, |t| t.end_lsn);
+        let count = txns.len();
         let pool = &self.cap.pool;
         // The current columns of every table in the batch.
         for txn in &txns {
@@ -534,62 +766,64 @@ impl Leader<'_> {
             }
         }
 
-        // Per mapping: (index, op, new literal, old literal) of the rows it captures.
-        struct Input {
-            idx: Vec<i32>,
-            op: Vec<&'static str>,
-            new: Vec<Option<String>>,
-            old: Vec<Option<String>>,
-        }
-        let mut inputs: HashMap<usize, Input> = HashMap::new();
-        // One slot per change, in order; each gets its publications (channel, data, info).
-        let mut slots: Vec<(usize, Vec<usize>)> = Vec::new(); // (txn, mappings) per change
+        let mut inputs: Vec<RowsInput> =
+            (0..self.sqls.len()).map(|_| RowsInput::default()).collect();
+        let mut publish = PublishInput::default();
         let mut toast_unavailable = 0u64;
-        let mut k = 0i32;
-        for (ti, txn) in txns.iter().enumerate() {
-            for c in &txn.changes {
-                let mut wanted = Vec::new();
-                if let Change::Row {
-                    relation,
-                    op,
-                    new,
-                    old,
-                } = c
-                {
-                    // pgoutput describes every table before its first change in a stream.
-                    let info = self.relations.get(relation).with_context(|| {
-                        format!("row of relation {relation} before its description")
-                    })?;
-                    let cols = &self.table_columns[relation];
-                    let old_tuple = old.as_ref().map(|(_, t)| t);
-                    let old_full = old
-                        .as_ref()
-                        .filter(|(kind, _)| *kind == OldKind::Full)
-                        .map(|(_, t)| t);
-                    let new_lit = new.as_ref().map(|t| {
-                        record_literal(cols, &info.columns, t, old_full, &mut toast_unavailable)
-                    });
-                    let old_lit = old_tuple.map(|t| {
-                        record_literal(cols, &info.columns, t, None, &mut toast_unavailable)
-                    });
-                    for &m in &info.mappings {
-                        if !self.sqls[m].operations.contains(op) {
-                            continue;
-                        }
-                        wanted.push(m);
-                        let input = inputs.entry(m).or_insert_with(|| Input {
-                            idx: Vec::new(),
-                            op: Vec::new(),
-                            new: Vec::new(),
-                            old: Vec::new(),
+        // A change's index in the batch: its publications' order key (with the mapping's rank).
+        let mut k = 0i64;
+        for txn in txns {
+            let lsn = txn.end_lsn.to_string();
+            for c in txn.changes {
+                match c {
+                    Change::Publish {
+                        channel,
+                        data,
+                        info,
+                    } => {
+                        publish.k.push(k);
+                        publish.lsn.push(lsn.clone());
+                        publish.micros.push(txn.commit_micros);
+                        publish.channel.push(channel);
+                        publish.data.push(data.get().to_owned());
+                        publish.info.push(info.map(|i| i.get().to_owned()));
+                    }
+                    Change::Row {
+                        relation,
+                        op,
+                        new,
+                        old,
+                    } => {
+                        // pgoutput describes every table before its first change in a stream.
+                        let info = self.relations.get(&relation).with_context(|| {
+                            format!("row of relation {relation} before its description")
+                        })?;
+                        let cols = &self.table_columns[&relation];
+                        let old_tuple = old.as_ref().map(|(_, t)| t);
+                        let old_full = old
+                            .as_ref()
+                            .filter(|(kind, _)| *kind == OldKind::Full)
+                            .map(|(_, t)| t);
+                        let new_lit = new.as_ref().map(|t| {
+                            record_literal(cols, &info.columns, t, old_full, &mut toast_unavailable)
                         });
-                        input.idx.push(k);
-                        input.op.push(op.sql());
-                        input.new.push(new_lit.clone());
-                        input.old.push(old_lit.clone());
+                        let old_lit = old_tuple.map(|t| {
+                            record_literal(cols, &info.columns, t, None, &mut toast_unavailable)
+                        });
+                        for &m in &info.mappings {
+                            if !self.sqls[m].operations.contains(&op) {
+                                continue;
+                            }
+                            let input = &mut inputs[m];
+                            input.k.push(k);
+                            input.lsn.push(lsn.clone());
+                            input.micros.push(txn.commit_micros);
+                            input.op.push(op.sql());
+                            input.new.push(new_lit.clone());
+                            input.old.push(old_lit.clone());
+                        }
                     }
                 }
-                slots.push((ti, wanted));
                 k += 1;
             }
         }
@@ -602,99 +836,19 @@ impl Leader<'_> {
             );
         }
 
-        // The conversions only read (they are pure functions of the values and the row type), so
-        // they run outside the history transaction; relay.wal_apply() is that transaction, one
-        // statement: two round trips per batch for one mapping.
-        // (change index, mapping) → [(channel, payload)]
-        let mut converted: HashMap<(i32, usize), Vec<(String, String)>> = HashMap::new();
-        for (m, input) in &inputs {
-            let rows: Vec<(i32, Option<String>, Option<String>, String)> =
-                sqlx::query_as(&self.sqls[*m].sql)
-                    .bind(&input.idx)
-                    .bind(&input.op)
-                    .bind(&input.new)
-                    .bind(&input.old)
-                    .fetch_all(pool)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "converting rows of {}.{}",
-                            self.sqls[*m].schema, self.sqls[*m].table
-                        )
-                    })?;
-            for (i, ch, ch_old, payload) in rows {
-                let mut out = Vec::new();
-                let ch = ch.filter(|c| !c.is_empty());
-                if let Some(c) = &ch {
-                    out.push((c.clone(), payload.clone()));
-                }
-                if let Some(o) = ch_old.filter(|c| !c.is_empty())
-                    && Some(&o) != ch.as_ref()
-                {
-                    out.push((o, payload));
-                }
-                converted.insert((i, *m), out);
-            }
-        }
-
-        let mut lsns = Vec::new();
-        let mut channels = Vec::new();
-        let mut datas = Vec::new();
-        let mut infos: Vec<Option<String>> = Vec::new();
-        let mut micros = Vec::new();
-        let mut k = 0i32;
-        for txn in &txns {
-            let lsn = txn.end_lsn.to_string();
-            for c in &txn.changes {
-                match c {
-                    Change::Publish {
-                        channel,
-                        data,
-                        info,
-                    } => {
-                        lsns.push(lsn.clone());
-                        channels.push(channel.clone());
-                        datas.push(data.get().to_owned());
-                        infos.push(info.as_ref().map(|i| i.get().to_owned()));
-                        micros.push(txn.commit_micros);
-                    }
-                    Change::Row { .. } => {
-                        for m in &slots[k as usize].1 {
-                            for (channel, payload) in converted.remove(&(k, *m)).unwrap_or_default()
-                            {
-                                lsns.push(lsn.clone());
-                                channels.push(channel);
-                                datas.push(payload);
-                                infos.push(None);
-                                micros.push(txn.commit_micros);
-                            }
-                        }
-                    }
-                }
-                k += 1;
-            }
-        }
-        let written: i32 =
-            sqlx::query_scalar("SELECT relay.wal_apply($1, $2, $3, $4, $5, $6, $7::text::pg_lsn)")
-                .bind(&self.slot)
-                .bind(&lsns)
-                .bind(&channels)
-                .bind(&datas)
-                .bind(&infos)
-                .bind(&micros)
-                .bind(upto.to_string())
-                .fetch_one(pool)
-                .await
-                .context("writing the history")?;
-        client.update_applied_lsn(upto);
-        let status = &self.cap.status;
-        status.transactions.inc_by(txns.len() as u64);
-        status
-            .publications
-            .inc_by(u64::try_from(written).unwrap_or(0));
-        status.batches.inc();
-        Ok(())
+        status_add_seconds(&self.cap.status.prepare_seconds, started.elapsed());
+        Ok(Batch {
+            upto,
+            changes: usize::try_from(k).unwrap_or(usize::MAX),
+            txns: count,
+            publish,
+            rows: inputs,
+        })
     }
+}
+
+fn status_add_seconds(counter: &Counter<f64, AtomicU64>, d: Duration) {
+    counter.inc_by(d.as_secs_f64());
 }
 
 /// On a database where wal capture never started (no stored position): creates the slot and hands
