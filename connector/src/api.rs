@@ -17,7 +17,7 @@
 //!   once the publication is in the history (read-your-writes, [`crate::db::fence`]), so a `history`
 //!   call after it sees it. On a channel without a rule the result is the publication's `{offset,
 //!   epoch}` (as Centrifugo's, whose history is on); it is `{}` when that position cannot be told
-//!   ([`history::publish_located`]). Through a rule the result is `{}`: the writer may turn one
+//!   ([`crate::db::history::publish_located`]). Through a rule the result is `{}`: the writer may turn one
 //!   publish into any number of rows, or none.
 //! - `broadcast {channels, data}`: `publish` to each channel; one response per channel.
 //! - `history {channel, limit?, since?, reverse?}`: as the client command (limit 0 = position only,
@@ -44,13 +44,12 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::db::fence;
-use crate::db::history::{self, Bound, Keep};
-use crate::rules::{self, NamedData};
-use crate::state::AppState;
+use crate::edge::Edge;
+use crate::node::{HistoryQuery, Node, NodeError, Publisher, reply_too_large};
+use crate::presence::DisconnectOrder;
 
 /// The API's routes.
-pub(crate) fn routes() -> Router<Arc<AppState>> {
+pub(crate) fn routes() -> Router<Arc<Edge>> {
     Router::new()
         .route("/api", post(envelope))
         .route("/api/{method}", post(method))
@@ -59,12 +58,12 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
 type ApiResult = Result<Value, ReplyError>;
 
 async fn method(
-    State(state): State<Arc<AppState>>,
+    State(edge): State<Arc<Edge>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = authorize(&state, &headers) {
+    if let Some(refused) = authorize(&edge, &headers) {
         return refused;
     }
     let params = if body.iter().all(u8::is_ascii_whitespace) {
@@ -74,15 +73,15 @@ async fn method(
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, format!("body: {e}")))
     };
     let result = match params {
-        Ok(p) => call(&state, &name, p).await,
+        Ok(p) => call(&edge, &name, p).await,
         Err(e) => Err(e),
     };
     answer(result)
 }
 
 /// `POST /api` with `{"method": M, "params": P}`.
-async fn envelope(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(refused) = authorize(&state, &headers) {
+async fn envelope(State(edge): State<Arc<Edge>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = authorize(&edge, &headers) {
         return refused;
     }
     #[derive(Deserialize)]
@@ -92,7 +91,7 @@ async fn envelope(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
         params: Option<Value>,
     }
     let result = match serde_json::from_slice::<Envelope>(&body) {
-        Ok(e) => call(&state, &e.method, e.params.unwrap_or_else(|| json!({}))).await,
+        Ok(e) => call(&edge, &e.method, e.params.unwrap_or_else(|| json!({}))).await,
         Err(e) => Err(ReplyError::with_message(
             ErrorCode::BadRequest,
             format!("body must be {{\"method\": …, \"params\": …}}: {e}"),
@@ -103,8 +102,8 @@ async fn envelope(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
 
 /// `None` when the request may go on; otherwise the refusal (404 when the API is off, 401 for a wrong
 /// key).
-fn authorize(state: &AppState, headers: &HeaderMap) -> Option<Response> {
-    let Some(key) = state.config.api.key.as_deref() else {
+fn authorize(edge: &Edge, headers: &HeaderMap) -> Option<Response> {
+    let Some(key) = edge.config.api.key.as_deref() else {
         return Some((StatusCode::NOT_FOUND, "server API disabled (no api.key)").into_response());
     };
     let given = headers
@@ -153,22 +152,18 @@ fn params<T: serde::de::DeserializeOwned>(p: Value) -> Result<T, ReplyError> {
     serde_json::from_value(p).map_err(|e| bad(e.to_string()))
 }
 
-fn internal(what: &str, e: impl std::fmt::Display) -> ReplyError {
-    tracing::warn!(error = %e, "server API: {what} failed");
-    ReplyError::new(ErrorCode::Internal)
-}
-
-async fn call(state: &AppState, method: &str, p: Value) -> ApiResult {
+async fn call(edge: &Edge, method: &str, p: Value) -> ApiResult {
+    let node = &*edge.node;
     match method {
-        "publish" => publish(state, params(p)?).await,
-        "broadcast" => broadcast(state, params(p)?).await,
-        "history" => history(state, params(p)?).await,
-        "history_remove" => history_remove(state, params(p)?).await,
-        "channels" => channels(state, params(p)?).await,
-        "info" => info(state).await,
-        "presence" => presence(state, params(p)?).await,
-        "presence_stats" => presence_stats(state, params(p)?).await,
-        "disconnect" => disconnect(state, params(p)?).await,
+        "publish" => publish(node, params(p)?).await,
+        "broadcast" => broadcast(node, params(p)?).await,
+        "history" => history(edge, params(p)?).await,
+        "history_remove" => history_remove(node, params(p)?).await,
+        "channels" => channels(edge, params(p)?).await,
+        "info" => info(node).await,
+        "presence" => presence(edge, params(p)?).await,
+        "presence_stats" => presence_stats(node, params(p)?).await,
+        "disconnect" => disconnect(node, params(p)?).await,
         _ => Err(ErrorCode::MethodNotFound.into()),
     }
 }
@@ -191,57 +186,34 @@ struct PublishParams {
     _tags: Option<Value>,
 }
 
-async fn publish(state: &AppState, p: PublishParams) -> ApiResult {
-    publish_one(state, &p.channel, &p.data, p.idempotency_key.as_deref()).await
+async fn publish(node: &Node, p: PublishParams) -> ApiResult {
+    publish_one(node, &p.channel, &p.data, p.idempotency_key.as_deref()).await
 }
 
 async fn publish_one(
-    state: &AppState,
+    node: &Node,
     channel: &str,
     data: &RawValue,
     idempotency_key: Option<&str>,
 ) -> Result<Value, ReplyError> {
     check_channel(channel)?;
-    if let Some(rule) = state.config.rule_for(channel) {
-        let named: NamedData<'_> = serde_json::from_str(data.get()).map_err(|_| {
-            bad("publication data on a rule channel must be {\"name\": string, \"data\": any}")
-        })?;
-        let id = match idempotency_key {
-            Some(k) if !k.is_empty() && k.len() <= 256 => k.to_owned(),
-            Some(_) => return Err(bad("idempotency_key must be 1-256 bytes")),
-            None => uuid::Uuid::new_v4().to_string(),
-        };
-        let envelope = rules::envelope(channel, "api", "api", &named, id);
-        rules::deliver_limited(
-            &state.limits.targets,
-            &state.http,
-            &state.lambda,
-            rule,
-            &envelope,
+    let key_ok = idempotency_key.is_none_or(|k| !k.is_empty() && k.len() <= 256);
+    let message_id = idempotency_key.filter(|_| key_ok).map(str::to_owned);
+    let publication = node
+        .publication(
+            channel.to_owned(),
+            data.to_owned(),
+            Publisher::Api { message_id },
         )
-        .await
-        .map_err(|e| {
-            // A refusal by the target is an error answer with its code and reason (420-422).
-            if let rules::TargetError::Refused(r) = &e {
-                return r.reply_error();
-            }
-            tracing::warn!(channel, error = %e, "server API: publish target failed");
-            match e {
-                rules::TargetError::Busy(_) => {
-                    ReplyError::with_message(ErrorCode::TooManyRequests, "publish target busy")
-                }
-                _ => ReplyError::with_message(ErrorCode::Internal, "publish target failed")
-                    .temporary(),
-            }
-        })?;
-        // Read-your-writes: the answer follows the publication into the history.
-        fence::settle(&state.pool).await;
-        return Ok(json!({}));
+        .map_err(NodeError::into_reply)?;
+    // The key is the message id a rule's target sees; elsewhere it is not used.
+    if !key_ok && node.has_rule(channel) {
+        return Err(bad("idempotency_key must be 1-256 bytes"));
     }
-    let located = history::publish_located(&state.pool, channel, data)
+    let located = node
+        .publish(publication)
         .await
-        .map_err(|e| internal("publish", e))?;
-    state.metrics.publications_in.inc();
+        .map_err(NodeError::into_reply)?;
     Ok(located.map_or_else(
         || json!({}),
         |at| json!({"offset": at.offset, "epoch": at.epoch}),
@@ -263,7 +235,7 @@ struct BroadcastParams {
 /// Most channels of one broadcast.
 const MAX_BROADCAST: usize = 1000;
 
-async fn broadcast(state: &AppState, p: BroadcastParams) -> ApiResult {
+async fn broadcast(node: &Node, p: BroadcastParams) -> ApiResult {
     if p.channels.is_empty() || p.channels.len() > MAX_BROADCAST {
         return Err(bad(format!("channels: 1 to {MAX_BROADCAST} channels")));
     }
@@ -272,7 +244,7 @@ async fn broadcast(state: &AppState, p: BroadcastParams) -> ApiResult {
         // Each channel's message gets its own id: the key is made distinct per channel.
         let key = p.idempotency_key.as_ref().map(|k| format!("{k}:{channel}"));
         responses.push(
-            match publish_one(state, channel, &p.data, key.as_deref()).await {
+            match publish_one(node, channel, &p.data, key.as_deref()).await {
                 Ok(result) => json!({ "result": result }),
                 Err(e) => json!({"error": e}),
             },
@@ -300,49 +272,22 @@ struct HistoryParams {
     reverse: Option<bool>,
 }
 
-async fn history(state: &AppState, p: HistoryParams) -> ApiResult {
+async fn history(edge: &Edge, p: HistoryParams) -> ApiResult {
     check_channel(&p.channel)?;
-    let max = state.config.client.history_max_limit;
-    let limit = match p.limit.unwrap_or(0) {
-        0 => 0,
-        n if n < 0 => max,
-        n => u32::try_from(n).unwrap_or(u32::MAX).min(max),
+    let query = HistoryQuery {
+        limit: p.limit.unwrap_or(0),
+        since: p.since.as_ref().map(|s| (s.offset, s.epoch.as_str())),
+        reverse: p.reverse.unwrap_or(false),
     };
-    let reverse = p.reverse.unwrap_or(false);
-    let bound = match (&p.since, reverse) {
-        (Some(s), true) if s.offset == 0 => {
-            return Err(bad("reverse history needs since.offset > 0"));
-        }
-        (Some(s), true) => Bound::Before(s.offset),
-        (Some(s), false) => Bound::After(s.offset),
-        (None, true) => Bound::Before(u64::MAX),
-        (None, false) => Bound::After(0),
-    };
-    let keep = Keep::from(&state.config.retention.rule_for(&p.channel));
-    let slice = history::read(
-        &state.pool,
-        &p.channel,
-        bound,
-        limit,
-        reply_budget(state),
-        keep,
-    )
-    .await
-    .map_err(|e| internal("history", e))?;
-    if slice.overflow {
-        return Err(too_large());
-    }
+    let mut budget = reply_budget(edge);
     // Held while the reply is built (the process-wide allowance of large replies).
-    let _held = state.limits.reserve_reply(slice.bytes).ok_or_else(|| {
-        ReplyError::with_message(ErrorCode::TooManyRequests, "server busy with large replies")
-    })?;
-    if let Some(s) = &p.since
-        && !s.epoch.is_empty()
-        && s.epoch != slice.epoch
-    {
-        return Err(ErrorCode::UnrecoverablePosition.into());
-    }
+    let slice = edge
+        .node
+        .history(&p.channel, query, &mut budget)
+        .await
+        .map_err(NodeError::into_reply)?;
     let publications: Vec<Value> = slice
+        .value
         .publications
         .iter()
         .map(|pb| {
@@ -353,7 +298,7 @@ async fn history(state: &AppState, p: HistoryParams) -> ApiResult {
             v
         })
         .collect();
-    Ok(json!({"publications": publications, "offset": slice.top, "epoch": slice.epoch}))
+    Ok(json!({"publications": publications, "offset": slice.value.top, "epoch": slice.value.epoch}))
 }
 
 #[derive(Deserialize)]
@@ -361,13 +306,11 @@ struct ChannelParams {
     channel: String,
 }
 
-async fn history_remove(state: &AppState, p: ChannelParams) -> ApiResult {
+async fn history_remove(node: &Node, p: ChannelParams) -> ApiResult {
     check_channel(&p.channel)?;
-    sqlx::query("SELECT relay.reset_channel($1)")
-        .bind(&p.channel)
-        .execute(&state.pool)
+    node.remove_history(&p.channel)
         .await
-        .map_err(|e| internal("history_remove", e))?;
+        .map_err(NodeError::into_reply)?;
     Ok(json!({}))
 }
 
@@ -377,22 +320,19 @@ struct ChannelsParams {
     pattern: Option<String>,
 }
 
-async fn channels(state: &AppState, p: ChannelsParams) -> ApiResult {
+async fn channels(edge: &Edge, p: ChannelsParams) -> ApiResult {
     let pattern = p
         .pattern
         .filter(|s| !s.is_empty())
         .map(|s| ChannelPattern::new(&s));
     let mut out = serde_json::Map::new();
-    let budget = reply_budget(state);
+    let budget = reply_budget(edge);
     let mut bytes = 0usize;
-    for (name, n) in crate::presence::channel_counts(state)
-        .await
-        .map_err(|e| internal("channels", e))?
-    {
+    for (name, n) in edge.node.channels().await.map_err(NodeError::into_reply)? {
         if pattern.as_ref().is_none_or(|p| p.matches(&name)) {
             bytes += name.len() + 40;
             if bytes > budget {
-                return Err(too_large());
+                return Err(reply_too_large());
             }
             out.insert(name, json!({"num_clients": n}));
         }
@@ -400,51 +340,38 @@ async fn channels(state: &AppState, p: ChannelsParams) -> ApiResult {
     Ok(json!({ "channels": out }))
 }
 
-async fn info(state: &AppState) -> ApiResult {
-    let nodes = crate::presence::nodes(state)
-        .await
-        .map_err(|e| internal("info", e))?;
+async fn info(node: &Node) -> ApiResult {
+    let nodes = node.info().await.map_err(NodeError::into_reply)?;
     Ok(json!({ "nodes": nodes }))
 }
 
-async fn presence(state: &AppState, p: ChannelParams) -> ApiResult {
+async fn presence(edge: &Edge, p: ChannelParams) -> ApiResult {
     check_channel(&p.channel)?;
-    let members = crate::presence::members(state, &p.channel)
+    let members = edge
+        .node
+        .presence_members(&p.channel, reply_budget(edge))
         .await
-        .map_err(|e| internal("presence", e))?;
-    let budget = reply_budget(state);
-    let mut bytes = 0usize;
+        .map_err(NodeError::into_reply)?;
     let mut map = serde_json::Map::new();
-    for m in members {
-        let info = m.to_json();
-        bytes += m.client.len() + info.to_string().len() + 8;
-        if bytes > budget {
-            return Err(too_large());
-        }
-        map.insert(m.client.clone(), info);
+    for m in &members.value {
+        map.insert(m.client.clone(), m.to_json());
     }
     Ok(json!({ "presence": map }))
 }
 
 /// The most bytes one reply of the API may take: the same budget as a client connection's
 /// (`client.outbound_queue_bytes`, less the eighth a connection keeps for pushes).
-fn reply_budget(state: &AppState) -> usize {
-    let b = state.config.client.outbound_queue_bytes;
+fn reply_budget(edge: &Edge) -> usize {
+    let b = edge.config.client.outbound_queue_bytes;
     b - b / 8
 }
 
-fn too_large() -> ReplyError {
-    ReplyError::with_message(
-        ErrorCode::LimitExceeded,
-        "reply too large (client.outbound_queue_bytes): ask for less",
-    )
-}
-
-async fn presence_stats(state: &AppState, p: ChannelParams) -> ApiResult {
+async fn presence_stats(node: &Node, p: ChannelParams) -> ApiResult {
     check_channel(&p.channel)?;
-    let (clients, users) = crate::presence::stats(state, &p.channel)
+    let (clients, users) = node
+        .presence_stats(&p.channel)
         .await
-        .map_err(|e| internal("presence_stats", e))?;
+        .map_err(NodeError::into_reply)?;
     Ok(json!({"num_clients": clients, "num_users": users}))
 }
 
@@ -467,7 +394,7 @@ struct DisconnectParams {
     disconnect: Option<DisconnectAdvice>,
 }
 
-async fn disconnect(state: &AppState, p: DisconnectParams) -> ApiResult {
+async fn disconnect(node: &Node, p: DisconnectParams) -> ApiResult {
     if p.user.is_empty() {
         // Anonymous connections all have the empty user: never a way to close them all at once.
         return Err(bad("user must not be empty"));
@@ -483,18 +410,15 @@ async fn disconnect(state: &AppState, p: DisconnectParams) -> ApiResult {
         }
         _ => (3503, "force disconnect".to_owned()),
     };
-    crate::presence::disconnect(
-        state,
-        &crate::presence::DisconnectOrder {
-            user: p.user,
-            client: p.client.filter(|c| !c.is_empty()),
-            whitelist: p.whitelist,
-            code,
-            reason,
-        },
-    )
+    node.disconnect(&DisconnectOrder {
+        user: p.user,
+        client: p.client.filter(|c| !c.is_empty()),
+        whitelist: p.whitelist,
+        code,
+        reason,
+    })
     .await
-    .map_err(|e| internal("disconnect", e))?;
+    .map_err(NodeError::into_reply)?;
     Ok(json!({}))
 }
 

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use crate::auth::verifier::mint_hs256;
-use crate::state::AppState;
+use crate::edge::Edge;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,7 +25,7 @@ struct TokenRequest {
 }
 
 /// The routes (none when the endpoint is off).
-pub(crate) fn routes(enabled: bool) -> Router<Arc<AppState>> {
+pub(crate) fn routes(enabled: bool) -> Router<Arc<Edge>> {
     if enabled {
         Router::new().route("/demo/token", post(token))
     } else {
@@ -34,7 +34,7 @@ pub(crate) fn routes(enabled: bool) -> Router<Arc<AppState>> {
 }
 
 async fn token(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Edge>>,
     body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Ok(Json(request)) = body else {

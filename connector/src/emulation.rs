@@ -49,8 +49,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
+use crate::edge::Edge;
 use crate::http::ConnMeta;
-use crate::state::AppState;
 
 /// Command frames waiting for their session (each up to `client.max_message_bytes`).
 const INBOUND_FRAMES: usize = 16;
@@ -71,7 +71,7 @@ enum Framing {
 
 /// The emulated sessions of this node, by session id.
 #[derive(Debug)]
-pub struct Registry {
+pub(crate) struct Registry {
     node: String,
     sessions: parking_lot::Mutex<HashMap<String, Entry>>,
 }
@@ -104,7 +104,7 @@ impl Drop for Registered {
 }
 
 /// The routes of the streaming transports and of `/emulation`.
-pub fn routes() -> Router<Arc<AppState>> {
+pub(crate) fn routes() -> Router<Arc<Edge>> {
     let registry = Arc::new(Registry::new());
     Router::new()
         .route("/connection/http_stream", any(http_stream))
@@ -123,7 +123,7 @@ async fn preflight(headers: HeaderMap) -> Response {
 }
 
 async fn http_stream(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Edge>>,
     Extension(registry): Extension<Arc<Registry>>,
     meta: Option<Extension<ConnMeta>>,
     method: Method,
@@ -149,7 +149,7 @@ async fn http_stream(
 }
 
 async fn sse(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Edge>>,
     Extension(registry): Extension<Arc<Registry>>,
     meta: Option<Extension<ConnMeta>>,
     method: Method,
@@ -179,7 +179,7 @@ async fn sse(
 /// Opens a stream: the same checks as the WebSocket upgrade (shutdown, origin, connection slot),
 /// then the session on its own task, its output as the response body.
 fn open(
-    state: Arc<AppState>,
+    state: Arc<Edge>,
     registry: Arc<Registry>,
     meta: Option<Extension<ConnMeta>>,
     headers: &HeaderMap,
@@ -443,7 +443,7 @@ struct PbEmulation {
 /// 413 for a body over the limit, 500 for another node's session, 503 when the session does not
 /// take it within the write timeout.
 async fn emulation(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Edge>>,
     Extension(registry): Extension<Arc<Registry>>,
     headers: HeaderMap,
     body: Body,
@@ -517,7 +517,7 @@ fn is_octet_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes() == b"application/octet-stream")
 }
 
-fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
+fn origin_allowed(state: &Edge, headers: &HeaderMap) -> bool {
     let get = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     crate::limits::origin_allowed(
         state.config.client.allowed_origins.as_deref(),
@@ -551,7 +551,7 @@ fn with_cors(request: &HeaderMap, mut response: Response) -> Response {
     response
 }
 
-fn client_ip(state: &AppState, meta: Option<&Extension<ConnMeta>>, headers: &HeaderMap) -> IpAddr {
+fn client_ip(state: &Edge, meta: Option<&Extension<ConnMeta>>, headers: &HeaderMap) -> IpAddr {
     let peer = meta.map_or(IpAddr::from([127, 0, 0, 1]), |m| m.peer.ip());
     let forwarded: Vec<&str> = headers
         .get_all("x-forwarded-for")

@@ -36,23 +36,23 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::edge::Edge;
 use crate::session;
-use crate::state::AppState;
 
 /// The longest a closed WebSocket's socket is kept to read what the client still sends.
-pub const LINGER: Duration = Duration::from_secs(2);
+pub(crate) const LINGER: Duration = Duration::from_secs(2);
 
 /// A WebSocket's read buffer, kept for the connection's life: client frames are small (a
 /// command, a pong), so 512 bytes instead of the default 128 KiB keeps an idle connection's memory
 /// in a few kilobytes. A larger frame (up to `client.max_message_bytes`) still arrives whole: the
 /// buffer grows to the frame's length, read in pieces of this size.
-pub const READ_BUFFER: usize = 512;
+pub(crate) const READ_BUFFER: usize = 512;
 
 /// Serves HTTP and WebSockets on `listener` until `shutdown` completes; then asks every connection
 /// to finish (upgraded sessions end through the state's shutdown token).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
-    state: Arc<AppState>,
+    state: Arc<Edge>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let cfg = &state.config.client;
@@ -148,7 +148,7 @@ fn configure_socket(stream: &TcpStream) {
 
 /// What a request knows about its connection (a request extension).
 #[derive(Clone, Debug)]
-pub struct ConnMeta {
+pub(crate) struct ConnMeta {
     /// The socket's peer.
     pub peer: SocketAddr,
     pending: Arc<Pending>,
@@ -327,7 +327,7 @@ impl Drop for Lingering {
 }
 
 /// Builds the router.
-pub fn router(state: Arc<AppState>) -> Router {
+pub(crate) fn router(state: Arc<Edge>) -> Router {
     Router::new()
         .route("/connection/websocket", get(websocket))
         .route("/healthz", get(healthz))
@@ -348,7 +348,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// and a connection over `client.max_connections` (503; the SDKs retry with backoff, perhaps reaching
 /// another node).
 async fn websocket(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Edge>>,
     meta: Option<Extension<ConnMeta>>,
     headers: axum::http::HeaderMap,
     RawQuery(query): RawQuery,
@@ -422,15 +422,15 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if let Some(problem) = state.stream.capture.problem() {
+async fn readyz(State(state): State<Arc<Edge>>) -> Response {
+    if let Some(problem) = state.node.stream().capture.problem() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("capture changed under this node: {problem}"),
         )
             .into_response();
     }
-    if state.stream.ready.load(Ordering::Relaxed) && !state.shutdown.is_cancelled() {
+    if state.node.stream().ready.load(Ordering::Relaxed) && !state.shutdown.is_cancelled() {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "change stream not ready").into_response()
@@ -439,20 +439,28 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 /// `/metrics`: the node's registry with the values read now ([`crate::metrics`]).
 async fn metrics(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Edge>>,
     meta: Option<Extension<ConnMeta>>,
 ) -> impl IntoResponse {
     let pending = meta.map(|Extension(meta)| crate::metrics::Pending {
         connections: meta.pending.len() as u64,
         evictions: meta.pending.evicted.load(Ordering::Relaxed),
     });
-    let scrape = crate::metrics::scrape(&state, pending).await;
+    let node = &state.node;
+    let scrape = crate::metrics::scrape(
+        node.pool(),
+        node.hub(),
+        node.presence(),
+        node.capture(),
+        pending,
+    )
+    .await;
     (
         [(
             axum::http::header::CONTENT_TYPE,
             crate::metrics::CONTENT_TYPE,
         )],
-        state.metrics.encode(scrape),
+        node.metrics().encode(scrape),
     )
 }
 

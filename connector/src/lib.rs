@@ -24,39 +24,52 @@
 //! - [`hub`]: channel registry and fan-out (each publication encoded once per encoding in use, and
 //!   its fossil delta computed once for the channel's delta subscribers; bounded mailboxes, slow
 //!   clients marked).
-//! - [`session`]: one task per connection, generic over its transport: commands (`commands.rs`),
-//!   subscriptions and delivery (`subscriptions.rs`: client-side and server-side, the pure
-//!   offset/gap decision), typed replies and pushes encoded at the edge (`encode.rs`), pings, close
-//!   codes.
+//! - [`node`]: the channel operations a client connection and the server API share — publish (to a
+//!   rule's target or into the history), history, a subscription's position and recovery,
+//!   presence, presence stats, channels, info, disconnect, rpc — over the services it owns (pool,
+//!   hub, presence, publish targets, metrics, stream and capture status); `publish.rs` holds
+//!   publications and rpc calls (a rule's target, or the history). Each answers with a reply
+//!   error or a disconnect.
+//! - [`edge`]: what only the HTTP layer and its sessions need ([`Edge`]): the node, the configuration
+//!   a session runs with, the token verifier, per-IP and per-user publish rates, connection slots,
+//!   the shutdown token and the task tracker.
+//! - [`session`]: one task per connection, generic over its transport, an adapter over the node
+//!   (parse, authorize, call the node, encode): dispatch and the channel commands
+//!   (`commands.rs`), the connection's identity and token expiry (`connect.rs`), subscriptions and
+//!   delivery (`subscriptions.rs`: client-side and server-side, the pure offset/gap decision),
+//!   typed replies and pushes encoded at the edge (`encode.rs`), pings, close codes.
 //! - [`emulation`]: the HTTP-streaming and SSE transports and `/emulation`, adapters onto the same
 //!   session loop.
 //! - [`auth`]: who a connection is (JWT connection and subscription tokens) and what it may do on a
 //!   channel (permissions from `channels[]`).
 //! - [`limits`]: publish and subscribe rates (per connection, per client IP, per user), the client
 //!   IP behind trusted proxies, and the WebSocket `Origin` allow-list.
-//! - [`rules`]: client publications and `rpc` calls to the writer Lambda or a webhook.
+//! - [`rules`]: the targets of client publications and `rpc` calls (the writer Lambda or a
+//!   webhook), called by the node.
 //! - [`demo`]: the demo token endpoint (off by default).
 //! - [`http`]: the accept loop (handshake timeout, cap on connections not yet WebSockets, socket
 //!   options, closes that are not overtaken by a reset) and the router (WebSocket, `/healthz`,
 //!   `/readyz`, `/metrics`).
 //! - [`page`]: the chat page at `/` (static files built into the binary).
 //! - [`presence`]: channel members on every node (a PostgreSQL or in-memory store), join/leave
-//!   pushes (heard on the node's listener), the node heartbeat.
-//! - [`api`]: the Centrifugo-compatible HTTP server API (`/api`).
+//!   pushes (heard on the node's listener, handed to the hub), the node heartbeat.
+//! - [`api`]: the Centrifugo-compatible HTTP server API (`/api`), an adapter over the node (parse,
+//!   call, encode; the key is its authorization).
 //! - [`metrics`]: the node's Prometheus registry (`prometheus-client`): typed counters, gauges and
 //!   the delivery lag histogram, the values read at scrape time, the `/metrics` exposition by the
 //!   crate's encoder.
-//! - [`state`]: the shared state.
 //! - [`error`]: error types.
 //!
-//! Not yet in this shape (issue 10): `AppState`
-//! still carries the whole [`Config`] for the session and the HTTP layer, so [`auth::connect`]
-//! keeps a `&Config` adapter over [`auth::connect_with`].
+//! Data flows one way. Changes: `db` (listener, stream) → `hub` → `session` → socket. Client
+//! publishes and calls: `session` / `api` → `node` → `rules` / `db`. `config` and `protocol` import
+//! no feature.
+//!
+//! Not yet in this shape (issue 10): [`auth::connect`] keeps a `&Config` adapter over
+//! [`auth::connect_with`] for the session.
 
 // `pub` is the library's surface (what the binary, the tests, the fuzz targets and the examples
 // use); everything else is `pub(crate)`. On the crate, not in `[workspace.lints]`: test support
-// modules and the other crates are not converted yet. Modules whose types appear in `AppState`
-// (reached through `session::serve` and `http::serve`) stay `pub` until the `Node` replaces it.
+// modules and the other crates are not converted yet.
 #![warn(unreachable_pub)]
 
 pub(crate) mod api;
@@ -66,23 +79,18 @@ pub mod capture;
 pub mod config;
 pub mod db;
 pub(crate) mod demo;
-pub mod emulation;
+mod edge;
+pub(crate) mod emulation;
 pub mod error;
-// TODO(issue 10): remove after the session/hub/http restructuring merges and converts its items.
-#[allow(unreachable_pub)]
-pub mod http;
-// TODO(issue 10): remove after the session/hub/http restructuring merges and converts its items.
-#[allow(unreachable_pub)]
-pub mod hub;
-pub mod limits;
+pub(crate) mod http;
+pub(crate) mod hub;
+pub(crate) mod limits;
 pub mod metrics;
+mod node;
 pub(crate) mod page;
 pub mod presence;
-pub mod rules;
-// TODO(issue 10): remove after the session/hub/http restructuring merges and converts its items.
-#[allow(unreachable_pub)]
+pub(crate) mod rules;
 pub mod session;
-pub mod state;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -93,12 +101,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
+pub use edge::Edge;
 pub use error::{Error, Result};
 
 use crate::db::stream::{Stream, StreamStatus};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::state::AppState;
+use crate::node::Node;
 
 /// Prepares the database (migrations, triggers) and serves on `listener` until `shutdown` completes;
 /// then closes every session with the shutdown code, stops the stream and closes the pool.
@@ -113,133 +122,41 @@ pub async fn run(
     let pool = db::pool(&config.database)?;
     db::migrate(&pool).await?;
     // The node's id: its presence identity and its entry in the capture-owner registry.
-    let node = uuid::Uuid::new_v4().to_string();
-    let capture_every = config.stream.capture_check;
+    let node_id = uuid::Uuid::new_v4().to_string();
     let capture_status = Arc::new(capture::CaptureStatus::default());
-    capture::prepare(&pool, &config.capture, &config.mappings, &capture_status).await?;
-    // Trigger mode: the capture triggers this node needs, watched while it runs (wal mode has none).
-    let capture_specs = if config.capture.mode == capture::CaptureMode::Trigger {
-        let owner = db::triggers::Owner {
-            node: &node,
-            ttl: db::triggers::owner_ttl(capture_every),
-        };
-        let report = db::triggers::sync(&pool, &config.mappings, Some(owner)).await?;
-        tracing::info!(installed = ?report.installed, removed = ?report.removed,
-            kept_for_other_nodes = ?report.kept, "capture triggers in place");
-        Some(db::triggers::specs(&config.mappings)?)
-    } else {
-        db::triggers::check_tables(&pool, &config.mappings).await?;
-        // The slot exists before this node serves: nothing committed from here on is missed.
-        let slot = capture_status.slot.get().cloned().unwrap_or_default();
-        let lock_url = config.database.listen_url().to_owned();
-        capture::wal::ensure_started(&pool, &lock_url, &slot, &capture_status)
-            .await
-            .map_err(|e| Error::Capture(format!("{e:#}")))?;
-        None
-    };
-
+    let capture_specs = prepare_capture(&pool, &config, &node_id, &capture_status).await?;
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let hub = Arc::new(Hub::new());
-    let status = Arc::new(StreamStatus::default());
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
     let grace = config.shutdown_grace();
-    let listen_url = config.database.listen_url().to_owned();
-    // The stream has its own small pool, so sessions' history and recovery reads can never starve the
-    // reads every subscriber depends on.
-    let stream_pool = db::pool(&config::DatabaseConfig {
-        pool_size: 2,
-        ..config.database.clone()
-    })?;
-    // The node's one LISTEN connection, for the stream and (with the PostgreSQL store) presence.
-    let mut pg_listener =
-        db::listener::Listener::new(&listen_url, config.database.connect_timeout)?;
-    let stream = Stream {
-        pool: stream_pool.clone(),
-        events: pg_listener.subscribe(&Stream::CHANNELS),
-        config: config.stream.clone(),
-        hub: hub.clone(),
-        status: status.clone(),
-    };
     let verifier = auth::Verifier::new(&config.auth)?;
     // With a JWKS URL: the first fetch, then a refresh task.
     verifier.start(token.clone(), &tracker).await;
-    let max_connections = config.client.max_connections;
-    let store: Arc<dyn presence::PresenceStore> = match config.presence.engine {
-        presence::Engine::Postgres => Arc::new(presence::pg::PgStore::with_listener(
-            pool.clone(),
-            pg_listener.subscribe(&[presence::pg::CHANNEL]),
-        )),
-        presence::Engine::Memory => Arc::new(presence::memory::MemoryStore::default()),
-    };
-    let mut presence = presence::Presence::new(config.presence.clone(), store);
-    presence.node = node.clone();
-    let presence = Arc::new(presence);
-    let limits = limits::Shared::new(&config.client, &config.rules, &config.rpc);
-    let metrics = Metrics::new(&hub, &status, &capture_status, &verifier);
-    let state = Arc::new(AppState {
-        config: Arc::new(config),
-        pool: pool.clone(),
-        hub,
-        http,
-        lambda,
-        stream: status,
-        capture: capture_status.clone(),
-        metrics,
-        verifier,
-        connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
-        limits,
-        presence,
-        shutdown: token.clone(),
-        tracker: tracker.clone(),
-    });
-    // Registered before serving: a member is visible only while its node is.
-    state.presence.start(&state).await?;
-    tracker.spawn(presence::Presence::run(state.clone(), token.clone()));
-    tracker.spawn(pg_listener.run(token.clone()));
-    tracker.spawn(stream.run(token.clone()));
-    if let Some(capture_specs) = capture_specs {
-        tracker.spawn(db::triggers::watch(
-            pool.clone(),
+    let config = Arc::new(config);
+    let started = start(
+        &config,
+        Services {
+            pool: pool.clone(),
+            lambda,
+            node_id,
+            capture: capture_status,
             capture_specs,
-            node,
-            capture_every,
-            state.stream.capture.clone(),
-            token.clone(),
-        ));
-    }
-    if state.config.capture.mode == capture::CaptureMode::Wal {
-        // Its own small pool: the history writes never wait behind the stream's reads.
-        let wal = capture::wal::WalCapture {
-            pool: db::pool(&config::DatabaseConfig {
-                pool_size: 2,
-                ..state.config.database.clone()
-            })?,
-            lock_url: listen_url.clone(),
-            replication_url: state
-                .config
-                .capture
-                .replication_url
-                .clone()
-                .unwrap_or_else(|| listen_url.clone()),
-            config: state.config.capture.clone(),
-            mappings: Arc::new(state.config.mappings.clone()),
-            status: capture_status,
-        };
-        tracker.spawn(wal.run(token.clone()));
-    }
-    tracker.spawn(db::retention::run(
-        stream_pool.clone(),
-        Arc::new(state.config.retention.clone()),
+        },
+        &verifier,
+        &token,
+        &tracker,
+    )
+    .await?;
+    let edge = Edge::new(
+        started.node,
+        config,
+        verifier,
         token.clone(),
-    ));
+        tracker.clone(),
+    );
 
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let stop = token.clone();
-    http::serve(listener, state, async move {
+    http::serve(listener, Arc::new(edge), async move {
         tokio::select! {
             _ = shutdown => {}
             _ = stop.cancelled() => {}
@@ -257,7 +174,183 @@ pub async fn run(
         );
     }
     pool.close().await;
-    stream_pool.close().await;
+    started.stream_pool.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Puts change capture in place before the node serves: in trigger mode, the capture triggers this
+/// node needs (returned, to be watched while it runs); in wal mode, the replication slot, so nothing
+/// committed from here on is missed.
+async fn prepare_capture(
+    pool: &sqlx::PgPool,
+    config: &Config,
+    node_id: &str,
+    status: &Arc<capture::CaptureStatus>,
+) -> Result<Option<Vec<db::triggers::TriggerSpec>>> {
+    capture::prepare(pool, &config.capture, &config.mappings, status).await?;
+    if config.capture.mode == capture::CaptureMode::Trigger {
+        let owner = db::triggers::Owner {
+            node: node_id,
+            ttl: db::triggers::owner_ttl(config.stream.capture_check),
+        };
+        let report = db::triggers::sync(pool, &config.mappings, Some(owner)).await?;
+        tracing::info!(installed = ?report.installed, removed = ?report.removed,
+            kept_for_other_nodes = ?report.kept, "capture triggers in place");
+        return Ok(Some(db::triggers::specs(&config.mappings)?));
+    }
+    db::triggers::check_tables(pool, &config.mappings).await?;
+    let slot = status.slot.get().cloned().unwrap_or_default();
+    let lock_url = config.database.listen_url().to_owned();
+    capture::wal::ensure_started(pool, &lock_url, &slot, status)
+        .await
+        .map_err(|e| Error::Capture(format!("{e:#}")))?;
+    Ok(None)
+}
+
+/// What [`start`] builds the node from.
+struct Services {
+    pool: sqlx::PgPool,
+    lambda: rules::LambdaClients,
+    node_id: String,
+    capture: Arc<capture::CaptureStatus>,
+    /// The capture triggers to watch (trigger mode).
+    capture_specs: Option<Vec<db::triggers::TriggerSpec>>,
+}
+
+/// A node whose tasks run.
+struct Started {
+    node: Arc<Node>,
+    /// The stream's own pool, closed after the tasks.
+    stream_pool: sqlx::PgPool,
+}
+
+/// Builds the node and starts its tasks on `tracker` until `token` is cancelled: the LISTEN
+/// connection, the change stream, presence (registered before this returns: a member is visible
+/// only while its node is), the capture watch or the wal capture, and retention.
+async fn start(
+    config: &Arc<Config>,
+    services: Services,
+    verifier: &auth::Verifier,
+    token: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Started> {
+    let Services {
+        pool,
+        lambda,
+        node_id,
+        capture,
+        capture_specs,
+    } = services;
+    let hub = Arc::new(Hub::new());
+    let status = Arc::new(StreamStatus::default());
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+    let listen_url = config.database.listen_url().to_owned();
+    // The stream has its own small pool, so sessions' history and recovery reads can never starve the
+    // reads every subscriber depends on.
+    let stream_pool = small_pool(config)?;
+    // The node's one LISTEN connection, for the stream and (with the PostgreSQL store) presence.
+    let mut pg_listener =
+        db::listener::Listener::new(&listen_url, config.database.connect_timeout)?;
+    let stream = Stream {
+        pool: stream_pool.clone(),
+        events: pg_listener.subscribe(&Stream::CHANNELS),
+        config: config.stream.clone(),
+        hub: hub.clone(),
+        status: status.clone(),
+    };
+    let store: Arc<dyn presence::PresenceStore> = match config.presence.engine {
+        presence::Engine::Postgres => Arc::new(presence::pg::PgStore::with_listener(
+            pool.clone(),
+            pg_listener.subscribe(&[presence::pg::CHANNEL]),
+        )),
+        presence::Engine::Memory => Arc::new(presence::memory::MemoryStore::default()),
+    };
+    let mut presence = presence::Presence::new(config.presence.clone(), store);
+    presence.node = node_id.clone();
+    let presence = Arc::new(presence);
+    let metrics = Arc::new(Metrics::new(&hub, &status, &capture, verifier));
+    let node = Arc::new(Node::new(node::Parts {
+        config: config.clone(),
+        pool: pool.clone(),
+        hub: hub.clone(),
+        presence: presence.clone(),
+        http,
+        lambda,
+        metrics: metrics.clone(),
+        stream: status.clone(),
+        capture: capture.clone(),
+    }));
+    presence.start(&hub, &metrics).await?;
+    tracker.spawn(presence.run(hub, metrics, token.clone()));
+    tracker.spawn(pg_listener.run(token.clone()));
+    tracker.spawn(stream.run(token.clone()));
+    let watch = CaptureWatch {
+        pool,
+        specs: capture_specs,
+        node: node_id,
+        status: status.capture.clone(),
+    };
+    spawn_capture(config, watch, capture, token, tracker)?;
+    tracker.spawn(db::retention::run(
+        stream_pool.clone(),
+        Arc::new(config.retention.clone()),
+        token.clone(),
+    ));
+    Ok(Started { node, stream_pool })
+}
+
+/// What the watch over this node's capture triggers needs (trigger mode: `specs`).
+struct CaptureWatch {
+    pool: sqlx::PgPool,
+    specs: Option<Vec<db::triggers::TriggerSpec>>,
+    node: String,
+    status: Arc<db::triggers::CaptureStatus>,
+}
+
+/// Starts what keeps capture running on this node: the watch over its capture triggers (trigger
+/// mode), or the wal capture (a leader among the nodes reads the slot).
+fn spawn_capture(
+    config: &Config,
+    watch: CaptureWatch,
+    capture: Arc<capture::CaptureStatus>,
+    token: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<()> {
+    if let Some(specs) = watch.specs {
+        tracker.spawn(db::triggers::watch(
+            watch.pool,
+            specs,
+            watch.node,
+            config.stream.capture_check,
+            watch.status,
+            token.clone(),
+        ));
+    }
+    if config.capture.mode == capture::CaptureMode::Wal {
+        let listen_url = config.database.listen_url().to_owned();
+        // Its own small pool: the history writes never wait behind the stream's reads.
+        let wal = capture::wal::WalCapture {
+            pool: small_pool(config)?,
+            lock_url: listen_url.clone(),
+            replication_url: config.capture.replication_url.clone().unwrap_or(listen_url),
+            config: config.capture.clone(),
+            mappings: Arc::new(config.mappings.clone()),
+            status: capture,
+        };
+        tracker.spawn(wal.run(token.clone()));
+    }
+    Ok(())
+}
+
+/// A pool of two connections on the configured database, for a task that must not wait behind the
+/// sessions' queries.
+fn small_pool(config: &Config) -> Result<sqlx::PgPool> {
+    db::pool(&config::DatabaseConfig {
+        pool_size: 2,
+        ..config.database.clone()
+    })
 }

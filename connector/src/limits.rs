@@ -13,29 +13,21 @@ use relay_protocol::channel::ChannelPattern;
 
 /// The limits shared by every connection of the process.
 #[derive(Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// Publishes per client IP (`client.publish_rate_per_ip_per_sec`).
     pub publish_per_ip: KeyedLimiter,
     /// Publishes per authenticated user (`client.publish_rate_per_user_per_sec`).
     pub publish_per_user: KeyedLimiter,
     /// Peers whose `X-Forwarded-For` is believed (`client.trusted_proxies`).
     pub trusted_proxies: Vec<Cidr>,
-    /// Deliveries in flight per rule (`rules[].max_concurrency`).
-    pub targets: crate::rules::Concurrency,
-    /// KiB of large replies held process-wide (`client.replies_in_flight_bytes`).
-    pub replies_in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Most keys (IPs, users) a [`KeyedLimiter`] of [`Shared`] tracks at once.
 const MAX_KEYS: usize = 100_000;
 
 impl Shared {
-    /// The limits of a validated `client` section and the publish `rules`.
-    pub fn new(
-        c: &crate::config::ClientConfig,
-        rules: &[crate::config::Rule],
-        rpc: &[crate::config::Rule],
-    ) -> Self {
+    /// The limits of a validated `client` section.
+    pub(crate) fn new(c: &crate::config::ClientConfig) -> Self {
         Self {
             publish_per_ip: KeyedLimiter::new(
                 c.publish_rate_per_ip_per_sec,
@@ -48,26 +40,13 @@ impl Shared {
                 MAX_KEYS,
             ),
             trusted_proxies: c.trusted_proxies.clone(),
-            targets: crate::rules::Concurrency::for_rules(rules).with_rpc(rpc),
-            replies_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
-                (c.replies_in_flight_bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS),
-            )),
         }
-    }
-
-    /// Reserves `bytes` of the process-wide allowance for large replies; `None` when it is used up.
-    pub fn reserve_reply(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
-        self.replies_in_flight
-            .clone()
-            .try_acquire_many_owned(kib)
-            .ok()
     }
 }
 
 /// A token bucket: `rate` tokens per second, at most `burst` saved up.
 #[derive(Debug)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -76,7 +55,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket.
-    pub fn new(rate_per_sec: u32, burst: u32) -> Self {
+    pub(crate) fn new(rate_per_sec: u32, burst: u32) -> Self {
         Self {
             rate: f64::from(rate_per_sec),
             burst: f64::from(burst.max(1)),
@@ -86,7 +65,7 @@ impl TokenBucket {
     }
 
     /// Takes a token if one is available at `now`.
-    pub fn try_take(&mut self, now: Instant) -> bool {
+    pub(crate) fn try_take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
@@ -100,7 +79,7 @@ impl TokenBucket {
 
     /// Spends a token even when none is left (down to minus one burst): for what must not be
     /// refused but must slow down what follows.
-    pub fn take_forced(&mut self, now: Instant) {
+    pub(crate) fn take_forced(&mut self, now: Instant) {
         if !self.try_take(now) {
             self.tokens = (self.tokens - 1.0).max(-self.burst);
         }
@@ -116,7 +95,7 @@ impl TokenBucket {
 /// holds at most `max_keys` buckets: when it is full, buckets that have refilled completely (they
 /// carry no state) are dropped; if none has, the key is refused, which fails safe.
 #[derive(Debug)]
-pub struct KeyedLimiter {
+pub(crate) struct KeyedLimiter {
     rate: u32,
     burst: u32,
     max_keys: usize,
@@ -125,7 +104,7 @@ pub struct KeyedLimiter {
 
 impl KeyedLimiter {
     /// `rate` per second and `burst` per key, for at most `max_keys` keys at once.
-    pub fn new(rate: u32, burst: u32, max_keys: usize) -> Self {
+    pub(crate) fn new(rate: u32, burst: u32, max_keys: usize) -> Self {
         Self {
             rate,
             burst,
@@ -135,7 +114,7 @@ impl KeyedLimiter {
     }
 
     /// Takes a token of `key`'s bucket if one is available.
-    pub fn try_take(&self, key: &str, now: Instant) -> bool {
+    pub(crate) fn try_take(&self, key: &str, now: Instant) -> bool {
         let mut buckets = self.buckets.lock();
         if let Some(b) = buckets.get_mut(key) {
             return b.try_take(now);
@@ -153,22 +132,18 @@ impl KeyedLimiter {
     }
 
     /// Keys tracked at the moment.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.buckets.lock().len()
-    }
-
-    /// Whether no key is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
-pub use crate::config::Cidr;
+pub(crate) use crate::config::Cidr;
 
 /// The client's IP: the socket's peer, unless the peer is a trusted proxy; then the rightmost
 /// `X-Forwarded-For` entry (over all such headers) that is not itself a trusted proxy. Entries a
 /// client put further left are never believed.
-pub fn client_ip(peer: IpAddr, trusted: &[Cidr], forwarded_for: &[&str]) -> IpAddr {
+pub(crate) fn client_ip(peer: IpAddr, trusted: &[Cidr], forwarded_for: &[&str]) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     if !is_trusted(peer) {
         return peer;
@@ -200,7 +175,7 @@ pub fn client_ip(peer: IpAddr, trusted: &[Cidr], forwarded_for: &[&str]) -> IpAd
 /// send any header they like, so the check protects browser users only). With `allowed` unset, the
 /// origin's host and port must be the request's `Host` (same origin). Otherwise the origin must match
 /// one of the patterns, case-insensitively (`*` matches any run of characters; `"*"` allows all).
-pub fn origin_allowed(
+pub(crate) fn origin_allowed(
     allowed: Option<&[String]>,
     origin: Option<&str>,
     host: Option<&str>,

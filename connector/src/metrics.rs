@@ -461,24 +461,25 @@ pub async fn read_slot(pool: &PgPool, slot: &str) -> Option<Slot> {
 
 /// What a scrape reads from `state`, `pending` (the accept loop's, when served by
 /// [`crate::http::serve`]) and the database.
-pub async fn scrape(state: &crate::state::AppState, pending: Option<Pending>) -> Scrape {
-    let wal = state.capture.mode.get() == Some(&CaptureMode::Wal);
-    let slot = match state.capture.slot.get() {
-        Some(slot) if wal => read_slot(&state.pool, slot).await,
+pub async fn scrape(
+    pool: &PgPool,
+    hub: &Hub,
+    presence: &crate::presence::Presence,
+    capture: &CaptureStatus,
+    pending: Option<Pending>,
+) -> Scrape {
+    let wal = capture.mode.get() == Some(&CaptureMode::Wal);
+    let slot = match capture.slot.get() {
+        Some(slot) if wal => read_slot(pool, slot).await,
         _ => None,
     };
     Scrape {
         pending,
-        channels: state.hub.channel_count() as u64,
-        subscriptions: state.hub.subscription_count(),
-        presence_members: state.presence.local_members() as u64,
-        changelog: read_changelog(&state.pool).await,
-        wal_leader: wal.then(|| {
-            state
-                .capture
-                .leader
-                .load(std::sync::atomic::Ordering::Relaxed)
-        }),
+        channels: hub.channel_count() as u64,
+        subscriptions: hub.subscription_count(),
+        presence_members: presence.local_members() as u64,
+        changelog: read_changelog(pool).await,
+        wal_leader: wal.then(|| capture.leader.load(std::sync::atomic::Ordering::Relaxed)),
         slot,
     }
 }

@@ -70,18 +70,18 @@ use crate::error::ConfigError;
 /// Longest error detail kept from a target's answer.
 const MAX_DETAIL_CHARS: usize = 500;
 /// Largest answer body read for the message's outcome (a larger one is an invalid outcome).
-pub const MAX_OUTCOME_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_OUTCOME_BYTES: usize = 64 * 1024;
 /// Longest refusal reason passed on to the publisher.
-pub const MAX_REASON_CHARS: usize = 300;
+pub(crate) const MAX_REASON_CHARS: usize = 300;
 
 /// The environment variable holding the secret that invocations of local endpoints are signed with.
-pub const WRITER_SECRET_ENV: &str = "WRITER_SECRET";
+pub(crate) const WRITER_SECRET_ENV: &str = "WRITER_SECRET";
 /// The header that carries the signature.
-pub const SIGNATURE_HEADER: &str = "X-Relay-Signature";
+pub(crate) const SIGNATURE_HEADER: &str = "X-Relay-Signature";
 
 /// Why a target did not accept a publication.
 #[derive(Debug, Error)]
-pub enum TargetError {
+pub(crate) enum TargetError {
     /// The target could not be reached or did not answer in time (a retry may help).
     #[error("target unreachable: {0}")]
     Unreachable(String),
@@ -101,7 +101,7 @@ impl TargetError {
     /// The client's error reply for this outcome of a `what` ("publish", "rpc"): a refusal carries
     /// the target's code and reason (420-422); a busy target is 111 (the SDK retries); an unreachable
     /// or failing one is 100.
-    pub fn reply_error(&self, what: &str) -> relay_protocol::codes::ReplyError {
+    pub(crate) fn reply_error(&self, what: &str) -> relay_protocol::codes::ReplyError {
         use relay_protocol::codes::{ErrorCode, ReplyError};
         match self {
             Self::Refused(r) => r.reply_error(),
@@ -120,7 +120,7 @@ impl TargetError {
 
 /// A message the target refused, with its reason (see the module's outcome contract).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     /// Which refusal.
     pub status: RefusalStatus,
     /// The target's reason (may be empty).
@@ -129,7 +129,7 @@ pub struct Refusal {
 
 /// The refusing statuses of the outcome contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefusalStatus {
+pub(crate) enum RefusalStatus {
     /// `rejected`: not allowed (e.g. an edit of someone else's message).
     Rejected,
     /// `invalid`: the message or its data is malformed or over a limit.
@@ -140,7 +140,7 @@ pub enum RefusalStatus {
 
 impl RefusalStatus {
     /// The status as the target writes it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Rejected => "rejected",
             Self::Invalid => "invalid",
@@ -149,7 +149,7 @@ impl RefusalStatus {
     }
 
     /// The reply code the publisher gets.
-    pub fn code(self) -> relay_protocol::codes::ErrorCode {
+    pub(crate) fn code(self) -> relay_protocol::codes::ErrorCode {
         use relay_protocol::codes::ErrorCode;
         match self {
             Self::Rejected => ErrorCode::PublishRejected,
@@ -162,7 +162,7 @@ impl RefusalStatus {
 impl Refusal {
     /// The error reply of this refusal: the status's code, the target's reason as the message (the
     /// code's standard message when the target gave none).
-    pub fn reply_error(&self) -> relay_protocol::codes::ReplyError {
+    pub(crate) fn reply_error(&self) -> relay_protocol::codes::ReplyError {
         let code = self.status.code();
         if self.reason.is_empty() {
             code.into()
@@ -175,7 +175,7 @@ impl Refusal {
 /// Reads the outcome of message `message_id` from a target's success answer (the contract in the
 /// module docs): `Ok` for success or a missing outcome, [`TargetError::Refused`] for a refusal,
 /// [`TargetError::Failed`] for an invalid outcome.
-pub fn outcome(body: &[u8], message_id: &str) -> Result<(), TargetError> {
+pub(crate) fn outcome(body: &[u8], message_id: &str) -> Result<(), TargetError> {
     use serde_json::Value;
     if body.len() > MAX_OUTCOME_BYTES {
         return Err(TargetError::Failed(format!(
@@ -225,14 +225,14 @@ pub fn outcome(body: &[u8], message_id: &str) -> Result<(), TargetError> {
 /// How many deliveries may run at once per rule (`rules[].max_concurrency`): one semaphore per rule,
 /// so a burst of publishes from many connections opens at most that many requests to the target.
 #[derive(Debug, Default)]
-pub struct Concurrency {
+pub(crate) struct Concurrency {
     permits: std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 impl Concurrency {
     /// One semaphore per rule (keyed by its channel pattern: the first rule of a pattern is the
     /// only one that ever matches).
-    pub fn for_rules(rules: &[Rule]) -> Self {
+    pub(crate) fn for_rules(rules: &[Rule]) -> Self {
         let mut permits = std::collections::HashMap::new();
         for rule in rules {
             permits.entry(rule.channel.clone()).or_insert_with(|| {
@@ -244,7 +244,7 @@ impl Concurrency {
 
     /// Adds one semaphore per `rpc[]` rule (keyed apart from the publish rules).
     #[must_use]
-    pub fn with_rpc(mut self, rules: &[Rule]) -> Self {
+    pub(crate) fn with_rpc(mut self, rules: &[Rule]) -> Self {
         for rule in rules {
             self.permits.entry(rpc_key(rule)).or_insert_with(|| {
                 std::sync::Arc::new(tokio::sync::Semaphore::new(rule.max_concurrency as usize))
@@ -252,22 +252,16 @@ impl Concurrency {
         }
         self
     }
-
-    /// Deliveries of `rule` in flight now.
-    pub fn in_flight(&self, rule: &Rule) -> usize {
-        self.permits.get(&rule.channel).map_or(0, |s| {
-            (rule.max_concurrency as usize).saturating_sub(s.available_permits())
-        })
-    }
 }
 
 fn rpc_key(rule: &Rule) -> String {
     format!("rpc\u{0}{}", rule.channel)
 }
 
-/// [`deliver`], holding one of the rule's `max_concurrency` permits. The wait for a permit takes at
-/// most half of the rule's `timeout_ms` (then [`TargetError::Busy`]), the delivery the rest.
-pub async fn deliver_limited(
+/// Sends `envelope` to the rule's target and waits for its answer and its outcome, holding one of
+/// the rule's `max_concurrency` permits. The wait for a permit takes at most half of the rule's
+/// `timeout_ms` (then [`TargetError::Busy`]), the delivery the rest.
+pub(crate) async fn deliver_limited(
     limits: &Concurrency,
     http: &reqwest::Client,
     lambda: &LambdaClients,
@@ -286,7 +280,7 @@ pub async fn deliver_limited(
 
 /// An `rpc` through an `rpc[]` rule's target, within the rule's `max_concurrency`: the data of the
 /// rpc reply (see the module's RPC section), or why there is none.
-pub async fn call_limited(
+pub(crate) async fn call_limited(
     limits: &Concurrency,
     http: &reqwest::Client,
     lambda: &LambdaClients,
@@ -306,7 +300,10 @@ pub async fn call_limited(
 /// The rpc reply's data in a target's success answer: the outcome contract first (refusals and
 /// invalid outcomes are errors), then the entry's `data`, or the whole JSON answer without
 /// `results`.
-pub fn rpc_answer(body: &[u8], message_id: &str) -> Result<Option<Box<RawValue>>, TargetError> {
+pub(crate) fn rpc_answer(
+    body: &[u8],
+    message_id: &str,
+) -> Result<Option<Box<RawValue>>, TargetError> {
     use serde_json::Value;
     outcome(body, message_id)?;
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
@@ -356,7 +353,7 @@ async fn limited<T>(
 /// One message of the envelope.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct EnvelopeMessage<'a> {
+pub(crate) struct EnvelopeMessage<'a> {
     /// Message id, assigned by the connector.
     pub id: String,
     /// The sender: the connection's user, or its client id when anonymous.
@@ -378,7 +375,7 @@ pub struct EnvelopeMessage<'a> {
 
 /// The Ably-style envelope.
 #[derive(Debug, Serialize)]
-pub struct Envelope<'a> {
+pub(crate) struct Envelope<'a> {
     /// Always `channel.message`.
     pub source: &'static str,
     /// The channel published on.
@@ -389,7 +386,7 @@ pub struct Envelope<'a> {
 
 /// The client's publication data for a rule-bound channel: `{"name": N, "data": D}`.
 #[derive(Debug, serde::Deserialize)]
-pub struct NamedData<'a> {
+pub(crate) struct NamedData<'a> {
     /// Message name.
     pub name: String,
     /// Message data.
@@ -402,7 +399,7 @@ pub struct NamedData<'a> {
 /// connection id as the sender when anonymous, and the token's `sub` otherwise. (A `sub` equal to the
 /// connection's own freshly generated id would be filed as that anonymous connection: it can borrow
 /// nobody else's identity.)
-pub fn client_kind(client_id: &str, connection_id: &str) -> &'static str {
+pub(crate) fn client_kind(client_id: &str, connection_id: &str) -> &'static str {
     if connection_id == "api" {
         "server"
     } else if client_id == connection_id {
@@ -413,7 +410,7 @@ pub fn client_kind(client_id: &str, connection_id: &str) -> &'static str {
 }
 
 /// Builds the envelope of an `rpc`: source `rpc`, the method as channel and message name.
-pub fn rpc_envelope<'a>(
+pub(crate) fn rpc_envelope<'a>(
     method: &'a str,
     client_id: &'a str,
     connection_id: &'a str,
@@ -427,7 +424,7 @@ pub fn rpc_envelope<'a>(
 }
 
 /// Builds the envelope for one client publication.
-pub fn envelope<'a>(
+pub(crate) fn envelope<'a>(
     channel: &'a str,
     client_id: &'a str,
     connection_id: &'a str,
@@ -464,7 +461,7 @@ pub fn envelope<'a>(
 /// (region override, timeout), built once at start-up, sharing one HTTPS connection pool and one
 /// cached credential chain (environment, profile, web identity, ECS task role, EC2 instance role).
 #[derive(Clone, Default)]
-pub struct LambdaClients {
+pub(crate) struct LambdaClients {
     clients: Vec<(LambdaKey, aws_sdk_lambda::Client)>,
     /// `WRITER_SECRET`: signs the POSTs to local endpoints and webhooks.
     signer: Option<hmac::Key>,
@@ -488,7 +485,7 @@ impl LambdaClients {
     /// Builds the clients the rules need; nothing (and no AWS configuration is read) when no rule
     /// invokes AWS Lambda. Fails, naming the rule, when a rule's region cannot be determined. Reads
     /// `WRITER_SECRET` (at least 32 bytes) for the signature of POSTed envelopes.
-    pub async fn for_rules(rules: &[Rule]) -> Result<Self, ConfigError> {
+    pub(crate) async fn for_rules(rules: &[Rule]) -> Result<Self, ConfigError> {
         let signer = match std::env::var(WRITER_SECRET_ENV) {
             Ok(secret) if !secret.is_empty() => {
                 if secret.len() < 32 {
@@ -601,17 +598,6 @@ impl LambdaClients {
             .find(|(k, _)| k.region.as_deref() == region && k.timeout == timeout)
             .map(|(_, c)| c)
     }
-}
-
-/// Sends `envelope` to the rule's target and waits for its answer and its outcome.
-pub async fn deliver(
-    http: &reqwest::Client,
-    lambda: &LambdaClients,
-    rule: &Rule,
-    envelope: &Envelope<'_>,
-) -> Result<(), TargetError> {
-    let body = deliver_raw(http, lambda, rule, envelope).await?;
-    outcome(&body, message_id(envelope))
 }
 
 /// Sends `envelope` to the rule's target, with the rule's retries: the body of its success answer.
@@ -815,7 +801,7 @@ async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, Target
 }
 
 /// `t=<unix_secs>,v1=<hex HMAC-SHA256(key, "<unix_secs>.<body>")>`: the writer's `X-Relay-Signature`.
-pub fn sign(key: &hmac::Key, unix_secs: u64, body: &[u8]) -> String {
+pub(crate) fn sign(key: &hmac::Key, unix_secs: u64, body: &[u8]) -> String {
     let mut signed = format!("{unix_secs}.").into_bytes();
     signed.extend_from_slice(body);
     let tag = hmac::sign(key, &signed);

@@ -49,7 +49,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
-use crate::state::AppState;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
 
 pub use crate::config::{Engine, PresenceConfig, PresenceRule};
 
@@ -544,6 +545,36 @@ impl Presence {
         }
     }
 
+    /// Members of `channel` on every live node, as its presence entry lists them: one per user
+    /// where `per_user` is set, at most `max_listed`, oldest first.
+    pub async fn members(&self, channel: &str) -> Result<Vec<Member>> {
+        let members = self.store.members(channel).await?;
+        Ok(match self.rule_for(channel) {
+            Some(rule) => listed(members, rule.per_user, rule.max_listed as usize),
+            None => members,
+        })
+    }
+
+    /// (clients, distinct users) of `channel` on every live node.
+    pub async fn stats(&self, channel: &str) -> Result<(u64, u64)> {
+        self.store.stats(channel).await
+    }
+
+    /// Live presence members per channel, on every node.
+    pub async fn channel_counts(&self) -> Result<Vec<(String, u64)>> {
+        self.store.channel_counts().await
+    }
+
+    /// The live nodes, as the server API's `info` shows them.
+    pub async fn nodes(&self) -> Result<Vec<Value>> {
+        self.store.nodes().await
+    }
+
+    /// Sends a disconnect order to every node (this one included).
+    pub async fn disconnect(&self, order: &DisconnectOrder) -> Result<()> {
+        self.store.disconnect(order).await
+    }
+
     /// Presence memberships held by this node's sessions.
     pub fn local_members(&self) -> usize {
         self.members.lock().len()
@@ -578,15 +609,15 @@ impl Presence {
 
     /// Writes this node's heartbeat; when it had lapsed (the node was stalled longer than its TTL and
     /// others removed its members), puts its members back; then expires dead nodes.
-    async fn heartbeat(&self, state: &AppState) -> Result<()> {
+    async fn heartbeat(&self, hub: &Hub, metrics: &Metrics) -> Result<()> {
         let info = NodeInfo {
             id: self.node.clone(),
             name: node_name(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             stats: json!({
-                "num_clients": state.metrics.connections.get(),
-                "num_subs": state.hub.subscription_count(),
-                "num_channels": state.hub.channel_count(),
+                "num_clients": metrics.connections.get(),
+                "num_subs": hub.subscription_count(),
+                "num_channels": hub.channel_count(),
                 "num_users": self.local_users(),
                 "uptime": self.started.elapsed().as_secs(),
             }),
@@ -626,91 +657,94 @@ impl Presence {
     }
 
     /// Registers the node before it serves (its members are only visible while it is registered).
-    pub async fn start(&self, state: &AppState) -> Result<()> {
-        self.heartbeat(state).await
+    pub async fn start(&self, hub: &Hub, metrics: &Metrics) -> Result<()> {
+        self.heartbeat(hub, metrics).await
     }
 
     /// Heartbeats and hands events (join/leave pushes, disconnect orders) to this node's sessions
-    /// until `shutdown`; then removes the node and its remaining members.
-    pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
-        let presence = state.presence.clone();
-        let every = presence.config.node_ttl.div_f64(3.0);
-        let heartbeat = {
-            let state = state.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tick.tick() => {}
-                    }
-                    if let Err(e) = state.presence.heartbeat(&state).await {
-                        tracing::warn!(error = %e, "presence heartbeat failed");
-                    }
-                }
-            }
-        };
-        // Failed leaves are retried every second; the members are reconciled every
-        // `reconcile_interval_secs`.
-        let repair = {
-            let presence = presence.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                let reconcile_every = presence.config.reconcile_interval;
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut next_reconcile = tokio::time::Instant::now() + reconcile_every;
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tick.tick() => {}
-                    }
-                    presence.retry_leaves().await;
-                    if tokio::time::Instant::now() >= next_reconcile {
-                        next_reconcile = tokio::time::Instant::now() + reconcile_every;
-                        match presence.reconcile().await {
-                            Ok((0, 0)) => {}
-                            Ok((removed, restored)) => tracing::info!(
-                                removed,
-                                restored,
-                                "presence: reconciled this node's members with its sessions"
-                            ),
-                            Err(e) => tracing::warn!(error = %e, "presence: reconciliation failed"),
-                        }
-                    }
-                }
-            }
-        };
-        let (sink, mut events) = mpsc::unbounded_channel();
-        let listen = presence.store.clone().listen(sink, shutdown.clone());
-        let handle = {
-            let state = state.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        event = events.recv() => match event {
-                            Some(e) => handle_event(&state, e),
-                            None => break,
-                        },
-                    }
-                }
-            }
-        };
-        tokio::join!(heartbeat, listen, handle, repair);
+    /// until `shutdown`; then removes the node and its remaining members. `hub` receives the
+    /// join/leave pushes; it and `metrics` give the counts of the heartbeat.
+    pub async fn run(
+        self: Arc<Self>,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) {
+        let (sink, events) = mpsc::unbounded_channel();
+        let listen = self.store.clone().listen(sink, shutdown.clone());
+        tokio::join!(
+            self.beat(&hub, &metrics, &shutdown),
+            listen,
+            self.hand_out(&hub, events, &shutdown),
+            self.repair(&shutdown),
+        );
         // Leaving: this node's members go now rather than after the TTL.
-        match tokio::time::timeout(
-            Duration::from_secs(3),
-            presence.store.remove_node(&presence.node),
-        )
-        .await
+        match tokio::time::timeout(Duration::from_secs(3), self.store.remove_node(&self.node)).await
         {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "presence: could not deregister the node"),
             Err(_) => tracing::warn!("presence: deregistering the node timed out"),
+        }
+    }
+
+    /// Heartbeats every `node_ttl` / 3 until `shutdown`.
+    async fn beat(&self, hub: &Hub, metrics: &Metrics, shutdown: &CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.node_ttl.div_f64(3.0));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.heartbeat(hub, metrics).await {
+                tracing::warn!(error = %e, "presence heartbeat failed");
+            }
+        }
+    }
+
+    /// Hands events to this node: join/leave pushes to the hub, disconnect orders to the sessions.
+    async fn hand_out(
+        &self,
+        hub: &Hub,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        shutdown: &CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(e) => self.handle_event(hub, e),
+                    None => break,
+                },
+            }
+        }
+    }
+
+    /// Retries failed leaves every second, and reconciles the members every
+    /// `reconcile_interval_secs`, until `shutdown`.
+    async fn repair(&self, shutdown: &CancellationToken) {
+        let reconcile_every = self.config.reconcile_interval;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_reconcile = tokio::time::Instant::now() + reconcile_every;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            self.retry_leaves().await;
+            if tokio::time::Instant::now() >= next_reconcile {
+                next_reconcile = tokio::time::Instant::now() + reconcile_every;
+                match self.reconcile().await {
+                    Ok((0, 0)) => {}
+                    Ok((removed, restored)) => tracing::info!(
+                        removed,
+                        restored,
+                        "presence: reconciled this node's members with its sessions"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "presence: reconciliation failed"),
+                }
+            }
         }
     }
 }
@@ -722,36 +756,28 @@ fn node_name() -> String {
         .unwrap_or_else(|| "connector".to_owned())
 }
 
-fn handle_event(state: &AppState, event: Event) {
-    match event {
-        Event::Join { channel, info } => push(state, &channel, crate::hub::Presence::Join, &info),
-        Event::Leave { channel, info } => push(state, &channel, crate::hub::Presence::Leave, &info),
-        Event::Disconnect(order) => {
-            let n = state.presence.apply_disconnect(&order);
-            if n > 0 {
-                tracing::info!(user = %order.user, connections = n, "disconnected by the server API");
+impl Presence {
+    fn handle_event(&self, hub: &Hub, event: Event) {
+        match event {
+            Event::Join { channel, info } => push(hub, &channel, crate::hub::Presence::Join, &info),
+            Event::Leave { channel, info } => {
+                push(hub, &channel, crate::hub::Presence::Leave, &info)
+            }
+            Event::Disconnect(order) => {
+                let n = self.apply_disconnect(&order);
+                if n > 0 {
+                    tracing::info!(user = %order.user, connections = n, "disconnected by the server API");
+                }
             }
         }
     }
 }
 
 /// Hands a `join` / `leave` push to the channel's subscribers on this node.
-fn push(state: &AppState, channel: &str, kind: crate::hub::Presence, info: &Member) {
-    if state.hub.has_subscribers(channel) {
-        state
-            .hub
-            .push_join_leave(channel, kind, &info.client_info());
+fn push(hub: &Hub, channel: &str, kind: crate::hub::Presence, info: &Member) {
+    if hub.has_subscribers(channel) {
+        hub.push_join_leave(channel, kind, &info.client_info());
     }
-}
-
-/// Members of `channel` on every live node, as its presence entry lists them: one per user where
-/// `per_user` is set, at most `max_listed`, oldest first.
-pub async fn members(state: &AppState, channel: &str) -> Result<Vec<Member>> {
-    let members = state.presence.store.members(channel).await?;
-    Ok(match state.presence.rule_for(channel) {
-        Some(rule) => listed(members, rule.per_user, rule.max_listed as usize),
-        None => members,
-    })
 }
 
 /// The members a `presence` answer lists: one per user (its oldest connection; anonymous members
@@ -763,36 +789,6 @@ fn listed(members: Vec<Member>, per_user: bool, max: usize) -> Vec<Member> {
         .filter(|m| !per_user || m.user.is_empty() || seen.insert(m.user.clone()))
         .take(max)
         .collect()
-}
-
-/// (clients, distinct users) of `channel` on every live node.
-pub async fn stats(state: &AppState, channel: &str) -> Result<(u64, u64)> {
-    state.presence.store.stats(channel).await
-}
-
-/// Channels with subscribers and their counts: this node's subscriptions, and presence members of
-/// every node (the larger of the two per channel).
-pub async fn channel_counts(state: &AppState) -> Result<Vec<(String, u64)>> {
-    let mut counts: HashMap<String, u64> = state.hub.channel_counts().into_iter().collect();
-    for (channel, n) in state.presence.store.channel_counts().await? {
-        let e = counts.entry(channel).or_default();
-        *e = (*e).max(n);
-    }
-    let mut out: Vec<(String, u64)> = counts.into_iter().collect();
-    out.sort();
-    Ok(out)
-}
-
-/// The live nodes, as the server API's `info` shows them.
-pub async fn nodes(state: &AppState) -> Result<Vec<Value>> {
-    state.presence.store.nodes().await
-}
-
-/// Sends a disconnect order to every node (this one included).
-pub async fn disconnect(state: &AppState, order: &DisconnectOrder) -> Result<()> {
-    let mut order = order.clone();
-    order.whitelist.truncate(100);
-    state.presence.store.disconnect(&order).await
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
-use super::encode::info_len;
-use super::subscriptions::Start;
+use crate::node::{HistoryQuery, Publisher};
+use crate::presence::Member;
 
 impl Session {
     /// Handles every command of a frame, in order, appending replies to `out`.
@@ -22,12 +22,12 @@ impl Session {
         };
         // A frame holds at most a connect and a subscribe per allowed channel, plus some slack: this
         // bounds the work and the replies buffered for one frame.
-        if lines.len() > self.state.config.client.max_channels_per_connection + 32 {
+        if lines.len() > self.edge.config.client.max_channels_per_connection + 32 {
             return Flow::Close(Disconnect::BAD_REQUEST);
         }
         // The replies of this frame may take what the pushes waiting leave of the outbound budget,
         // less an eighth kept for the pushes that arrive while they are written.
-        let budget = self.state.config.client.outbound_queue_bytes;
+        let budget = self.edge.config.client.outbound_queue_bytes;
         self.reply_budget = (budget - budget / 8).saturating_sub(self.mailbox.queued());
         for line in lines {
             let parsed = match self.encoding {
@@ -82,8 +82,8 @@ impl Session {
         let result = match request {
             Request::Connect(_) => return Flow::Close(Disconnect::BAD_REQUEST),
             Request::Subscribe(s) => match self.subscribe(id, s).await {
-                Err(SubscribeError::Close(d)) => return Flow::Close(d),
-                Err(SubscribeError::Reply(e)) => Err(e),
+                Err(NodeError::Disconnect(d)) => return Flow::Close(d),
+                Err(NodeError::Reply(e)) => Err(e),
                 Ok(encoded) => Ok(encoded),
             },
             Request::Unsubscribe(u) => Ok(self.unsubscribe(id, u).await),
@@ -122,284 +122,15 @@ impl Session {
         out.push(self.encode(&Reply::error(id, error.into())));
     }
 
-    pub(super) async fn connect(
-        &mut self,
-        id: u32,
-        request: ConnectRequest,
-        out: &mut Out,
-    ) -> Flow {
-        match auth::connect(&self.state.config, &self.state.verifier, &request.token).await {
-            Ok(identity) => {
-                let ttl = ttl(identity.expires_at);
-                self.identity = identity;
-                self.connected = true;
-                self.kick = Some(
-                    self.state
-                        .presence
-                        .register_session(&self.client, &self.identity.user),
-                );
-                // Server-side subscriptions: opened before the reply, which carries them.
-                let mut opened = Vec::new();
-                for channel in self.server_side_channels() {
-                    let start = request
-                        .subs
-                        .get(&channel)
-                        .map_or_else(Start::default, |p| Start {
-                            recover: p.recover,
-                            offset: p.offset,
-                            epoch: p.epoch.clone(),
-                            reject_unrecovered: false,
-                            delta: false,
-                        });
-                    match self
-                        .open(channel, &start, auth::SubscriptionGrant::default())
-                        .await
-                    {
-                        Ok(o) => opened.push(o),
-                        Err(e) => {
-                            for o in &opened {
-                                self.state.hub.unsubscribe(&o.channel, self.id);
-                            }
-                            return match e {
-                                SubscribeError::Reply(e) => {
-                                    self.connected = false;
-                                    out.push(self.encode(&Reply::error(id, e)));
-                                    Flow::Continue
-                                }
-                                SubscribeError::Close(d) => Flow::Close(d),
-                            };
-                        }
-                    }
-                }
-                // Presence members before the reply (a `presence` call after it sees them); a
-                // channel whose presence refuses the member is left out of the reply.
-                let mut joined = Vec::with_capacity(opened.len());
-                for o in opened {
-                    match self.join_presence(&o, None, false).await {
-                        Ok(presence) => joined.push((o, presence)),
-                        Err(e) => tracing::warn!(
-                            channel = %o.channel,
-                            error = ?e,
-                            "server-side subscription left out: presence refused it"
-                        ),
-                    }
-                }
-                let result = ConnectResult {
-                    client: self.client.clone(),
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
-                    ping: u32::try_from(self.state.config.client.ping_interval_secs)
-                        .unwrap_or(u32::MAX),
-                    pong: true,
-                    expires: ttl.is_some(),
-                    ttl,
-                    subs: joined
-                        .iter()
-                        .map(|(o, _)| (o.channel.clone(), o.result()))
-                        .collect(),
-                };
-                out.push(self.encode(&Reply::new(id, ReplyBody::Connect(result))));
-                for (o, presence) in joined {
-                    self.keep(o, presence, true);
-                }
-                Flow::Continue
-            }
-            // The SDK fetches a new token and reconnects; the connection stays unauthenticated.
-            Err(ConnectError::Expired) => {
-                self.error(id, ErrorCode::TokenExpired, out);
-                Flow::Continue
-            }
-            // JWKS unreachable: temporary, the SDK reconnects with backoff.
-            Err(ConnectError::Unavailable) => {
-                self.error(id, ErrorCode::Internal, out);
-                Flow::Continue
-            }
-            Err(ConnectError::Disconnect(d)) => Flow::Close(d),
-        }
-    }
-
-    /// `refresh`: a new connection token for the same user extends the connection.
-    pub(super) async fn refresh(
-        &mut self,
-        id: u32,
-        request: RefreshRequest,
-        out: &mut Out,
-    ) -> Flow {
-        match auth::refresh(&self.state.verifier, &self.identity.user, &request.token).await {
-            Ok(expires_at) => {
-                self.identity.expires_at = expires_at;
-                let ttl = ttl(expires_at);
-                let result = RefreshResult {
-                    client: self.client.clone(),
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
-                    expires: ttl.is_some(),
-                    ttl,
-                };
-                out.push(self.encode(&Reply::new(id, ReplyBody::Refresh(result))));
-                Flow::Continue
-            }
-            Err(ConnectError::Expired) => Flow::Close(auth::CONNECTION_EXPIRED),
-            Err(ConnectError::Unavailable) => {
-                self.error(id, ErrorCode::Internal, out);
-                Flow::Continue
-            }
-            Err(ConnectError::Disconnect(d)) => Flow::Close(d),
-        }
-    }
-
-    /// `sub_refresh`: a new subscription token extends a subscription.
-    pub(super) async fn sub_refresh(
-        &mut self,
-        id: u32,
-        request: SubRefreshRequest,
-        out: &mut Out,
-    ) -> Flow {
-        if request.channel.is_empty() {
-            return Flow::Close(Disconnect::BAD_REQUEST);
-        }
-        if !self.subs.contains_key(&request.channel) {
-            self.error(id, ErrorCode::PermissionDenied, out);
-            return Flow::Continue;
-        }
-        match auth::subscription(
-            &self.state.verifier,
-            &request.token,
-            &request.channel,
-            &self.identity.user,
-            &self.client,
-        )
-        .await
-        {
-            Ok(grant) => {
-                if let Some(sub) = self.subs.get_mut(&request.channel) {
-                    sub.expires_at = grant.expires_at;
-                    sub.chan_info = grant.chan_info;
-                }
-                let ttl = ttl(grant.expires_at);
-                let result = SubRefreshResult {
-                    expires: ttl.is_some(),
-                    ttl,
-                };
-                out.push(self.encode(&Reply::new(id, ReplyBody::SubRefresh(result))));
-                Flow::Continue
-            }
-            Err(SubscriptionError::Expired) => {
-                self.error(id, ErrorCode::TokenExpired, out);
-                Flow::Continue
-            }
-            Err(SubscriptionError::Unavailable) => {
-                self.error(id, ErrorCode::Internal, out);
-                Flow::Continue
-            }
-            Err(SubscriptionError::Invalid | SubscriptionError::Mismatch) => {
-                Flow::Close(Disconnect::INVALID_TOKEN)
-            }
-        }
-    }
-
-    /// The channels this connection is subscribed to server-side: the token's `channels` claim
-    /// (the application's grant, each a valid channel name) and the user's personal channel
-    /// (`client.personal_channel`), at most `client.max_channels_per_connection`.
-    fn server_side_channels(&self) -> Vec<String> {
-        let mut channels: Vec<String> = Vec::new();
-        if let Some(serde_json::Value::Array(claimed)) = self.identity.claims.get("channels") {
-            channels.extend(
-                claimed
-                    .iter()
-                    .filter_map(serde_json::Value::as_str)
-                    .filter(|c| validate_channel(c).is_ok())
-                    .map(str::to_owned),
-            );
-        }
-        if let Some(template) = &self.state.config.client.personal_channel
-            && !self.identity.user.is_empty()
-        {
-            let personal = template.replace("{user}", &self.identity.user);
-            if validate_channel(&personal).is_ok() {
-                channels.push(personal);
-            }
-        }
-        channels.sort();
-        channels.dedup();
-        let max = self.state.config.client.max_channels_per_connection;
-        if channels.len() > max {
-            tracing::warn!(
-                client = %self.client,
-                dropped = channels.len() - max,
-                "more server-side channels than client.max_channels_per_connection"
-            );
-            channels.truncate(max);
-        }
-        channels
-    }
-
-    /// Whether this connection may do `op` on `channel` by the configured permissions.
-    pub(super) fn allowed(&self, channel: &str, op: Op) -> bool {
-        auth::permissions::allowed(
-            &self.state.config.channels,
-            channel,
-            op,
-            &self.identity,
-            self.subs.contains_key(channel),
-        )
-    }
-
-    /// Acts on expired tokens: closes an expired connection (3005), ends expired subscriptions (2501).
-    pub(super) fn expire(&mut self, out: &mut Out) -> Flow {
-        let now = unix_now();
-        let delay = self.state.config.auth.expired_close_delay_secs;
-        let overdue = |at: Option<u64>| at.is_some_and(|at| at.saturating_add(delay) <= now);
-        if overdue(self.identity.expires_at) {
-            return Flow::Close(auth::CONNECTION_EXPIRED);
-        }
-        let expired: Vec<String> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| overdue(s.expires_at))
-            .map(|(c, _)| c.clone())
-            .collect();
-        for channel in expired {
-            if let Some(sub) = self.subs.remove(&channel) {
-                self.leave_later(&channel, sub);
-            }
-            self.state.hub.unsubscribe(&channel, self.id);
-            out.push(
-                Push::Unsubscribe {
-                    channel: &channel,
-                    code: 2501,
-                    reason: "subscription expired",
-                }
-                .encode(self.encoding),
-            );
-        }
-        self.schedule_expiry();
-        Flow::Continue
-    }
-
-    /// Recomputes when the next token expiry is due.
-    pub(super) fn schedule_expiry(&mut self) {
-        let delay = self.state.config.auth.expired_close_delay_secs;
-        let earliest = self
-            .subs
-            .values()
-            .filter_map(|s| s.expires_at)
-            .chain(self.identity.expires_at)
-            .min();
-        self.next_expiry = earliest.map(|at| {
-            let due = at.saturating_add(delay).saturating_sub(unix_now());
-            // Whole seconds: a token expiring at second N is acted on just after N.
-            Instant::now() + Duration::from_secs(due) + Duration::from_millis(50)
-        });
-    }
-
     pub(super) async fn unsubscribe(&mut self, id: u32, req: ChannelRequest) -> Vec<u8> {
         // Never refused (the SDKs reconnect on an unsubscribe error), but it spends a subscribe
         // token: a subscribe/unsubscribe loop runs at the subscribe rate.
         self.subscribe_bucket.take_forced(std::time::Instant::now());
         if let Some(sub) = self.subs.remove(&req.channel) {
-            self.state.hub.unsubscribe(&req.channel, self.id);
+            self.edge.node.hub().unsubscribe(&req.channel, self.id);
             if let Some(id) = sub.membership {
-                self.state
-                    .presence
+                self.node()
+                    .presence()
                     .leave(&req.channel, &self.client, &id)
                     .await;
             }
@@ -413,11 +144,11 @@ impl Session {
         let Some(id) = sub.membership else {
             return;
         };
-        let state = self.state.clone();
+        let presence = self.node().presence().clone();
         let channel = channel.to_owned();
         let client = self.client.clone();
-        self.state.tracker.spawn(async move {
-            state.presence.leave(&channel, &client, &id).await;
+        self.edge.tracker.spawn(async move {
+            presence.leave(&channel, &client, &id).await;
         });
     }
 
@@ -433,169 +164,123 @@ impl Session {
         if !self.allowed(&req.channel, Op::Presence) {
             return Err(ErrorCode::PermissionDenied.into());
         }
-        if self.state.presence.rule_for(&req.channel).is_none() {
+        if self.node().presence_rule(&req.channel).is_none() {
             return Err(ErrorCode::NotAvailable.into());
         }
-        let failed = |e: crate::Error| {
-            tracing::warn!(error = %e, "presence read failed");
-            ReplyError::new(ErrorCode::Internal)
-        };
         if stats {
-            let (clients, users) = crate::presence::stats(&self.state, &req.channel)
+            let (clients, users) = self
+                .node()
+                .presence_stats(&req.channel)
                 .await
-                .map_err(failed)?;
+                .map_err(NodeError::into_reply)?;
             let result = reply::PresenceStatsResult {
                 num_clients: u32::try_from(clients).unwrap_or(u32::MAX),
                 num_users: u32::try_from(users).unwrap_or(u32::MAX),
             };
             return Ok(self.encode(&Reply::new(id, ReplyBody::PresenceStats(result))));
         }
-        let members = crate::presence::members(&self.state, &req.channel)
+        let members = self
+            .node()
+            .presence_members(&req.channel, self.reply_budget)
             .await
-            .map_err(failed)?;
-        let mut presence = reply::PresenceResult::default();
-        let mut bytes = 0usize;
-        for m in members {
-            let info = m.client_info();
-            bytes += m.client.len() + info_len(&info) + 8;
-            if bytes > self.reply_budget {
-                return Err(reply_too_large());
-            }
-            presence.presence.push(info);
-        }
-        self.held.push(
-            self.state
-                .limits
-                .reserve_reply(bytes)
-                .ok_or_else(replies_busy)?,
-        );
+            .map_err(NodeError::into_reply)?;
+        self.held.extend(members.permit);
+        let presence = reply::PresenceResult {
+            presence: members.value.iter().map(Member::client_info).collect(),
+        };
         Ok(self.encode(&Reply::new(id, ReplyBody::Presence(presence))))
+    }
+
+    /// Takes one publish (or rpc) allowance of each scope: the connection's rate, its client
+    /// IP's, its user's. The scope whose allowance is used up otherwise.
+    fn take_publish(&mut self) -> Result<(), &'static str> {
+        let now = std::time::Instant::now();
+        if !self.publish_bucket.try_take(now) {
+            return Err("");
+        }
+        // Across connections: a new connection is not a new allowance.
+        if !self.edge.limits.publish_per_ip.try_take(&self.ip, now) {
+            return Err(" (client IP)");
+        }
+        if !self.identity.user.is_empty()
+            && !self
+                .edge
+                .limits
+                .publish_per_user
+                .try_take(&self.identity.user, now)
+        {
+            return Err(" (user)");
+        }
+        Ok(())
+    }
+
+    /// Whether `client.max_pending_publishes` publishes and calls are on their way.
+    fn pending_full(&self) -> bool {
+        self.pending.len() >= self.edge.config.client.max_pending_publishes
+    }
+
+    /// The sender of this connection's publications: its user, or its client id when anonymous.
+    fn sender(&self) -> String {
+        if self.identity.user.is_empty() {
+            self.client.clone()
+        } else {
+            self.identity.user.clone()
+        }
     }
 
     /// Starts a publish; its reply is written when the target or the database answered.
     pub(super) fn publish(&mut self, id: u32, req: PublishRequest) -> Result<(), ReplyError> {
         validate_channel(&req.channel)
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
-        let now = std::time::Instant::now();
-        if !self.publish_bucket.try_take(now) {
-            return Err(ReplyError::with_message(
+        self.take_publish().map_err(|scope| {
+            ReplyError::with_message(
                 ErrorCode::TooManyRequests,
-                "publish rate limit",
-            ));
-        }
-        // Across connections: a new connection is not a new allowance.
-        if !self.state.limits.publish_per_ip.try_take(&self.ip, now) {
-            return Err(ReplyError::with_message(
-                ErrorCode::TooManyRequests,
-                "publish rate limit (client IP)",
-            ));
-        }
-        if !self.identity.user.is_empty()
-            && !self
-                .state
-                .limits
-                .publish_per_user
-                .try_take(&self.identity.user, now)
-        {
-            return Err(ReplyError::with_message(
-                ErrorCode::TooManyRequests,
-                "publish rate limit (user)",
-            ));
-        }
-        if self.pending.len() >= self.state.config.client.max_pending_publishes {
+                format!("publish rate limit{scope}"),
+            )
+        })?;
+        if self.pending_full() {
             return Err(ErrorCode::TooManyRequests.into());
         }
-        if self.state.config.is_table_channel(&req.channel)
-            || !self.allowed(&req.channel, Op::Publish)
-        {
+        let node = self.edge.node.clone();
+        if node.is_table_channel(&req.channel) || !self.allowed(&req.channel, Op::Publish) {
             return Err(ErrorCode::PermissionDenied.into());
         }
-        let state = self.state.clone();
-        let sender = if self.identity.user.is_empty() {
-            self.client.clone()
-        } else {
-            self.identity.user.clone()
+        // Without a rule, into the history: where clients may publish, with who published.
+        if !node.has_rule(&req.channel) && !self.edge.config.client.allow_publish {
+            return Err(ErrorCode::PermissionDenied.into());
+        }
+        let info = self.publisher_info(&req.channel)?;
+        let publisher = Publisher::Client {
+            sender: self.sender(),
+            connection: self.client.clone(),
+            info,
         };
-        let connection = self.client.clone();
-        if let Some(rule) = state.config.rule_for(&req.channel).cloned() {
-            let named: NamedData<'_> = serde_json::from_str(req.data.get()).map_err(|_| {
-                ReplyError::with_message(
-                    ErrorCode::BadRequest,
-                    "publication data must be {\"name\": string, \"data\": any}",
-                )
-            })?;
-            let name = named.name;
-            self.pending.push(Box::pin(async move {
-                let data = req.data;
-                let named = NamedData {
-                    name,
-                    data: serde_json::from_str::<NamedData<'_>>(data.get())
-                        .ok()
-                        .and_then(|n| n.data),
-                };
-                let message_id = uuid::Uuid::new_v4().to_string();
-                let envelope =
-                    rules::envelope(&req.channel, &sender, &connection, &named, message_id);
-                match rules::deliver_limited(
-                    &state.limits.targets,
-                    &state.http,
-                    &state.lambda,
-                    &rule,
-                    &envelope,
-                )
-                .await
-                {
-                    Ok(()) => {
-                        // Read-your-writes: the reply follows the publication into the history.
-                        fence::settle(&state.pool).await;
-                        state
-                            .metrics
-                            .publications_in
-                            .inc();
-                        Reply::new(id, ReplyBody::Publish)
-                    }
-                    // A per-message refusal of the target is the publisher's error reply, with
-                    // the target's reason (codes 420-422).
-                    Err(rules::TargetError::Refused(r)) => {
-                        tracing::info!(channel = %req.channel, status = r.status.as_str(), reason = %r.reason, "publish refused by the target");
-                        Reply::error(id, r.reply_error())
-                    }
-                    Err(e) => {
-                        tracing::warn!(channel = %req.channel, error = %e, "publish target failed");
-                        Reply::error(id, e.reply_error("publish"))
-                    }
-                }
-            }));
-            return Ok(());
-        }
-        if !state.config.client.allow_publish {
-            return Err(ErrorCode::PermissionDenied.into());
-        }
+        let publication = node
+            .publication(req.channel, req.data, publisher)
+            .map_err(NodeError::into_reply)?;
+        self.pending.push(Box::pin(async move {
+            match node.publish(publication).await {
+                Ok(_) => Reply::new(id, ReplyBody::Publish),
+                Err(e) => Reply::error(id, e.into_reply()),
+            }
+        }));
+        Ok(())
+    }
+
+    /// This connection's `ClientInfo` on `channel`, kept with its publications in the history.
+    fn publisher_info(&self, channel: &str) -> Result<Box<RawValue>, ReplyError> {
         let info = serde_json::to_string(&ClientInfo {
             user: self.identity.user.clone(),
             client: self.client.clone(),
             conn_info: self.identity.conn_info.as_deref().map(boxed),
             chan_info: self
                 .subs
-                .get(&req.channel)
+                .get(channel)
                 .and_then(|s| s.chan_info.as_deref())
                 .map(boxed),
         })
         .map_err(|_| ReplyError::new(ErrorCode::Internal))?;
-        self.pending.push(Box::pin(async move {
-            let info = RawValue::from_string(info).unwrap_or_else(|_| RawValue::NULL.to_owned());
-            match history::publish(&state.pool, &req.channel, &req.data, &info).await {
-                Ok(()) => {
-                    state.metrics.publications_in.inc();
-                    Reply::new(id, ReplyBody::Publish)
-                }
-                Err(e) => {
-                    tracing::warn!(channel = %req.channel, error = %e, "publish failed");
-                    Reply::error(id, ReplyError::new(ErrorCode::Internal))
-                }
-            }
-        }));
-        Ok(())
+        Ok(RawValue::from_string(info).unwrap_or_else(|_| RawValue::NULL.to_owned()))
     }
 
     /// Starts an `rpc` through the method's `rpc[]` rule (108 without one); its reply is written
@@ -611,61 +296,28 @@ impl Session {
                 "rpc method must be at most 255 characters, no control characters",
             ));
         }
-        let Some(rule) = self.state.config.rpc_rule_for(&req.method).cloned() else {
-            return Err(ErrorCode::NotAvailable.into());
-        };
+        let node = self.edge.node.clone();
+        let rule = node.rpc_rule(&req.method).map_err(NodeError::into_reply)?;
         // Calls share the publish allowances: rate, per IP, per user, in flight.
-        let now = std::time::Instant::now();
-        if !self.publish_bucket.try_take(now)
-            || !self.state.limits.publish_per_ip.try_take(&self.ip, now)
-            || (!self.identity.user.is_empty()
-                && !self
-                    .state
-                    .limits
-                    .publish_per_user
-                    .try_take(&self.identity.user, now))
-        {
-            return Err(ReplyError::with_message(
-                ErrorCode::TooManyRequests,
-                "rpc rate limit",
-            ));
-        }
-        if self.pending.len() >= self.state.config.client.max_pending_publishes {
+        self.take_publish()
+            .map_err(|_| ReplyError::with_message(ErrorCode::TooManyRequests, "rpc rate limit"))?;
+        if self.pending_full() {
             return Err(ErrorCode::TooManyRequests.into());
         }
-        let state = self.state.clone();
-        let sender = if self.identity.user.is_empty() {
-            self.client.clone()
-        } else {
-            self.identity.user.clone()
-        };
+        let sender = self.sender();
         let connection = self.client.clone();
         self.pending.push(Box::pin(async move {
-            let named = NamedData {
-                name: req.method.clone(),
-                data: req.data.as_deref(),
-            };
-            let message_id = uuid::Uuid::new_v4().to_string();
-            let envelope =
-                rules::rpc_envelope(&req.method, &sender, &connection, &named, message_id);
-            let answer = rules::call_limited(
-                &state.limits.targets,
-                &state.http,
-                &state.lambda,
-                &rule,
-                &envelope,
-            )
-            .await;
+            let answer = node
+                .rpc(
+                    &rule,
+                    &req.method,
+                    req.data.as_deref(),
+                    (&sender, &connection),
+                )
+                .await;
             match answer {
                 Ok(data) => Reply::new(id, ReplyBody::Rpc(data)),
-                Err(rules::TargetError::Refused(r)) => {
-                    tracing::info!(method = %req.method, status = r.status.as_str(), reason = %r.reason, "rpc refused by the target");
-                    Reply::error(id, r.reply_error())
-                }
-                Err(e) => {
-                    tracing::warn!(method = %req.method, error = %e, "rpc target failed");
-                    Reply::error(id, e.reply_error("rpc"))
-                }
+                Err(e) => Reply::error(id, e.into_reply()),
             }
         }));
         Ok(())
@@ -681,59 +333,18 @@ impl Session {
         if !self.allowed(&req.channel, Op::History) {
             return Err(ErrorCode::PermissionDenied.into());
         }
-        let max = self.state.config.client.history_max_limit;
-        let limit = match req.limit {
-            0 => 0,
-            n if n < 0 => max,
-            n => u32::try_from(n).unwrap_or(u32::MAX).min(max),
+        let query = HistoryQuery {
+            limit: req.limit,
+            since: req.since.as_ref().map(|s| (s.offset, s.epoch.as_str())),
+            reverse: req.reverse,
         };
-        if limit > 0 && self.reply_budget == 0 {
-            return Err(reply_too_large());
-        }
-        let bound = match (&req.since, req.reverse) {
-            (Some(since), true) if since.offset == 0 => {
-                return Err(ReplyError::with_message(
-                    ErrorCode::BadRequest,
-                    "reverse history needs since.offset > 0",
-                ));
-            }
-            (Some(since), true) => Bound::Before(since.offset),
-            (Some(since), false) => Bound::After(since.offset),
-            (None, true) => Bound::Before(u64::MAX),
-            (None, false) => Bound::After(0),
-        };
-        let keep = Keep::from(&self.state.config.retention.rule_for(&req.channel));
-        let slice = history::read(
-            &self.state.pool,
-            &req.channel,
-            bound,
-            limit,
-            self.reply_budget,
-            keep,
-        )
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "history read failed");
-            ReplyError::new(ErrorCode::Internal)
-        })?;
-        if slice.overflow {
-            // The attempt used up the frame's budget: the frame's other large replies are refused
-            // without reading (the database is never asked for more than the budget per frame).
-            self.reply_budget = 0;
-            return Err(reply_too_large());
-        }
-        self.held.push(
-            self.state
-                .limits
-                .reserve_reply(slice.bytes)
-                .ok_or_else(replies_busy)?,
-        );
-        if let Some(since) = &req.since
-            && !since.epoch.is_empty()
-            && since.epoch != slice.epoch
-        {
-            return Err(ErrorCode::UnrecoverablePosition.into());
-        }
+        let node = self.edge.node.clone();
+        let slice = node
+            .history(&req.channel, query, &mut self.reply_budget)
+            .await
+            .map_err(NodeError::into_reply)?;
+        self.held.extend(slice.permit);
+        let slice = slice.value;
         let result = HistoryResult {
             publications: slice
                 .publications

@@ -26,11 +26,6 @@ pub(super) fn message(encoding: Encoding, messages: Vec<u8>) -> Message {
     }
 }
 
-/// The length of a `ClientInfo`'s JSON, for the reply budget of a presence reply.
-pub(super) fn info_len(info: &ClientInfo) -> usize {
-    serde_json::to_string(info).map_or(0, |j| j.len())
-}
-
 /// Writes replies as one frame. A socket that does not take the bytes within `limit` is a dead or
 /// stalled peer: the write fails and the session ends (its mailbox stays bounded meanwhile).
 pub(super) async fn send_lines<B: AsRef<[u8]>>(

@@ -14,10 +14,17 @@
 //! token expired and was not refreshed within `auth.expired_close_delay_secs` is closed with 3005, or
 //! unsubscribed with 2501 (the SDK resubscribes with a new token).
 //!
+//! A session is an adapter over the [`crate::node::Node`]: it parses a command, authorizes it, calls
+//! the node and encodes the result; what a publish, a history read, a recovery or a presence query
+//! does is the node's (the server API calls the same methods).
+//!
 //! # Layout
 //! - this file: the session's state, [`serve`] and the loop (socket, mailbox, timers);
-//! - `commands`: one handler per request, each building a typed [`relay_protocol::Reply`] and encoding
+//! - `commands`: the dispatch of a frame's commands, and the channel commands (unsubscribe,
+//!   publish, rpc, history, presence), each building a typed [`relay_protocol::Reply`] and encoding
 //!   it once in the connection's encoding;
+//! - `connect`: the connection's identity: `connect` (with its server-side subscriptions),
+//!   `refresh`, `sub_refresh`, and the expiry of connection and subscription tokens;
 //! - `subscriptions`: `subscribe` and the delivery of hub publications, with the pure offset/gap
 //!   logic ([`subscriptions::SubState::accept`]) unit-tested without a socket or a database;
 //! - `encode`: frames on the wire (JSON text frames of lines, Protobuf binary frames of
@@ -26,6 +33,7 @@
 //!   socket and no database: connect, ping/pong and the close codes of refused frames, per encoding.
 
 mod commands;
+mod connect;
 mod encode;
 mod subscriptions;
 #[cfg(test)]
@@ -57,36 +65,16 @@ use relay_protocol::reply::{
 use relay_protocol::{Command, CommandError, Disconnect, ErrorCode, ReplyError, Request, pb};
 
 use crate::auth::{self, ConnectError, Identity, Op, SubscriptionError};
-use crate::db::fence;
-use crate::db::history::{self, Bound, Keep, StreamSlice};
+use crate::edge::Edge;
 use crate::hub::{Delivery, Mailbox, Subscriber};
 use crate::limits::TokenBucket;
-use crate::rules::{self, NamedData};
-use crate::state::AppState;
+use crate::node::{Node, NodeError};
 
 use encode::{feed_all, send_lines};
 use subscriptions::SubState;
 
 /// WebSocket close code for a message over the size limit (the SDKs treat it as terminal).
 pub(super) const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
-
-/// The error of a command whose reply would not fit in what is left of the connection's outbound
-/// byte budget (`client.outbound_queue_bytes`).
-/// The error of a command whose large reply would pass the process-wide allowance
-/// (`client.replies_in_flight_bytes`): temporary, the SDK retries.
-pub(super) fn replies_busy() -> ReplyError {
-    ReplyError::with_message(
-        ErrorCode::TooManyRequests,
-        "server busy with large replies: retry",
-    )
-}
-
-pub(super) fn reply_too_large() -> ReplyError {
-    ReplyError::with_message(
-        ErrorCode::LimitExceeded,
-        "reply too large for the connection's byte budget: ask for fewer publications",
-    )
-}
 
 /// What the handling of a frame asks the loop to do.
 enum Flow {
@@ -96,7 +84,7 @@ enum Flow {
 
 /// A session's state.
 struct Session {
-    state: Arc<AppState>,
+    edge: Arc<Edge>,
     id: u64,
     client: String,
     identity: Identity,
@@ -301,12 +289,12 @@ impl Pending {
 /// idle connection costs).
 pub fn serve(
     socket: WebSocket,
-    state: Arc<AppState>,
+    edge: Arc<Edge>,
     ip: std::net::IpAddr,
     encoding: Encoding,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = socket.split();
-    serve_on(sink, stream, state, ip, encoding)
+    serve_on(sink, stream, edge, ip, encoding)
 }
 
 /// The session over any message sink and stream: the halves of axum's socket in production, a
@@ -314,7 +302,7 @@ pub fn serve(
 pub(crate) async fn serve_on<K, R>(
     sink: K,
     stream: R,
-    state: Arc<AppState>,
+    edge: Arc<Edge>,
     ip: std::net::IpAddr,
     encoding: Encoding,
 ) where
@@ -322,22 +310,22 @@ pub(crate) async fn serve_on<K, R>(
     R: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
 {
     let mailbox = Arc::new(Mailbox::new(
-        state.config.client.outbound_queue,
-        state.config.client.outbound_queue_bytes,
+        edge.config.client.outbound_queue,
+        edge.config.client.outbound_queue_bytes,
         encoding,
     ));
     let mut session = Session {
-        id: state.hub.next_session_id(),
+        id: edge.node.hub().next_session_id(),
         client: uuid::Uuid::new_v4().to_string(),
         identity: Identity::default(),
         connected: false,
         publish_bucket: TokenBucket::new(
-            state.config.client.publish_rate_per_sec,
-            state.config.client.publish_burst,
+            edge.config.client.publish_rate_per_sec,
+            edge.config.client.publish_burst,
         ),
         subscribe_bucket: TokenBucket::new(
-            state.config.client.subscribe_rate_per_sec,
-            state.config.client.subscribe_burst,
+            edge.config.client.subscribe_rate_per_sec,
+            edge.config.client.subscribe_burst,
         ),
         ip: ip.to_string(),
         reply_budget: 0,
@@ -349,34 +337,40 @@ pub(crate) async fn serve_on<K, R>(
         pong_deadline: None,
         kick: None,
         encoding,
-        state,
+        edge,
     };
-    session.state.metrics.connections.inc();
+    let metrics = session.node().metrics().clone();
+    metrics.connections.inc();
     session.run(sink, stream).await;
     session.mailbox.close();
-    session.state.metrics.connections.dec();
+    metrics.connections.dec();
     // Its memberships leave presence now (join/leave pushes announce it on every node); on shutdown
     // the node removes all of its members at once.
     // Boxed, like the other closing steps: not carried by an idle session's task.
     Box::pin(
         session
-            .state
-            .presence
-            .end_session(&session.client, session.state.shutdown.is_cancelled()),
+            .node()
+            .presence()
+            .end_session(&session.client, session.edge.shutdown.is_cancelled()),
     )
     .await;
     for channel in session.subs.keys() {
-        session.state.hub.unsubscribe(channel, session.id);
+        session.edge.node.hub().unsubscribe(channel, session.id);
     }
 }
 
 impl Session {
+    /// The node this session's commands act on.
+    fn node(&self) -> &Node {
+        &self.edge.node
+    }
+
     async fn run<K, R>(&mut self, mut sink: K, mut stream: R)
     where
         K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
         R: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
     {
-        let cfg = self.state.config.clone();
+        let cfg = self.edge.config.clone();
         let cfg = &cfg.client;
         let ping_every = Duration::from_secs(cfg.ping_interval_secs);
         let write_timeout = Duration::from_secs(cfg.write_timeout_secs);
@@ -389,7 +383,7 @@ impl Session {
         // the earliest: an idle session carries one timer entry instead of four.
         let timer = tokio::time::sleep_until(timers.next(self));
         tokio::pin!(timer);
-        let shutdown = self.state.shutdown.clone();
+        let shutdown = self.edge.shutdown.clone();
         let mailbox = self.mailbox.clone();
 
         let close: Option<(u16, Utf8Bytes)> = loop {
@@ -527,7 +521,7 @@ impl Session {
         {
             // Publishes already handed to their target get their reply before the shutdown close, so
             // the client knows whether they were written (it would otherwise retry with a new id).
-            let grace = Duration::from_secs(self.state.config.shutdown_grace_secs / 2)
+            let grace = Duration::from_secs(self.edge.config.shutdown_grace_secs / 2)
                 .min(Duration::from_secs(5));
             let drain = async {
                 while let Some(reply) = self.pending.next().await {
@@ -552,20 +546,6 @@ impl Session {
             .await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-    }
-}
-
-/// A subscribe that fails: an error reply, or (a token for another channel, user or connection) a
-/// disconnect.
-#[derive(Debug)]
-pub(super) enum SubscribeError {
-    Reply(ReplyError),
-    Close(Disconnect),
-}
-
-impl From<ReplyError> for SubscribeError {
-    fn from(e: ReplyError) -> Self {
-        Self::Reply(e)
     }
 }
 

@@ -6,6 +6,7 @@
 use super::*;
 
 use super::encode::{frame, message};
+use crate::node::{NodeResult, Position, Start};
 
 /// The position a subscription has delivered up to.
 #[derive(Debug)]
@@ -74,31 +75,14 @@ impl SubState {
     }
 }
 
-/// Where a subscription starts: recovering from a position the client had, or at the stream's top.
-#[derive(Debug, Default)]
-pub(super) struct Start {
-    /// Recover what was missed since `offset` in `epoch`.
-    pub(super) recover: bool,
-    /// The offset of the client's position.
-    pub(super) offset: u64,
-    /// The epoch of the client's position ("" when unknown).
-    pub(super) epoch: String,
-    /// Answer an unrecoverable position with error 112 instead of `recovered: false` (flag 2).
-    pub(super) reject_unrecovered: bool,
-    /// Fossil delta compression was negotiated.
-    pub(super) delta: bool,
-}
-
 /// A subscription registered in the hub, with its read of the stream: what its reply says.
 pub(super) struct Opened {
     pub(super) channel: String,
-    slice: StreamSlice,
-    recovered: bool,
+    /// Its position (and what a recovery read).
+    position: Position,
     was_recovering: bool,
     /// The position the client recovers from.
     from: u64,
-    /// The offset its reply delivers up to.
-    delivered: u64,
     grant: auth::SubscriptionGrant,
     /// Fossil deltas were negotiated.
     delta: bool,
@@ -110,19 +94,18 @@ pub(super) struct Opened {
 impl Opened {
     /// The subscribe result: the position, and the recovered publications.
     pub(super) fn result(&self) -> SubscribeResult<'_> {
+        let Position {
+            slice, recovered, ..
+        } = &self.position;
         SubscribeResult {
             recoverable: true,
             positioned: true,
-            epoch: &self.slice.epoch,
-            offset: if self.recovered {
-                self.from
-            } else {
-                self.slice.top
-            },
+            epoch: &slice.epoch,
+            offset: if *recovered { self.from } else { slice.top },
             was_recovering: self.was_recovering,
-            recovered: self.recovered,
-            publications: if self.recovered {
-                self.slice
+            recovered: *recovered,
+            publications: if *recovered {
+                slice
                     .publications
                     .iter()
                     .enumerate()
@@ -147,7 +130,7 @@ impl Session {
         &mut self,
         id: u32,
         req: SubscribeRequest,
-    ) -> Result<Vec<u8>, SubscribeError> {
+    ) -> NodeResult<Vec<u8>> {
         let channel = req.channel.clone();
         validate_channel(&channel)
             .map_err(|e| ReplyError::with_message(ErrorCode::BadRequest, e.to_string()))?;
@@ -163,7 +146,7 @@ impl Session {
         // payloads, no `delta: true`), as Centrifugo does.
         let delta = req.delta == "fossil"
             && self
-                .state
+                .edge
                 .config
                 .delta_allowed(&channel, crate::config::DeltaType::Fossil);
         if self.subs.contains_key(&channel) {
@@ -176,41 +159,11 @@ impl Session {
             )
             .into());
         }
-        let cfg = &self.state.config.client;
+        let cfg = &self.edge.config.client;
         if self.subs.len() >= cfg.max_channels_per_connection {
             return Err(ReplyError::from(ErrorCode::LimitExceeded).into());
         }
-        // A subscription token is the application's explicit grant; without one, the permissions.
-        let grant = if req.token.is_empty() {
-            if !self.allowed(&channel, Op::Subscribe) {
-                return Err(ReplyError::from(ErrorCode::PermissionDenied).into());
-            }
-            auth::SubscriptionGrant::default()
-        } else {
-            match auth::subscription(
-                &self.state.verifier,
-                &req.token,
-                &channel,
-                &self.identity.user,
-                &self.client,
-            )
-            .await
-            {
-                Ok(grant) => grant,
-                Err(SubscriptionError::Expired) => {
-                    return Err(ReplyError::from(ErrorCode::TokenExpired).into());
-                }
-                Err(SubscriptionError::Invalid) => {
-                    return Err(ReplyError::from(ErrorCode::PermissionDenied).into());
-                }
-                Err(SubscriptionError::Mismatch) => {
-                    return Err(SubscribeError::Close(Disconnect::INVALID_TOKEN));
-                }
-                Err(SubscriptionError::Unavailable) => {
-                    return Err(ReplyError::from(ErrorCode::Internal).into());
-                }
-            }
-        };
+        let grant = self.grant(&channel, &req.token).await?;
         let start = Start {
             recover: req.recover,
             offset: req.offset,
@@ -230,6 +183,33 @@ impl Session {
         Ok(body)
     }
 
+    /// What a subscribe to `channel` with `token` is allowed: a subscription token is the
+    /// application's explicit grant; without one, the permissions decide. A token for another
+    /// channel, user or connection closes the connection.
+    async fn grant(&mut self, channel: &str, token: &str) -> NodeResult<auth::SubscriptionGrant> {
+        if token.is_empty() {
+            if !self.allowed(channel, Op::Subscribe) {
+                return Err(ErrorCode::PermissionDenied.into());
+            }
+            return Ok(auth::SubscriptionGrant::default());
+        }
+        let verified = auth::subscription(
+            &self.edge.verifier,
+            token,
+            channel,
+            &self.identity.user,
+            &self.client,
+        )
+        .await;
+        match verified {
+            Ok(grant) => Ok(grant),
+            Err(SubscriptionError::Expired) => Err(ErrorCode::TokenExpired.into()),
+            Err(SubscriptionError::Invalid) => Err(ErrorCode::PermissionDenied.into()),
+            Err(SubscriptionError::Mismatch) => Err(Disconnect::INVALID_TOKEN.into()),
+            Err(SubscriptionError::Unavailable) => Err(ErrorCode::Internal.into()),
+        }
+    }
+
     /// Registers `channel` in the hub, then reads its position (and, for a recovery, what was
     /// missed) from history: registered first, so nothing committed after the read can be missed;
     /// what arrives twice is dropped by offset in `deliver`.
@@ -238,83 +218,32 @@ impl Session {
         channel: String,
         start: &Start,
         grant: auth::SubscriptionGrant,
-    ) -> Result<Opened, SubscribeError> {
-        self.state.hub.subscribe_with(
+    ) -> NodeResult<Opened> {
+        let node = self.edge.node.clone();
+        node.hub().subscribe_with(
             &channel,
             self.id,
             Subscriber::of(&self.mailbox),
             start.delta,
         );
-        let limit = if start.recover {
-            self.state
-                .config
-                .client
-                .recovery_max_publications
-                .saturating_add(1)
-        } else {
-            0
-        };
         // A recovery is bounded by the reply budget, not by a count: the publications it would
         // return must fit in what is left of the connection's outbound budget.
-        let keep = Keep::from(&self.state.config.retention.rule_for(&channel));
-        let slice = match history::read(
-            &self.state.pool,
-            &channel,
-            Bound::After(start.offset),
-            limit,
-            self.reply_budget,
-            keep,
-        )
-        .await
+        let position = match node
+            .subscribe_position(&channel, start, &mut self.reply_budget)
+            .await
         {
-            Ok(s) => s,
+            Ok(p) => p,
             Err(e) => {
-                self.state.hub.unsubscribe(&channel, self.id);
-                tracing::warn!(error = %e, channel, "subscribe read failed");
-                return Err(ReplyError::from(ErrorCode::Internal).into());
+                node.hub().unsubscribe(&channel, self.id);
+                return Err(e);
             }
         };
-        if slice.bytes > 0 {
-            match self.state.limits.reserve_reply(slice.bytes) {
-                Some(permit) => self.held.push(permit),
-                None => {
-                    self.state.hub.unsubscribe(&channel, self.id);
-                    return Err(replies_busy().into());
-                }
-            }
-        }
-        let mut recovered = false;
-        if start.recover {
-            let epoch_ok = start.epoch.is_empty() || start.epoch == slice.epoch;
-            let missed = slice.top.saturating_sub(start.offset);
-            let complete = start.offset <= slice.top
-                && !slice.overflow
-                && slice.publications.len() as u64 == missed
-                && slice
-                    .publications
-                    .first()
-                    .is_none_or(|p| p.offset == start.offset + 1)
-                && slice
-                    .publications
-                    .last()
-                    .is_none_or(|p| p.offset == slice.top);
-            recovered = epoch_ok && complete;
-            if slice.overflow {
-                self.reply_budget = 0;
-            }
-            self.state.metrics.record_recovery(recovered);
-            if !recovered && start.reject_unrecovered {
-                self.state.hub.unsubscribe(&channel, self.id);
-                return Err(ReplyError::from(ErrorCode::UnrecoverablePosition).into());
-            }
-        }
-        let delivered = if recovered {
-            slice.publications.last().map_or(start.offset, |p| p.offset)
-        } else {
-            slice.top
-        };
+        self.held.extend(position.permit);
+        let position = position.value;
+        let recovered = position.recovered;
         let as_strings = if start.delta && self.encoding == Encoding::Json && recovered {
-            slice
+            position
+                .slice
                 .publications
                 .iter()
                 .map(|p| json_string(p.data.get()))
@@ -326,11 +255,9 @@ impl Session {
             delta: start.delta,
             as_strings,
             channel,
-            slice,
-            recovered,
+            position,
             was_recovering: start.recover,
             from: start.offset,
-            delivered,
             grant,
         })
     }
@@ -344,68 +271,52 @@ impl Session {
         opened: &Opened,
         data: Option<&RawValue>,
         ask_join_leave: bool,
-    ) -> Result<(bool, Option<String>), SubscribeError> {
-        let channel = opened.channel.clone();
-        let grant = &opened.grant;
-        let mut join_leave = false;
-        let mut membership = None;
-        if let Some(rule) = self.state.presence.rule_for(&channel).cloned() {
-            let chan_info = match (&grant.chan_info, data) {
-                (Some(info), _) => Some(info.clone()),
-                (None, Some(data)) if rule.info_from_subscribe_data => {
-                    if data.get().len() > 1024 || !data.get().starts_with('{') {
-                        self.state.hub.unsubscribe(&channel, self.id);
-                        return Err(ReplyError::with_message(
-                            ErrorCode::BadRequest,
-                            "subscribe data must be a JSON object of at most 1024 bytes",
-                        )
-                        .into());
-                    }
-                    Some(Arc::from(data.to_owned()))
-                }
-                _ => None,
-            };
-            let member = crate::presence::Member {
-                user: self.identity.user.clone(),
-                client: self.client.clone(),
-                conn_info: self.identity.conn_info.clone(),
-                chan_info,
-            };
-            match self
-                .state
-                .presence
-                .join(&channel, member, rule.join_leave)
-                .await
-            {
-                Ok(id) => membership = Some(id),
-                Err(e) => {
-                    self.state.hub.unsubscribe(&channel, self.id);
-                    return Err(match e {
-                        crate::presence::JoinError::Full => ReplyError::with_message(
-                            ErrorCode::LimitExceeded,
-                            "channel presence is full (max_members)",
-                        ),
-                        crate::presence::JoinError::Store(e) => {
-                            tracing::warn!(error = %e, channel, "presence join failed");
-                            ReplyError::new(ErrorCode::Internal)
-                        }
-                    }
+    ) -> NodeResult<(bool, Option<String>)> {
+        let node = self.edge.node.clone();
+        let channel = &opened.channel;
+        let Some(rule) = node.presence_rule(channel).cloned() else {
+            return Ok((false, None));
+        };
+        let chan_info = match (&opened.grant.chan_info, data) {
+            (Some(info), _) => Some(info.clone()),
+            (None, Some(data)) if rule.info_from_subscribe_data => {
+                if data.get().len() > 1024 || !data.get().starts_with('{') {
+                    node.hub().unsubscribe(channel, self.id);
+                    return Err(ReplyError::with_message(
+                        ErrorCode::BadRequest,
+                        "subscribe data must be a JSON object of at most 1024 bytes",
+                    )
                     .into());
                 }
+                Some(Arc::from(data.to_owned()))
             }
-            // Pushes only to subscribers that may see presence, as Centrifugo does; to those that
-            // asked, or to all where the channel forces them.
-            join_leave = (ask_join_leave || rule.force_push_join_leave)
-                && rule.join_leave
-                && auth::permissions::allowed(
-                    &self.state.config.channels,
-                    &channel,
-                    Op::Presence,
-                    &self.identity,
-                    true,
-                );
-        }
-        Ok((join_leave, membership))
+            _ => None,
+        };
+        let member = crate::presence::Member {
+            user: self.identity.user.clone(),
+            client: self.client.clone(),
+            conn_info: self.identity.conn_info.clone(),
+            chan_info,
+        };
+        let membership = match node.join(channel, member, rule.join_leave).await {
+            Ok(id) => id,
+            Err(e) => {
+                node.hub().unsubscribe(channel, self.id);
+                return Err(e);
+            }
+        };
+        // Pushes only to subscribers that may see presence, as Centrifugo does; to those that
+        // asked, or to all where the channel forces them.
+        let join_leave = (ask_join_leave || rule.force_push_join_leave)
+            && rule.join_leave
+            && auth::permissions::allowed(
+                &self.edge.config.channels,
+                channel,
+                Op::Presence,
+                &self.identity,
+                true,
+            );
+        Ok((join_leave, Some(membership)))
     }
 
     /// Keeps an opened subscription: from now on its channel's publications are delivered to it.
@@ -418,8 +329,8 @@ impl Session {
         self.subs.insert(
             opened.channel,
             SubState {
-                epoch: opened.slice.epoch,
-                offset: opened.delivered,
+                epoch: opened.position.slice.epoch,
+                offset: opened.position.delivered,
                 expires_at: opened.grant.expires_at,
                 chan_info: opened.grant.chan_info,
                 join_leave,
@@ -467,7 +378,7 @@ impl Session {
             return self.insufficient_state(&delivery.channel.clone(), out);
         };
         out.push(frame);
-        self.state.metrics.publications_out.inc();
+        self.node().metrics().publications_out.inc();
         Flow::Continue
     }
 
@@ -481,7 +392,7 @@ impl Session {
                 return Flow::Close(Disconnect::INSUFFICIENT_STATE);
             }
         }
-        self.state.hub.unsubscribe(channel, self.id);
+        self.edge.node.hub().unsubscribe(channel, self.id);
         let push = Push::Unsubscribe {
             channel,
             code: 2500,

@@ -12,12 +12,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::edge::Edge;
 use crate::metrics::Metrics;
-use crate::state::AppState;
 
-/// An AppState whose database is never reached (a lazy pool on a closed port) and whose presence is
+/// An edge whose database is never reached (a lazy pool on a closed port) and whose presence is
 /// in memory: enough for connect, pings and refused frames.
-async fn state() -> Arc<AppState> {
+async fn state() -> Arc<Edge> {
     let config = crate::Config::from_json(
         &serde_json::json!({
             "listen": "127.0.0.1:0",
@@ -37,26 +37,29 @@ async fn state() -> Arc<AppState> {
         config.presence.clone(),
         store,
     ));
+    let config = Arc::new(config);
     let hub = Arc::new(crate::hub::Hub::new());
     let stream = Arc::default();
     let capture = Arc::default();
     let verifier = crate::auth::Verifier::new(&config.auth).unwrap();
-    Arc::new(AppState {
+    let node = crate::node::Node::new(crate::node::Parts {
+        config: config.clone(),
         pool,
-        metrics: Metrics::new(&hub, &stream, &capture, &verifier),
+        metrics: Arc::new(Metrics::new(&hub, &stream, &capture, &verifier)),
         hub,
+        presence,
         http: reqwest::Client::new(),
         lambda: crate::rules::LambdaClients::for_rules(&[]).await.unwrap(),
         stream,
         capture,
+    });
+    Arc::new(Edge::new(
+        Arc::new(node),
+        config,
         verifier,
-        limits: crate::limits::Shared::new(&config.client, &config.rules, &config.rpc),
-        connection_slots: Arc::new(tokio::sync::Semaphore::new(10)),
-        presence,
-        shutdown: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        config: Arc::new(config),
-    })
+        CancellationToken::new(),
+        TaskTracker::new(),
+    ))
 }
 
 /// The client's side of a session: what it sends in, what comes out.
