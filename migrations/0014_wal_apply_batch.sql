@@ -1,7 +1,8 @@
 -- The `wal` leader writes a batch in ONE statement: the row conversions (record literal → channel and
 -- publication JSON, with the capture trigger's expressions) run inside the same statement as the
--- history write, and their jsonb goes straight into relay.wal_apply_batch() instead of travelling
--- back to the connector as text and being parsed again by relay.wal_apply() (migration 0008).
+-- history write, and their JSON goes straight into relay.wal_apply_batch() instead of travelling
+-- back to the connector as text and being parsed again by relay.wal_apply() (migration 0008). The
+-- data is `json` (migration 0015: publications keep the text they were published with).
 --
 -- relay.wal_apply_batch() does what relay.wal_apply() does (which it leaves in place for a node of
 -- the previous version during a rolling deploy): under the row lock of relay.wal_state, it drops
@@ -12,7 +13,7 @@
 -- order (they are built by array_agg, whose input order is not guaranteed).
 
 CREATE FUNCTION relay.wal_apply_batch(
-    slot text, upto pg_lsn, keys bigint[], lsns pg_lsn[], channels text[], datas jsonb[],
+    slot text, upto pg_lsn, keys bigint[], lsns pg_lsn[], channels text[], datas json[],
     infos jsonb[], written_micros bigint[]
 ) RETURNS integer
 LANGUAGE plpgsql VOLATILE AS $$
