@@ -49,12 +49,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
+sys.path.insert(0, str(ROOT / "tests-support"))
+
+from relaytest import http_status, psql, tail  # noqa: E402  (the shared harness's helpers)
+
 TOOLS = ROOT / "target" / "upstream-js" / "tools"
 ARTIFACTS = ROOT / "artifacts" / "upstream-js"
 YARN_VERSION = "1.22.22"
@@ -283,33 +285,6 @@ def read_exclusions(path: Path) -> tuple[dict[str, str], dict[tuple[str, str], s
         else:
             files[file.strip()] = reason.strip()
     return files, tests
-
-
-# ---- helpers --------------------------------------------------------------------------------------
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def psql(url: str, sql: str) -> None:
-    r = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql],
-                       capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        raise RuntimeError(f"psql: {r.stderr.strip()}")
-
-
-def http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return None
 
 
 # ---- inside the network namespace -------------------------------------------------------------------
