@@ -435,11 +435,11 @@ fn json_string(text: &str) -> Box<RawValue> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::{SubState, Verdict};
-
-    fn at(epoch: &str, offset: u64) -> SubState {
-        SubState {
+impl SubState {
+    /// A plain stream subscription at `epoch`/`offset` (the other fields at their defaults), for the
+    /// session's unit tests.
+    pub(super) fn at(epoch: &str, offset: u64) -> Self {
+        Self {
             epoch: epoch.to_owned(),
             offset,
             expires_at: None,
@@ -447,8 +447,17 @@ mod tests {
             join_leave: false,
             membership: None,
             server_side: false,
-            delta: super::Delta::Off,
+            delta: Delta::Off,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SubState, Verdict};
+
+    fn at(epoch: &str, offset: u64) -> SubState {
+        SubState::at(epoch, offset)
     }
 
     #[test]

@@ -202,16 +202,7 @@ async fn protobuf_session_refuses_text_with_3506_and_a_request_before_connect_wi
 
 /// A subscription at `offset` (the other fields at their defaults).
 fn sub_at(offset: u64) -> super::SubState {
-    super::SubState {
-        epoch: String::new(),
-        offset,
-        expires_at: None,
-        chan_info: None,
-        join_leave: false,
-        membership: None,
-        server_side: false,
-        delta: super::subscriptions::Delta::Off,
-    }
+    super::SubState::at("", offset)
 }
 
 #[test]
