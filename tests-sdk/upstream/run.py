@@ -45,7 +45,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "tests-support"))
 
-from relaytest import System, free_port, install_sigterm, kill_group, prune_runs, require_psql, tail  # noqa: E402
+from relaytest import (  # noqa: E402
+    System,
+    free_port,
+    install_sigterm,
+    kill_group,
+    prune_runs,
+    read_reasons,
+    require_psql,
+    tail,
+)
 
 # The pinned upstream release: the sdist carries tests/, client.proto and the CI's server config.
 SDIST_NAME = "centrifuge-python"
@@ -194,20 +203,6 @@ def relay_config(port: int, db_url: str) -> dict:
 # ---- exclusions and pending failures ------------------------------------------------------------
 
 
-def read_list(path: Path) -> list[tuple[str, str]]:
-    """`KEY | TEXT` lines; `#` comments and blank lines ignored."""
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, text = line.partition("|")
-        if not sep or not key.strip() or not text.strip():
-            raise RuntimeError(f"{path.relative_to(ROOT)}:{n}: expected `KEY | reason`")
-        out.append((key.strip(), text.strip()))
-    return out
-
-
 # ---- the run ----------------------------------------------------------------------------------------
 
 
@@ -234,8 +229,8 @@ class Runner:
         self.connector = None
         self.cases: list[Case] = []
         self.setup_failures: list[str] = []
-        self.excluded = read_list(HERE / "exclusions.txt")
-        self.pending = read_list(HERE / "pending.txt")
+        self.excluded = read_reasons(HERE / "exclusions.txt")
+        self.pending = read_reasons(HERE / "pending.txt")
         self.relay_conns: dict[str, int] = {}
         self.durations: dict[str, float] = {}
         self.lock = threading.Lock()

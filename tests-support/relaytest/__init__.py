@@ -40,7 +40,7 @@ from .process import (
     require_psql,
     tail,
 )
-from .results import Results, run_scenario
+from .results import Results, read_reasons, run_scenario
 from .system import System
 from .tokens import hs256
 
@@ -61,6 +61,7 @@ __all__ = [
     "kill_group",
     "prune_runs",
     "psql",
+    "read_reasons",
     "require_psql",
     "run_scenario",
     "tail",

@@ -139,3 +139,18 @@ def run_scenario(results: Results, label: str, argv: list[str], cwd: Path, env: 
         results.fail(f"{label}: scenario exit code", f"{code} although every check passed\n{tail(stderr_path)}")
         return False
     return clean and failed == 0
+
+
+def read_reasons(path: Path) -> list[tuple[str, str]]:
+    """The `KEY | reason` lines of a list such as exclusions.txt or pending.txt (`#` comments and blank
+    lines ignored), in file order. Raises RuntimeError naming the line that has no key or no reason."""
+    out = []
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, reason = line.rpartition(" | ")
+        if not sep or not key.strip() or not reason.strip():
+            raise RuntimeError(f"{path}:{n}: expected `KEY | reason`")
+        out.append((key.strip(), reason.strip()))
+    return out

@@ -55,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(ROOT / "tests-support"))
 
-from relaytest import http_status, psql, tail  # noqa: E402  (the shared harness's helpers)
+from relaytest import http_status, psql, read_reasons, tail  # noqa: E402  (the shared harness's helpers)
 
 TOOLS = ROOT / "target" / "upstream-js" / "tools"
 ARTIFACTS = ROOT / "artifacts" / "upstream-js"
@@ -272,18 +272,12 @@ def read_exclusions(path: Path) -> tuple[dict[str, str], dict[tuple[str, str], s
     """(files, tests): `FILE | reason` and `FILE :: FULL NAME | reason` lines."""
     files: dict[str, str] = {}
     tests: dict[tuple[str, str], str] = {}
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, reason = line.rpartition(" | ")
-        if not sep or not key.strip() or not reason.strip():
-            raise RuntimeError(f"{path.name}:{n}: expected `FILE | reason` or `FILE :: NAME | reason`")
-        file, sep2, name = key.partition(" :: ")
-        if sep2:
-            tests[(file.strip(), name.strip())] = reason.strip()
+    for key, reason in read_reasons(path):
+        file, sep, name = key.partition(" :: ")
+        if sep:
+            tests[(file.strip(), name.strip())] = reason
         else:
-            files[file.strip()] = reason.strip()
+            files[file.strip()] = reason
     return files, tests
 
 
