@@ -55,6 +55,7 @@ from relaytest import (  # noqa: E402
     require_psql,
     tail,
 )
+from relaytest.system import NO_RATE_LIMITS  # noqa: E402
 
 # The pinned upstream release: the sdist carries tests/, client.proto and the CI's server config.
 SDIST_NAME = "centrifuge-python"
@@ -179,10 +180,7 @@ def relay_config(port: int, db_url: str) -> dict:
             "personal_channel": "#{user}",
             "allow_publish": True,
             "history_max_limit": 300,
-            "publish_rate_per_sec": 1000, "publish_burst": 1000,
-            "publish_rate_per_ip_per_sec": 1000, "publish_burst_per_ip": 1000,
-            "publish_rate_per_user_per_sec": 1000, "publish_burst_per_user": 1000,
-            "subscribe_rate_per_sec": 1000, "subscribe_burst": 1000,
+            **NO_RATE_LIMITS,
         },
         "channels": [
             dict(rules_common, channel="smallhistory:*"),

@@ -15,6 +15,16 @@ from .db import Database
 from .process import ROOT, Service, free_port, http_status, tail
 
 
+# `client` settings that lift the publish and subscribe rate limits, for the upstream suites, which run
+# against a Centrifugo without any.
+NO_RATE_LIMITS: dict[str, int] = {
+    "publish_rate_per_sec": 1000, "publish_burst": 1000,
+    "publish_rate_per_ip_per_sec": 1000, "publish_burst_per_ip": 1000,
+    "publish_rate_per_user_per_sec": 1000, "publish_burst_per_user": 1000,
+    "subscribe_rate_per_sec": 1000, "subscribe_burst": 1000,
+}
+
+
 def repository_config() -> dict[str, Any]:
     """The repository's config.json, parsed (a fresh copy to edit)."""
     return json.loads((ROOT / "config.json").read_text())

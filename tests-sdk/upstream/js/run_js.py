@@ -55,7 +55,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(ROOT / "tests-support"))
 
-from relaytest import http_status, psql, read_reasons, tail  # noqa: E402  (the shared harness's helpers)
+from relaytest import http_status, psql, read_reasons, tail  # noqa: E402
+from relaytest.system import NO_RATE_LIMITS  # noqa: E402  (the shared harness's helpers)
 
 TOOLS = ROOT / "target" / "upstream-js" / "tools"
 ARTIFACTS = ROOT / "artifacts" / "upstream-js"
@@ -253,10 +254,7 @@ def relay_config(upstream: dict, db_url: str) -> tuple[dict, dict, list[str]]:
             "allow_anonymous": insecure,
             "allow_publish": True,
             "history_max_limit": 300,
-            "publish_rate_per_sec": 1000, "publish_burst": 1000,
-            "publish_rate_per_ip_per_sec": 1000, "publish_burst_per_ip": 1000,
-            "publish_rate_per_user_per_sec": 1000, "publish_burst_per_user": 1000,
-            "subscribe_rate_per_sec": 1000, "subscribe_burst": 1000,
+            **NO_RATE_LIMITS,
         },
         "channels": entries,
         "presence": {"engine": "memory", "channels": presence},
