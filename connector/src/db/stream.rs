@@ -124,8 +124,9 @@ struct Batch {
     last_seq: i64,
 }
 
-/// Quiet polls (nothing moved, nothing running) before the sequencer arms the writers' wake-up and
-/// sleeps: with the doubling delay that is about 7 x `active_poll_ms` of quiet.
+/// Quiet polls (nothing moved, nothing running), each after `active_poll_ms`, before the sequencer
+/// arms the writers' wake-up and sleeps: a change that arrives in a lull waits at most one active
+/// poll (a doubling delay here made rows between two quiet polls wait 4-8 ms: p99 11 ms at 500/s).
 const QUIET_POLLS: u32 = 3;
 /// While only a running transaction keeps it awake, the sequencer polls at the active pace this many
 /// times, then its delay grows up to `BUSY_BACKOFF` x `active_poll_ms`.
@@ -296,7 +297,7 @@ impl Stream {
                 delay = Duration::ZERO;
             } else {
                 quiet += 1;
-                delay = (delay * 2).clamp(active, idle);
+                delay = active;
             }
         }
     }
