@@ -228,7 +228,12 @@ async fn write_publication(
             .bind(&config.publication)
             .fetch_one(&mut *conn)
             .await?;
-    let list = plan.tables.iter().map(quoted).collect::<Vec<_>>().join(", ");
+    let list = plan
+        .tables
+        .iter()
+        .map(quoted)
+        .collect::<Vec<_>>()
+        .join(", ");
     if !exists {
         let for_tables = if list.is_empty() {
             String::new()
@@ -248,7 +253,8 @@ async fn write_publication(
     .bind(&config.publication)
     .fetch_all(&mut *conn)
     .await?;
-    let same = current.len() == plan.tables.len() && current.iter().all(|t| plan.tables.contains(t));
+    let same =
+        current.len() == plan.tables.len() && current.iter().all(|t| plan.tables.contains(t));
     if !same {
         if list.is_empty() {
             for t in &current {

@@ -404,7 +404,10 @@ async fn drop_unused_functions(conn: &mut PgConnection) -> Result<()> {
     .fetch_all(&mut *conn)
     .await?;
     for f in functions {
-        sqlx::query(&format!("DROP FUNCTION IF EXISTS relay.{}()", quote_ident(&f)))
+        sqlx::query(&format!(
+            "DROP FUNCTION IF EXISTS relay.{}()",
+            quote_ident(&f)
+        ))
         .execute(&mut *conn)
         .await?;
     }
