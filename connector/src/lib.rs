@@ -10,7 +10,12 @@
 //! - [`backoff`]: the one retry policy (doubling delays with a cap), for the LISTEN connection and
 //!   publish rules.
 //! - [`capture`]: how changes reach the history: `trigger` mode, or `wal` mode (a leader node reads
-//!   a logical replication slot; [`capture::wal`], [`capture::pgoutput`]).
+//!   a logical replication slot). `mod.rs` holds the set-up of both (the publication, replica
+//!   identity) and the status; [`capture::pgoutput`] decodes the stream; [`capture::wal`] is the
+//!   leader, one file per step: `leader.rs` (the leader lock, the replication connection),
+//!   `slot.rs` (slot checks, creation, loss, hand-over from the triggers), `stream.rs` (the
+//!   pipelined receive/write loop), `events.rs` (events into transactions), `batch.rs`
+//!   (transactions into record literals) and `apply.rs` (the batch statement).
 //! - [`config`]: a leaf (imports no feature): one file per section, parsed at load into ready types
 //!   (channel patterns compiled into [`config::ChannelRules`], parsed mapping templates, durations,
 //!   PostgreSQL connect options, loaded auth keys); environment overrides; one

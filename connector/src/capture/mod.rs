@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use prometheus_client::metrics::counter::Counter;
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::config::{Mapping, Operation};
 use crate::error::{Error, Result};
@@ -141,6 +141,62 @@ pub async fn prepare(
     sync_publication(pool, config, mappings).await
 }
 
+/// A table, as (schema, name).
+type Table = (String, String);
+
+/// What the publication must be, from the mappings.
+struct PublicationPlan {
+    /// The mapped tables, each once.
+    tables: Vec<Table>,
+    /// The tables that capture UPDATE or DELETE, which need `REPLICA IDENTITY FULL`.
+    full: Vec<Table>,
+    /// The `publish` option: the operations any mapping captures.
+    publish: String,
+}
+
+impl PublicationPlan {
+    fn new(mappings: &[Mapping]) -> Self {
+        let mut tables: Vec<Table> = Vec::new();
+        let mut full: Vec<Table> = Vec::new();
+        let mut ops: Vec<&str> = Vec::new();
+        for m in mappings {
+            let t = (m.schema.clone(), m.table.clone());
+            if !tables.contains(&t) {
+                tables.push(t.clone());
+            }
+            for op in &m.operations {
+                let name = match op {
+                    Operation::Insert => "insert",
+                    Operation::Update => "update",
+                    Operation::Delete => "delete",
+                };
+                if !ops.contains(&name) {
+                    ops.push(name);
+                }
+                if *op != Operation::Insert && !full.contains(&t) {
+                    full.push(t.clone());
+                }
+            }
+        }
+        let publish = if ops.is_empty() {
+            "insert".to_owned()
+        } else {
+            ops.join(", ")
+        };
+        PublicationPlan {
+            tables,
+            full,
+            publish,
+        }
+    }
+}
+
+/// `"schema"."table"`. Names were validated as plain identifiers by the configuration; they are
+/// still quoted.
+fn quoted((s, t): &Table) -> String {
+    format!("\"{s}\".\"{t}\"")
+}
+
 /// Makes the publication cover exactly the mapped tables, with the operations they capture, and sets
 /// or checks their replica identity. Serialized across nodes with a transaction-level advisory lock.
 async fn sync_publication(
@@ -148,47 +204,36 @@ async fn sync_publication(
     config: &CaptureConfig,
     mappings: &[Mapping],
 ) -> Result<()> {
-    let mut tables: Vec<(String, String)> = Vec::new();
-    let mut full: Vec<(String, String)> = Vec::new();
-    let mut ops: Vec<&str> = Vec::new();
-    for m in mappings {
-        let t = (m.schema.clone(), m.table.clone());
-        if !tables.contains(&t) {
-            tables.push(t.clone());
-        }
-        for op in &m.operations {
-            let name = match op {
-                Operation::Insert => "insert",
-                Operation::Update => "update",
-                Operation::Delete => "delete",
-            };
-            if !ops.contains(&name) {
-                ops.push(name);
-            }
-            if *op != Operation::Insert && !full.contains(&t) {
-                full.push(t.clone());
-            }
-        }
-    }
-    // Names were validated as plain identifiers by the configuration; they are still quoted.
-    let quoted = |(s, t): &(String, String)| format!("\"{s}\".\"{t}\"");
-    let publication = format!("\"{}\"", config.publication);
-    let publish = if ops.is_empty() {
-        "insert".to_owned()
-    } else {
-        ops.join(", ")
-    };
-
+    let plan = PublicationPlan::new(mappings);
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('relay.capture_publication'))")
         .execute(&mut *tx)
         .await?;
+    write_publication(&mut tx, config, &plan).await?;
+    replica_identity(&mut tx, config, &plan.full).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Creates the publication as `plan` says, or alters it to match.
+async fn write_publication(
+    conn: &mut PgConnection,
+    config: &CaptureConfig,
+    plan: &PublicationPlan,
+) -> Result<()> {
+    let publication = format!("\"{}\"", config.publication);
+    let publish = &plan.publish;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
             .bind(&config.publication)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *conn)
             .await?;
-    let list = tables.iter().map(quoted).collect::<Vec<_>>().join(", ");
+    let list = plan
+        .tables
+        .iter()
+        .map(quoted)
+        .collect::<Vec<_>>()
+        .join(", ");
     if !exists {
         let for_tables = if list.is_empty() {
             String::new()
@@ -198,53 +243,64 @@ async fn sync_publication(
         sqlx::query(&format!(
             "CREATE PUBLICATION {publication}{for_tables} WITH (publish = '{publish}')"
         ))
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
-    } else {
-        let current: Vec<(String, String)> = sqlx::query_as(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-        )
-        .bind(&config.publication)
-        .fetch_all(&mut *tx)
-        .await?;
-        let same = current.len() == tables.len() && current.iter().all(|t| tables.contains(t));
-        if !same {
-            if list.is_empty() {
-                for t in &current {
-                    sqlx::query(&format!(
-                        "ALTER PUBLICATION {publication} DROP TABLE {}",
-                        quoted(t)
-                    ))
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            } else {
-                sqlx::query(&format!("ALTER PUBLICATION {publication} SET TABLE {list}"))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        sqlx::query(&format!(
-            "ALTER PUBLICATION {publication} SET (publish = '{publish}')"
-        ))
-        .execute(&mut *tx)
-        .await?;
+        return Ok(());
     }
-    for t in &full {
+    let current: Vec<Table> = sqlx::query_as(
+        "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+    )
+    .bind(&config.publication)
+    .fetch_all(&mut *conn)
+    .await?;
+    let same =
+        current.len() == plan.tables.len() && current.iter().all(|t| plan.tables.contains(t));
+    if !same {
+        if list.is_empty() {
+            for t in &current {
+                sqlx::query(&format!(
+                    "ALTER PUBLICATION {publication} DROP TABLE {}",
+                    quoted(t)
+                ))
+                .execute(&mut *conn)
+                .await?;
+            }
+        } else {
+            sqlx::query(&format!("ALTER PUBLICATION {publication} SET TABLE {list}"))
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    sqlx::query(&format!(
+        "ALTER PUBLICATION {publication} SET (publish = '{publish}')"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Sets `REPLICA IDENTITY FULL` on the tables in `full` that lack it, or (without
+/// `capture.set_replica_identity`) warns about them.
+async fn replica_identity(
+    conn: &mut PgConnection,
+    config: &CaptureConfig,
+    full: &[Table],
+) -> Result<()> {
+    for t in full {
         let identity: String = sqlx::query_scalar(
             "SELECT c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE n.nspname = $1 AND c.relname = $2",
         )
         .bind(&t.0)
         .bind(&t.1)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut *conn)
         .await?;
         if identity == "f" {
             continue;
         }
         if config.set_replica_identity {
             sqlx::query(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", quoted(t)))
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
             tracing::info!(table = %quoted(t), "set REPLICA IDENTITY FULL (wal capture of UPDATE/DELETE)");
         } else {
@@ -255,7 +311,6 @@ async fn sync_publication(
             );
         }
     }
-    tx.commit().await?;
     Ok(())
 }
 
