@@ -29,6 +29,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY protocol/ protocol/
 COPY connector/ connector/
 COPY writer-lambda/ writer-lambda/
+# A workspace member (the benchmark): cargo reads every member's manifest; it is not built here.
+COPY bench/ bench/
 COPY migrations/ migrations/
 # Only what ships: the two binaries, release profile.
 RUN cargo build --release --locked --bin connector --bin writer-lambda

@@ -50,7 +50,8 @@
 //! - [`limits`]: publish and subscribe rates (per connection, per client IP, per user), the client
 //!   IP behind trusted proxies, and the WebSocket `Origin` allow-list.
 //! - [`rules`]: the targets of client publications and `rpc` calls (the writer Lambda or a
-//!   webhook), called by the node.
+//!   webhook), called by the node: the envelope, one delivery with retries and its signature
+//!   (`delivery.rs`), the AWS SDK clients (`lambda.rs`), the outcome contract (`outcome.rs`).
 //! - [`demo`]: the demo token endpoint (off by default).
 //! - [`http`]: the accept loop (handshake timeout, cap on connections not yet WebSockets, socket
 //!   options, closes that are not overtaken by a reset) and the router (WebSocket, `/healthz`,
@@ -61,8 +62,8 @@
 //! - [`api`]: the Centrifugo-compatible HTTP server API (`/api`), an adapter over the node (parse,
 //!   call, encode; the key is its authorization).
 //! - [`metrics`]: the node's Prometheus registry (`prometheus-client`): typed counters, gauges and
-//!   the delivery lag histogram, the values read at scrape time, the `/metrics` exposition by the
-//!   crate's encoder.
+//!   the delivery lag histogram, the values read at scrape time (`scrape.rs`), the `/metrics`
+//!   exposition by the crate's encoder.
 //! - [`error`]: error types.
 //!
 //! Data flows one way. Changes: `db` (listener, stream) → `hub` → `session` → socket. Client

@@ -60,8 +60,9 @@ async fn connected_as(url: &str, user: &str) -> Client {
     c
 }
 
-#[tokio::test]
-async fn keys_methods_rules_and_sql_publish() {
+/// A server with the API on, a rule on `outgoing-chat` to a fake target (its envelopes), and
+/// presence on `news`.
+async fn api_server() -> (TestDb, Server, Arc<Mutex<Vec<Value>>>) {
     let db = TestDb::new().await;
     let (hook, seen) = fake_target().await;
     let config = config_json(
@@ -73,6 +74,34 @@ async fn keys_methods_rules_and_sql_publish() {
         }),
     );
     let server = Server::start(&config).await;
+    (db, server, seen)
+}
+
+/// A client subscribed to `news`, after two publications there through the API (`publish` of
+/// `{"n":1}`, then `broadcast` of `{"n":2}`) that it received.
+async fn news_with_two_publications(server: &Server) -> Client {
+    let mut c = Client::connected(&server.ws_url()).await;
+    c.call(json!({"subscribe": {"channel": "news"}})).await;
+    api(
+        server,
+        "publish",
+        json!({"channel": "news", "data": {"n": 1}}),
+    )
+    .await;
+    api(
+        server,
+        "broadcast",
+        json!({"channels": ["news"], "data": {"n": 2}}),
+    )
+    .await;
+    c.next_pub("news").await;
+    c.next_pub("news").await;
+    c
+}
+
+#[tokio::test]
+async fn the_api_key_is_required_in_either_header_form() {
+    let (db, server, _seen) = api_server().await;
     let http = reqwest::Client::new();
     let base = format!("http://{}", server.addr);
 
@@ -104,10 +133,15 @@ async fn keys_methods_rules_and_sql_publish() {
         1,
         "{info}"
     );
+    server.stop().await;
+    db.drop_db().await;
+}
 
-    // The old envelope, and errors as Centrifugo gives them.
-    let r: Value = http
-        .post(format!("{base}/api"))
+#[tokio::test]
+async fn the_old_envelope_and_errors_are_centrifugos() {
+    let (db, server, _seen) = api_server().await;
+    let r: Value = reqwest::Client::new()
+        .post(format!("http://{}/api", server.addr))
         .header("X-API-Key", KEY)
         .json(&json!({"method": "nope", "params": {}}))
         .send()
@@ -119,7 +153,13 @@ async fn keys_methods_rules_and_sql_publish() {
     assert_eq!(r["error"]["code"], 104, "{r}");
     let r = api(&server, "publish", json!({"channel": "news"})).await;
     assert_eq!(r["error"]["code"], 107, "{r}");
+    server.stop().await;
+    db.drop_db().await;
+}
 
+#[tokio::test]
+async fn publish_and_broadcast_reach_subscribers_and_history() {
+    let (db, server, _seen) = api_server().await;
     // publish on a plain channel: delivered to subscribers through the stream, kept in history.
     let mut c = Client::connected(&server.ws_url()).await;
     c.call(json!({"subscribe": {"channel": "news"}})).await;
@@ -151,8 +191,14 @@ async fn keys_methods_rules_and_sql_publish() {
     assert_eq!(responses[1]["result"]["offset"], 1, "{r}");
     assert_eq!(responses[2]["error"]["code"], 102, "{r}");
     assert_eq!(c.next_pub("news").await["data"], json!({"n": 2}));
+    server.stop().await;
+    db.drop_db().await;
+}
 
-    // history, channels, presence.
+#[tokio::test]
+async fn history_channels_and_presence_describe_a_channel() {
+    let (db, server, _seen) = api_server().await;
+    let _subscriber = news_with_two_publications(&server).await;
     let h = api(&server, "history", json!({"channel": "news", "limit": -1})).await;
     assert_eq!(h["result"]["offset"], 2, "{h}");
     assert_eq!(h["result"]["publications"].as_array().unwrap().len(), 2);
@@ -175,7 +221,20 @@ async fn keys_methods_rules_and_sql_publish() {
     );
     let ps = api(&server, "presence_stats", json!({"channel": "news"})).await;
     assert_eq!(ps["result"], json!({"num_clients": 1, "num_users": 1}));
+    server.stop().await;
+    db.drop_db().await;
+}
 
+#[tokio::test]
+async fn history_remove_starts_a_new_epoch() {
+    let (db, server, _seen) = api_server().await;
+    let _subscriber = news_with_two_publications(&server).await;
+    let h = api(
+        &server,
+        "history",
+        json!({"channel": "news", "limit": 1, "reverse": true}),
+    )
+    .await;
     // history_remove: a new epoch; the subscriber is told to resubscribe.
     let epoch = h["result"]["epoch"].clone();
     assert_eq!(
@@ -185,7 +244,13 @@ async fn keys_methods_rules_and_sql_publish() {
     let h = api(&server, "history", json!({"channel": "news", "limit": -1})).await;
     assert_ne!(h["result"]["epoch"], epoch);
     assert_eq!(h["result"]["publications"], json!([]));
+    server.stop().await;
+    db.drop_db().await;
+}
 
+#[tokio::test]
+async fn an_api_publish_on_a_rule_channel_goes_through_the_rule() {
+    let (db, server, seen) = api_server().await;
     // A channel with a rule: the API's publication goes through the rule (the idempotency key is the
     // message id).
     let r = api(
@@ -207,7 +272,6 @@ async fn keys_methods_rules_and_sql_publish() {
     )
     .await;
     assert_eq!(r["error"]["code"], 107, "{r}");
-
     server.stop().await;
     db.drop_db().await;
 }

@@ -187,13 +187,9 @@ async fn valid_tokens_of_every_key_kind_are_accepted_with_their_claims() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_connection_tokens_get_their_documented_codes() {
+async fn an_expired_connection_token_gets_109_and_the_connection_stays_unauthenticated() {
     let db = TestDb::new().await;
     let server = Server::start(&auth_config(&db.url, json!({}))).await;
-    let mut o = observer(&server).await;
-    let before = db_rows(&db).await;
-    let exp = now() + 600;
-
     // Expired (correctly signed): error 109 on connect, the SDK fetches a new token.
     let (mut c, reply) =
         connect_with(&server, &hs256(json!({"sub": "a", "exp": now() - 10}))).await;
@@ -202,6 +198,17 @@ async fn bad_connection_tokens_get_their_documented_codes() {
     c.send(json!({"subscribe": {"channel": "public:watch"}}))
         .await;
     assert_eq!(c.closed().await.code, 3501);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_connection_tokens_close_with_3500_and_write_nothing() {
+    let db = TestDb::new().await;
+    let server = Server::start(&auth_config(&db.url, json!({}))).await;
+    let mut o = observer(&server).await;
+    let before = db_rows(&db).await;
+    let exp = now() + 600;
 
     let forged = sign(
         Header::new(Algorithm::HS256),
@@ -260,7 +267,13 @@ async fn bad_connection_tokens_get_their_documented_codes() {
     assert_eq!(db_rows(&db).await, before, "nothing written");
     observer_still_works(&mut o, &server, "after bad tokens").await;
     server.stop().await;
+    db.drop_db().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_only_an_rsa_key_hs256_and_anonymous_connections_are_refused() {
+    let db = TestDb::new().await;
+    let rsa_pub = std::fs::read(key_path("rsa_public.pem")).unwrap();
     // Only an RSA key, and no anonymous connections.
     let config = config_json(
         &db.url,
@@ -296,27 +309,43 @@ async fn bad_connection_tokens_get_their_documented_codes() {
     db.drop_db().await;
 }
 
+/// An anonymous client, `alice` and `sam` of the staff, connected.
+struct Three {
+    anon: Client,
+    alice: Client,
+    staff: Client,
+}
+
+impl Three {
+    async fn connect(server: &Server) -> Self {
+        let anon = Client::connected(&server.ws_url()).await;
+        let (alice, _) = connect_with(server, &hs256(json!({"sub": "alice"}))).await;
+        let (staff, _) =
+            connect_with(server, &hs256(json!({"sub": "sam", "roles": ["staff"]}))).await;
+        Self { anon, alice, staff }
+    }
+
+    fn pick(&mut self, who: &str) -> &mut Client {
+        match who {
+            "anon" => &mut self.anon,
+            "alice" => &mut self.alice,
+            _ => &mut self.staff,
+        }
+    }
+}
+
+/// The error code of a reply (0 for none).
+fn code(r: &Value) -> u64 {
+    r["error"]["code"].as_u64().unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn channel_permissions_and_subscription_tokens() {
+async fn channel_commands_without_permission_get_103_and_write_nothing() {
     let db = TestDb::new().await;
     let server = Server::start(&auth_config(&db.url, json!({}))).await;
     let mut o = observer(&server).await;
     let before = db_rows(&db).await;
-    let code = |r: &Value| r["error"]["code"].as_u64().unwrap_or(0);
-
-    let mut anon = Client::connected(&server.ws_url()).await;
-    let (mut alice, _) = connect_with(&server, &hs256(json!({"sub": "alice"}))).await;
-    let (mut staff, _) =
-        connect_with(&server, &hs256(json!({"sub": "sam", "roles": ["staff"]}))).await;
-    macro_rules! pick {
-        ($who:expr) => {
-            match $who {
-                "anon" => &mut anon,
-                "alice" => &mut alice,
-                _ => &mut staff,
-            }
-        };
-    }
+    let mut clients = Three::connect(&server).await;
 
     // Subscribe and publish without permission: 103.
     for (who, cmd) in [
@@ -358,9 +387,25 @@ async fn channel_permissions_and_subscription_tokens() {
         ),
         ("anon", json!({"presence": {"channel": "members:1"}})),
     ] {
-        let r = pick!(who).call(cmd.clone()).await;
+        let r = clients.pick(who).call(cmd.clone()).await;
         assert_eq!(code(&r), 103, "{cmd} → {r}");
     }
+    assert_eq!(
+        db_rows(&db).await,
+        before,
+        "nothing written by refused publishes"
+    );
+
+    observer_still_works(&mut o, &server, "after refusals").await;
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_commands_with_permission_succeed() {
+    let db = TestDb::new().await;
+    let server = Server::start(&auth_config(&db.url, json!({}))).await;
+    let mut clients = Three::connect(&server).await;
     // Allowed ones.
     for (who, cmd) in [
         ("alice", json!({"subscribe": {"channel": "members:1"}})),
@@ -379,14 +424,18 @@ async fn channel_permissions_and_subscription_tokens() {
             json!({"history": {"channel": "incoming-chat", "limit": 1}}),
         ),
     ] {
-        let r = pick!(who).call(cmd.clone()).await;
+        let r = clients.pick(who).call(cmd.clone()).await;
         assert!(r.get("error").is_none(), "{cmd} → {r}");
     }
-    assert_eq!(
-        db_rows(&db).await,
-        before,
-        "nothing written by refused publishes"
-    );
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_tokens_subscribe_refresh_and_are_checked() {
+    let db = TestDb::new().await;
+    let server = Server::start(&auth_config(&db.url, json!({}))).await;
+    let (mut alice, _) = connect_with(&server, &hs256(json!({"sub": "alice"}))).await;
 
     // Subscription tokens: valid → subscribed with expires/ttl and chan_info.
     let exp = now() + 300;
@@ -423,6 +472,16 @@ async fn channel_permissions_and_subscription_tokens() {
         )
         .await;
     assert_eq!(code(&r), 103, "{r}");
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_token_of_another_user_or_connection_closes_with_3500() {
+    let db = TestDb::new().await;
+    let server = Server::start(&auth_config(&db.url, json!({}))).await;
+    let mut o = observer(&server).await;
+    let (mut alice, _) = connect_with(&server, &hs256(json!({"sub": "alice"}))).await;
     // A token for another user (or channel, or connection) closes with 3500.
     let bobs = hs256(json!({"sub": "bob", "channel": "private:b"}));
     alice
@@ -495,16 +554,19 @@ async fn refresh_and_expiry() {
     db.drop_db().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn origin_rate_and_connection_limits() {
-    let db = TestDb::new().await;
-    let server = Server::start(&auth_config(
+/// A server with a publish rate of 1/s (burst 3) and at most 4 connections.
+async fn limited_server(db: &TestDb) -> Server {
+    Server::start(&auth_config(
         &db.url,
         json!({"publish_rate_per_sec": 1, "publish_burst": 3, "max_connections": 4}),
     ))
-    .await;
-    let mut o = observer(&server).await;
+    .await
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_sites_origin_gets_403_before_the_upgrade() {
+    let db = TestDb::new().await;
+    let server = limited_server(&db).await;
     // Origin: same origin or none passes; another site gets 403 before the upgrade.
     let with_origin = |origin: &str| {
         let mut req = server.ws_url().into_client_request().unwrap();
@@ -523,6 +585,15 @@ async fn origin_rate_and_connection_limits() {
         .await
         .unwrap();
     drop(ws);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_over_the_rate_get_111_and_the_connection_stays_usable() {
+    let db = TestDb::new().await;
+    let server = limited_server(&db).await;
+    let mut o = observer(&server).await;
 
     // Rate: a burst of 3, then 111 (temporary); the connection stays usable.
     let mut p = Client::connected(&server.ws_url()).await;
@@ -539,8 +610,19 @@ async fn origin_rate_and_connection_limits() {
     assert_eq!(&codes[..3], &[0, 0, 0], "{codes:?}");
     assert!(codes[3..].iter().all(|c| *c == 111), "{codes:?}");
     observer_still_works(&mut o, &server, "after the flood").await;
+    server.stop().await;
+    db.drop_db().await;
+}
 
-    // Connections: max 4 (observer, p, and the helper inside observer_still_works is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_get_503() {
+    let db = TestDb::new().await;
+    let server = limited_server(&db).await;
+    // Two connections already open, as in a busy node: an observer and a publisher.
+    let _o = observer(&server).await;
+    let _p = Client::connected(&server.ws_url()).await;
+
+    // Connections: max 4 (the observer, p, _a and _b).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _a = Client::connect(&server.ws_url()).await;
     let _b = Client::connect(&server.ws_url()).await;

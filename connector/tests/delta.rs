@@ -150,14 +150,10 @@ impl Pb {
     }
 }
 
-#[tokio::test]
-async fn delta_subscribers_get_a_full_publication_then_deltas_that_apply() {
-    let db = TestDb::new().await;
-    let server = server(&db).await;
-    let url = server.ws_url();
-    let ch = "delta:doc";
-
-    let mut json_delta = Client::connected(&url).await;
+/// A JSON client subscribed to `ch` with fossil deltas (recoverable, positioned), and the epoch of
+/// the stream.
+async fn json_delta_subscriber(url: &str, ch: &str) -> (Client, String) {
+    let mut json_delta = Client::connected(url).await;
     let reply = json_delta
         .call(json!({"subscribe": {"channel": ch, "delta": "fossil", "recoverable": true, "positioned": true}}))
         .await;
@@ -167,11 +163,11 @@ async fn delta_subscribers_get_a_full_publication_then_deltas_that_apply() {
         .unwrap_or("")
         .to_owned();
 
-    let mut plain = Client::connected(&url).await;
-    let reply = plain.call(json!({"subscribe": {"channel": ch}})).await;
-    assert!(reply["subscribe"].is_object(), "{reply}");
-    assert!(reply["subscribe"].get("delta").is_none(), "{reply}");
+    (json_delta, epoch)
+}
 
+/// A Protobuf client subscribed to `ch` with fossil deltas.
+async fn protobuf_delta_subscriber(url: &str, ch: &str) -> Pb {
     let (ws, _) = connect_async(format!("{url}?cf_protocol=protobuf"))
         .await
         .unwrap();
@@ -199,20 +195,35 @@ async fn delta_subscribers_get_a_full_publication_then_deltas_that_apply() {
     let sub = pb.next().await.subscribe.expect("subscribe result");
     assert!(sub.delta, "{sub:?}");
 
-    // A channel whose entry does not allow deltas declines (full payloads, no delta: true).
-    let reply = json_delta
-        .call(json!({"subscribe": {"channel": "plain:doc", "delta": "fossil"}}))
-        .await;
-    assert!(reply["subscribe"].is_object(), "{reply}");
-    assert!(reply["subscribe"].get("delta").is_none(), "{reply}");
+    pb
+}
 
-    let mut publisher = Client::connected(&url).await;
+/// Publishes `payload(1..=4)` on `ch`; the publisher.
+async fn publish_four(url: &str, ch: &str) -> Client {
+    let mut publisher = Client::connected(url).await;
     for n in 1..=4 {
         let reply = publisher
             .call(json!({"publish": {"channel": ch, "data": payload(n)}}))
             .await;
         assert!(reply["publish"].is_object(), "{reply}");
     }
+
+    publisher
+}
+
+#[tokio::test]
+async fn json_delta_subscribers_get_a_full_publication_then_deltas_that_apply() {
+    let db = TestDb::new().await;
+    let server = server(&db).await;
+    let url = server.ws_url();
+    let ch = "delta:doc";
+    let (mut json_delta, _epoch) = json_delta_subscriber(&url, ch).await;
+    let mut plain = Client::connected(&url).await;
+    let reply = plain.call(json!({"subscribe": {"channel": ch}})).await;
+    assert!(reply["subscribe"].is_object(), "{reply}");
+    assert!(reply["subscribe"].get("delta").is_none(), "{reply}");
+
+    let _publisher = publish_four(&url, ch).await;
 
     let mut prev = Vec::new();
     let mut deltas = 0;
@@ -238,6 +249,37 @@ async fn delta_subscribers_get_a_full_publication_then_deltas_that_apply() {
     }
     assert_eq!(deltas, 3);
 
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_channel_whose_entry_does_not_allow_deltas_declines_them() {
+    let db = TestDb::new().await;
+    let server = server(&db).await;
+    let url = server.ws_url();
+    let ch = "delta:doc";
+    let (mut json_delta, _epoch) = json_delta_subscriber(&url, ch).await;
+    // A channel whose entry does not allow deltas declines (full payloads, no delta: true).
+    let reply = json_delta
+        .call(json!({"subscribe": {"channel": "plain:doc", "delta": "fossil"}}))
+        .await;
+    assert!(reply["subscribe"].is_object(), "{reply}");
+    assert!(reply["subscribe"].get("delta").is_none(), "{reply}");
+
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn protobuf_delta_subscribers_get_deltas_that_apply() {
+    let db = TestDb::new().await;
+    let server = server(&db).await;
+    let url = server.ws_url();
+    let ch = "delta:doc";
+    let mut pb = protobuf_delta_subscriber(&url, ch).await;
+    let _publisher = publish_four(&url, ch).await;
+
     let mut prev = Vec::new();
     for n in 1..=4u32 {
         let publication = loop {
@@ -257,6 +299,23 @@ async fn delta_subscribers_get_a_full_publication_then_deltas_that_apply() {
             payload(n),
             "Protobuf delta subscriber, publication {n}"
         );
+    }
+
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn recovery_in_delta_mode_is_full_publications_then_live_ones() {
+    let db = TestDb::new().await;
+    let server = server(&db).await;
+    let url = server.ws_url();
+    let ch = "delta:doc";
+    let (mut json_delta, epoch) = json_delta_subscriber(&url, ch).await;
+    let mut publisher = publish_four(&url, ch).await;
+    // The long-running subscriber has seen the four.
+    for _ in 1..=4 {
+        json_delta.next_pub(ch).await;
     }
 
     // Recovery: the missed publications come full (data strings), then the next live one full.

@@ -103,19 +103,20 @@ async fn replies(c: &mut Client, n: usize) -> Vec<Value> {
     out
 }
 
-/// Item 1: one frame of 160 `history` commands over a history of 300 rows of 10 KB. Before: one
-/// reply of ~480 MB. Now every reply fits in the connection's byte budget; the rest are 106.
-#[tokio::test]
-async fn replies_are_bounded_by_the_connection_budget() {
-    let db = TestDb::new().await;
-    let budget = 1usize << 20;
+/// The connection's byte budget in the item 1 tests.
+const BUDGET: usize = 1 << 20;
+
+/// A server with a [`BUDGET`] per connection and the API on, over a history of 300 rows of 10 KB
+/// (sequenced and read); an observer subscribed after the burst, and the channel's epoch.
+async fn big_history(db: &TestDb) -> (Server, Client, String) {
+    let budget = BUDGET;
     let server = Server::start(&config_json(
         &db.url,
         json!({"client": {"outbound_queue_bytes": budget}, "api": {"key": KEY}}),
     ))
     .await;
-    insert_rows(&db, "big", 300, 10_000).await;
-    wait_top(&db, "incoming-chat", 300).await;
+    insert_rows(db, "big", 300, 10_000).await;
+    wait_top(db, "incoming-chat", 300).await;
     wait_cursor(&server, 300).await;
     // Subscribed after the burst (3 MB of pushes would close it as slow with a 1 MiB budget).
     let mut observer = Client::connected(&server.ws_url()).await;
@@ -124,6 +125,16 @@ async fn replies_are_bounded_by_the_connection_budget() {
         .await;
     let epoch = sub["subscribe"]["epoch"].as_str().unwrap().to_owned();
 
+    (server, observer, epoch)
+}
+
+/// Item 1: one frame of 160 `history` commands over a history of 300 rows of 10 KB. Before: one
+/// reply of ~480 MB. Now every reply fits in the connection's byte budget; the rest are 106.
+#[tokio::test]
+async fn replies_are_bounded_by_the_connection_budget() {
+    let db = TestDb::new().await;
+    let (server, mut observer, _epoch) = big_history(&db).await;
+    let budget = BUDGET;
     let rss_before = status_kib("VmRSS");
     let mut c = Client::connected(&server.ws_url()).await;
     // 160 × (300 × 10 KB): the attack of the review.
@@ -173,6 +184,26 @@ async fn replies_are_bounded_by_the_connection_budget() {
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
 
+    // Within the budget the connection works normally.
+    let h = c
+        .call(json!({"history": {"channel": "incoming-chat", "limit": 3}}))
+        .await;
+    assert_eq!(h["history"]["publications"].as_array().unwrap().len(), 3);
+
+    // The observer was not affected.
+    db.insert_chat("after", "still here").await;
+    let p = observer.next_pub("incoming-chat").await;
+    assert_eq!(p["offset"], 301);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// Item 1: a recovery whose publications would not fit in the budget is not recovered.
+#[tokio::test]
+async fn a_recovery_over_the_budget_gets_the_position_only() {
+    let db = TestDb::new().await;
+    let (server, _observer, epoch) = big_history(&db).await;
+    let mut c = Client::connected(&server.ws_url()).await;
     // A recovery over the budget: recovered false with the position (no allocation of 3 MB).
     let r = c
         .call(json!({"subscribe": {"channel": "incoming-chat", "recover": true, "offset": 0, "epoch": epoch}}))
@@ -187,12 +218,15 @@ async fn replies_are_bounded_by_the_connection_budget() {
         .call(json!({"subscribe": {"channel": "incoming-chat", "recover": true, "offset": 0, "epoch": epoch, "flag": 2}}))
         .await;
     assert_eq!(r["error"]["code"], 112, "{r}");
-    // Within the budget the connection works normally.
-    let h = c
-        .call(json!({"history": {"channel": "incoming-chat", "limit": 3}}))
-        .await;
-    assert_eq!(h["history"]["publications"].as_array().unwrap().len(), 3);
+    server.stop().await;
+    db.drop_db().await;
+}
 
+/// Item 1: the server API's `history` has the same bound.
+#[tokio::test]
+async fn the_server_apis_history_has_the_same_bound() {
+    let db = TestDb::new().await;
+    let (server, _observer, _epoch) = big_history(&db).await;
     // The server API: the same bound.
     let api = reqwest::Client::new()
         .post(format!("http://{}/api/history", server.addr))
@@ -204,10 +238,6 @@ async fn replies_are_bounded_by_the_connection_budget() {
     let body: Value = api.json().await.unwrap();
     assert_eq!(body["error"]["code"], 106, "{body}");
 
-    // The observer was not affected.
-    db.insert_chat("after", "still here").await;
-    let p = observer.next_pub("incoming-chat").await;
-    assert_eq!(p["offset"], 301);
     server.stop().await;
     db.drop_db().await;
 }

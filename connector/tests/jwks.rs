@@ -195,21 +195,26 @@ async fn assert_closes(server: &Server, token: &str, code: u16, what: &str) {
     assert_eq!(closed.code, code, "{what}: {closed:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jwks_keys_by_kid_exclusively_and_a_rotation() {
-    let db = TestDb::new().await;
+/// The set `rsa-1`, plus a symmetric key (`oct-1`) that is never used: an HMAC secret must not come
+/// from a URL.
+fn rsa_and_oct() -> Value {
     let mut served = jwks(&["rsa-1"]);
-    // A symmetric key in the set is never used: an HMAC secret must not come from a URL.
     served["keys"]
         .as_array_mut()
         .unwrap()
         .push(json!({"kid": "oct-1", "kty": "oct", "k": "dGVzdC1zZWNyZXQtdGVzdC1zZWNyZXQtdGVzdC1zZWNyZXQh"}));
-    let idp = Idp::start(served.clone()).await;
+    served
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_kids_verify_and_bad_tokens_are_refused_without_a_fetch() {
+    let db = TestDb::new().await;
+    let idp = Idp::start(rsa_and_oct()).await;
     let server = Server::start(&jwks_config(&db.url, &idp, 3600, 30)).await;
     assert_eq!(idp.hits(), 1, "fetched once at start-up");
     let exp = now() + 600;
 
-    let mut alice = assert_accepted(
+    let _alice = assert_accepted(
         &server,
         &rs256("rsa-1", json!({"sub": "alice", "exp": exp})),
         "alice",
@@ -258,6 +263,25 @@ async fn jwks_keys_by_kid_exclusively_and_a_rotation() {
     }
     assert_eq!(idp.hits(), 1, "no fetch for known kids or missing ones");
 
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_keys_are_used_exclusively_and_unknown_kids_refetch_once_per_window() {
+    let db = TestDb::new().await;
+    let idp = Idp::start(rsa_and_oct()).await;
+    let server = Server::start(&jwks_config(&db.url, &idp, 3600, 30)).await;
+    assert_eq!(idp.hits(), 1, "fetched once at start-up");
+    let exp = now() + 600;
+    let mut alice = assert_accepted(
+        &server,
+        &rs256("rsa-1", json!({"sub": "alice", "exp": exp})),
+        "alice",
+        "RS256 with a known kid",
+    )
+    .await;
+
     // Static keys are not accepted alongside: an HS256 token signed with the oct key of the set.
     let oct = sign(
         Algorithm::HS256,
@@ -284,7 +308,14 @@ async fn jwks_keys_by_kid_exclusively_and_a_rotation() {
     let r = alice.call(json!({"subscribe": {"channel": "room"}})).await;
     assert!(r["subscribe"].is_object(), "{r}");
     server.stop().await;
+    db.drop_db().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_is_fetched_once_and_a_retired_one_is_refused() {
+    let db = TestDb::new().await;
+    let idp = Idp::start(rsa_and_oct()).await;
+    let exp = now() + 600;
     // Rotation, on a fresh connector: the new kid appears → one refetch → accepted.
     idp.set(Mode::Serve(jwks(&["rsa-1"])));
     let before = idp.hits();

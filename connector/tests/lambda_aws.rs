@@ -2,7 +2,8 @@
 //! endpoint come from the standard AWS environment. Here the endpoint is a fake Lambda on loopback
 //! (`AWS_ENDPOINT_URL_LAMBDA`), the credentials are static (`AWS_ACCESS_KEY_ID=test`), and the connector
 //! runs as a child process, so the environment it sees is its own (nothing process-global is changed
-//! in the test process). One test function runs every case in order.
+//! in the test process). The start-up check is one test; the invocation cases run in order in another
+//! (its counts of the fake's calls are cumulative).
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -215,15 +216,15 @@ async fn publish(c: &mut Client, channel: &str, name: &str) -> Value {
 const SECRET: &str = "fake-secret-key-that-is-never-logged";
 const ARN: &str = "arn:aws:lambda:eu-west-1:123456789012:function:chat-writer:live";
 
-#[tokio::test]
-async fn lambda_targets_without_endpoint_are_signed_sdk_invocations() {
+/// The test database, the fake Lambda (and its URL), and a directory of its own (`tag`) holding a
+/// `config.json` with the three rules.
+async fn setup(tag: &str) -> (TestDb, String, FakeLambda, PathBuf) {
     let db = TestDb::new().await;
     let (fake_url, fake) = fake_lambda().await;
-    let dir = std::env::temp_dir().join(format!("relay-lambda-aws-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("relay-lambda-aws-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("config.json");
     std::fs::write(
-        &config,
+        dir.join("config.json"),
         config_json(
             &db.url,
             json!({"rules": [
@@ -234,11 +235,23 @@ async fn lambda_targets_without_endpoint_are_signed_sdk_invocations() {
         ),
     )
     .unwrap();
-    let credentials = [
+    (db, fake_url, fake, dir)
+}
+
+/// Static credentials and the fake Lambda's endpoint, as the AWS environment gives them.
+fn credentials(fake_url: &str) -> [(&'static str, &str); 3] {
+    [
         ("AWS_ACCESS_KEY_ID", "test"),
         ("AWS_SECRET_ACCESS_KEY", SECRET),
-        ("AWS_ENDPOINT_URL_LAMBDA", fake_url.as_str()),
-    ];
+        ("AWS_ENDPOINT_URL_LAMBDA", fake_url),
+    ]
+}
+
+#[tokio::test]
+async fn without_an_aws_region_start_up_stops_naming_the_rule() {
+    let (db, fake_url, fake, dir) = setup("no-region").await;
+    let config = dir.join("config.json");
+    let credentials = credentials(&fake_url);
 
     // Without any AWS region, start-up stops with a message naming the rule.
     let mut no_region = Connector::spawn(&config, &db.url, &free_local_addr(), &credentials);
@@ -249,7 +262,16 @@ async fn lambda_targets_without_endpoint_are_signed_sdk_invocations() {
         "{log}"
     );
     assert!(fake.calls().is_empty());
+    drop(no_region);
+    std::fs::remove_dir_all(&dir).unwrap();
+    db.drop_db().await;
+}
 
+#[tokio::test]
+async fn lambda_targets_without_endpoint_are_signed_sdk_invocations() {
+    let (db, fake_url, fake, dir) = setup("invocations").await;
+    let config = dir.join("config.json");
+    let credentials = credentials(&fake_url);
     let listen = free_local_addr();
     let mut env = credentials.to_vec();
     env.push(("AWS_REGION", "us-east-1"));

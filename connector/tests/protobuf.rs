@@ -196,7 +196,7 @@ fn subscribe(channel: &str) -> SubscribeRequest {
 }
 
 #[tokio::test]
-async fn subscribe_receive_in_order_history_and_recover() {
+async fn protobuf_subscribers_receive_in_order_and_read_history() {
     let db = TestDb::new().await;
     let server = Server::start(&config_json(&db.url, json!({}))).await;
 
@@ -241,7 +241,34 @@ async fn subscribe_receive_in_order_history_and_recover() {
     assert_eq!(offsets, [1, 2]);
     let first: Value = serde_json::from_slice(&history.publications[0].data).unwrap();
     assert_eq!(first["row"]["msg_data"], "hello");
-    drop(c);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// A Protobuf client subscribed to `incoming-chat` (recoverable, positioned) that received two
+/// inserted rows (`m1`, `m2`) and went away; the channel's epoch.
+async fn two_received_then_away(db: &TestDb, server: &Server) -> String {
+    let (mut c, _) = PbClient::connected(&server.ws_url(), Select::Subprotocol).await;
+    let sub = c
+        .call(Command {
+            subscribe: Some(subscribe("incoming-chat")),
+            ..Default::default()
+        })
+        .await
+        .subscribe
+        .expect("subscribe result");
+    db.insert_chat("m1", "hello").await;
+    db.insert_chat("m2", "world").await;
+    c.next_pub("incoming-chat").await;
+    c.next_pub("incoming-chat").await;
+    sub.epoch
+}
+
+#[tokio::test]
+async fn protobuf_resubscribe_recovers_what_was_missed() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    let epoch = two_received_then_away(&db, &server).await;
 
     // Missed while away, recovered on resubscribe (this time Protobuf chosen by the query).
     db.insert_chat("m3", "away 1").await;
@@ -282,6 +309,15 @@ async fn subscribe_receive_in_order_history_and_recover() {
     db.insert_chat("m5", "live").await;
     assert_eq!(c.next_pub("incoming-chat").await.0, 5);
 
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn protobuf_unrecoverable_position_with_the_error_flag_is_112() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    let (mut c, _) = PbClient::connected(&server.ws_url(), Select::Query).await;
     // A position that cannot be recovered, with the flag that asks for an error: 112.
     let r = c
         .call(Command {

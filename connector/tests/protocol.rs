@@ -9,7 +9,7 @@ use serde_json::json;
 use support::{Client, Server, TestDb, config_json};
 
 #[tokio::test]
-async fn subscribe_receive_history_and_recover() {
+async fn changes_arrive_in_order_and_history_keeps_them() {
     let db = TestDb::new().await;
     let server = Server::start(&config_json(&db.url, json!({}))).await;
 
@@ -67,11 +67,35 @@ async fn subscribe_receive_history_and_recover() {
     assert_eq!(hs["history"]["publications"].as_array().unwrap().len(), 1);
     let bad = c.call(json!({"history": {"channel": "incoming-chat", "limit": 5, "since": {"offset": 1, "epoch": "other"}}})).await;
     assert_eq!(bad["error"]["code"], 112);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+/// A client subscribed to `incoming-chat` (recoverable, positioned) that has received `n` inserted
+/// rows (`m1`..); the channel's epoch.
+async fn subscribed_after(db: &TestDb, server: &Server, n: usize) -> (Client, String) {
+    let mut c = Client::connected(&server.ws_url()).await;
+    let sub = c
+        .call(json!({"subscribe": {"channel": "incoming-chat", "recoverable": true, "positioned": true}}))
+        .await;
+    let epoch = sub["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    for i in 1..=n {
+        db.insert_chat(&format!("m{i}"), "before").await;
+        c.next_pub("incoming-chat").await;
+    }
+    (c, epoch)
+}
+
+#[tokio::test]
+async fn changes_while_away_are_recovered_on_resubscribe() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    let (c, epoch) = subscribed_after(&db, &server, 2).await;
     drop(c);
 
     // Changes committed while the client is away are recovered on resubscribe.
-    db.insert_chat("m2", "while away 1").await;
-    db.insert_chat("m3", "while away 2").await;
+    db.insert_chat("m12", "while away 1").await;
+    db.insert_chat("m13", "while away 2").await;
     let mut c = Client::connected(&server.ws_url()).await;
     let r = c
         .call(json!({"subscribe": {"channel": "incoming-chat", "recoverable": true, "positioned": true, "recover": true, "offset": 2, "epoch": epoch}}))
@@ -89,8 +113,18 @@ async fn subscribe_receive_history_and_recover() {
         [3, 4]
     );
     assert_eq!(recovered[1]["data"]["row"]["msg_data"], "while away 2");
-    db.insert_chat("m4", "live again").await;
+    db.insert_chat("m14", "live again").await;
     assert_eq!(c.next_pub("incoming-chat").await["offset"], 5);
+
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_wrong_epoch_is_not_recovered() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    let _c = subscribed_after(&db, &server, 5).await;
 
     // A wrong epoch cannot be recovered: recovered=false with the current position, no publications.
     let mut d = Client::connected(&server.ws_url()).await;
@@ -112,14 +146,19 @@ async fn subscribe_receive_history_and_recover() {
     db.drop_db().await;
 }
 
-#[tokio::test]
-async fn bad_input_gets_documented_errors_and_others_are_unaffected() {
-    let db = TestDb::new().await;
-    let server = Server::start(&config_json(
+/// A server whose clients' frames are limited to 4096 bytes.
+async fn bad_input_server(db: &TestDb) -> Server {
+    Server::start(&config_json(
         &db.url,
         json!({"client": {"max_message_bytes": 4096}}),
     ))
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn bad_frames_close_with_documented_codes_and_others_are_unaffected() {
+    let db = TestDb::new().await;
+    let server = bad_input_server(&db).await;
     let url = server.ws_url();
 
     // A bystander subscribed the whole time.
@@ -167,6 +206,31 @@ async fn bad_input_gets_documented_errors_and_others_are_unaffected() {
     c.send_raw(r#"{"id":9,"connect":{}}"#).await;
     assert_eq!(c.closed().await.code, 3501, "second connect");
 
+    // A binary frame on the JSON protocol.
+    let mut b = Client::connected(&url).await;
+    b.send_binary(vec![1, 2, 3]).await;
+    assert_eq!(b.closed().await.code, 3506);
+
+    // Nothing was written, and the bystander still gets changes.
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM chat_data")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    db.insert_chat("after", "still here").await;
+    let p = bystander.next_pub("incoming-chat").await;
+    assert_eq!(p["offset"], 1);
+
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn bad_commands_get_documented_errors() {
+    let db = TestDb::new().await;
+    let server = bad_input_server(&db).await;
+    let url = server.ws_url();
+
     let mut c = Client::connected(&url).await;
     let r = c
         .call(
@@ -202,21 +266,11 @@ async fn bad_input_gets_documented_errors_and_others_are_unaffected() {
     let r = c.call(json!({"history": {"channel": "incoming-chat", "since": {"offset": 0, "epoch": ""}, "reverse": true, "limit": 1}})).await;
     assert_eq!(r["error"]["code"], 107);
 
-    // A binary frame on the JSON protocol.
-    let mut b = Client::connected(&url).await;
-    b.send_binary(vec![1, 2, 3]).await;
-    assert_eq!(b.closed().await.code, 3506);
-
-    // Nothing was written, and the bystander still gets changes.
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM chat_data")
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(n, 0);
-    db.insert_chat("after", "still here").await;
-    let p = bystander.next_pub("incoming-chat").await;
-    assert_eq!(p["offset"], 1);
-
+    assert_eq!(n, 0, "nothing written");
     server.stop().await;
     db.drop_db().await;
 }

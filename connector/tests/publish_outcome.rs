@@ -52,9 +52,8 @@ async fn rows(db: &TestDb) -> Vec<(String, String, bool)> {
         .unwrap()
 }
 
-#[tokio::test]
-async fn refusals_reach_the_publisher_as_errors_with_the_writers_reason() {
-    let db = TestDb::new().await;
+/// A server whose `outgoing-chat` rule goes to the real writer and `hooks` to [`canned_hook`].
+async fn outcome_server(db: &TestDb) -> Server {
     let endpoint = db.local_writer().await;
     let hook = canned_hook().await;
     let config = config_json(
@@ -68,7 +67,13 @@ async fn refusals_reach_the_publisher_as_errors_with_the_writers_reason() {
             ]
         }),
     );
-    let server = Server::start(&config).await;
+    Server::start(&config).await
+}
+
+#[tokio::test]
+async fn an_edit_of_someone_elses_message_is_refused_with_420_and_the_writers_reason() {
+    let db = TestDb::new().await;
+    let server = outcome_server(&db).await;
     let mut alice = Client::connected(&server.ws_url()).await;
     let mut mallory = Client::connected(&server.ws_url()).await;
     let sub = alice
@@ -97,6 +102,40 @@ async fn refusals_reach_the_publisher_as_errors_with_the_writers_reason() {
         "{r}"
     );
     assert!(r["error"].get("temporary").is_none(), "not temporary: {r}");
+    // The server API answers the forged edit with the same error.
+    let r = api(
+        &server,
+        "publish",
+        json!({"channel": "outgoing-chat", "data": {"name": "editedMsg", "data": {"username": "x", "content": "FORGED", "msgIdToEdit": msg_id}}}),
+    )
+    .await;
+    assert_eq!(r["error"]["code"], 420, "{r}");
+    // The author's own edit still succeeds.
+    let r = alice
+        .call(json!({"publish": {"channel": "outgoing-chat", "data": {"name": "editedMsg", "data": {"username": "alice", "content": "edited", "msgIdToEdit": msg_id}}}}))
+        .await;
+    assert_eq!(r["publish"], json!({}), "{r}");
+    assert_eq!(rows(&db).await, vec![(msg_id, "edited".to_owned(), true)]);
+
+    // The other clients were unaffected: Alice's connection still works.
+    let r = alice
+        .call(json!({"history": {"channel": "incoming-chat", "limit": -1}}))
+        .await;
+    assert_eq!(
+        r["history"]["publications"].as_array().unwrap().len(),
+        2,
+        "{r}"
+    );
+
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn invalid_and_unhandled_messages_get_421_and_422_and_write_nothing() {
+    let db = TestDb::new().await;
+    let server = outcome_server(&db).await;
+    let mut mallory = Client::connected(&server.ws_url()).await;
     // Invalid data (no username) → 421; a name the writer does not handle → 422.
     let r = mallory
         .call(json!({"publish": {"channel": "outgoing-chat", "data": {"name": "chatMsg", "data": {}}}}))
@@ -117,21 +156,16 @@ async fn refusals_reach_the_publisher_as_errors_with_the_writers_reason() {
     .await;
     assert_eq!(r["error"]["code"], 421, "{r}");
     assert!(r.get("result").is_none(), "{r}");
-    // The server API answers the forged edit with the same error.
-    let r = api(
-        &server,
-        "publish",
-        json!({"channel": "outgoing-chat", "data": {"name": "editedMsg", "data": {"username": "x", "content": "FORGED", "msgIdToEdit": msg_id}}}),
-    )
-    .await;
-    assert_eq!(r["error"]["code"], 420, "{r}");
-    // The author's own edit still succeeds.
-    let r = alice
-        .call(json!({"publish": {"channel": "outgoing-chat", "data": {"name": "editedMsg", "data": {"username": "alice", "content": "edited", "msgIdToEdit": msg_id}}}}))
-        .await;
-    assert_eq!(r["publish"], json!({}), "{r}");
-    assert_eq!(rows(&db).await, vec![(msg_id, "edited".to_owned(), true)]);
+    assert_eq!(rows(&db).await, vec![]);
+    server.stop().await;
+    db.drop_db().await;
+}
 
+#[tokio::test]
+async fn a_missing_outcome_is_success_and_an_invalid_one_is_error_100() {
+    let db = TestDb::new().await;
+    let server = outcome_server(&db).await;
+    let mut mallory = Client::connected(&server.ws_url()).await;
     // The contract's edge cases, through a webhook: a missing outcome is success; an invalid one
     // (results not an array, no entry for the message, an unknown status) is error 100, never success.
     for (name, code) in [
@@ -149,16 +183,6 @@ async fn refusals_reach_the_publisher_as_errors_with_the_writers_reason() {
             Some(c) => assert_eq!(r["error"]["code"], c, "{name}: {r}"),
         }
     }
-    // The other clients were unaffected: Alice's connection still works.
-    let r = alice
-        .call(json!({"history": {"channel": "incoming-chat", "limit": -1}}))
-        .await;
-    assert_eq!(
-        r["history"]["publications"].as_array().unwrap().len(),
-        2,
-        "{r}"
-    );
-
     server.stop().await;
     db.drop_db().await;
 }

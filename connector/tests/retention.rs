@@ -15,9 +15,9 @@ async fn history(c: &mut Client) -> Value {
         .clone()
 }
 
-#[tokio::test]
-async fn pruning_keeps_the_limits_and_recovery_never_hides_a_gap() {
-    let db = TestDb::new().await;
+/// A server keeping at most 5 publications per `incoming-*` channel (pruning every second), and a
+/// client subscribed to `incoming-chat` that received 12 changes; the channel's epoch.
+async fn twelve_changes_kept_five(db: &TestDb) -> (Server, Client, String) {
     let retention = json!({"retention": {"prune_interval_secs": 1, "rules": [
         {"channel": "incoming-*", "max_publications": 5, "max_age_secs": 3600}
     ]}});
@@ -33,11 +33,16 @@ async fn pruning_keeps_the_limits_and_recovery_never_hides_a_gap() {
     }
     let epoch = history(&mut c).await["epoch"].as_str().unwrap().to_owned();
 
+    (server, c, epoch)
+}
+
+/// Waits until the pruning task has kept the newest 5 in storage; what `history` returned last.
+async fn pruned(db: &TestDb, c: &mut Client) -> Vec<Value> {
     // The pruning task (every second) keeps the newest 5 in storage; reads never return more (they
     // are bounded by the rule before any pruning, see read_your_writes.rs).
     let mut kept = Vec::new();
     for _ in 0..100 {
-        let h = history(&mut c).await;
+        let h = history(c).await;
         kept = h["publications"].as_array().cloned().unwrap_or_default();
         let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM relay.publications")
             .fetch_one(&db.pool)
@@ -48,6 +53,14 @@ async fn pruning_keeps_the_limits_and_recovery_never_hides_a_gap() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    kept
+}
+
+#[tokio::test]
+async fn pruning_keeps_the_newest_and_the_epoch() {
+    let db = TestDb::new().await;
+    let (server, mut c, epoch) = twelve_changes_kept_five(&db).await;
+    let kept = pruned(&db, &mut c).await;
     let offsets: Vec<u64> = kept.iter().map(|p| p["offset"].as_u64().unwrap()).collect();
     assert_eq!(offsets, [8, 9, 10, 11, 12]);
     assert_eq!(
@@ -55,6 +68,16 @@ async fn pruning_keeps_the_limits_and_recovery_never_hides_a_gap() {
         json!(epoch),
         "pruning under an unchanged rule keeps the epoch"
     );
+
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn recovery_never_hides_a_gap_left_by_pruning() {
+    let db = TestDb::new().await;
+    let (server, mut c, epoch) = twelve_changes_kept_five(&db).await;
+    pruned(&db, &mut c).await;
 
     // A client that saw offset 9 recovers; one that saw offset 2 cannot: recovered=false, new position.
     let mut r = Client::connected(&server.ws_url()).await;
@@ -74,6 +97,15 @@ async fn pruning_keeps_the_limits_and_recovery_never_hides_a_gap() {
         "never a partial history: {gone}"
     );
     assert_eq!(gone["subscribe"]["offset"], 12);
+    server.stop().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_changed_rule_and_a_reset_change_the_epoch() {
+    let db = TestDb::new().await;
+    let (server, mut c, epoch) = twelve_changes_kept_five(&db).await;
+    pruned(&db, &mut c).await;
     server.stop().await;
 
     // A changed rule gives the channel a new epoch at the next pass.

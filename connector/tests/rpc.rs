@@ -51,9 +51,8 @@ async fn hook() -> String {
     format!("http://{addr}/rpc")
 }
 
-#[tokio::test]
-async fn rpc_goes_to_the_rule_target_or_is_not_available() {
-    let db = TestDb::new().await;
+/// A server whose `app.*` methods go to [`hook`] and `writer.*` methods to the real writer.
+async fn rpc_server(db: &TestDb) -> Server {
     let url = hook().await;
     let endpoint = db.local_writer().await;
     let config = config_json(
@@ -63,7 +62,13 @@ async fn rpc_goes_to_the_rule_target_or_is_not_available() {
             {"method": "writer.*", "target": {"type": "lambda", "function": "writer",
             "endpoint": endpoint}}]}),
     );
-    let server = Server::start(&config).await;
+    Server::start(&config).await
+}
+
+#[tokio::test]
+async fn an_rpc_gets_the_targets_data_and_the_caller_is_identified() {
+    let db = TestDb::new().await;
+    let server = rpc_server(&db).await;
     let mut c = Client::connected(&server.ws_url()).await;
     let client_id = {
         // The anonymous caller's identity is its connection id.
@@ -85,7 +90,15 @@ async fn rpc_goes_to_the_rule_target_or_is_not_available() {
     );
     let r = c.call(json!({"rpc": {"method": "app.empty"}})).await;
     assert_eq!(r["rpc"], json!({}), "no answer body, no data: {r}");
+    server.stop().await;
+    db.drop_db().await;
+}
 
+#[tokio::test]
+async fn a_targets_refusal_or_failure_is_the_callers_error() {
+    let db = TestDb::new().await;
+    let server = rpc_server(&db).await;
+    let mut c = Client::connected(&server.ws_url()).await;
     let r = c
         .call(json!({"rpc": {"method": "app.refuse", "data": {}}}))
         .await;
@@ -99,13 +112,29 @@ async fn rpc_goes_to_the_rule_target_or_is_not_available() {
         .call(json!({"rpc": {"method": "app.broken", "data": {}}}))
         .await;
     assert_eq!(r["error"]["code"], json!(100), "{r}");
+    server.stop().await;
+    db.drop_db().await;
+}
 
+#[tokio::test]
+async fn the_writer_reports_an_rpc_skipped() {
+    let db = TestDb::new().await;
+    let server = rpc_server(&db).await;
+    let mut c = Client::connected(&server.ws_url()).await;
     // The writer handles no rpc method: it reports the message skipped, which is 422.
     let r = c
         .call(json!({"rpc": {"method": "writer.stats", "data": {}}}))
         .await;
     assert_eq!(r["error"]["code"], json!(422), "{r}");
+    server.stop().await;
+    db.drop_db().await;
+}
 
+#[tokio::test]
+async fn a_method_without_a_rule_is_not_available() {
+    let db = TestDb::new().await;
+    let server = rpc_server(&db).await;
+    let mut c = Client::connected(&server.ws_url()).await;
     for method in ["other", "", "app"] {
         let r = c.call(json!({"rpc": {"method": method, "data": {}}})).await;
         assert_eq!(r["error"]["code"], json!(108), "{method:?}: {r}");
@@ -114,7 +143,14 @@ async fn rpc_goes_to_the_rule_target_or_is_not_available() {
         .call(json!({"rpc": {"method": "x".repeat(300), "data": {}}}))
         .await;
     assert_eq!(r["error"]["code"], json!(107), "{r}");
+    server.stop().await;
+    db.drop_db().await;
+}
 
+#[tokio::test]
+async fn protobuf_rpc_carries_the_data_as_bytes() {
+    let db = TestDb::new().await;
+    let server = rpc_server(&db).await;
     // Protobuf: the same call, the data as the reply's bytes.
     let (mut ws, _) = connect_async(format!("{}?cf_protocol=protobuf", server.ws_url()))
         .await
@@ -169,7 +205,6 @@ async fn rpc_goes_to_the_rule_target_or_is_not_available() {
     assert_eq!(data["echo"], json!({"b": 2}));
     let none = replies.iter().find(|r| r.id == 3).unwrap();
     assert_eq!(none.error.as_ref().unwrap().code, 108);
-
     server.stop().await;
     db.drop_db().await;
 }

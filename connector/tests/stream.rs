@@ -14,22 +14,10 @@ use support::{Client, Server, TestDb, config_json};
 const WRITERS: usize = 8;
 const ROWS: usize = 10_000;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_rows_from_eight_writers_arrive_once_in_order() {
-    let db = TestDb::new().await;
-    let server = Server::start(&config_json(
-        &db.url,
-        json!({"client": {"outbound_queue": 20000, "outbound_queue_bytes": 67108864}}),
-    ))
-    .await;
-    let mut client = Client::connected(&server.ws_url()).await;
-    let r = client
-        .call(json!({"subscribe": {"channel": "incoming-chat", "recoverable": true}}))
-        .await;
-    assert_eq!(r["subscribe"]["offset"], 0);
-
-    // Each writer commits transactions of 1–20 rows; a third of them wait before committing, so
-    // transactions with lower ids and xids often commit after higher ones.
+/// [`WRITERS`] tasks writing [`ROWS`] rows in all. Each writer commits transactions of 1–20 rows; a
+/// third of them wait before committing, so transactions with lower ids and xids often commit after
+/// higher ones.
+fn spawn_writers(db: &TestDb) -> Vec<tokio::task::JoinHandle<()>> {
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let pool = db.pool.clone();
@@ -64,6 +52,46 @@ async fn ten_thousand_rows_from_eight_writers_arrive_once_in_order() {
         }));
     }
 
+    writers
+}
+
+/// The channel's whole history, read in pages of 300.
+async fn history_of(client: &mut Client) -> Vec<Value> {
+    let mut from = 0u64;
+    let mut history = Vec::new();
+    loop {
+        let h = client
+            .call(json!({"history": {"channel": "incoming-chat", "limit": 300, "since": {"offset": from, "epoch": ""}}}))
+            .await;
+        let pubs = h["history"]["publications"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if pubs.is_empty() {
+            break;
+        }
+        from = pubs.last().unwrap()["offset"].as_u64().unwrap();
+        history.extend(pubs);
+    }
+    history
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_rows_from_eight_writers_arrive_once_in_order() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(
+        &db.url,
+        json!({"client": {"outbound_queue": 20000, "outbound_queue_bytes": 67108864}}),
+    ))
+    .await;
+    let mut client = Client::connected(&server.ws_url()).await;
+    let r = client
+        .call(json!({"subscribe": {"channel": "incoming-chat", "recoverable": true}}))
+        .await;
+    assert_eq!(r["subscribe"]["offset"], 0);
+
+    let writers = spawn_writers(&db);
+
     let mut seen = HashSet::new();
     let mut last_offset = 0u64;
     while seen.len() < ROWS {
@@ -90,22 +118,7 @@ async fn ten_thousand_rows_from_eight_writers_arrive_once_in_order() {
     );
 
     // History agrees: the same rows at the same offsets.
-    let mut from = 0u64;
-    let mut history = Vec::new();
-    loop {
-        let h = client
-            .call(json!({"history": {"channel": "incoming-chat", "limit": 300, "since": {"offset": from, "epoch": ""}}}))
-            .await;
-        let pubs = h["history"]["publications"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        if pubs.is_empty() {
-            break;
-        }
-        from = pubs.last().unwrap()["offset"].as_u64().unwrap();
-        history.extend(pubs);
-    }
+    let history = history_of(&mut client).await;
     assert_eq!(history.len(), ROWS);
     for (i, p) in history.iter().enumerate() {
         assert_eq!(p["offset"].as_u64().unwrap(), i as u64 + 1);

@@ -141,23 +141,30 @@ async fn apply(state: &State, index: usize, raw: Value) -> Result<MessageResult>
         Ok(action) => action,
         Err(invalid) => return Ok(report(id, name, Status::Invalid, Some(invalid.0))),
     };
-    let database_error = |source| Error::Database {
-        message_id: message.id.clone(),
-        source,
-    };
+    let (status, reason) = perform(state, action, name.as_deref())
+        .await
+        .map_err(|source| Error::Database {
+            message_id: message.id.clone(),
+            source,
+        })?;
+    Ok(report(id, name, status, reason))
+}
 
-    let (status, reason) = match action {
+/// Performs a message's action: its status and, for anything but success, the reason.
+async fn perform(
+    state: &State,
+    action: Action,
+    name: Option<&str>,
+) -> Result<(Status, Option<String>), sqlx::Error> {
+    Ok(match action {
         Action::Skip => (
             Status::Skipped,
-            Some(match &name {
+            Some(match name {
                 Some(name) => format!("message name {name:?} is not handled by the writer"),
                 None => "the message has no name".to_owned(),
             }),
         ),
-        Action::Insert(new) => match store::insert_message(&state.pool, &new)
-            .await
-            .map_err(database_error)?
-        {
+        Action::Insert(new) => match store::insert_message(&state.pool, &new).await? {
             InsertOutcome::Inserted => (Status::Inserted, None),
             InsertOutcome::AlreadyProcessed => (
                 Status::Duplicate,
@@ -168,19 +175,13 @@ async fn apply(state: &State, index: usize, raw: Value) -> Result<MessageResult>
                 Some("a chat_data row with this msg_id already exists".to_owned()),
             ),
         },
-        Action::Chat(chat) => match rooms::apply(&state.pool, &chat)
-            .await
-            .map_err(database_error)?
-        {
+        Action::Chat(chat) => match rooms::apply(&state.pool, &chat).await? {
             rooms::Outcome::Inserted => (Status::Inserted, None),
             rooms::Outcome::Updated => (Status::Updated, None),
             rooms::Outcome::Duplicate(reason) => (Status::Duplicate, Some(reason)),
             rooms::Outcome::Rejected(reason) => (Status::Rejected, Some(reason)),
         },
-        Action::Edit(edit) => match store::edit_message(&state.pool, &edit)
-            .await
-            .map_err(database_error)?
-        {
+        Action::Edit(edit) => match store::edit_message(&state.pool, &edit).await? {
             EditOutcome::Updated => (Status::Updated, None),
             EditOutcome::AlreadyProcessed => (
                 Status::Duplicate,
@@ -198,6 +199,5 @@ async fn apply(state: &State, index: usize, raw: Value) -> Result<MessageResult>
                 )),
             ),
         },
-    };
-    Ok(report(id, name, status, reason))
+    })
 }

@@ -120,81 +120,47 @@ async fn invoke(
     response
 }
 
+/// A request the Invoke API refuses before the function runs: its status, `x-amzn-ErrorType` and
+/// message (see [`api_error`]).
+struct Refused {
+    status: StatusCode,
+    error_type: &'static str,
+    message: String,
+}
+
+impl Refused {
+    fn new(status: StatusCode, error_type: &'static str, message: String) -> Self {
+        Self {
+            status,
+            error_type,
+            message,
+        }
+    }
+
+    fn response(self) -> Response {
+        api_error(self.status, self.error_type, self.message)
+    }
+}
+
+/// Checks the request, then runs the function as the invocation type asks.
 async fn invoke_function(
     local: &Local,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let state = &local.state;
-    let invocation_type = match headers
-        .get(INVOCATION_TYPE_HEADER)
-        .map(|v| v.to_str().unwrap_or(""))
-    {
-        None | Some("RequestResponse") => InvocationType::RequestResponse,
-        Some("Event") => InvocationType::Event,
-        Some("DryRun") => InvocationType::DryRun,
-        Some(other) => {
-            return api_error(
-                StatusCode::BAD_REQUEST,
-                "InvalidParameterValueException",
-                format!(
-                    "X-Amz-Invocation-Type must be RequestResponse, Event or DryRun, got {other:?}"
-                ),
-            );
-        }
+    let checked = invocation_type(headers).and_then(|invocation_type| {
+        let body = read_body(body)?;
+        check_signature(local, headers, &body)?;
+        Ok((invocation_type, parse_event(&body)?))
+    });
+    let (invocation_type, event) = match checked {
+        Ok(checked) => checked,
+        Err(refused) => return refused.response(),
     };
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return api_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RequestEntityTooLargeException",
-                format!(
-                    "Request must be smaller than {MAX_PAYLOAD_BYTES} bytes for the InvokeFunction operation"
-                ),
-            );
-        }
-        Err(rejection) => {
-            return api_error(
-                rejection.status(),
-                "InvalidRequestContentException",
-                rejection.body_text(),
-            );
-        }
-    };
-    if let Some(secret) = &local.secret {
-        let header = headers
-            .get(SIGNATURE_HEADER)
-            .map(|v| v.to_str().unwrap_or(""));
-        if let Err(refusal) = secret.verify(header, &body) {
-            tracing::warn!(%refusal, "invocation refused: not signed with WRITER_SECRET");
-            let error_type = match refusal {
-                Refusal::Missing => "MissingAuthenticationTokenException",
-                _ => "InvalidSignatureException",
-            };
-            return api_error(StatusCode::FORBIDDEN, error_type, refusal.to_string());
-        }
-    }
-    let event: Value = if body.iter().all(u8::is_ascii_whitespace) {
-        json!({})
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(event) => event,
-            Err(e) => {
-                tracing::warn!(error = %e, "invocation body is not JSON");
-                return api_error(
-                    StatusCode::BAD_REQUEST,
-                    "InvalidRequestContentException",
-                    format!("Could not parse request body into json: {e}"),
-                );
-            }
-        }
-    };
-
     if matches!(invocation_type, InvocationType::DryRun) {
         return StatusCode::NO_CONTENT.into_response();
     }
-    let outcome = handler::handle(state, event).await;
+    let outcome = handler::handle(&local.state, event).await;
     if matches!(invocation_type, InvocationType::Event) {
         if let Err(error) = &outcome {
             tracing::error!(
@@ -206,7 +172,83 @@ async fn invoke_function(
         }
         return StatusCode::ACCEPTED.into_response();
     }
+    answer(outcome)
+}
 
+/// The invocation type the caller asked for (`X-Amz-Invocation-Type`; `RequestResponse` without).
+fn invocation_type(headers: &HeaderMap) -> Result<InvocationType, Refused> {
+    match headers
+        .get(INVOCATION_TYPE_HEADER)
+        .map(|v| v.to_str().unwrap_or(""))
+    {
+        None | Some("RequestResponse") => Ok(InvocationType::RequestResponse),
+        Some("Event") => Ok(InvocationType::Event),
+        Some("DryRun") => Ok(InvocationType::DryRun),
+        Some(other) => Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValueException",
+            format!(
+                "X-Amz-Invocation-Type must be RequestResponse, Event or DryRun, got {other:?}"
+            ),
+        )),
+    }
+}
+
+/// The request body, or Lambda's errors for one too large or unreadable.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refused> {
+    match body {
+        Ok(body) => Ok(body),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(Refused::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLargeException",
+            format!(
+                "Request must be smaller than {MAX_PAYLOAD_BYTES} bytes for the InvokeFunction operation"
+            ),
+        )),
+        Err(rejection) => Err(Refused::new(
+            rejection.status(),
+            "InvalidRequestContentException",
+            rejection.body_text(),
+        )),
+    }
+}
+
+/// With `WRITER_SECRET` set, the body must carry its signature.
+fn check_signature(local: &Local, headers: &HeaderMap, body: &[u8]) -> Result<(), Refused> {
+    let Some(secret) = &local.secret else {
+        return Ok(());
+    };
+    let header = headers
+        .get(SIGNATURE_HEADER)
+        .map(|v| v.to_str().unwrap_or(""));
+    secret.verify(header, body).map_err(|refusal| {
+        tracing::warn!(%refusal, "invocation refused: not signed with WRITER_SECRET");
+        let error_type = match refusal {
+            Refusal::Missing => "MissingAuthenticationTokenException",
+            _ => "InvalidSignatureException",
+        };
+        Refused::new(StatusCode::FORBIDDEN, error_type, refusal.to_string())
+    })
+}
+
+/// The event: the body's JSON (`{}` for an empty body).
+fn parse_event(body: &[u8]) -> Result<Value, Refused> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        tracing::warn!(error = %e, "invocation body is not JSON");
+        Refused::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            format!("Could not parse request body into json: {e}"),
+        )
+    })
+}
+
+/// The answer of a `RequestResponse` invocation: the function's result, or its error as Lambda
+/// reports an unhandled one (`X-Amz-Function-Error: Unhandled`).
+fn answer(outcome: crate::Result<crate::InvocationResult>) -> Response {
     let version = (
         HeaderName::from_static(EXECUTED_VERSION_HEADER),
         HeaderValue::from_static("$LATEST"),

@@ -169,66 +169,10 @@ pub fn parse(message: &Message, name: &str) -> Result<ChatAction, InvalidMessage
         }
         None => return Err(InvalidMessage("the message has no timestamp".into())),
     };
-    let body = |content: &str| check_text("content", content, MAX_BODY_BYTES);
     let kind = match name {
-        CREATE_ROOM | ROOM_MSG => {
-            let data: RoomData = message.data_as(name)?;
-            if !is_room_id(&data.room_id) {
-                return Err(InvalidMessage(
-                    "roomId must be 1-40 of a-z, 0-9, '_' and '-', starting with a letter or digit"
-                        .into(),
-                ));
-            }
-            if name == CREATE_ROOM {
-                let title = required("title", data.title)?.trim().to_owned();
-                check_text("title", &title, MAX_TITLE_CHARS * 4)?;
-                if title.chars().count() > MAX_TITLE_CHARS || title.chars().any(char::is_control) {
-                    return Err(InvalidMessage(format!(
-                        "title must be at most {MAX_TITLE_CHARS} characters, without control characters"
-                    )));
-                }
-                ChatKind::CreateRoom {
-                    room_id: data.room_id,
-                    title,
-                }
-            } else {
-                let content = required("content", data.content)?;
-                body(&content)?;
-                ChatKind::RoomMsg {
-                    room_id: data.room_id,
-                    content,
-                }
-            }
-        }
-        DIRECT_MSG => {
-            let data: DirectData = message.data_as(name)?;
-            if !is_user_id(&data.to) {
-                return Err(InvalidMessage(
-                    "to must be a user id of 1-64 letters, digits, '_', '-' or '.'".into(),
-                ));
-            }
-            body(&data.content)?;
-            ChatKind::DirectMsg {
-                to: data.to,
-                content: data.content,
-            }
-        }
-        EDIT_MSG | READ_MSG => {
-            let data: EditData = message.data_as(name)?;
-            check_text("msgId", &data.msg_id, crate::event::MAX_ID_BYTES)?;
-            if name == EDIT_MSG {
-                let content = required("content", data.content)?;
-                body(&content)?;
-                ChatKind::Edit {
-                    msg_id: data.msg_id,
-                    content,
-                }
-            } else {
-                ChatKind::Read {
-                    msg_id: data.msg_id,
-                }
-            }
-        }
+        CREATE_ROOM | ROOM_MSG => parse_room(message, name)?,
+        DIRECT_MSG => parse_direct(message)?,
+        EDIT_MSG | READ_MSG => parse_edit_or_read(message, name)?,
         other => {
             return Err(InvalidMessage(format!(
                 "{other:?} is not a room message name"
@@ -241,6 +185,74 @@ pub fn parse(message: &Message, name: &str) -> Result<ChatAction, InvalidMessage
         created_at_ms,
         kind,
     })
+}
+
+/// Checks a message body (`content`).
+fn body(content: &str) -> Result<(), InvalidMessage> {
+    check_text("content", content, MAX_BODY_BYTES)
+}
+
+/// `createRoom` or `roomMsg` (`name`): the room id, and the title or the content.
+fn parse_room(message: &Message, name: &str) -> Result<ChatKind, InvalidMessage> {
+    let data: RoomData = message.data_as(name)?;
+    if !is_room_id(&data.room_id) {
+        return Err(InvalidMessage(
+            "roomId must be 1-40 of a-z, 0-9, '_' and '-', starting with a letter or digit".into(),
+        ));
+    }
+    if name == CREATE_ROOM {
+        let title = required("title", data.title)?.trim().to_owned();
+        check_text("title", &title, MAX_TITLE_CHARS * 4)?;
+        if title.chars().count() > MAX_TITLE_CHARS || title.chars().any(char::is_control) {
+            return Err(InvalidMessage(format!(
+                "title must be at most {MAX_TITLE_CHARS} characters, without control characters"
+            )));
+        }
+        Ok(ChatKind::CreateRoom {
+            room_id: data.room_id,
+            title,
+        })
+    } else {
+        let content = required("content", data.content)?;
+        body(&content)?;
+        Ok(ChatKind::RoomMsg {
+            room_id: data.room_id,
+            content,
+        })
+    }
+}
+
+/// `directMsg`: the recipient and the content.
+fn parse_direct(message: &Message) -> Result<ChatKind, InvalidMessage> {
+    let data: DirectData = message.data_as(DIRECT_MSG)?;
+    if !is_user_id(&data.to) {
+        return Err(InvalidMessage(
+            "to must be a user id of 1-64 letters, digits, '_', '-' or '.'".into(),
+        ));
+    }
+    body(&data.content)?;
+    Ok(ChatKind::DirectMsg {
+        to: data.to,
+        content: data.content,
+    })
+}
+
+/// `editMsg` (the message id and the new content) or `readMsg` (`name`; the message id).
+fn parse_edit_or_read(message: &Message, name: &str) -> Result<ChatKind, InvalidMessage> {
+    let data: EditData = message.data_as(name)?;
+    check_text("msgId", &data.msg_id, crate::event::MAX_ID_BYTES)?;
+    if name == EDIT_MSG {
+        let content = required("content", data.content)?;
+        body(&content)?;
+        Ok(ChatKind::Edit {
+            msg_id: data.msg_id,
+            content,
+        })
+    } else {
+        Ok(ChatKind::Read {
+            msg_id: data.msg_id,
+        })
+    }
 }
 
 /// What applying one of these messages did.
@@ -296,98 +308,131 @@ pub async fn apply(pool: &PgPool, action: &ChatAction) -> Result<Outcome, sqlx::
     }
     let outcome = match &action.kind {
         ChatKind::CreateRoom { room_id, title } => {
-            let n = sqlx::query(
-                "INSERT INTO chat_rooms (room_id, title, created_by) VALUES ($1, $2, $3) \
-                 ON CONFLICT (room_id) DO NOTHING",
-            )
-            .bind(room_id)
-            .bind(title)
-            .bind(user)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if n == 1 {
-                Outcome::Inserted
-            } else {
-                Outcome::Duplicate(format!("room {room_id:?} already exists"))
-            }
+            create_room(&mut tx, user, room_id, title).await?
         }
         ChatKind::RoomMsg { room_id, content } => {
-            let exists: Option<i32> =
-                sqlx::query_scalar("SELECT 1 FROM chat_rooms WHERE room_id = $1")
-                    .bind(room_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if exists.is_none() {
-                Outcome::Rejected(format!("there is no room {room_id:?}"))
-            } else {
-                insert_room_message(&mut tx, action, room_id, content).await?
-            }
+            room_message(&mut tx, action, room_id, content).await?
         }
         ChatKind::DirectMsg { to, content } => {
-            if !is_user_id(user) {
-                Outcome::Rejected(
-                    "your user id cannot take part in direct messages (letters, digits, '_', '-', '.' only)"
-                        .into(),
-                )
-            } else if to == user {
-                Outcome::Rejected("a direct message needs another user".into())
-            } else {
-                let (a, b) = pair(user, to);
-                let new = sqlx::query(
-                    "INSERT INTO chat_conversations (user_a, user_b, started_by) VALUES ($1, $2, $3) \
-                     ON CONFLICT (user_a, user_b) DO NOTHING",
-                )
-                .bind(&a)
-                .bind(&b)
-                .bind(user)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if new == 1 {
-                    // Both users learn of the conversation on their personal channels
-                    // (`notifications#{user}`), delivered if and only if this transaction commits.
-                    let notice = serde_json::json!({
-                        "type": "conversation",
-                        "channel": format!("dm#{a},{b}"),
-                        "user_a": a,
-                        "user_b": b,
-                        "started_by": user,
-                    });
-                    sqlx::query("SELECT relay.notify_users(ARRAY[$1, $2], $3::jsonb)")
-                        .bind(&a)
-                        .bind(&b)
-                        .bind(notice.to_string())
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                let n = sqlx::query(
-                    "INSERT INTO chat_direct_messages \
-                     (msg_id, user_a, user_b, sender, recipient, body, created_at_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (msg_id) DO NOTHING",
-                )
-                .bind(&action.message_id)
-                .bind(&a)
-                .bind(&b)
-                .bind(user)
-                .bind(to)
-                .bind(content)
-                .bind(action.created_at_ms)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if n == 1 {
-                    Outcome::Inserted
-                } else {
-                    Outcome::Duplicate("a message with this id already exists".into())
-                }
-            }
+            direct_message(&mut tx, action, user, to, content).await?
         }
         ChatKind::Edit { msg_id, content } => edit(&mut tx, user, msg_id, content).await?,
         ChatKind::Read { msg_id } => read(&mut tx, user, msg_id).await?,
     };
     tx.commit().await?;
     Ok(outcome)
+}
+
+/// `createRoom`: the room, unless it exists.
+async fn create_room(
+    tx: &mut Transaction<'_, Postgres>,
+    user: &str,
+    room_id: &str,
+    title: &str,
+) -> Result<Outcome, sqlx::Error> {
+    let n = sqlx::query(
+        "INSERT INTO chat_rooms (room_id, title, created_by) VALUES ($1, $2, $3) \
+         ON CONFLICT (room_id) DO NOTHING",
+    )
+    .bind(room_id)
+    .bind(title)
+    .bind(user)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(if n == 1 {
+        Outcome::Inserted
+    } else {
+        Outcome::Duplicate(format!("room {room_id:?} already exists"))
+    })
+}
+
+/// `roomMsg`: the message, in a room that exists.
+async fn room_message(
+    tx: &mut Transaction<'_, Postgres>,
+    action: &ChatAction,
+    room_id: &str,
+    content: &str,
+) -> Result<Outcome, sqlx::Error> {
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM chat_rooms WHERE room_id = $1")
+        .bind(room_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if exists.is_none() {
+        Ok(Outcome::Rejected(format!("there is no room {room_id:?}")))
+    } else {
+        insert_room_message(tx, action, room_id, content).await
+    }
+}
+
+/// `directMsg` from `user` to `to`: the conversation (both told of it when it is new) and the
+/// message.
+async fn direct_message(
+    tx: &mut Transaction<'_, Postgres>,
+    action: &ChatAction,
+    user: &str,
+    to: &str,
+    content: &str,
+) -> Result<Outcome, sqlx::Error> {
+    if !is_user_id(user) {
+        return Ok(Outcome::Rejected(
+            "your user id cannot take part in direct messages (letters, digits, '_', '-', '.' only)"
+                .into(),
+        ));
+    }
+    if to == user {
+        return Ok(Outcome::Rejected(
+            "a direct message needs another user".into(),
+        ));
+    }
+    let (a, b) = pair(user, to);
+    let new = sqlx::query(
+        "INSERT INTO chat_conversations (user_a, user_b, started_by) VALUES ($1, $2, $3) \
+         ON CONFLICT (user_a, user_b) DO NOTHING",
+    )
+    .bind(&a)
+    .bind(&b)
+    .bind(user)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if new == 1 {
+        // Both users learn of the conversation on their personal channels
+        // (`notifications#{user}`), delivered if and only if this transaction commits.
+        let notice = serde_json::json!({
+            "type": "conversation",
+            "channel": format!("dm#{a},{b}"),
+            "user_a": a,
+            "user_b": b,
+            "started_by": user,
+        });
+        sqlx::query("SELECT relay.notify_users(ARRAY[$1, $2], $3::jsonb)")
+            .bind(&a)
+            .bind(&b)
+            .bind(notice.to_string())
+            .execute(&mut **tx)
+            .await?;
+    }
+    let n = sqlx::query(
+        "INSERT INTO chat_direct_messages \
+         (msg_id, user_a, user_b, sender, recipient, body, created_at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (msg_id) DO NOTHING",
+    )
+    .bind(&action.message_id)
+    .bind(&a)
+    .bind(&b)
+    .bind(user)
+    .bind(to)
+    .bind(content)
+    .bind(action.created_at_ms)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(if n == 1 {
+        Outcome::Inserted
+    } else {
+        Outcome::Duplicate("a message with this id already exists".into())
+    })
 }
 
 async fn insert_room_message(
