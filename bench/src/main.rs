@@ -57,7 +57,7 @@ use anyhow::Result;
 use crate::cli::{Mode, Opts, set_target, shared_url};
 use crate::latency::latency_part;
 use crate::longtx::longtx_part;
-use crate::report::{cpu_pressure, loadavg, machine};
+use crate::report::{cpu_pressure, loadavg, machine, settings_line};
 use crate::write::write_part;
 
 /// Writer connections of the write-path part.
@@ -133,22 +133,23 @@ async fn main() -> Result<()> {
                 None
             }
             Mode::Wal => {
-                let c = tokio::task::spawn_blocking(|| cluster::Cluster::start(&[])).await?;
+                // fsync on, as on the server of DATABASE_URL and any real one (the test clusters
+                // run with it off): with it off every configuration is bound by CPU alone.
+                let c =
+                    tokio::task::spawn_blocking(|| cluster::Cluster::start(&["fsync=on"])).await?;
                 set_target(c.url("postgres"), mode);
                 Some(c)
             }
         };
-        println!(
-            "\n# Capture mode `{}`{}",
-            mode.name(),
-            match &cluster {
-                Some(c) => format!(
-                    " (a throwaway wal_level = logical cluster on port {}, default settings)",
-                    c.port
-                ),
-                None => " (the server of DATABASE_URL)".into(),
-            }
-        );
+        let server = match &cluster {
+            Some(c) => format!(
+                " (a throwaway wal_level = logical cluster on port {}; settings: {})",
+                c.port,
+                settings_line(&c.url("postgres")).await?
+            ),
+            None => " (the server of DATABASE_URL)".into(),
+        };
+        println!("\n# Capture mode `{}`{server}", mode.name());
         if opts.wants("write") {
             write_part(&opts).await?;
         }

@@ -104,13 +104,11 @@ pub(crate) fn loadavg() -> String {
         .unwrap_or_else(|_| "n/a".into())
 }
 
-pub(crate) async fn machine() -> Result<()> {
-    let admin = PgPool::connect(&admin_url())
+/// The durability and memory settings of the server at `url`, as one `name=value ...` line.
+pub(crate) async fn settings_line(url: &str) -> Result<String> {
+    let pool = PgPool::connect(url)
         .await
-        .context("connecting to DATABASE_URL")?;
-    let version: String = sqlx::query_scalar("SELECT version()")
-        .fetch_one(&admin)
-        .await?;
+        .with_context(|| "connecting to read the server's settings")?;
     let mut settings = Vec::new();
     for s in [
         "fsync",
@@ -119,11 +117,24 @@ pub(crate) async fn machine() -> Result<()> {
         "shared_buffers",
         "max_wal_size",
     ] {
-        let v: String = sqlx::query_scalar(&format!("SELECT current_setting('{s}')"))
-            .fetch_one(&admin)
+        let v: String = sqlx::query_scalar("SELECT current_setting($1)")
+            .bind(s)
+            .fetch_one(&pool)
             .await?;
         settings.push(format!("{s}={v}"));
     }
+    pool.close().await;
+    Ok(settings.join(" "))
+}
+
+pub(crate) async fn machine() -> Result<()> {
+    let admin = PgPool::connect(&admin_url())
+        .await
+        .context("connecting to DATABASE_URL")?;
+    let version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(&admin)
+        .await?;
+    let settings = settings_line(&admin_url()).await?;
     admin.close().await;
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -138,7 +149,7 @@ pub(crate) async fn machine() -> Result<()> {
     println!("# Relay benchmark");
     println!("machine:  {cpus} CPUs ({model}); PostgreSQL and this process share them");
     println!("postgres: {version}");
-    println!("settings: {}", settings.join(" "));
+    println!("settings: {settings}");
     println!(
         "load:     CPU pressure (PSI some, avg60) {} at start; loadavg {}",
         cpu_pressure(),
