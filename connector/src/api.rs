@@ -46,7 +46,7 @@ use serde_json::{Value, json};
 
 use crate::edge::Edge;
 use crate::node::{HistoryQuery, Node, NodeError, Publisher, reply_too_large};
-use crate::presence::DisconnectOrder;
+use crate::cluster::DisconnectOrder;
 
 /// The API's routes.
 pub(crate) fn routes() -> Router<Arc<Edge>> {
