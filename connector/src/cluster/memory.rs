@@ -81,9 +81,11 @@ impl ClusterStore for MemoryCluster {
                     _ = shutdown.cancelled() => return,
                     a = announcements.recv() => a,
                 };
-                match announcement {
-                    Some(a) if sink.send(a.into()).is_ok() => {}
-                    _ => return,
+                let Some(announcement) = announcement else {
+                    return;
+                };
+                if sink.send(announcement.into()).is_err() {
+                    return;
                 }
             }
         })

@@ -63,7 +63,7 @@ pub struct Mailbox {
 }
 
 /// A queue keeps at most this capacity once emptied (a burst's larger one is given back).
-const KEPT_CAPACITY: usize = 64;
+pub(super) const KEPT_CAPACITY: usize = 64;
 
 impl Mailbox {
     /// An empty mailbox of at most `capacity` deliveries and `max_bytes` bytes, for a session in

@@ -6,6 +6,7 @@ use prost::Message as _;
 use relay_protocol::reply::{ClientInfo, Encoding};
 use serde_json::value::RawValue;
 
+use super::mailbox::KEPT_CAPACITY;
 use super::*;
 
 /// The offset of a publication (a join or leave has none).

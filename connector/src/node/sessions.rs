@@ -1,6 +1,8 @@
 //! What a session registers with the node while it lives: its entry for `disconnect` orders (a
-//! [`Registration`] that leaves the hub's index when dropped), its subscriptions in the hub, and its
+//! [`Registration`] that leaves the hub's index when the session drops it), its subscriptions in the hub, and its
 //! presence memberships. The session calls these; the hub and presence stay the node's.
+
+use std::sync::Arc;
 
 use relay_protocol::{ErrorCode, ReplyError};
 
@@ -16,7 +18,12 @@ impl Node {
 
     /// Registers the connected session `session` (connection `client` of `user`): `disconnect`
     /// orders, from this node's API or another's, reach it while the registration lives.
-    pub(crate) fn register_session(&self, session: u64, client: &str, user: &str) -> Registration {
+    pub(crate) fn register_session(
+        &self,
+        session: u64,
+        client: &str,
+        user: &str,
+    ) -> Arc<Registration> {
         self.hub.register_session(session, client, user)
     }
 

@@ -3,8 +3,8 @@
 //! nodes, each would see only its own members, so the shipped configurations use PostgreSQL.
 //!
 //! It plays the part PostgreSQL plays for the default store: it holds the members and the node
-//! table their visibility depends on (kept by [`crate::cluster::memory`], as `relay.nodes` is by
-//! [`crate::cluster::pg`]), and announces joins and leaves ([`Announcement`], what
+//! table their visibility depends on (kept by `cluster::memory`, as `relay.nodes` is by
+//! `cluster::pg`), and announces joins and leaves ([`Announcement`], what
 //! `pg_notify('relay_presence')` carries). It keeps the PostgreSQL store's semantics (live nodes,
 //! member ids, caps, expiry), so both pass the same suite (`cluster::conformance`).
 

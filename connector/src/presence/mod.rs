@@ -17,10 +17,10 @@
 //!   removed by the node's reconciliation of its members with its live sessions
 //!   (`presence.reconcile_interval_secs`);
 //! - a node that died (SIGKILL, lost host): its members are visible only while its heartbeat is fresh
-//!   ([`crate::cluster`] keeps the node registry), so they drop out after `presence.node_ttl_secs`.
+//!   (`cluster` keeps the node registry), so they drop out after `presence.node_ttl_secs`.
 //!
 //! A join or leave with `announce` makes the store tell every node (the PostgreSQL store by
-//! `pg_notify('relay_presence')` from the transaction that changes the table); [`crate::cluster`]
+//! `pg_notify('relay_presence')` from the transaction that changes the table); `cluster`
 //! hears it and hands the `join` / `leave` push to the hub. Presence knows neither the hub nor the
 //! sessions: a session's memberships come and go through the node.
 //!

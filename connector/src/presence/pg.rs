@@ -1,9 +1,9 @@
 //! The PostgreSQL presence store (`presence.engine = "postgres"`, the default): shared by every node.
 //!
 //! Members are rows of `relay.presence` (migration 0006), visible while their node's row in
-//! `relay.nodes` is fresh ([`crate::cluster::pg`] keeps those). Joins with `announce` and leaves
+//! `relay.nodes` is fresh (`cluster::pg` keeps those). Joins with `announce` and leaves
 //! send `pg_notify('relay_presence', …)` from the transaction that changes the table (the SQL
-//! functions `relay.presence_join` / `relay.presence_leave`); [`crate::cluster::pg`] hears them.
+//! functions `relay.presence_join` / `relay.presence_leave`); `cluster::pg` hears them.
 
 use std::sync::Arc;
 

@@ -19,10 +19,11 @@ impl Session {
                 let ttl = ttl(identity.expires_at);
                 self.identity = identity;
                 self.connected = true;
-                let registration =
-                    self.node()
-                        .register_session(self.id, &self.client, &self.identity.user);
-                self.kick = Some(Arc::new(registration));
+                self.kick = Some(self.node().register_session(
+                    self.id,
+                    &self.client,
+                    &self.identity.user,
+                ));
                 // Server-side subscriptions: opened before the reply, which carries them.
                 let joined = match self.open_server_side(&request).await {
                     Ok(joined) => joined,
