@@ -338,7 +338,10 @@ fn presence_stores(
         ),
         presence::Engine::Memory => {
             let store = Arc::new(presence::memory::MemoryStore::default());
-            (store.clone(), Arc::new(cluster::memory::MemoryCluster::new(store)))
+            (
+                store.clone(),
+                Arc::new(cluster::memory::MemoryCluster::new(store)),
+            )
         }
     }
 }

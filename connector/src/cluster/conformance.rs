@@ -150,8 +150,18 @@ async fn events_flow(suite: &mut Suite) {
 /// Nodes: the first heartbeat registers, the next ones renew.
 async fn nodes_register_then_renew(suite: &Suite) {
     let cluster = &suite.cluster;
-    assert!(cluster.heartbeat(&node("n1"), suite.ttl).await.is_ok_and(|b| b));
-    assert!(cluster.heartbeat(&node("n1"), suite.ttl).await.is_ok_and(|b| !b));
+    assert!(
+        cluster
+            .heartbeat(&node("n1"), suite.ttl)
+            .await
+            .is_ok_and(|b| b)
+    );
+    assert!(
+        cluster
+            .heartbeat(&node("n1"), suite.ttl)
+            .await
+            .is_ok_and(|b| !b)
+    );
     let nodes = cluster.nodes().await.unwrap_or_default();
     assert_eq!(nodes.len(), 1, "{nodes:?}");
     assert_eq!(nodes[0]["uid"], "n1");
@@ -278,7 +288,10 @@ async fn disconnect_orders_reach_the_listeners(suite: &mut Suite) {
         .ok();
     match suite.next().await {
         ClusterEvent::Disconnect(o) => {
-            assert_eq!((o.user.as_str(), o.client.as_deref(), o.code), ("alice", Some("a"), 4000));
+            assert_eq!(
+                (o.user.as_str(), o.client.as_deref(), o.code),
+                ("alice", Some("a"), 4000)
+            );
         }
         other => panic!("expected the disconnect order, got {other:?}"),
     }

@@ -87,7 +87,12 @@ pub struct NodeInfo {
 impl NodeInfo {
     /// The node as the server API's `info` shows it.
     pub fn to_json(&self) -> Value {
-        node_json(&self.id, &self.name, &self.version, Some(self.stats.clone()))
+        node_json(
+            &self.id,
+            &self.name,
+            &self.version,
+            Some(self.stats.clone()),
+        )
     }
 }
 
@@ -188,7 +193,11 @@ impl Cluster {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (sink, events) = mpsc::unbounded_channel();
         let listen = self.store.clone().listen(sink, shutdown.clone());
-        tokio::join!(self.beat(&shutdown), listen, self.hand_out(events, &shutdown));
+        tokio::join!(
+            self.beat(&shutdown),
+            listen,
+            self.hand_out(events, &shutdown)
+        );
         // Leaving: this node's members go now rather than after the TTL.
         match tokio::time::timeout(Duration::from_secs(3), self.store.remove_node(&self.node)).await
         {

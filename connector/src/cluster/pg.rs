@@ -179,7 +179,6 @@ impl ClusterStore for PgCluster {
     }
 }
 
-
 /// Hands the listener's presence notifications to `sink` until shutdown or either side is gone.
 async fn forward(
     mut events: mpsc::UnboundedReceiver<ListenEvent>,
@@ -264,8 +263,10 @@ mod tests {
     #[test]
     fn payloads_parse() {
         let e = parse(r#"{"k":"join","c":"ch","i":{"user":"u","client":"c","chan_info":{"a":1}}}"#);
-        assert!(matches!(e, Some(ClusterEvent::Join { ref channel, ref member })
-            if channel == "ch" && member.client == "c" && member.chan_info.as_deref().map(RawValue::get) == Some(r#"{"a":1}"#)));
+        assert!(
+            matches!(e, Some(ClusterEvent::Join { ref channel, ref member })
+            if channel == "ch" && member.client == "c" && member.chan_info.as_deref().map(RawValue::get) == Some(r#"{"a":1}"#))
+        );
         let e = parse(
             r#"{"k":"disconnect","d":{"user":"u","client":null,"whitelist":[],"code":3503,"reason":"x"}}"#,
         );

@@ -193,6 +193,9 @@ impl Mailbox {
 impl Mailbox {
     /// The queue's allocated capacity (a test checks that a burst's is given back).
     pub(super) fn queue_capacity(&self) -> usize {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).capacity()
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .capacity()
     }
 }

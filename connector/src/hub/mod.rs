@@ -35,9 +35,9 @@ use serde_json::value::RawValue;
 
 use relay_protocol::reply::{ClientInfo, Encoding, Publication, Push};
 
-pub use delivery::{DeltaFrames, Delivery, Frames};
-pub use mailbox::{Mailbox, Subscriber};
-pub use sessions::Registration;
+pub(crate) use delivery::{Delivery, DeltaFrames, Frames};
+pub(crate) use mailbox::{Mailbox, Subscriber};
+pub(crate) use sessions::Registration;
 
 use delivery::{delta_frames, encode_for};
 
@@ -198,7 +198,9 @@ impl Hub {
             return;
         };
         let delivery = match kind {
-            JoinLeave::Join => Delivery::Join(encode_for(name, &Push::Join { channel, info }, entry)),
+            JoinLeave::Join => {
+                Delivery::Join(encode_for(name, &Push::Join { channel, info }, entry))
+            }
             JoinLeave::Leave => {
                 Delivery::Leave(encode_for(name, &Push::Leave { channel, info }, entry))
             }

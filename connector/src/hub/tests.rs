@@ -158,7 +158,10 @@ fn each_encoding_is_made_once_and_only_when_a_subscriber_uses_it() {
     hub.subscribe("pb-only", 6, f);
     hub.push_join_leave("pb-only", JoinLeave::Join, &only_pb);
     let df = rx_f.try_recv().unwrap();
-    assert!(matches!(*df, Delivery::Join(_)), "a join, not a publication");
+    assert!(
+        matches!(*df, Delivery::Join(_)),
+        "a join, not a publication"
+    );
     assert!(df.frames().json.is_none() && df.frames().protobuf.is_some());
 }
 

@@ -27,10 +27,10 @@ use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::capture::CaptureStatus;
+use crate::cluster::{Cluster, DisconnectOrder};
 use crate::config::Config;
 use crate::db::history::{self, Bound, Keep, StreamSlice};
 use crate::db::stream::StreamStatus;
-use crate::cluster::{Cluster, DisconnectOrder};
 use crate::hub::Hub;
 use crate::metrics::{self, Metrics};
 use crate::presence::{Member, Presence};

@@ -433,7 +433,6 @@ impl Presence {
         self.store.channel_counts().await
     }
 
-
     /// Presence memberships held by this node's sessions.
     pub fn local_members(&self) -> usize {
         self.members.lock().len()
@@ -532,7 +531,6 @@ mod tests {
         assert_eq!(bad.validate().unwrap_err().field, "presence.node_ttl_secs");
         assert!(serde_json::from_str::<PresenceConfig>(r#"{"chanels":[]}"#).is_err());
     }
-
 
     #[tokio::test]
     async fn a_connection_s_end_removes_its_memberships() {

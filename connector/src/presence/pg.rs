@@ -157,7 +157,6 @@ impl PresenceStore for PgStore {
                 .collect())
         })
     }
-
 }
 
 fn raw(text: String) -> Option<Arc<RawValue>> {

@@ -66,7 +66,7 @@ use relay_protocol::{Command, CommandError, Disconnect, ErrorCode, ReplyError, R
 
 use crate::auth::{self, ConnectError, Identity, Op, SubscriptionError};
 use crate::edge::Edge;
-use crate::hub::{DeltaFrames, Delivery, Frames, Mailbox, Subscriber};
+use crate::hub::{Delivery, DeltaFrames, Frames, Mailbox, Subscriber};
 use crate::limits::TokenBucket;
 use crate::node::{Node, NodeError};
 
