@@ -23,7 +23,7 @@
 //!   gapless reads into the hub); [`db::history`] (positions, history, recovery, publishing).
 //! - [`hub`]: channel registry and fan-out (each publication encoded once per encoding in use, and
 //!   its fossil delta computed once for the channel's delta subscribers; bounded mailboxes, slow
-//!   clients marked); a [`hub::Delivery`] is a publication, a join or a leave push; the connected
+//!   clients marked); a `hub::Delivery` is a publication, a join or a leave push; the connected
 //!   sessions by user, which `disconnect` orders close (a session holds a registration that leaves
 //!   the index when dropped).
 //! - [`node`]: the channel operations a client connection and the server API share — publish (to a

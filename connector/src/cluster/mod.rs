@@ -4,7 +4,7 @@
 //!   table with its counts (the server API's `info` lists the live ones). A node that stops (SIGKILL,
 //!   lost host) expires after `presence.node_ttl_secs`; the next heartbeat of any node removes it
 //!   and its presence members, announcing their leaves. A node whose own heartbeat had lapsed puts
-//!   its members back ([`Presence::rejoin`]). On shutdown a node deregisters, taking its members
+//!   its members back (`Presence::rejoin`). On shutdown a node deregisters, taking its members
 //!   with it at once.
 //! - Cross-node events ([`ClusterEvent`]): presence joins and leaves (announced by the presence
 //!   store), and the server API's `disconnect` orders. This node hands joins and leaves to the hub as

@@ -1,8 +1,8 @@
 //! The cluster in PostgreSQL (`presence.engine = "postgres"`, the default): the node registry is
 //! `relay.nodes` (migration 0006), and events travel by `pg_notify('relay_presence', …)`: joins and
 //! leaves from the presence SQL functions, disconnect orders from [`PgCluster::disconnect`]. A node
-//! hears them on its one LISTEN connection ([`crate::db::listener`], given with
-//! [`PgCluster::with_listener`]); a cluster store made with [`PgCluster::new`] alone (the
+//! hears them on its one LISTEN connection (`db::listener`, given with
+//! `PgCluster::with_listener`); a cluster store made with [`PgCluster::new`] alone (the
 //! conformance tests) runs a listener of its own. Events sent while the connection is down are
 //! missed: join/leave pushes are best-effort, the tables stay exact.
 

@@ -216,7 +216,7 @@ impl Node {
     }
 
     /// What a `/metrics` scrape reads now: this node's counts and the database's
-    /// (`pending`: the accept loop's, when served by [`crate::http::serve`]).
+    /// (`pending`: the accept loop's, when the HTTP layer serves).
     pub(crate) async fn scrape(&self, pending: Option<metrics::Pending>) -> metrics::Scrape {
         metrics::scrape(
             &self.pool,
