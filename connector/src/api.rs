@@ -44,9 +44,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use crate::cluster::DisconnectOrder;
 use crate::edge::Edge;
 use crate::node::{HistoryQuery, Node, NodeError, Publisher, reply_too_large};
-use crate::presence::DisconnectOrder;
 
 /// The API's routes.
 pub(crate) fn routes() -> Router<Arc<Edge>> {

@@ -447,14 +447,7 @@ async fn metrics(
         evictions: meta.pending.evicted.load(Ordering::Relaxed),
     });
     let node = &state.node;
-    let scrape = crate::metrics::scrape(
-        node.pool(),
-        node.hub(),
-        node.presence(),
-        node.capture(),
-        pending,
-    )
-    .await;
+    let scrape = node.scrape(pending).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -28,13 +28,16 @@
 //!   gapless reads into the hub); [`db::history`] (positions, history, recovery, publishing).
 //! - [`hub`]: channel registry and fan-out (each publication encoded once per encoding in use, and
 //!   its fossil delta computed once for the channel's delta subscribers; bounded mailboxes, slow
-//!   clients marked).
+//!   clients marked); a `hub::Delivery` is a publication, a join or a leave push; the connected
+//!   sessions by user, which `disconnect` orders close (a session holds a registration that leaves
+//!   the index when dropped).
 //! - [`node`]: the channel operations a client connection and the server API share — publish (to a
 //!   rule's target or into the history), history, a subscription's position and recovery,
 //!   presence, presence stats, channels, info, disconnect, rpc — over the services it owns (pool,
-//!   hub, presence, publish targets, metrics, stream and capture status); `publish.rs` holds
-//!   publications and rpc calls (a rule's target, or the history). Each answers with a reply
-//!   error or a disconnect.
+//!   hub, presence, cluster, publish targets, metrics, stream and capture status); `publish.rs`
+//!   holds publications and rpc calls (a rule's target, or the history); `sessions.rs` what a
+//!   session registers (its registration for disconnect orders, hub subscriptions, presence
+//!   memberships). Each answers with a reply error or a disconnect.
 //! - [`edge`]: what only the HTTP layer and its sessions need ([`Edge`]): the node, the configuration
 //!   a session runs with, the token verifier, per-IP and per-user publish rates, connection slots,
 //!   the shutdown token and the task tracker.
@@ -57,8 +60,13 @@
 //!   options, closes that are not overtaken by a reset) and the router (WebSocket, `/healthz`,
 //!   `/readyz`, `/metrics`).
 //! - [`page`]: the chat page at `/` (static files built into the binary).
-//! - [`presence`]: channel members on every node (a PostgreSQL or in-memory store), join/leave
-//!   pushes (heard on the node's listener, handed to the hub), the node heartbeat.
+//! - [`presence`]: channel members on every node behind a small [`presence::PresenceStore`]
+//!   (PostgreSQL or in memory: join, leave, members, stats, counts, and a node's members for the
+//!   reconciliation); failed leaves retried, members reconciled with the node's sessions. It imports
+//!   no other feature.
+//! - [`cluster`]: the nodes of a deployment: the heartbeat and node registry (`info`, dead nodes'
+//!   members expired), and the cross-node events ([`cluster::ClusterEvent`]: presence joins and
+//!   leaves, `disconnect` orders) heard on the node's listener and handed to the hub.
 //! - [`api`]: the Centrifugo-compatible HTTP server API (`/api`), an adapter over the node (parse,
 //!   call, encode; the key is its authorization).
 //! - [`metrics`]: the node's Prometheus registry (`prometheus-client`): typed counters, gauges and
@@ -66,8 +74,9 @@
 //!   exposition by the crate's encoder.
 //! - [`error`]: error types.
 //!
-//! Data flows one way. Changes: `db` (listener, stream) → `hub` → `session` → socket. Client
-//! publishes and calls: `session` / `api` → `node` → `rules` / `db`. `config` and `protocol` import
+//! Data flows one way. Changes: `db` (listener, stream) → `hub` → `session` → socket; cluster
+//! events: `db::listener` → `cluster` → `hub` → `session`. Client publishes and calls: `session` /
+//! `api` → `node` → `rules` / `db` / `presence` / `cluster`. `config` and `protocol` import
 //! no feature.
 //!
 //! Not yet in this shape (issue 10): [`auth::connect`] keeps a `&Config` adapter over
@@ -82,6 +91,7 @@ pub(crate) mod api;
 pub mod auth;
 pub(crate) mod backoff;
 pub mod capture;
+pub mod cluster;
 pub mod config;
 pub mod db;
 pub(crate) mod demo;
@@ -268,30 +278,35 @@ async fn start(
         hub: hub.clone(),
         status: status.clone(),
     };
-    let store: Arc<dyn presence::PresenceStore> = match config.presence.engine {
-        presence::Engine::Postgres => Arc::new(presence::pg::PgStore::with_listener(
-            pool.clone(),
-            pg_listener.subscribe(&[presence::pg::CHANNEL]),
-        )),
-        presence::Engine::Memory => Arc::new(presence::memory::MemoryStore::default()),
-    };
-    let mut presence = presence::Presence::new(config.presence.clone(), store);
-    presence.node = node_id.clone();
-    let presence = Arc::new(presence);
+    let (store, cluster_store) = presence_stores(config, &pool, &mut pg_listener);
+    let presence = Arc::new(presence::Presence::new(
+        node_id.clone(),
+        config.presence.clone(),
+        store,
+    ));
     let metrics = Arc::new(Metrics::new(&hub, &status, &capture, verifier));
+    let cluster = Arc::new(cluster::Cluster::new(cluster::Parts {
+        store: cluster_store,
+        ttl: config.presence.node_ttl,
+        hub: hub.clone(),
+        presence: presence.clone(),
+        metrics: metrics.clone(),
+    }));
     let node = Arc::new(Node::new(node::Parts {
         config: config.clone(),
         pool: pool.clone(),
         hub: hub.clone(),
         presence: presence.clone(),
+        cluster: cluster.clone(),
         http,
         lambda,
         metrics: metrics.clone(),
         stream: status.clone(),
         capture: capture.clone(),
     }));
-    presence.start(&hub, &metrics).await?;
-    tracker.spawn(presence.run(hub, metrics, token.clone()));
+    cluster.start().await?;
+    tracker.spawn(cluster.run(token.clone()));
+    tracker.spawn(presence.run(token.clone()));
     tracker.spawn(pg_listener.run(token.clone()));
     tracker.spawn(stream.run(token.clone()));
     let watch = CaptureWatch {
@@ -307,6 +322,34 @@ async fn start(
         token.clone(),
     ));
     Ok(Started { node, stream_pool })
+}
+
+/// The presence store and the cluster store beside it (they share their tables): in PostgreSQL,
+/// the cluster hearing its events on the node's LISTEN connection; or both in this process.
+fn presence_stores(
+    config: &Config,
+    pool: &sqlx::PgPool,
+    pg_listener: &mut db::listener::Listener,
+) -> (
+    Arc<dyn presence::PresenceStore>,
+    Arc<dyn cluster::ClusterStore>,
+) {
+    match config.presence.engine {
+        presence::Engine::Postgres => (
+            Arc::new(presence::pg::PgStore::new(pool.clone())),
+            Arc::new(cluster::pg::PgCluster::with_listener(
+                pool.clone(),
+                pg_listener.subscribe(&[cluster::pg::CHANNEL]),
+            )),
+        ),
+        presence::Engine::Memory => {
+            let store = Arc::new(presence::memory::MemoryStore::default());
+            (
+                store.clone(),
+                Arc::new(cluster::memory::MemoryCluster::new(store)),
+            )
+        }
+    }
 }
 
 /// What the watch over this node's capture triggers needs (trigger mode: `specs`).

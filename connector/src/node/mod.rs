@@ -1,5 +1,6 @@
 //! The node: the channel operations that a client connection and the server API share, over the
-//! services every part of a running connector uses (pool, hub, presence, publish targets, metrics).
+//! services every part of a running connector uses (pool, hub, presence, cluster, publish targets,
+//! metrics).
 //!
 //! A session ([`crate::session`]) and the server API ([`crate::api`]) are adapters over it: they
 //! parse a request, authorize it (only a client connection is authorized; the API's key was
@@ -7,12 +8,15 @@
 //! a publication goes, how a history read is bounded, what a recovery is, how large a reply may be,
 //! what is counted) has one home.
 //!
-//! Publishing and rpc calls (through a rule's target, or into the history) are in `publish.rs`.
+//! Publishing and rpc calls (through a rule's target, or into the history) are in `publish.rs`;
+//! what a session registers with the node (its entry for `disconnect` orders, its hub
+//! subscriptions, its presence memberships) in `sessions.rs`.
 //!
 //! Every method answers `Result<T, NodeError>`: a reply error fails the one command, a disconnect
 //! closes the connection (as centrifuge's `Error` and `Disconnect`).
 
 mod publish;
+mod sessions;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,12 +27,13 @@ use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::capture::CaptureStatus;
+use crate::cluster::{Cluster, DisconnectOrder};
 use crate::config::Config;
 use crate::db::history::{self, Bound, Keep, StreamSlice};
 use crate::db::stream::StreamStatus;
 use crate::hub::Hub;
-use crate::metrics::Metrics;
-use crate::presence::{DisconnectOrder, JoinError, Member, Presence};
+use crate::metrics::{self, Metrics};
+use crate::presence::{Member, Presence};
 use crate::rules::{Concurrency, LambdaClients};
 
 /// Why an operation failed: an error reply to the one command, or the connection closed.
@@ -154,6 +159,7 @@ pub(crate) struct Node {
     pool: PgPool,
     hub: Arc<Hub>,
     presence: Arc<Presence>,
+    cluster: Arc<Cluster>,
     /// Client for webhook and local-Lambda targets.
     http: reqwest::Client,
     /// AWS Lambda clients of the rules that invoke Lambda in AWS.
@@ -174,6 +180,7 @@ pub(crate) struct Parts {
     pub(crate) pool: PgPool,
     pub(crate) hub: Arc<Hub>,
     pub(crate) presence: Arc<Presence>,
+    pub(crate) cluster: Arc<Cluster>,
     pub(crate) http: reqwest::Client,
     pub(crate) lambda: LambdaClients,
     pub(crate) metrics: Arc<Metrics>,
@@ -194,6 +201,7 @@ impl Node {
             pool: parts.pool,
             hub: parts.hub,
             presence: parts.presence,
+            cluster: parts.cluster,
             http: parts.http,
             lambda: parts.lambda,
             metrics: parts.metrics,
@@ -202,34 +210,27 @@ impl Node {
         }
     }
 
-    /// The channel registry the sessions of this node subscribe in.
-    pub(crate) fn hub(&self) -> &Arc<Hub> {
-        &self.hub
-    }
-
-    /// This node's presence (memberships, the sessions `disconnect` orders reach).
-    pub(crate) fn presence(&self) -> &Arc<Presence> {
-        &self.presence
-    }
-
     /// The counters.
     pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
-    /// The query pool.
-    pub(crate) fn pool(&self) -> &PgPool {
-        &self.pool
+    /// What a `/metrics` scrape reads now: this node's counts and the database's
+    /// (`pending`: the accept loop's, when the HTTP layer serves).
+    pub(crate) async fn scrape(&self, pending: Option<metrics::Pending>) -> metrics::Scrape {
+        metrics::scrape(
+            &self.pool,
+            &self.hub,
+            &self.presence,
+            &self.capture,
+            pending,
+        )
+        .await
     }
 
     /// The change stream's status.
     pub(crate) fn stream(&self) -> &StreamStatus {
         &self.stream
-    }
-
-    /// The change capture's status.
-    pub(crate) fn capture(&self) -> &CaptureStatus {
-        &self.capture
     }
 
     /// Reserves `bytes` of the process-wide allowance for large replies; `None` when it is used up.
@@ -375,29 +376,6 @@ impl Node {
         self.presence.rule_for(channel)
     }
 
-    /// Makes `member` a presence member of `channel` (which has presence); returns its membership
-    /// id. 109 when the channel is full.
-    pub(crate) async fn join(
-        &self,
-        channel: &str,
-        member: Member,
-        announce: bool,
-    ) -> NodeResult<String> {
-        self.presence
-            .join(channel, member, announce)
-            .await
-            .map_err(|e| match e {
-                JoinError::Full => NodeError::Reply(ReplyError::with_message(
-                    ErrorCode::LimitExceeded,
-                    "channel presence is full (max_members)",
-                )),
-                JoinError::Store(e) => {
-                    tracing::warn!(error = %e, channel, "presence join failed");
-                    NodeError::Reply(ReplyError::new(ErrorCode::Internal))
-                }
-            })
-    }
-
     /// The members of `channel` on every live node, as its presence entry lists them (one per
     /// user where `per_user` is set, at most `max_listed`, oldest first), within `budget` bytes
     /// (their `ClientInfo` JSON), holding their share of the large-reply allowance.
@@ -453,7 +431,7 @@ impl Node {
 
     /// The live nodes, as the server API's `info` shows them.
     pub(crate) async fn info(&self) -> NodeResult<Vec<Value>> {
-        self.presence
+        self.cluster
             .nodes()
             .await
             .map_err(|e| internal("info", &e).into())
@@ -463,7 +441,7 @@ impl Node {
     pub(crate) async fn disconnect(&self, order: &DisconnectOrder) -> NodeResult<()> {
         let mut order = order.clone();
         order.whitelist.truncate(100);
-        self.presence
+        self.cluster
             .disconnect(&order)
             .await
             .map_err(|e| internal("disconnect", &e).into())

@@ -2,21 +2,41 @@
 //! writes per subscription. For a single node (development, a one-box deployment) — with several
 //! nodes, each would see only its own members, so the shipped configurations use PostgreSQL.
 //!
-//! It keeps the PostgreSQL store's semantics (live nodes, member ids, caps, expiry), so both pass the
-//! same suite ([`super::conformance`]); events go straight to the listeners' sinks.
+//! It plays the part PostgreSQL plays for the default store: it holds the members and the node
+//! table their visibility depends on (kept by `cluster::memory`, as `relay.nodes` is by
+//! `cluster::pg`), and announces joins and leaves ([`Announcement`], what
+//! `pg_notify('relay_presence')` carries). It keeps the PostgreSQL store's semantics (live nodes,
+//! member ids, caps, expiry), so both pass the same suite (`cluster::conformance`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use super::{DisconnectOrder, Event, Join, Member, NodeInfo, PresenceStore};
+use super::{Join, Member, PresenceStore};
 use crate::error::Result;
+
+/// A join or leave the store announces to its listeners.
+#[derive(Debug, Clone)]
+pub enum Announcement {
+    /// `member` joined `channel`.
+    Join {
+        /// The channel.
+        channel: String,
+        /// Who.
+        member: Member,
+    },
+    /// `member` left `channel`.
+    Leave {
+        /// The channel.
+        channel: String,
+        /// Who.
+        member: Member,
+    },
+}
 
 /// Presence in this process's memory.
 #[derive(Debug, Default)]
@@ -29,7 +49,7 @@ struct Inner {
     /// (channel, client) → membership.
     members: BTreeMap<(String, String), Row>,
     nodes: HashMap<String, NodeRow>,
-    sinks: Vec<mpsc::UnboundedSender<Event>>,
+    sinks: Vec<mpsc::UnboundedSender<Announcement>>,
     seq: u64,
 }
 
@@ -43,7 +63,7 @@ struct Row {
 
 #[derive(Debug)]
 struct NodeRow {
-    info: NodeInfo,
+    info: Value,
     expires: Instant,
     started: Instant,
 }
@@ -53,8 +73,8 @@ impl Inner {
         self.nodes.get(node).is_some_and(|n| n.expires > now)
     }
 
-    fn emit(&mut self, event: Event) {
-        self.sinks.retain(|s| s.send(event.clone()).is_ok());
+    fn announce(&mut self, announcement: Announcement) {
+        self.sinks.retain(|s| s.send(announcement.clone()).is_ok());
     }
 
     fn live_rows<'a>(&'a self, channel: &'a str) -> impl Iterator<Item = &'a Row> + 'a {
@@ -65,17 +85,85 @@ impl Inner {
             .map(|(_, r)| r)
             .filter(move |r| self.live(&r.node, now))
     }
+
+    /// Removes the memberships `gone` selects, announcing each leave; how many.
+    fn remove_where(&mut self, gone: impl Fn(&(String, String), &Row) -> bool) -> u64 {
+        let keys: Vec<(String, String)> = self
+            .members
+            .iter()
+            .filter(|(k, r)| gone(k, r))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let n = keys.len() as u64;
+        for key in keys {
+            if let Some(row) = self.members.remove(&key) {
+                self.announce(Announcement::Leave {
+                    channel: key.0,
+                    member: row.member,
+                });
+            }
+        }
+        n
+    }
 }
 
 impl MemoryStore {
-    fn lock(&self) -> parking_lot::MutexGuard<'_, Inner> {
-        self.inner.lock()
+    /// Registers or renews `node` with its `info` (what [`MemoryStore::nodes`] lists) for `ttl`;
+    /// `true` when it was not registered (first beat, or it had expired and was removed).
+    pub fn heartbeat(&self, node: &str, info: Value, ttl: Duration) -> bool {
+        let mut inner = self.inner.lock();
+        let now = Instant::now();
+        if let Some(n) = inner.nodes.get_mut(node) {
+            n.info = info;
+            n.expires = now + ttl;
+            return false;
+        }
+        let row = NodeRow {
+            info,
+            expires: now + ttl,
+            started: now,
+        };
+        inner.nodes.insert(node.to_owned(), row);
+        true
+    }
+
+    /// Removes expired nodes and the members of nodes that are gone (leaves announced); how many
+    /// members.
+    pub fn expire(&self) -> u64 {
+        let mut inner = self.inner.lock();
+        let now = Instant::now();
+        inner.nodes.retain(|_, n| n.expires >= now);
+        let nodes: HashSet<String> = inner.nodes.keys().cloned().collect();
+        inner.remove_where(|_, r| !nodes.contains(&r.node))
+    }
+
+    /// Deregisters `node` and removes its members (leaves announced).
+    pub fn remove_node(&self, node: &str) {
+        let mut inner = self.inner.lock();
+        inner.nodes.remove(node);
+        inner.remove_where(|_, r| r.node == node);
+    }
+
+    /// The `info` of the live nodes, oldest first.
+    pub fn nodes(&self) -> Vec<Value> {
+        let inner = self.inner.lock();
+        let now = Instant::now();
+        let mut nodes: Vec<&NodeRow> = inner.nodes.values().filter(|n| n.expires > now).collect();
+        nodes.sort_by_key(|n| n.started);
+        nodes.into_iter().map(|n| n.info.clone()).collect()
+    }
+
+    /// Every join and leave announced from now on.
+    pub fn announcements(&self) -> mpsc::UnboundedReceiver<Announcement> {
+        let (sink, announcements) = mpsc::unbounded_channel();
+        self.inner.lock().sinks.push(sink);
+        announcements
     }
 }
 
 impl PresenceStore for MemoryStore {
     fn join<'a>(&'a self, j: Join<'a>) -> BoxFuture<'a, Result<bool>> {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let others = inner
             .live_rows(j.channel)
             .filter(|r| r.member.client != j.member.client)
@@ -95,9 +183,9 @@ impl PresenceStore for MemoryStore {
                 },
             );
             if j.announce {
-                inner.emit(Event::Join {
+                inner.announce(Announcement::Join {
                     channel: j.channel.to_owned(),
-                    info: j.member.clone(),
+                    member: j.member.clone(),
                 });
             }
             true
@@ -110,23 +198,9 @@ impl PresenceStore for MemoryStore {
         client: &'a str,
         membership: Option<(&'a str, &'a str)>,
     ) -> BoxFuture<'a, Result<()>> {
-        let mut inner = self.lock();
-        let gone: Vec<(String, String)> = inner
-            .members
-            .iter()
-            .filter(|((c, cl), r)| {
-                cl == client && membership.is_none_or(|(channel, id)| c == channel && r.id == id)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in gone {
-            if let Some(row) = inner.members.remove(&key) {
-                inner.emit(Event::Leave {
-                    channel: key.0,
-                    info: row.member,
-                });
-            }
-        }
+        self.inner.lock().remove_where(|(c, cl), r| {
+            cl == client && membership.is_none_or(|(channel, id)| c == channel && r.id == id)
+        });
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -135,6 +209,7 @@ impl PresenceStore for MemoryStore {
         node: &'a str,
     ) -> BoxFuture<'a, Result<Vec<(String, String, String)>>> {
         let rows = self
+            .inner
             .lock()
             .members
             .iter()
@@ -144,28 +219,8 @@ impl PresenceStore for MemoryStore {
         Box::pin(std::future::ready(Ok(rows)))
     }
 
-    fn remove_node<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<()>> {
-        let mut inner = self.lock();
-        inner.nodes.remove(node);
-        let gone: Vec<(String, String)> = inner
-            .members
-            .iter()
-            .filter(|(_, r)| r.node == node)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in gone {
-            if let Some(row) = inner.members.remove(&key) {
-                inner.emit(Event::Leave {
-                    channel: key.0,
-                    info: row.member,
-                });
-            }
-        }
-        Box::pin(std::future::ready(Ok(())))
-    }
-
     fn members<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<Member>>> {
-        let inner = self.lock();
+        let inner = self.inner.lock();
         let mut rows: Vec<&Row> = inner.live_rows(channel).collect();
         rows.sort_by_key(|r| r.seq);
         let members = rows.into_iter().map(|r| r.member.clone()).collect();
@@ -173,7 +228,7 @@ impl PresenceStore for MemoryStore {
     }
 
     fn stats<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(u64, u64)>> {
-        let inner = self.lock();
+        let inner = self.inner.lock();
         let mut users = HashSet::new();
         let mut clients = 0u64;
         for r in inner.live_rows(channel) {
@@ -185,7 +240,7 @@ impl PresenceStore for MemoryStore {
     }
 
     fn channel_counts(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>>> {
-        let inner = self.lock();
+        let inner = self.inner.lock();
         let now = Instant::now();
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
         for ((channel, _), r) in &inner.members {
@@ -194,94 +249,5 @@ impl PresenceStore for MemoryStore {
             }
         }
         Box::pin(std::future::ready(Ok(counts.into_iter().collect())))
-    }
-
-    fn heartbeat<'a>(&'a self, node: &'a NodeInfo, ttl: Duration) -> BoxFuture<'a, Result<bool>> {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        let inserted = match inner.nodes.get_mut(&node.id) {
-            Some(n) => {
-                n.info = node.clone();
-                n.expires = now + ttl;
-                false
-            }
-            None => {
-                inner.nodes.insert(
-                    node.id.clone(),
-                    NodeRow {
-                        info: node.clone(),
-                        expires: now + ttl,
-                        started: now,
-                    },
-                );
-                true
-            }
-        };
-        Box::pin(std::future::ready(Ok(inserted)))
-    }
-
-    fn expire(&self) -> BoxFuture<'_, Result<u64>> {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        inner.nodes.retain(|_, n| n.expires >= now);
-        let gone: Vec<(String, String)> = inner
-            .members
-            .iter()
-            .filter(|(_, r)| !inner.nodes.contains_key(&r.node))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let n = gone.len() as u64;
-        for key in gone {
-            if let Some(row) = inner.members.remove(&key) {
-                inner.emit(Event::Leave {
-                    channel: key.0,
-                    info: row.member,
-                });
-            }
-        }
-        Box::pin(std::future::ready(Ok(n)))
-    }
-
-    fn nodes(&self) -> BoxFuture<'_, Result<Vec<Value>>> {
-        let inner = self.lock();
-        let now = Instant::now();
-        let mut nodes: Vec<&NodeRow> = inner.nodes.values().filter(|n| n.expires > now).collect();
-        nodes.sort_by_key(|n| n.started);
-        let out = nodes
-            .into_iter()
-            .map(|n| {
-                super::node_json(
-                    &n.info.id,
-                    &n.info.name,
-                    &n.info.version,
-                    Some(n.info.stats.clone()),
-                )
-            })
-            .collect();
-        Box::pin(std::future::ready(Ok(out)))
-    }
-
-    fn disconnect<'a>(&'a self, order: &'a DisconnectOrder) -> BoxFuture<'a, Result<()>> {
-        self.lock().emit(Event::Disconnect(order.clone()));
-        Box::pin(std::future::ready(Ok(())))
-    }
-
-    fn listen(
-        self: Arc<Self>,
-        sink: mpsc::UnboundedSender<Event>,
-        shutdown: CancellationToken,
-    ) -> BoxFuture<'static, ()> {
-        self.lock().sinks.push(sink);
-        Box::pin(async move { shutdown.cancelled().await })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn passes_the_store_suite() {
-        super::super::conformance::run(Arc::new(MemoryStore::default())).await;
     }
 }

@@ -1,4 +1,4 @@
-//! Presence: who is subscribed to a channel, on every connector node, with join and leave pushes.
+//! Presence: who is subscribed to a channel, on every connector node.
 //!
 //! A member is a subscription to a channel that has presence (`presence.channels[]` in the
 //! configuration): the pair (client id, user) with the connection's `conn_info` (token `info`) and the
@@ -16,23 +16,21 @@
 //! - a leave that failed (pool timeout, database blip): retried every second, and at the latest
 //!   removed by the node's reconciliation of its members with its live sessions
 //!   (`presence.reconcile_interval_secs`);
-//! - a node that died (SIGKILL, lost host): its heartbeat (every `node_ttl_secs` / 3) stops, its members
-//!   drop out of presence after `presence.node_ttl_secs` (default 15 s) and the next heartbeat of any
-//!   node announces their leave.
+//! - a node that died (SIGKILL, lost host): its members are visible only while its heartbeat is fresh
+//!   (`cluster` keeps the node registry), so they drop out after `presence.node_ttl_secs`.
 //!
-//! Join and leave events travel to every node by `pg_notify('relay_presence')` from the transaction
-//! that changes the table. Each node keeps one LISTEN connection for them and pushes `join` / `leave`
-//! to its subscribers that asked for them (`join_leave` in subscribe, allowed by the channel's entry).
-//! Like Centrifugo's, these pushes are best-effort: while a node's LISTEN connection is down it misses
-//! events; presence queries stay exact. The same notification channel carries the server API's
-//! `disconnect` orders.
+//! A join or leave with `announce` makes the store tell every node (the PostgreSQL store by
+//! `pg_notify('relay_presence')` from the transaction that changes the table); `cluster`
+//! hears it and hands the `join` / `leave` push to the hub. Presence knows neither the hub nor the
+//! sessions: a session's memberships come and go through the node.
 //!
 //! The store is a seam ([`PresenceStore`]): [`pg::PgStore`] (the default, shared by every node) and
 //! [`memory::MemoryStore`] (one process; `presence.engine = "memory"`), which pass one test suite
-//! ([`conformance`]). [`Presence`] is the node's side: its sessions (for `disconnect` orders), its
-//! members (registered again if its heartbeat ever lapsed), the heartbeat and the event task.
+//! together with their cluster stores (`cluster::conformance`, built for tests and the `test-util`
+//! feature). [`Presence`] is the node's side: the
+//! members its sessions hold (registered again if they were lost), failed leaves retried, and the
+//! reconciliation.
 
-pub mod conformance;
 pub mod memory;
 pub mod pg;
 
@@ -42,15 +40,12 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
-use crate::hub::Hub;
-use crate::metrics::Metrics;
 
 pub use crate::config::{Engine, PresenceConfig, PresenceRule};
 
@@ -92,69 +87,6 @@ impl Member {
     }
 }
 
-/// A server-API order to close connections of a user, carried to every node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DisconnectOrder {
-    /// The user whose connections close.
-    pub user: String,
-    /// Only this connection, if set.
-    pub client: Option<String>,
-    /// Connections kept.
-    pub whitelist: Vec<String>,
-    /// Close code (3000–4999).
-    pub code: u32,
-    /// Close reason.
-    pub reason: String,
-}
-
-/// What a session gives presence so that a `disconnect` order can reach it.
-#[derive(Debug, Default)]
-pub struct Kick {
-    token: CancellationToken,
-    advice: Mutex<Option<(u16, String)>>,
-}
-
-impl Kick {
-    /// Completes when the connection is ordered closed.
-    pub async fn kicked(&self) {
-        self.token.cancelled().await;
-    }
-
-    /// The close code and reason of the order.
-    pub fn advice(&self) -> (u16, String) {
-        self.advice
-            .lock()
-            .clone()
-            .unwrap_or((3503, "force disconnect".to_owned()))
-    }
-
-    fn fire(&self, code: u16, reason: String) {
-        *self.advice.lock() = Some((code, reason));
-        self.token.cancel();
-    }
-}
-
-/// A join, leave or disconnect order, as every node receives it.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// `info` joined `channel`.
-    Join {
-        /// The channel.
-        channel: String,
-        /// Who.
-        info: Member,
-    },
-    /// `info` left `channel`.
-    Leave {
-        /// The channel.
-        channel: String,
-        /// Who.
-        info: Member,
-    },
-    /// Close connections of a user.
-    Disconnect(DisconnectOrder),
-}
-
 /// One membership to add.
 #[derive(Debug, Clone, Copy)]
 pub struct Join<'a> {
@@ -168,25 +100,12 @@ pub struct Join<'a> {
     pub id: &'a str,
     /// Refuse when the channel has this many other live members (0: no cap).
     pub max_members: u32,
-    /// Send a join event.
+    /// Tell every node (a join push).
     pub announce: bool,
 }
 
-/// A node's heartbeat record.
-#[derive(Debug, Clone)]
-pub struct NodeInfo {
-    /// The node id.
-    pub id: String,
-    /// Host name.
-    pub name: String,
-    /// Connector version.
-    pub version: String,
-    /// Counts shown by the server API's `info`.
-    pub stats: Value,
-}
-
-/// Where presence lives. Every method is one atomic step; events (join, leave, disconnect) reach
-/// every node's [`PresenceStore::listen`] sink.
+/// Where presence lives. Every method is one atomic step; joins with `announce` and leaves are
+/// announced to every node (how is the store's: see [`pg`] and [`memory`]).
 pub trait PresenceStore: Send + Sync + std::fmt::Debug {
     /// Adds or renews a membership; `false` when the channel is full (`max_members`).
     fn join<'a>(&'a self, join: Join<'a>) -> BoxFuture<'a, Result<bool>>;
@@ -208,46 +127,18 @@ pub trait PresenceStore: Send + Sync + std::fmt::Debug {
             Ok(())
         })
     }
-    /// The memberships `(channel, client, membership id)` the store holds for `node`.
+    /// The memberships `(channel, client, membership id)` the store holds for `node` (for the
+    /// reconciliation).
     fn node_members<'a>(
         &'a self,
         node: &'a str,
     ) -> BoxFuture<'a, Result<Vec<(String, String, String)>>>;
-    /// Deregisters a node and removes its members (leaves announced).
-    fn remove_node<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<()>>;
-    /// The live members of `channel`, in join order.
+    /// The live members of `channel` (those of nodes whose heartbeat is fresh), in join order.
     fn members<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<Vec<Member>>>;
     /// (members, distinct users) of `channel`.
     fn stats<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Result<(u64, u64)>>;
     /// Live members per channel.
     fn channel_counts(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>>>;
-    /// Registers or renews a node for `ttl`; `true` when it was not registered (first beat, or it
-    /// had expired).
-    fn heartbeat<'a>(&'a self, node: &'a NodeInfo, ttl: Duration) -> BoxFuture<'a, Result<bool>>;
-    /// Removes expired nodes and the members of nodes that are gone (leaves announced); how many.
-    fn expire(&self) -> BoxFuture<'_, Result<u64>>;
-    /// The live nodes (`info` objects).
-    fn nodes(&self) -> BoxFuture<'_, Result<Vec<Value>>>;
-    /// Sends a disconnect order to every node.
-    fn disconnect<'a>(&'a self, order: &'a DisconnectOrder) -> BoxFuture<'a, Result<()>>;
-    /// Delivers every event to `sink` until `shutdown`.
-    fn listen(
-        self: Arc<Self>,
-        sink: mpsc::UnboundedSender<Event>,
-        shutdown: CancellationToken,
-    ) -> BoxFuture<'static, ()>;
-}
-
-/// A node as the server API's `info` shows it.
-fn node_json(uid: &str, name: &str, version: &str, stats: Option<Value>) -> Value {
-    let mut v = match stats {
-        Some(v @ Value::Object(_)) => v,
-        _ => json!({}),
-    };
-    v["uid"] = json!(uid);
-    v["name"] = json!(name);
-    v["version"] = json!(version);
-    v
 }
 
 /// Marks a (channel, client) as joining while it lives.
@@ -278,30 +169,23 @@ impl Drop for Joining<'_> {
 /// A leave: the client, and one (channel, membership id) or all of its memberships.
 pub type FailedLeave = (String, Option<(String, String)>);
 
-struct LocalSession {
-    user: String,
-    kick: Arc<Kick>,
-}
-
 struct LocalMember {
     member: Member,
     id: String,
     announce: bool,
 }
 
-/// This node's presence: its id, the store, the sessions and members it serves.
+/// This node's presence: its id, the store, the members its sessions hold.
 pub struct Presence {
-    /// This node's id (a new one per process).
-    pub node: String,
+    /// This node's id (its members are stored under it).
+    node: String,
     config: PresenceConfig,
     store: Arc<dyn PresenceStore>,
-    sessions: Mutex<HashMap<String, LocalSession>>,
     members: Mutex<HashMap<(String, String), LocalMember>>,
     /// (channel, client) of joins on their way (in the store, not yet in `members`).
     joining: Mutex<HashMap<(String, String), usize>>,
     /// Leaves that failed, retried every second: (client, one membership or all).
     retry: Mutex<Vec<FailedLeave>>,
-    started: std::time::Instant,
 }
 
 impl std::fmt::Debug for Presence {
@@ -323,23 +207,21 @@ pub enum JoinError {
 }
 
 impl Presence {
-    /// Presence for a new node, on `store`.
-    pub fn new(config: PresenceConfig, store: Arc<dyn PresenceStore>) -> Self {
+    /// Presence for the node `node`, on `store`.
+    pub fn new(node: String, config: PresenceConfig, store: Arc<dyn PresenceStore>) -> Self {
         Self {
-            node: uuid::Uuid::new_v4().to_string(),
+            node,
             config,
             store,
-            sessions: Mutex::default(),
             members: Mutex::default(),
             joining: Mutex::default(),
             retry: Mutex::default(),
-            started: std::time::Instant::now(),
         }
     }
 
-    /// The store.
-    pub fn store(&self) -> &dyn PresenceStore {
-        &*self.store
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// The presence entry of `channel` (None: no presence there).
@@ -347,23 +229,9 @@ impl Presence {
         self.config.rule_for(channel)
     }
 
-    /// Registers a connected session, so `disconnect` orders can reach it.
-    pub fn register_session(&self, client: &str, user: &str) -> Arc<Kick> {
-        let kick = Arc::new(Kick::default());
-        self.sessions.lock().insert(
-            client.to_owned(),
-            LocalSession {
-                user: user.to_owned(),
-                kick: kick.clone(),
-            },
-        );
-        kick
-    }
-
-    /// Forgets a session and removes its memberships everywhere (leaves announced). During shutdown
-    /// (`bulk`), the store's rows are left to the node's deregistration, one step for all.
-    pub async fn end_session(&self, client: &str, bulk: bool) {
-        self.sessions.lock().remove(client);
+    /// Removes every membership of a connection that ended, everywhere (leaves announced). During
+    /// shutdown (`bulk`), the store's rows are left to the node's deregistration, one step for all.
+    pub async fn leave_all(&self, client: &str, bulk: bool) {
         let had = {
             let mut members = self.members.lock();
             let before = members.len();
@@ -565,164 +433,44 @@ impl Presence {
         self.store.channel_counts().await
     }
 
-    /// The live nodes, as the server API's `info` shows them.
-    pub async fn nodes(&self) -> Result<Vec<Value>> {
-        self.store.nodes().await
-    }
-
-    /// Sends a disconnect order to every node (this one included).
-    pub async fn disconnect(&self, order: &DisconnectOrder) -> Result<()> {
-        self.store.disconnect(order).await
-    }
-
     /// Presence memberships held by this node's sessions.
     pub fn local_members(&self) -> usize {
         self.members.lock().len()
     }
 
-    /// Users of the sessions on this node.
-    fn local_users(&self) -> usize {
-        let sessions = self.sessions.lock();
-        let users: std::collections::HashSet<&str> =
-            sessions.values().map(|s| s.user.as_str()).collect();
-        users.len()
-    }
-
-    /// Carries out a disconnect order on this node's sessions.
-    fn apply_disconnect(&self, order: &DisconnectOrder) -> usize {
-        let sessions = self.sessions.lock();
-        let mut n = 0;
-        for (client, s) in sessions.iter() {
-            if s.user == order.user
-                && order.client.as_ref().is_none_or(|c| c == client)
-                && !order.whitelist.contains(client)
-            {
-                s.kick.fire(
-                    u16::try_from(order.code).unwrap_or(3503),
-                    order.reason.clone(),
-                );
-                n += 1;
-            }
+    /// Puts every membership of this node's sessions back in the store, each announced as its first
+    /// join was (after the node's heartbeat had lapsed and other nodes removed its members).
+    pub(crate) async fn rejoin(&self) -> Result<()> {
+        let again: Vec<(String, Member, String, bool)> = self
+            .members
+            .lock()
+            .iter()
+            .map(|((c, _), m)| (c.clone(), m.member.clone(), m.id.clone(), m.announce))
+            .collect();
+        if !again.is_empty() {
+            tracing::warn!(
+                members = again.len(),
+                "presence: this node's heartbeat had lapsed; members registered again"
+            );
         }
-        n
-    }
-
-    /// Writes this node's heartbeat; when it had lapsed (the node was stalled longer than its TTL and
-    /// others removed its members), puts its members back; then expires dead nodes.
-    async fn heartbeat(&self, hub: &Hub, metrics: &Metrics) -> Result<()> {
-        let info = NodeInfo {
-            id: self.node.clone(),
-            name: node_name(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            stats: json!({
-                "num_clients": metrics.connections.get(),
-                "num_subs": hub.subscription_count(),
-                "num_channels": hub.channel_count(),
-                "num_users": self.local_users(),
-                "uptime": self.started.elapsed().as_secs(),
-            }),
-        };
-        let ttl = self.config.node_ttl;
-        if self.store.heartbeat(&info, ttl).await? {
-            let again: Vec<(String, Member, String, bool)> = self
-                .members
-                .lock()
-                .iter()
-                .map(|((c, _), m)| (c.clone(), m.member.clone(), m.id.clone(), m.announce))
-                .collect();
-            if !again.is_empty() {
-                tracing::warn!(
-                    members = again.len(),
-                    "presence: this node's heartbeat had lapsed; members registered again"
-                );
-            }
-            for (channel, member, id, announce) in again {
-                self.store
-                    .join(Join {
-                        channel: &channel,
-                        member: &member,
-                        node: &self.node,
-                        id: &id,
-                        max_members: 0,
-                        announce,
-                    })
-                    .await?;
-            }
-        }
-        let gone = self.store.expire().await?;
-        if gone > 0 {
-            tracing::info!(members = gone, "presence: members of expired nodes removed");
+        for (channel, member, id, announce) in again {
+            self.store
+                .join(Join {
+                    channel: &channel,
+                    member: &member,
+                    node: &self.node,
+                    id: &id,
+                    max_members: 0,
+                    announce,
+                })
+                .await?;
         }
         Ok(())
     }
 
-    /// Registers the node before it serves (its members are only visible while it is registered).
-    pub async fn start(&self, hub: &Hub, metrics: &Metrics) -> Result<()> {
-        self.heartbeat(hub, metrics).await
-    }
-
-    /// Heartbeats and hands events (join/leave pushes, disconnect orders) to this node's sessions
-    /// until `shutdown`; then removes the node and its remaining members. `hub` receives the
-    /// join/leave pushes; it and `metrics` give the counts of the heartbeat.
-    pub async fn run(
-        self: Arc<Self>,
-        hub: Arc<Hub>,
-        metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
-    ) {
-        let (sink, events) = mpsc::unbounded_channel();
-        let listen = self.store.clone().listen(sink, shutdown.clone());
-        tokio::join!(
-            self.beat(&hub, &metrics, &shutdown),
-            listen,
-            self.hand_out(&hub, events, &shutdown),
-            self.repair(&shutdown),
-        );
-        // Leaving: this node's members go now rather than after the TTL.
-        match tokio::time::timeout(Duration::from_secs(3), self.store.remove_node(&self.node)).await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "presence: could not deregister the node"),
-            Err(_) => tracing::warn!("presence: deregistering the node timed out"),
-        }
-    }
-
-    /// Heartbeats every `node_ttl` / 3 until `shutdown`.
-    async fn beat(&self, hub: &Hub, metrics: &Metrics, shutdown: &CancellationToken) {
-        let mut tick = tokio::time::interval(self.config.node_ttl.div_f64(3.0));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = self.heartbeat(hub, metrics).await {
-                tracing::warn!(error = %e, "presence heartbeat failed");
-            }
-        }
-    }
-
-    /// Hands events to this node: join/leave pushes to the hub, disconnect orders to the sessions.
-    async fn hand_out(
-        &self,
-        hub: &Hub,
-        mut events: mpsc::UnboundedReceiver<Event>,
-        shutdown: &CancellationToken,
-    ) {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                event = events.recv() => match event {
-                    Some(e) => self.handle_event(hub, e),
-                    None => break,
-                },
-            }
-        }
-    }
-
     /// Retries failed leaves every second, and reconciles the members every
     /// `reconcile_interval_secs`, until `shutdown`.
-    async fn repair(&self, shutdown: &CancellationToken) {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let reconcile_every = self.config.reconcile_interval;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -746,37 +494,6 @@ impl Presence {
                 }
             }
         }
-    }
-}
-
-fn node_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "connector".to_owned())
-}
-
-impl Presence {
-    fn handle_event(&self, hub: &Hub, event: Event) {
-        match event {
-            Event::Join { channel, info } => push(hub, &channel, crate::hub::Presence::Join, &info),
-            Event::Leave { channel, info } => {
-                push(hub, &channel, crate::hub::Presence::Leave, &info)
-            }
-            Event::Disconnect(order) => {
-                let n = self.apply_disconnect(&order);
-                if n > 0 {
-                    tracing::info!(user = %order.user, connections = n, "disconnected by the server API");
-                }
-            }
-        }
-    }
-}
-
-/// Hands a `join` / `leave` push to the channel's subscribers on this node.
-fn push(hub: &Hub, channel: &str, kind: crate::hub::Presence, info: &Member) {
-    if hub.has_subscribers(channel) {
-        hub.push_join_leave(channel, kind, &info.client_info());
     }
 }
 
@@ -815,24 +532,22 @@ mod tests {
         assert!(serde_json::from_str::<PresenceConfig>(r#"{"chanels":[]}"#).is_err());
     }
 
-    #[test]
-    fn kicks_carry_their_advice() {
-        let p = Presence::new(
-            PresenceConfig::default(),
-            Arc::new(memory::MemoryStore::default()),
-        );
-        let a = p.register_session("c1", "alice");
-        let b = p.register_session("c2", "alice");
-        let c = p.register_session("c3", "bob");
-        let n = p.apply_disconnect(&DisconnectOrder {
+    #[tokio::test]
+    async fn a_connection_s_end_removes_its_memberships() {
+        let store = Arc::new(memory::MemoryStore::default());
+        store.heartbeat("n1", Value::Null, Duration::from_secs(60));
+        let p = Presence::new("n1".into(), PresenceConfig::default(), store.clone());
+        let member = |client: &str| Member {
             user: "alice".into(),
-            client: None,
-            whitelist: vec!["c2".into()],
-            code: 4000,
-            reason: "bye".into(),
-        });
-        assert_eq!(n, 1);
-        assert!(a.token.is_cancelled() && !b.token.is_cancelled() && !c.token.is_cancelled());
-        assert_eq!(a.advice(), (4000, "bye".to_owned()));
+            client: client.into(),
+            conn_info: None,
+            chan_info: None,
+        };
+        assert!(p.join("ch", member("c1"), false).await.is_ok());
+        assert!(p.join("ch", member("c2"), false).await.is_ok());
+        assert_eq!(p.local_members(), 2);
+        p.leave_all("c1", false).await;
+        assert_eq!(p.local_members(), 1);
+        assert_eq!(p.stats("ch").await.ok(), Some((1, 1)));
     }
 }

@@ -127,12 +127,9 @@ impl Session {
         // token: a subscribe/unsubscribe loop runs at the subscribe rate.
         self.subscribe_bucket.take_forced(std::time::Instant::now());
         if let Some(sub) = self.subs.remove(&req.channel) {
-            self.edge.node.hub().unsubscribe(&req.channel, self.id);
+            self.edge.node.remove_subscriber(&req.channel, self.id);
             if let Some(id) = sub.membership {
-                self.node()
-                    .presence()
-                    .leave(&req.channel, &self.client, &id)
-                    .await;
+                self.node().leave(&req.channel, &self.client, &id).await;
             }
         }
         self.encode(&Reply::new(id, ReplyBody::Unsubscribe))
@@ -144,11 +141,11 @@ impl Session {
         let Some(id) = sub.membership else {
             return;
         };
-        let presence = self.node().presence().clone();
+        let node = self.edge.node.clone();
         let channel = channel.to_owned();
         let client = self.client.clone();
         self.edge.tracker.spawn(async move {
-            presence.leave(&channel, &client, &id).await;
+            node.leave(&channel, &client, &id).await;
         });
     }
 

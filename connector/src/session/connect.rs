@@ -19,11 +19,11 @@ impl Session {
                 let ttl = ttl(identity.expires_at);
                 self.identity = identity;
                 self.connected = true;
-                self.kick = Some(
-                    self.node()
-                        .presence()
-                        .register_session(&self.client, &self.identity.user),
-                );
+                self.kick = Some(self.node().register_session(
+                    self.id,
+                    &self.client,
+                    &self.identity.user,
+                ));
                 // Server-side subscriptions: opened before the reply, which carries them.
                 let joined = match self.open_server_side(&request).await {
                     Ok(joined) => joined,
@@ -94,7 +94,7 @@ impl Session {
                 Ok(o) => opened.push(o),
                 Err(e) => {
                     for o in &opened {
-                        self.node().hub().unsubscribe(&o.channel, self.id);
+                        self.node().remove_subscriber(&o.channel, self.id);
                     }
                     return Err(e);
                 }
@@ -258,7 +258,7 @@ impl Session {
             if let Some(sub) = self.subs.remove(&channel) {
                 self.leave_later(&channel, sub);
             }
-            self.edge.node.hub().unsubscribe(&channel, self.id);
+            self.edge.node.remove_subscriber(&channel, self.id);
             out.push(
                 Push::Unsubscribe {
                     channel: &channel,

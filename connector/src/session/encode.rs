@@ -6,10 +6,10 @@ use super::*;
 
 /// The frame of a hub delivery in `encoding` (the hub encoded it for every encoding its
 /// subscribers use, so it is there).
-pub(super) fn frame(delivery: &Delivery, encoding: Encoding) -> Option<Message> {
+pub(super) fn frame(frames: &Frames, encoding: Encoding) -> Option<Message> {
     match encoding {
-        Encoding::Json => delivery.json.clone().map(Message::Text),
-        Encoding::Protobuf => delivery.protobuf.clone().map(Message::Binary),
+        Encoding::Json => frames.json.clone().map(Message::Text),
+        Encoding::Protobuf => frames.protobuf.clone().map(Message::Binary),
     }
 }
 

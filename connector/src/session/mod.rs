@@ -66,7 +66,7 @@ use relay_protocol::{Command, CommandError, Disconnect, ErrorCode, ReplyError, R
 
 use crate::auth::{self, ConnectError, Identity, Op, SubscriptionError};
 use crate::edge::Edge;
-use crate::hub::{Delivery, Mailbox, Subscriber};
+use crate::hub::{Delivery, DeltaFrames, Frames, Mailbox, Subscriber};
 use crate::limits::TokenBucket;
 use crate::node::{Node, NodeError};
 
@@ -106,8 +106,9 @@ struct Session {
     mailbox: Arc<Mailbox>,
     pending: Pending,
     pong_deadline: Option<Instant>,
-    /// Fired by a server-API `disconnect` order (registered at `connect`).
-    kick: Option<Arc<crate::presence::Kick>>,
+    /// Its registration with the node (made at `connect`): fired by a `disconnect` order, from
+    /// the server API of any node; dropped with the session.
+    kick: Option<Arc<crate::hub::Registration>>,
     /// JSON or Protobuf, chosen at the upgrade: every message in and out uses it.
     encoding: Encoding,
 }
@@ -315,7 +316,7 @@ pub(crate) async fn serve_on<K, R>(
         encoding,
     ));
     let mut session = Session {
-        id: edge.node.hub().next_session_id(),
+        id: edge.node.next_session_id(),
         client: uuid::Uuid::new_v4().to_string(),
         identity: Identity::default(),
         connected: false,
@@ -350,12 +351,11 @@ pub(crate) async fn serve_on<K, R>(
     Box::pin(
         session
             .node()
-            .presence()
-            .end_session(&session.client, session.edge.shutdown.is_cancelled()),
+            .leave_all(&session.client, session.edge.shutdown.is_cancelled()),
     )
     .await;
     for channel in session.subs.keys() {
-        session.edge.node.hub().unsubscribe(channel, session.id);
+        session.edge.node.remove_subscriber(channel, session.id);
     }
 }
 

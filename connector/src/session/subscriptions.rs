@@ -21,7 +21,7 @@ pub(super) struct SubState {
     pub(super) chan_info: Option<Arc<RawValue>>,
     /// The subscription gets join/leave pushes.
     pub(super) join_leave: bool,
-    /// Its membership in the channel's presence (the id [`crate::presence::Presence::leave`] takes).
+    /// Its membership in the channel's presence (the id the node's `leave` takes).
     pub(super) membership: Option<String>,
     /// A server-side subscription (made at connect): losing track of it closes the connection
     /// (3010, the client reconnects and recovers it) instead of unsubscribing it.
@@ -220,7 +220,7 @@ impl Session {
         grant: auth::SubscriptionGrant,
     ) -> NodeResult<Opened> {
         let node = self.edge.node.clone();
-        node.hub().subscribe_with(
+        node.add_subscriber(
             &channel,
             self.id,
             Subscriber::of(&self.mailbox),
@@ -234,7 +234,7 @@ impl Session {
         {
             Ok(p) => p,
             Err(e) => {
-                node.hub().unsubscribe(&channel, self.id);
+                node.remove_subscriber(&channel, self.id);
                 return Err(e);
             }
         };
@@ -281,7 +281,7 @@ impl Session {
             (Some(info), _) => Some(info.clone()),
             (None, Some(data)) if rule.info_from_subscribe_data => {
                 if data.get().len() > 1024 || !data.get().starts_with('{') {
-                    node.hub().unsubscribe(channel, self.id);
+                    node.remove_subscriber(channel, self.id);
                     return Err(ReplyError::with_message(
                         ErrorCode::BadRequest,
                         "subscribe data must be a JSON object of at most 1024 bytes",
@@ -301,7 +301,7 @@ impl Session {
         let membership = match node.join(channel, member, rule.join_leave).await {
             Ok(id) => id,
             Err(e) => {
-                node.hub().unsubscribe(channel, self.id);
+                node.remove_subscriber(channel, self.id);
                 return Err(e);
             }
         };
@@ -345,37 +345,45 @@ impl Session {
         );
     }
 
-    /// Passes a hub publication on if it is the next one of a subscription.
+    /// Passes a hub delivery on: a publication if it is the next one of a subscription, a join or
+    /// leave push if the subscription asked for them.
     pub(super) fn deliver(&mut self, delivery: &Delivery, out: &mut Vec<Message>) -> Flow {
         self.mailbox.release(delivery.frame_len(self.encoding));
-        let Some(sub) = self.subs.get_mut(&*delivery.channel) else {
+        let frames = delivery.frames();
+        let Some(sub) = self.subs.get_mut(&*frames.channel) else {
             return Flow::Continue; // unsubscribed meanwhile, or its subscribe has not been answered
         };
-        if delivery.offset == 0 {
-            // A join or leave push, not a publication.
+        let Delivery::Publication {
+            offset,
+            epoch,
+            delta,
+            ..
+        } = delivery
+        else {
+            // A join or leave push.
             if sub.join_leave
-                && let Some(frame) = frame(delivery, self.encoding)
+                && let Some(frame) = frame(frames, self.encoding)
             {
                 out.push(frame);
             }
             return Flow::Continue;
-        }
-        match sub.accept(&delivery.epoch, delivery.offset) {
+        };
+        match sub.accept(epoch, *offset) {
             Verdict::Deliver => {}
             Verdict::Duplicate => return Flow::Continue,
-            Verdict::Lost => return self.insufficient_state(&delivery.channel.clone(), out),
+            Verdict::Lost => return self.insufficient_state(&frames.channel.clone(), out),
         }
         let sent = match sub.delta {
-            Delta::Off => frame(delivery, self.encoding),
+            Delta::Off => frame(frames, self.encoding),
             mode => {
                 sub.delta = Delta::Ready;
-                delta_frame(delivery, self.encoding, mode == Delta::Ready)
+                delta_frame(frames, delta.as_ref(), self.encoding, mode == Delta::Ready)
             }
         };
         let Some(frame) = sent else {
             // Encoded for another kind of subscription of this session (a resubscribe raced
             // it): never skip a publication silently; the client recovers it.
-            return self.insufficient_state(&delivery.channel.clone(), out);
+            return self.insufficient_state(&frames.channel.clone(), out);
         };
         out.push(frame);
         self.node().metrics().publications_out.inc();
@@ -392,7 +400,7 @@ impl Session {
                 return Flow::Close(Disconnect::INSUFFICIENT_STATE);
             }
         }
-        self.edge.node.hub().unsubscribe(channel, self.id);
+        self.edge.node.remove_subscriber(channel, self.id);
         let push = Push::Unsubscribe {
             channel,
             code: 2500,
@@ -404,10 +412,16 @@ impl Session {
     }
 }
 
-/// The frame of a hub delivery for a delta subscription: the delta when the client holds the
-/// previous publication and the hub made one, else the full frame of delta mode.
-fn delta_frame(delivery: &Delivery, encoding: Encoding, ready: bool) -> Option<Message> {
-    let frames = delivery.delta.as_ref()?;
+/// The frame of a hub publication (`plain` its plain frames, `delta` those of delta mode) for a
+/// delta subscription: the delta when the client holds the previous publication and the hub made
+/// one, else the full frame of delta mode.
+fn delta_frame(
+    plain: &Frames,
+    delta: Option<&DeltaFrames>,
+    encoding: Encoding,
+    ready: bool,
+) -> Option<Message> {
+    let frames = delta?;
     match encoding {
         Encoding::Json => frames
             .json_delta
@@ -420,7 +434,7 @@ fn delta_frame(delivery: &Delivery, encoding: Encoding, ready: bool) -> Option<M
             .protobuf_delta
             .as_ref()
             .filter(|_| ready)
-            .or(delivery.protobuf.as_ref())
+            .or(plain.protobuf.as_ref())
             .cloned()
             .map(Message::Binary),
     }

@@ -31,23 +31,32 @@ async fn state() -> Arc<Edge> {
     )
     .unwrap();
     let pool = crate::db::pool(&config.database).unwrap();
-    let store: Arc<dyn crate::presence::PresenceStore> =
-        Arc::new(crate::presence::memory::MemoryStore::default());
+    let store = Arc::new(crate::presence::memory::MemoryStore::default());
     let presence = Arc::new(crate::presence::Presence::new(
+        "node".to_owned(),
         config.presence.clone(),
-        store,
+        store.clone(),
     ));
     let config = Arc::new(config);
     let hub = Arc::new(crate::hub::Hub::new());
     let stream = Arc::default();
     let capture = Arc::default();
     let verifier = crate::auth::Verifier::new(&config.auth).unwrap();
+    let metrics = Arc::new(Metrics::new(&hub, &stream, &capture, &verifier));
+    let cluster = Arc::new(crate::cluster::Cluster::new(crate::cluster::Parts {
+        store: Arc::new(crate::cluster::memory::MemoryCluster::new(store)),
+        ttl: config.presence.node_ttl,
+        hub: hub.clone(),
+        presence: presence.clone(),
+        metrics: metrics.clone(),
+    }));
     let node = crate::node::Node::new(crate::node::Parts {
         config: config.clone(),
         pool,
-        metrics: Arc::new(Metrics::new(&hub, &stream, &capture, &verifier)),
+        metrics,
         hub,
         presence,
+        cluster,
         http: reqwest::Client::new(),
         lambda: crate::rules::LambdaClients::for_rules(&[]).await.unwrap(),
         stream,
