@@ -58,8 +58,9 @@ impl Framing {
     }
 }
 
+/// SSE's query: a `GET` carries the connect command in `cf_connect`.
 #[derive(Debug, Deserialize)]
-struct SseQuery {
+pub(super) struct SseQuery {
     cf_connect: Option<String>,
 }
 

@@ -467,9 +467,8 @@ impl Session {
                 // The timer fired at its deadline: the earliest of them is due.
                 _ = &mut timer => self.on_timer(&mut sink, &mut timers, timer.deadline()).await,
                 Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
-                    let line = reply.encode(self.encoding);
-                    let sent = send_lines(&mut sink, self.encoding, &[line], timers.write_timeout);
-                    written(sent.await)
+                    let line = [reply.encode(self.encoding)];
+                    written(send_lines(&mut sink, self.encoding, &line, timers.write_timeout).await)
                 }
                 message = stream.next() => {
                     self.on_message(&mut sink, message, timers.write_timeout).await
