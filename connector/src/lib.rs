@@ -38,8 +38,8 @@
 //!   messages, hub deliveries, the close), dispatch and the channel commands (`commands.rs`), the
 //!   connection's identity and token expiry (`connect.rs`, on tokio's clock: `clock.rs`, so the
 //!   unit tests run it on paused time), subscriptions and delivery (`subscriptions.rs`:
-//!   client-side and server-side, the pure offset/gap decision), typed replies and pushes encoded
-//!   at the edge (`encode.rs`), pings, close codes.
+//!   client-side and server-side, the pure offset/gap decision; `subs.rs`, the session's map of
+//!   them), typed replies and pushes encoded at the edge (`encode.rs`), pings, close codes.
 //! - [`emulation`]: the HTTP-streaming and SSE transports (`stream.rs`) and `/emulation`
 //!   (`command.rs`), adapters onto the same session loop; the session names its id and node in
 //!   its typed connect reply.

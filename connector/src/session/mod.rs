@@ -23,6 +23,7 @@
 //!   event (shutdown, kick, timer, publish reply, client message, hub delivery) and hands it to
 //!   its step (`on_timer`, `on_message`, `on_delivery`), then [`Session::finish`] closes;
 //! - `clock`: Unix time on tokio's clock ([`Clock`]), for token expiry;
+//! - `subs`: the session's subscriptions by channel (a vector while few, a map beyond);
 //! - `commands`: the dispatch of a frame's commands, and the channel commands (unsubscribe,
 //!   publish, rpc, history, presence), each building a typed [`relay_protocol::Reply`] and encoding
 //!   it once in the connection's encoding;
@@ -40,13 +41,11 @@ mod clock;
 mod commands;
 mod connect;
 mod encode;
+mod subs;
 mod subscriptions;
 #[cfg(test)]
 mod tests;
 
-use std::borrow::Borrow;
-use std::collections::HashMap;
-use std::hash::Hash;
 use std::ops::ControlFlow::{self, Break, Continue};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +77,7 @@ use crate::node::{Node, NodeError};
 
 pub(crate) use clock::Clock;
 use encode::{feed_all, send_lines};
+use subs::Subs;
 use subscriptions::SubState;
 
 /// WebSocket close code for a message over the size limit (the SDKs treat it as terminal).
@@ -198,121 +198,6 @@ impl Timers {
             due = due.min(at);
         }
         due
-    }
-}
-
-/// A session's subscriptions by channel. Most connections hold one or a few: a vector searched in
-/// order while they are at most [`Subs::FEW`] (a `HashMap` of one subscription takes four buckets
-/// of 120 bytes), a map beyond.
-enum Subs {
-    Few(Vec<(String, SubState)>),
-    Many(HashMap<String, SubState>),
-}
-
-impl Default for Subs {
-    fn default() -> Self {
-        Self::Few(Vec::new())
-    }
-}
-
-impl Subs {
-    /// The most subscriptions kept in the vector.
-    const FEW: usize = 8;
-
-    fn len(&self) -> usize {
-        match self {
-            Self::Few(few) => few.len(),
-            Self::Many(many) => many.len(),
-        }
-    }
-
-    // The lookups take what `HashMap`'s do (a `&str` or a `&String`).
-    fn contains_key<Q: Hash + Eq + ?Sized>(&self, channel: &Q) -> bool
-    where
-        String: Borrow<Q>,
-    {
-        match self {
-            Self::Few(few) => few.iter().any(|(c, _)| c.borrow() == channel),
-            Self::Many(many) => many.contains_key(channel),
-        }
-    }
-
-    fn get<Q: Hash + Eq + ?Sized>(&self, channel: &Q) -> Option<&SubState>
-    where
-        String: Borrow<Q>,
-    {
-        match self {
-            Self::Few(few) => few
-                .iter()
-                .find(|(c, _)| c.borrow() == channel)
-                .map(|(_, s)| s),
-            Self::Many(many) => many.get(channel),
-        }
-    }
-
-    fn get_mut<Q: Hash + Eq + ?Sized>(&mut self, channel: &Q) -> Option<&mut SubState>
-    where
-        String: Borrow<Q>,
-    {
-        match self {
-            Self::Few(few) => few
-                .iter_mut()
-                .find(|(c, _)| c.borrow() == channel)
-                .map(|(_, s)| s),
-            Self::Many(many) => many.get_mut(channel),
-        }
-    }
-
-    fn remove<Q: Hash + Eq + ?Sized>(&mut self, channel: &Q) -> Option<SubState>
-    where
-        String: Borrow<Q>,
-    {
-        match self {
-            Self::Few(few) => {
-                let i = few.iter().position(|(c, _)| c.borrow() == channel)?;
-                Some(few.swap_remove(i).1)
-            }
-            Self::Many(many) => many.remove(channel),
-        }
-    }
-
-    /// Adds or replaces the subscription of `channel`; returns the one replaced.
-    fn insert(&mut self, channel: String, sub: SubState) -> Option<SubState> {
-        if let Some(old) = self.get_mut(channel.as_str()) {
-            return Some(std::mem::replace(old, sub));
-        }
-        match self {
-            Self::Few(few) if few.len() < Self::FEW => {
-                // One slot at a time: a first push would reserve four (480 bytes).
-                few.reserve_exact(1);
-                few.push((channel, sub));
-            }
-            Self::Few(few) => {
-                let mut many: HashMap<String, SubState> = std::mem::take(few).into_iter().collect();
-                many.insert(channel, sub);
-                *self = Self::Many(many);
-            }
-            Self::Many(many) => {
-                many.insert(channel, sub);
-            }
-        }
-        None
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&String, &SubState)> {
-        let (few, many) = match self {
-            Self::Few(few) => (Some(few.iter().map(|(c, s)| (c, s))), None),
-            Self::Many(many) => (None, Some(many.iter())),
-        };
-        few.into_iter().flatten().chain(many.into_iter().flatten())
-    }
-
-    fn keys(&self) -> impl Iterator<Item = &String> {
-        self.iter().map(|(c, _)| c)
-    }
-
-    fn values(&self) -> impl Iterator<Item = &SubState> {
-        self.iter().map(|(_, s)| s)
     }
 }
 
