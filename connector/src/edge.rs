@@ -13,6 +13,7 @@ use crate::auth::Verifier;
 use crate::config::Config;
 use crate::limits;
 use crate::node::Node;
+use crate::session::Clock;
 
 /// The state of the HTTP layer and of every session it starts.
 #[derive(Debug)]
@@ -32,6 +33,8 @@ pub struct Edge {
     pub(crate) shutdown: CancellationToken,
     /// Tracks every task, so shutdown can wait for them.
     pub(crate) tracker: TaskTracker,
+    /// Unix time for the sessions' token expiry, on tokio's clock (paused in unit tests).
+    pub(crate) clock: Clock,
 }
 
 impl Edge {
@@ -51,6 +54,7 @@ impl Edge {
             verifier,
             shutdown,
             tracker,
+            clock: Clock::new(),
         }
     }
 }

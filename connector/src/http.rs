@@ -56,50 +56,88 @@ pub(crate) async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let cfg = &state.config.client;
-    let pending = Arc::new(Pending::new(cfg.max_pending_connections));
-    let handshake = Duration::from_secs(cfg.handshake_timeout_secs);
-    let linger = Arc::new(LingerSlots {
-        free: AtomicUsize::new(cfg.max_pending_connections),
-    });
-    let tracker = state.tracker.clone();
-    let stop = CancellationToken::new();
-    let connections = TaskTracker::new();
-    let router = router(state.clone());
+    let acceptor = Acceptor {
+        pending: Arc::new(Pending::new(cfg.max_pending_connections)),
+        handshake: Duration::from_secs(cfg.handshake_timeout_secs),
+        linger: Arc::new(LingerSlots {
+            free: AtomicUsize::new(cfg.max_pending_connections),
+        }),
+        tracker: state.tracker.clone(),
+        stop: CancellationToken::new(),
+        connections: TaskTracker::new(),
+        router: router(state.clone()),
+    };
     tokio::pin!(shutdown);
     let mut last_error_log: Option<tokio::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors, or a connection reset before it was accepted: log at
-                    // most once a second, and give the process a moment.
-                    if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                        tracing::warn!(error = %e, "accept error");
-                        last_error_log = Some(tokio::time::Instant::now());
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&listener, &mut last_error_log) => accepted,
         };
+        acceptor.serve_connection(stream, peer);
+    }
+    acceptor.stop.cancel();
+    acceptor.connections.close();
+    acceptor.connections.wait().await;
+}
+
+/// The next connection. Accept errors (out of file descriptors, or a connection reset before it
+/// was accepted) are logged at most once a second (`last_error_log`), and give the process a
+/// moment before the next try.
+async fn accept(
+    listener: &TcpListener,
+    last_error_log: &mut Option<tokio::time::Instant>,
+) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(error = %e, "accept error");
+                    *last_error_log = Some(tokio::time::Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// What the accepted connections are served with.
+struct Acceptor {
+    /// The connections that are not WebSockets (yet), capped.
+    pending: Arc<Pending>,
+    /// How long a connection has to send a complete request head.
+    handshake: Duration,
+    /// Room for closed WebSockets' sockets to linger.
+    linger: Arc<LingerSlots>,
+    /// The state's tracker (lingering sockets are tracked like sessions).
+    tracker: TaskTracker,
+    /// Asks every connection to finish (on shutdown).
+    stop: CancellationToken,
+    /// The connections' tasks.
+    connections: TaskTracker,
+    router: Router,
+}
+
+impl Acceptor {
+    /// Serves HTTP/1 (with upgrades) on an accepted socket, on its own task.
+    fn serve_connection(&self, stream: TcpStream, peer: SocketAddr) {
         configure_socket(&stream);
-        let guard = pending.admit();
+        let guard = self.pending.admit();
         let upgraded = Arc::new(AtomicBool::new(false));
         let meta = ConnMeta {
             peer,
-            pending: pending.clone(),
+            pending: self.pending.clone(),
             id: guard.id,
             upgraded: upgraded.clone(),
         };
         let io = TokioIo::new(Lingering {
             stream: Some(stream),
             upgraded,
-            slots: linger.clone(),
-            tracker: tracker.clone(),
+            slots: self.linger.clone(),
+            tracker: self.tracker.clone(),
         });
-        let tower = TowerToHyperService::new(router.clone());
+        let tower = TowerToHyperService::new(self.router.clone());
         let service =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
@@ -108,11 +146,11 @@ pub(crate) async fn serve(
             });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(handshake)
+            .header_read_timeout(self.handshake)
             .serve_connection(io, service)
             .with_upgrades();
-        let stop = stop.clone();
-        connections.spawn(async move {
+        let stop = self.stop.clone();
+        self.connections.spawn(async move {
             tokio::pin!(conn);
             let evicted = guard.token.clone();
             tokio::select! {
@@ -127,9 +165,6 @@ pub(crate) async fn serve(
             drop(guard);
         });
     }
-    stop.cancel();
-    connections.close();
-    connections.wait().await;
 }
 
 /// `TCP_NODELAY` (Nagle's algorithm would hold small frames back waiting for an ACK) and TCP

@@ -40,14 +40,17 @@
 //!   memberships). Each answers with a reply error or a disconnect.
 //! - [`edge`]: what only the HTTP layer and its sessions need ([`Edge`]): the node, the configuration
 //!   a session runs with, the token verifier, per-IP and per-user publish rates, connection slots,
-//!   the shutdown token and the task tracker.
+//!   the shutdown token and the task tracker, and the clock of token expiry.
 //! - [`session`]: one task per connection, generic over its transport, an adapter over the node
-//!   (parse, authorize, call the node, encode): dispatch and the channel commands
-//!   (`commands.rs`), the connection's identity and token expiry (`connect.rs`), subscriptions and
-//!   delivery (`subscriptions.rs`: client-side and server-side, the pure offset/gap decision),
-//!   typed replies and pushes encoded at the edge (`encode.rs`), pings, close codes.
-//! - [`emulation`]: the HTTP-streaming and SSE transports and `/emulation`, adapters onto the same
-//!   session loop.
+//!   (parse, authorize, call the node, encode): the loop and its steps (`mod.rs`: timers, client
+//!   messages, hub deliveries, the close), dispatch and the channel commands (`commands.rs`), the
+//!   connection's identity and token expiry (`connect.rs`, on tokio's clock: `clock.rs`, so the
+//!   unit tests run it on paused time), subscriptions and delivery (`subscriptions.rs`:
+//!   client-side and server-side, the pure offset/gap decision; `subs.rs`, the session's map of
+//!   them), typed replies and pushes encoded at the edge (`encode.rs`), pings, close codes.
+//! - [`emulation`]: the HTTP-streaming and SSE transports (`stream.rs`) and `/emulation`
+//!   (`command.rs`), adapters onto the same session loop; the session names its id and node in
+//!   its typed connect reply.
 //! - [`auth`]: who a connection is (JWT connection and subscription tokens) and what it may do on a
 //!   channel (permissions from `channels[]`).
 //! - [`limits`]: publish and subscribe rates (per connection, per client IP, per user), the client

@@ -251,65 +251,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Triggers {
             action: TriggerCmd::Sync,
-        } => {
-            if config.capture.mode == connector::capture::CaptureMode::Wal {
-                anyhow::bail!(
-                    "capture.mode is \"wal\": capture triggers would publish every change twice; \
-                     the wal leader drops them (switch capture.mode to \"trigger\" to use triggers)"
-                );
-            }
-            writable_database(&config, cli.allow_postgres_db).await?;
-            let pool = connector::db::pool(&config.database)?;
-            connector::db::migrate(&pool)
-                .await
-                .map_err(|e| at_database(e, &db))?;
-            let report = connector::db::triggers::sync(&pool, &config.mappings, None)
-                .await
-                .map_err(|e| at_database(e, &db))?;
-            #[allow(clippy::print_stdout)]
-            {
-                for t in &report.installed {
-                    println!("installed {t}");
-                }
-                for t in &report.kept {
-                    println!("kept {t} (a running node's mappings need it)");
-                }
-                for t in &report.removed {
-                    println!("removed {t}");
-                }
-            }
-            Ok(())
-        }
+        } => sync_triggers(&config, cli.allow_postgres_db, &db).await,
         Cmd::Token {
             sub,
             ttl,
             channel,
             info,
         } => {
-            let Some(secret) = config.auth.hmac_secret_key.as_deref() else {
-                anyhow::bail!(
-                    "no auth.hmac_secret_key configured (set it in the file or RELAY__AUTH__HMAC_SECRET_KEY)"
-                );
-            };
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-            let mut claims =
-                serde_json::json!({"sub": sub, "iat": now.as_secs(), "exp": now.as_secs() + ttl});
-            if let Some(channel) = channel {
-                relay_protocol::channel::validate_channel(&channel)?;
-                claims["channel"] = channel.into();
-            }
-            if let Some(info) = info {
-                let info: serde_json::Value = serde_json::from_str(&info)
-                    .map_err(|e| anyhow::anyhow!("--info is not JSON: {e}"))?;
-                claims["info"] = info;
-            }
-            if let Some(aud) = &config.auth.audience {
-                claims["aud"] = aud.as_str().into();
-            }
-            if let Some(iss) = &config.auth.issuer {
-                claims["iss"] = iss.as_str().into();
-            }
-            let token = connector::auth::verifier::mint_hs256(secret, &claims)?;
+            let token = mint_token(&config, sub, ttl, channel, info)?;
             #[allow(clippy::print_stdout)]
             {
                 println!("{token}");
@@ -328,6 +277,73 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `triggers sync`: applies the migrations, installs the mappings' capture triggers and removes
+/// the stale ones, printing what it did.
+async fn sync_triggers(config: &Config, allow_postgres_db: bool, db: &str) -> anyhow::Result<()> {
+    if config.capture.mode == connector::capture::CaptureMode::Wal {
+        anyhow::bail!(
+            "capture.mode is \"wal\": capture triggers would publish every change twice; \
+             the wal leader drops them (switch capture.mode to \"trigger\" to use triggers)"
+        );
+    }
+    writable_database(config, allow_postgres_db).await?;
+    let pool = connector::db::pool(&config.database)?;
+    connector::db::migrate(&pool)
+        .await
+        .map_err(|e| at_database(e, db))?;
+    let report = connector::db::triggers::sync(&pool, &config.mappings, None)
+        .await
+        .map_err(|e| at_database(e, db))?;
+    #[allow(clippy::print_stdout)]
+    {
+        for t in &report.installed {
+            println!("installed {t}");
+        }
+        for t in &report.kept {
+            println!("kept {t} (a running node's mappings need it)");
+        }
+        for t in &report.removed {
+            println!("removed {t}");
+        }
+    }
+    Ok(())
+}
+
+/// `token`: a connection token for `sub` (or a subscription token for `channel`) living `ttl`
+/// seconds, signed with the configured HMAC key and carrying its audience and issuer.
+fn mint_token(
+    config: &Config,
+    sub: String,
+    ttl: u64,
+    channel: Option<String>,
+    info: Option<String>,
+) -> anyhow::Result<String> {
+    let Some(secret) = config.auth.hmac_secret_key.as_deref() else {
+        anyhow::bail!(
+            "no auth.hmac_secret_key configured (set it in the file or RELAY__AUTH__HMAC_SECRET_KEY)"
+        );
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let mut claims =
+        serde_json::json!({"sub": sub, "iat": now.as_secs(), "exp": now.as_secs() + ttl});
+    if let Some(channel) = channel {
+        relay_protocol::channel::validate_channel(&channel)?;
+        claims["channel"] = channel.into();
+    }
+    if let Some(info) = info {
+        let info: serde_json::Value =
+            serde_json::from_str(&info).map_err(|e| anyhow::anyhow!("--info is not JSON: {e}"))?;
+        claims["info"] = info;
+    }
+    if let Some(aud) = &config.auth.audience {
+        claims["aud"] = aud.as_str().into();
+    }
+    if let Some(iss) = &config.auth.issuer {
+        claims["iss"] = iss.as_str().into();
+    }
+    Ok(connector::auth::verifier::mint_hs256(secret, &claims)?)
 }
 
 /// Completes on SIGTERM (what ECS/Fargate sends) or Ctrl-C.

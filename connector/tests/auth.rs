@@ -516,7 +516,9 @@ async fn refresh_and_expiry() {
     assert_eq!(r["refresh"]["expires"], true, "{r}");
     assert!(r["refresh"]["ttl"].as_u64().unwrap() > 3500, "{r}");
     assert!(r["refresh"]["client"].is_string(), "{r}");
-    // Past the old expiry + delay, still connected.
+    // Past the old expiry + delay, still connected. (The session's unit tests check this on
+    // paused time, to the millisecond: `refresh_outlives_the_first_token_...` in
+    // connector/src/session/tests.rs; here it runs once end to end, through a real socket.)
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let r = c.call(json!({"subscribe": {"channel": "public:x"}})).await;
     assert!(r["subscribe"].is_object(), "{r}");
@@ -531,7 +533,9 @@ async fn refresh_and_expiry() {
         .await;
     assert_eq!(c.closed().await.code, 3005);
 
-    // Not refreshed: closed with 3005 after expiry + expired_close_delay_secs.
+    // Not refreshed: closed with 3005 after expiry + expired_close_delay_secs (its moment is
+    // checked on paused time in connector/src/session/tests.rs,
+    // `an_unrefreshed_connection_closes_with_3005_at_expiry_plus_delay`).
     let (mut e, _) = connect_with(&server, &hs256(json!({"sub": "alice", "exp": now() + 1}))).await;
     assert_eq!(e.closed().await.code, 3005);
 

@@ -95,6 +95,13 @@ pub struct ConnectResult<'a> {
     /// they recovered).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub subs: BTreeMap<String, SubscribeResult<'a>>,
+    /// The session id of an emulated transport (HTTP-streaming, SSE): what the client names in
+    /// its `/emulation` requests. Absent on a WebSocket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// The node serving that session (absent on a WebSocket).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Result of `refresh`.

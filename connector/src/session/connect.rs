@@ -46,6 +46,8 @@ impl Session {
                         .iter()
                         .map(|(o, _)| (o.channel.clone(), o.result()))
                         .collect(),
+                    session: self.emulated.as_ref().map(|e| e.session.clone()),
+                    node: self.emulated.as_ref().map(|e| e.node.clone()),
                 };
                 out.push(self.encode(&Reply::new(id, ReplyBody::Connect(result))));
                 for (o, presence) in joined {
@@ -242,7 +244,7 @@ impl Session {
 
     /// Acts on expired tokens: closes an expired connection (3005), ends expired subscriptions (2501).
     pub(super) fn expire(&mut self, out: &mut Out) -> Flow {
-        let now = unix_now();
+        let now = self.edge.clock.unix_now();
         let delay = self.edge.config.auth.expired_close_delay_secs;
         let overdue = |at: Option<u64>| at.is_some_and(|at| at.saturating_add(delay) <= now);
         if overdue(self.identity.expires_at) {
@@ -281,10 +283,9 @@ impl Session {
             .filter_map(|s| s.expires_at)
             .chain(self.identity.expires_at)
             .min();
-        self.next_expiry = earliest.map(|at| {
-            let due = at.saturating_add(delay).saturating_sub(unix_now());
-            // Whole seconds: a token expiring at second N is acted on just after N.
-            Instant::now() + Duration::from_secs(due) + Duration::from_millis(50)
-        });
+        // On the edge's clock, which [`Self::expire`] reads too: a token expiring at second N is
+        // acted on as second N + delay begins.
+        let clock = self.edge.clock;
+        self.next_expiry = earliest.map(|at| clock.instant_at(at.saturating_add(delay)));
     }
 }

@@ -19,7 +19,11 @@
 //! does is the node's (the server API calls the same methods).
 //!
 //! # Layout
-//! - this file: the session's state, [`serve`] and the loop (socket, mailbox, timers);
+//! - this file: the session's state, [`serve`] and the loop: [`Session::run`] waits for the next
+//!   event (shutdown, kick, timer, publish reply, client message, hub delivery) and hands it to
+//!   its step (`on_timer`, `on_message`, `on_delivery`), then [`Session::finish`] closes;
+//! - `clock`: Unix time on tokio's clock ([`Clock`]), for token expiry;
+//! - `subs`: the session's subscriptions by channel (a vector while few, a map beyond);
 //! - `commands`: the dispatch of a frame's commands, and the channel commands (unsubscribe,
 //!   publish, rpc, history, presence), each building a typed [`relay_protocol::Reply`] and encoding
 //!   it once in the connection's encoding;
@@ -30,18 +34,19 @@
 //! - `encode`: frames on the wire (JSON text frames of lines, Protobuf binary frames of
 //!   length-delimited messages) and the timed writes;
 //! - `tests`: the loop over a channel pair ([`serve_on`] takes any message sink and stream), with no
-//!   socket and no database: connect, ping/pong and the close codes of refused frames, per encoding.
+//!   socket and no database: connect, ping/pong and the close codes of refused frames, per encoding,
+//!   and the timers (ping, pong, connect, token expiry and refresh) on paused time.
 
+mod clock;
 mod commands;
 mod connect;
 mod encode;
+mod subs;
 mod subscriptions;
 #[cfg(test)]
 mod tests;
 
-use std::borrow::Borrow;
-use std::collections::HashMap;
-use std::hash::Hash;
+use std::ops::ControlFlow::{self, Break, Continue};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,7 +75,9 @@ use crate::hub::{Delivery, DeltaFrames, Frames, Mailbox, Subscriber};
 use crate::limits::TokenBucket;
 use crate::node::{Node, NodeError};
 
+pub(crate) use clock::Clock;
 use encode::{feed_all, send_lines};
+use subs::Subs;
 use subscriptions::SubState;
 
 /// WebSocket close code for a message over the size limit (the SDKs treat it as terminal).
@@ -80,6 +87,30 @@ pub(super) const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 enum Flow {
     Continue,
     Close(Disconnect),
+}
+
+impl Flow {
+    /// The loop's next step: go on, or close with the disconnect's code.
+    fn step(self) -> Step {
+        match self {
+            Self::Continue => Continue(()),
+            Self::Close(d) => Break(Some(code(d))),
+        }
+    }
+}
+
+/// The close frame a session ends with: its code and reason (none: the connection is gone).
+type Close = Option<(u16, Utf8Bytes)>;
+
+/// What the loop does after an event: go on, or end with a close.
+type Step = ControlFlow<Close>;
+
+/// A write's outcome as the loop's next step: a failed write means the peer is gone.
+fn written(result: Result<(), axum::Error>) -> Step {
+    match result {
+        Ok(()) => Continue(()),
+        Err(_) => Break(None),
+    }
 }
 
 /// A session's state.
@@ -111,20 +142,50 @@ struct Session {
     kick: Option<Arc<crate::hub::Registration>>,
     /// JSON or Protobuf, chosen at the upgrade: every message in and out uses it.
     encoding: Encoding,
+    /// The names of an emulated transport, for its connect reply (none on a WebSocket).
+    emulated: Option<Box<Emulated>>,
+}
+
+/// What the connect reply of an emulated transport (HTTP-streaming, SSE) names: the session id the
+/// client addresses its `/emulation` requests to, and the node serving it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Emulated {
+    /// The session id (128 random bits, in hex).
+    pub(crate) session: String,
+    /// The node's id.
+    pub(crate) node: String,
 }
 
 /// Encoded messages (replies, pushes) waiting to be joined into one frame.
 type Out = Vec<Vec<u8>>;
 
-/// The session's deadlines other than those kept in [`Session`] (pong, token expiry).
+/// The session's deadlines other than those kept in [`Session`] (pong, token expiry), and the
+/// periods they are set from (`client.*` of the configuration).
 struct Timers {
     /// A connection that has not sent `connect` by then is closed ([`Disconnect::STALE`]).
     connect_by: Instant,
     /// When the next ping is sent.
     next_ping: Instant,
+    ping_every: Duration,
+    /// How long a client has to answer a ping.
+    pong_timeout: Duration,
+    /// How long a write to the socket may take before the peer counts as dead.
+    write_timeout: Duration,
 }
 
 impl Timers {
+    /// The timers of a session starting now.
+    fn new(cfg: &crate::config::ClientConfig) -> Self {
+        let start = Instant::now();
+        Self {
+            connect_by: start + cfg.connect_timeout(),
+            next_ping: start + cfg.ping_interval(),
+            ping_every: cfg.ping_interval(),
+            pong_timeout: cfg.pong_timeout(),
+            write_timeout: cfg.write_timeout(),
+        }
+    }
+
     /// The earliest deadline in force.
     fn next(&self, session: &Session) -> Instant {
         let mut due = self.next_ping;
@@ -138,121 +199,6 @@ impl Timers {
             due = due.min(at);
         }
         due
-    }
-}
-
-/// A session's subscriptions by channel. Most connections hold one or a few: a vector searched in
-/// order while they are at most [`Subs::FEW`] (a `HashMap` of one subscription takes four buckets
-/// of 120 bytes), a map beyond.
-enum Subs {
-    Few(Vec<(String, SubState)>),
-    Many(HashMap<String, SubState>),
-}
-
-impl Default for Subs {
-    fn default() -> Self {
-        Self::Few(Vec::new())
-    }
-}
-
-impl Subs {
-    /// The most subscriptions kept in the vector.
-    const FEW: usize = 8;
-
-    fn len(&self) -> usize {
-        match self {
-            Self::Few(few) => few.len(),
-            Self::Many(many) => many.len(),
-        }
-    }
-
-    // The lookups take what `HashMap`'s do (a `&str` or a `&String`).
-    fn contains_key<Q: Hash + Eq + ?Sized>(&self, channel: &Q) -> bool
-    where
-        String: Borrow<Q>,
-    {
-        match self {
-            Self::Few(few) => few.iter().any(|(c, _)| c.borrow() == channel),
-            Self::Many(many) => many.contains_key(channel),
-        }
-    }
-
-    fn get<Q: Hash + Eq + ?Sized>(&self, channel: &Q) -> Option<&SubState>
-    where
-        String: Borrow<Q>,
-    {
-        match self {
-            Self::Few(few) => few
-                .iter()
-                .find(|(c, _)| c.borrow() == channel)
-                .map(|(_, s)| s),
-            Self::Many(many) => many.get(channel),
-        }
-    }
-
-    fn get_mut<Q: Hash + Eq + ?Sized>(&mut self, channel: &Q) -> Option<&mut SubState>
-    where
-        String: Borrow<Q>,
-    {
-        match self {
-            Self::Few(few) => few
-                .iter_mut()
-                .find(|(c, _)| c.borrow() == channel)
-                .map(|(_, s)| s),
-            Self::Many(many) => many.get_mut(channel),
-        }
-    }
-
-    fn remove<Q: Hash + Eq + ?Sized>(&mut self, channel: &Q) -> Option<SubState>
-    where
-        String: Borrow<Q>,
-    {
-        match self {
-            Self::Few(few) => {
-                let i = few.iter().position(|(c, _)| c.borrow() == channel)?;
-                Some(few.swap_remove(i).1)
-            }
-            Self::Many(many) => many.remove(channel),
-        }
-    }
-
-    /// Adds or replaces the subscription of `channel`; returns the one replaced.
-    fn insert(&mut self, channel: String, sub: SubState) -> Option<SubState> {
-        if let Some(old) = self.get_mut(channel.as_str()) {
-            return Some(std::mem::replace(old, sub));
-        }
-        match self {
-            Self::Few(few) if few.len() < Self::FEW => {
-                // One slot at a time: a first push would reserve four (480 bytes).
-                few.reserve_exact(1);
-                few.push((channel, sub));
-            }
-            Self::Few(few) => {
-                let mut many: HashMap<String, SubState> = std::mem::take(few).into_iter().collect();
-                many.insert(channel, sub);
-                *self = Self::Many(many);
-            }
-            Self::Many(many) => {
-                many.insert(channel, sub);
-            }
-        }
-        None
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&String, &SubState)> {
-        let (few, many) = match self {
-            Self::Few(few) => (Some(few.iter().map(|(c, s)| (c, s))), None),
-            Self::Many(many) => (None, Some(many.iter())),
-        };
-        few.into_iter().flatten().chain(many.into_iter().flatten())
-    }
-
-    fn keys(&self) -> impl Iterator<Item = &String> {
-        self.iter().map(|(c, _)| c)
-    }
-
-    fn values(&self) -> impl Iterator<Item = &SubState> {
-        self.iter().map(|(_, s)| s)
     }
 }
 
@@ -295,17 +241,18 @@ pub fn serve(
     encoding: Encoding,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = socket.split();
-    serve_on(sink, stream, edge, ip, encoding)
+    serve_on(sink, stream, edge, ip, encoding, None)
 }
 
-/// The session over any message sink and stream: the halves of axum's socket in production, a
-/// channel pair in tests.
+/// The session over any message sink and stream: the halves of axum's socket, the adapter of an
+/// emulated transport (with its names), or a channel pair in tests.
 pub(crate) async fn serve_on<K, R>(
     sink: K,
     stream: R,
     edge: Arc<Edge>,
     ip: std::net::IpAddr,
     encoding: Encoding,
+    emulated: Option<Emulated>,
 ) where
     K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
     R: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
@@ -338,6 +285,7 @@ pub(crate) async fn serve_on<K, R>(
         pong_deadline: None,
         kick: None,
         encoding,
+        emulated: emulated.map(Box::new),
         edge,
     };
     let metrics = session.node().metrics().clone();
@@ -365,20 +313,15 @@ impl Session {
         &self.edge.node
     }
 
+    /// The loop: the first of a shutdown, a slow mark, a server-API `disconnect`, a timer, the
+    /// reply of a publish, a client message and a hub delivery is acted on, until one of them ends
+    /// the session; then the socket is closed.
     async fn run<K, R>(&mut self, mut sink: K, mut stream: R)
     where
         K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
         R: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
     {
-        let cfg = self.edge.config.clone();
-        let cfg = &cfg.client;
-        let ping_every = Duration::from_secs(cfg.ping_interval_secs);
-        let write_timeout = Duration::from_secs(cfg.write_timeout_secs);
-        let start = Instant::now();
-        let mut timers = Timers {
-            connect_by: start + Duration::from_secs(cfg.connect_timeout_secs),
-            next_ping: start + ping_every,
-        };
+        let mut timers = Timers::new(&self.edge.config.client);
         // One timer for all of the session's deadlines (connect, pong, token expiry, ping), set to
         // the earliest: an idle session carries one timer entry instead of four.
         let timer = tokio::time::sleep_until(timers.next(self));
@@ -386,7 +329,7 @@ impl Session {
         let shutdown = self.edge.shutdown.clone();
         let mailbox = self.mailbox.clone();
 
-        let close: Option<(u16, Utf8Bytes)> = loop {
+        let close: Close = loop {
             let due = timers.next(self);
             if timer.deadline() != due {
                 timer.as_mut().reset(due);
@@ -401,117 +344,139 @@ impl Session {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            let step = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break Some(code(Disconnect::SHUTDOWN)),
-                _ = mailbox.slow() => break Some(code(Disconnect::SLOW)),
-                (kick_code, reason) = kicked => break Some((kick_code, Utf8Bytes::from(reason))),
-                _ = &mut timer => {
-                    // The timer fired at its deadline: the earliest of them is due (in this order
-                    // when several are).
-                    let now = timer.deadline();
-                    if !self.connected && timers.connect_by <= now {
-                        break Some(code(Disconnect::STALE));
-                    }
-                    if self.pong_deadline.is_some_and(|at| at <= now) {
-                        break Some(code(Disconnect::NO_PONG));
-                    }
-                    if self.next_expiry.is_some_and(|at| at <= now) {
-                        let mut out = Vec::new();
-                        let flow = self.expire(&mut out);
-                        if !out.is_empty() && send_lines(&mut sink, self.encoding, &out, write_timeout).await.is_err() {
-                            break None;
-                        }
-                        if let Flow::Close(d) = flow {
-                            break Some(code(d));
-                        }
-                        continue;
-                    }
-                    // The ping is due. Missed pings are sent at once, one per period (as
-                    // `tokio::time::Interval` does by default).
-                    timers.next_ping += ping_every;
-                    if send_lines(&mut sink, self.encoding, &[self.encoding.ping()], write_timeout).await.is_err() {
-                        break None;
-                    }
-                    if self.connected && self.pong_deadline.is_none() {
-                        self.pong_deadline = Some(Instant::now() + Duration::from_secs(cfg.pong_timeout_secs));
-                    }
-                }
+                _ = shutdown.cancelled() => Break(Some(code(Disconnect::SHUTDOWN))),
+                _ = mailbox.slow() => Break(Some(code(Disconnect::SLOW))),
+                (kick_code, reason) = kicked => Break(Some((kick_code, Utf8Bytes::from(reason)))),
+                // The timer fired at its deadline: the earliest of them is due.
+                _ = &mut timer => self.on_timer(&mut sink, &mut timers, timer.deadline()).await,
                 Some(reply) = self.pending.next(), if !self.pending.is_empty() => {
-                    let line = reply.encode(self.encoding);
-                    if send_lines(&mut sink, self.encoding, &[line], write_timeout).await.is_err() {
-                        break None;
-                    }
+                    let line = [reply.encode(self.encoding)];
+                    written(send_lines(&mut sink, self.encoding, &line, timers.write_timeout).await)
                 }
-                message = stream.next() => match message {
-                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                        // JSON comes in text frames, Protobuf in binary ones.
-                        let frame: Bytes = match (self.encoding, message) {
-                            (Encoding::Json, Message::Text(text)) => Bytes::from(text),
-                            (Encoding::Protobuf, Message::Binary(bytes)) => bytes,
-                            _ => break Some(code(Disconnect::INAPPROPRIATE_PROTOCOL)),
-                        };
-                        let mut out = Vec::new();
-                        // Boxed: handling a command (subscribe, history, presence: database
-                        // queries) needs a large future, which an idle session need not carry.
-                        let flow = Box::pin(self.handle_frame(&frame, &mut out)).await;
-                        self.schedule_expiry();
-                        // The replies count against the outbound budget while they are written, so
-                        // the pushes that arrive meanwhile cannot take a whole budget more.
-                        let bytes: usize = out.iter().map(|l| l.len() + 1).sum();
-                        self.mailbox.hold(bytes);
-                        let sent = out.is_empty() || send_lines(&mut sink, self.encoding, &out, write_timeout).await.is_ok();
-                        self.mailbox.release(bytes);
-                        drop(out);
-                        self.held.clear();
-                        if !sent {
-                            break None;
-                        }
-                        if let Flow::Close(d) = flow {
-                            break Some(code(d));
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) | None => break None,
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        if is_capacity_error(e) {
-                            break Some((CLOSE_MESSAGE_TOO_BIG, Utf8Bytes::from_static("message size limit")));
-                        }
-                        break None;
-                    }
-                },
+                message = stream.next() => {
+                    self.on_message(&mut sink, message, timers.write_timeout).await
+                }
                 delivery = mailbox.recv() => {
-                    let mut out = Vec::new();
-                    let mut flow = self.deliver(&delivery, &mut out);
-                    // Drain what else is waiting, to write it with one flush.
-                    while matches!(flow, Flow::Continue) && out.len() < 256 {
-                        match mailbox.try_recv() {
-                            Some(d) => flow = self.deliver(&d, &mut out),
-                            None => break,
-                        }
-                    }
-                    if feed_all(&mut sink, out, write_timeout).await.is_err() {
-                        break None;
-                    }
-                    if let Flow::Close(d) = flow {
-                        break Some(code(d));
-                    }
+                    self.on_delivery(&mut sink, &delivery, timers.write_timeout).await
                 }
+            };
+            if let Break(close) = step {
+                break close;
             }
         };
         // Boxed: the closing steps' futures (timed writes within a timed drain) would otherwise
         // be part of every idle session's task.
-        Box::pin(self.finish(&mut sink, close, write_timeout)).await;
+        Box::pin(self.finish(&mut sink, close, timers.write_timeout)).await;
+    }
+
+    /// The timer fired at `now`: acts on the deadline due (the first of connect, pong, token
+    /// expiry and ping when several are).
+    async fn on_timer<K>(&mut self, sink: &mut K, timers: &mut Timers, now: Instant) -> Step
+    where
+        K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
+    {
+        if !self.connected && timers.connect_by <= now {
+            return Break(Some(code(Disconnect::STALE)));
+        }
+        if self.pong_deadline.is_some_and(|at| at <= now) {
+            return Break(Some(code(Disconnect::NO_PONG)));
+        }
+        if self.next_expiry.is_some_and(|at| at <= now) {
+            let mut out = Vec::new();
+            let flow = self.expire(&mut out);
+            if !out.is_empty() {
+                written(send_lines(sink, self.encoding, &out, timers.write_timeout).await)?;
+            }
+            return flow.step();
+        }
+        // The ping is due. Missed pings are sent at once, one per period (as
+        // `tokio::time::Interval` does by default).
+        timers.next_ping += timers.ping_every;
+        let ping = [self.encoding.ping()];
+        written(send_lines(sink, self.encoding, &ping, timers.write_timeout).await)?;
+        if self.connected && self.pong_deadline.is_none() {
+            self.pong_deadline = Some(Instant::now() + timers.pong_timeout);
+        }
+        Continue(())
+    }
+
+    /// A message from the client: a frame of commands (in text frames for JSON, binary ones for
+    /// Protobuf), or the end of the connection.
+    async fn on_message<K>(
+        &mut self,
+        sink: &mut K,
+        message: Option<Result<Message, axum::Error>>,
+        write_timeout: Duration,
+    ) -> Step
+    where
+        K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
+    {
+        let frame: Bytes = match (self.encoding, message) {
+            (Encoding::Json, Some(Ok(Message::Text(text)))) => Bytes::from(text),
+            (Encoding::Protobuf, Some(Ok(Message::Binary(bytes)))) => bytes,
+            (_, Some(Ok(Message::Text(_) | Message::Binary(_)))) => {
+                return Break(Some(code(Disconnect::INAPPROPRIATE_PROTOCOL)));
+            }
+            (_, Some(Ok(Message::Close(_))) | None) => return Break(None),
+            (_, Some(Ok(_))) => return Continue(()),
+            (_, Some(Err(e))) => {
+                if is_capacity_error(e) {
+                    let reason = Utf8Bytes::from_static("message size limit");
+                    return Break(Some((CLOSE_MESSAGE_TOO_BIG, reason)));
+                }
+                return Break(None);
+            }
+        };
+        let mut out = Vec::new();
+        // Boxed: handling a command (subscribe, history, presence: database queries) needs a large
+        // future, which an idle session need not carry.
+        let flow = Box::pin(self.handle_frame(&frame, &mut out)).await;
+        self.schedule_expiry();
+        // The replies count against the outbound budget while they are written, so the pushes that
+        // arrive meanwhile cannot take a whole budget more.
+        let bytes: usize = out.iter().map(|l| l.len() + 1).sum();
+        self.mailbox.hold(bytes);
+        let sent = out.is_empty()
+            || send_lines(sink, self.encoding, &out, write_timeout)
+                .await
+                .is_ok();
+        self.mailbox.release(bytes);
+        drop(out);
+        self.held.clear();
+        if !sent {
+            return Break(None);
+        }
+        flow.step()
+    }
+
+    /// A hub delivery, with what else waits in the mailbox, written with one flush.
+    async fn on_delivery<K>(
+        &mut self,
+        sink: &mut K,
+        delivery: &Delivery,
+        write_timeout: Duration,
+    ) -> Step
+    where
+        K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
+    {
+        let mut out = Vec::new();
+        let mut flow = self.deliver(delivery, &mut out);
+        while matches!(flow, Flow::Continue) && out.len() < 256 {
+            match self.mailbox.try_recv() {
+                Some(d) => flow = self.deliver(&d, &mut out),
+                None => break,
+            }
+        }
+        written(feed_all(sink, out, write_timeout).await)?;
+        flow.step()
     }
 
     /// Closes the socket: the replies of publishes in flight first on a shutdown, then the close
     /// frame with `close`'s code (none: the connection is already gone).
-    async fn finish<K>(
-        &mut self,
-        sink: &mut K,
-        close: Option<(u16, Utf8Bytes)>,
-        write_timeout: Duration,
-    ) where
+    async fn finish<K>(&mut self, sink: &mut K, close: Close, write_timeout: Duration)
+    where
         K: futures_util::Sink<Message, Error = axum::Error> + Unpin,
     {
         if close
@@ -549,15 +514,13 @@ impl Session {
     }
 }
 
-/// Seconds from now until `expires_at` (at least 1), for `expires`/`ttl` in replies.
+/// Seconds from now until `expires_at` (at least 1), for `expires`/`ttl` in replies: on the wall
+/// clock, as the token's `exp` was checked, since the SDK waits that long before it refreshes.
 pub(super) fn ttl(expires_at: Option<u64>) -> Option<u32> {
-    expires_at.map(|at| u32::try_from(at.saturating_sub(unix_now()).max(1)).unwrap_or(u32::MAX))
-}
-
-pub(super) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_secs());
+    expires_at.map(|at| u32::try_from(at.saturating_sub(now).max(1)).unwrap_or(u32::MAX))
 }
 
 pub(super) fn boxed(raw: &RawValue) -> Box<RawValue> {

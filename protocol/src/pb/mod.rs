@@ -66,113 +66,127 @@ impl Command {
     /// Parses one Protobuf `Command` (without its length prefix), by the same rules as
     /// [`Command::parse`]: one request with an id, a `send`, or nothing (a pong).
     pub fn parse_protobuf(message: &[u8]) -> Result<Self, CommandError> {
-        let raw = messages::Command::decode(message)?;
+        let mut raw = messages::Command::decode(message)?;
         let id = raw.id;
-        let mut requests: Vec<Request> = Vec::with_capacity(1);
-        let invalid = |name: &'static str| Request::Invalid {
-            name,
-            reason: NOT_JSON,
-        };
-        if let Some(r) = raw.connect {
-            requests.push(match json(&r.data) {
-                Ok(data) => Request::Connect(ConnectRequest {
-                    token: r.token,
-                    data,
-                    name: r.name,
-                    version: r.version,
-                    subs: r
-                        .subs
-                        .into_iter()
-                        .map(|(channel, s)| {
-                            let position = ServerSubRequest {
-                                recover: s.recover,
-                                epoch: s.epoch,
-                                offset: s.offset,
-                            };
-                            (channel, position)
-                        })
-                        .collect(),
-                }),
-                Err(()) => invalid("connect"),
-            });
-        }
-        if let Some(r) = raw.subscribe {
-            requests.push(match json(&r.data) {
-                Ok(data) => Request::Subscribe(SubscribeRequest {
-                    channel: r.channel,
-                    token: r.token,
-                    recoverable: r.recoverable,
-                    positioned: r.positioned,
-                    join_leave: r.join_leave,
-                    recover: r.recover,
-                    offset: r.offset,
-                    epoch: r.epoch,
-                    flag: r.flag,
-                    data,
-                    delta: r.delta,
-                    r#type: r.r#type,
-                }),
-                Err(()) => invalid("subscribe"),
-            });
-        }
-        if let Some(r) = raw.unsubscribe {
-            requests.push(Request::Unsubscribe(ChannelRequest { channel: r.channel }));
-        }
-        if let Some(r) = raw.publish {
-            requests.push(match json(&r.data) {
-                Ok(Some(data)) => Request::Publish(PublishRequest {
-                    channel: r.channel,
-                    data,
-                }),
-                _ => invalid("publish"),
-            });
-        }
-        if let Some(r) = raw.presence {
-            requests.push(Request::Presence(ChannelRequest { channel: r.channel }));
-        }
-        if let Some(r) = raw.presence_stats {
-            requests.push(Request::PresenceStats(ChannelRequest {
-                channel: r.channel,
-            }));
-        }
-        if let Some(r) = raw.history {
-            requests.push(Request::History(HistoryRequest {
-                channel: r.channel,
-                limit: i64::from(r.limit),
-                since: r.since.map(|s| StreamPosition {
-                    offset: s.offset,
-                    epoch: s.epoch,
-                }),
-                reverse: r.reverse,
-            }));
-        }
-        if raw.ping.is_some() {
-            requests.push(Request::Ping);
-        }
-        if let Some(r) = raw.rpc {
-            requests.push(match json(&r.data) {
-                Ok(data) => Request::Rpc(RpcRequest {
-                    method: r.method,
-                    data,
-                }),
-                Err(()) => invalid("rpc"),
-            });
-        }
-        if let Some(r) = raw.refresh {
-            requests.push(Request::Refresh(RefreshRequest { token: r.token }));
-        }
-        if let Some(r) = raw.sub_refresh {
-            requests.push(Request::SubRefresh(SubRefreshRequest {
-                channel: r.channel,
-                token: r.token,
-            }));
-        }
         // `send` is never answered: data that is not JSON is simply not kept.
-        let send = raw.send.map(|s| SendRequest {
+        let send = raw.send.take().map(|s| SendRequest {
             data: json(&s.data).ok().flatten(),
         });
-        Self::assemble(id, requests, send)
+        Self::assemble(id, requests(raw), send)
     }
+}
+
+/// A request whose JSON data is not JSON: answered with error 107.
+fn not_json(name: &'static str) -> Request {
+    Request::Invalid {
+        name,
+        reason: NOT_JSON,
+    }
+}
+
+/// The requests a `Command` carries, in the order of its fields (the JSON parser's order; more
+/// than one is refused by [`Command::assemble`]).
+fn requests(raw: messages::Command) -> Vec<Request> {
+    let mut requests: Vec<Request> = Vec::with_capacity(1);
+    requests.extend(raw.connect.map(connect_request));
+    requests.extend(raw.subscribe.map(subscribe_request));
+    if let Some(r) = raw.unsubscribe {
+        requests.push(Request::Unsubscribe(ChannelRequest { channel: r.channel }));
+    }
+    if let Some(r) = raw.publish {
+        requests.push(match json(&r.data) {
+            Ok(Some(data)) => Request::Publish(PublishRequest {
+                channel: r.channel,
+                data,
+            }),
+            _ => not_json("publish"),
+        });
+    }
+    if let Some(r) = raw.presence {
+        requests.push(Request::Presence(ChannelRequest { channel: r.channel }));
+    }
+    if let Some(r) = raw.presence_stats {
+        requests.push(Request::PresenceStats(ChannelRequest {
+            channel: r.channel,
+        }));
+    }
+    if let Some(r) = raw.history {
+        requests.push(Request::History(HistoryRequest {
+            channel: r.channel,
+            limit: i64::from(r.limit),
+            since: r.since.map(|s| StreamPosition {
+                offset: s.offset,
+                epoch: s.epoch,
+            }),
+            reverse: r.reverse,
+        }));
+    }
+    if raw.ping.is_some() {
+        requests.push(Request::Ping);
+    }
+    if let Some(r) = raw.rpc {
+        requests.push(match json(&r.data) {
+            Ok(data) => Request::Rpc(RpcRequest {
+                method: r.method,
+                data,
+            }),
+            Err(()) => not_json("rpc"),
+        });
+    }
+    if let Some(r) = raw.refresh {
+        requests.push(Request::Refresh(RefreshRequest { token: r.token }));
+    }
+    if let Some(r) = raw.sub_refresh {
+        requests.push(Request::SubRefresh(SubRefreshRequest {
+            channel: r.channel,
+            token: r.token,
+        }));
+    }
+    requests
+}
+
+fn connect_request(r: messages::ConnectRequest) -> Request {
+    let Ok(data) = json(&r.data) else {
+        return not_json("connect");
+    };
+    Request::Connect(ConnectRequest {
+        token: r.token,
+        data,
+        name: r.name,
+        version: r.version,
+        subs: r
+            .subs
+            .into_iter()
+            .map(|(channel, s)| {
+                let position = ServerSubRequest {
+                    recover: s.recover,
+                    epoch: s.epoch,
+                    offset: s.offset,
+                };
+                (channel, position)
+            })
+            .collect(),
+    })
+}
+
+fn subscribe_request(r: messages::SubscribeRequest) -> Request {
+    let Ok(data) = json(&r.data) else {
+        return not_json("subscribe");
+    };
+    Request::Subscribe(SubscribeRequest {
+        channel: r.channel,
+        token: r.token,
+        recoverable: r.recoverable,
+        positioned: r.positioned,
+        join_leave: r.join_leave,
+        recover: r.recover,
+        offset: r.offset,
+        epoch: r.epoch,
+        flag: r.flag,
+        data,
+        delta: r.delta,
+        r#type: r.r#type,
+    })
 }
 
 fn client_info(info: &ClientInfo) -> messages::ClientInfo {
@@ -248,6 +262,8 @@ pub fn encode_reply(r: &Reply<'_>) -> Vec<u8> {
                     .iter()
                     .map(|(channel, s)| (channel.clone(), subscribe_result(s)))
                     .collect(),
+                session: c.session.clone().unwrap_or_default(),
+                node: c.node.clone().unwrap_or_default(),
                 ..Default::default()
             });
         }
@@ -494,6 +510,55 @@ mod tests {
                 request: Request::Invalid { .. }
             }
         ));
+    }
+
+    /// A connect result; an emulated transport's names its session and node.
+    fn connect_result(emulated: bool) -> Reply<'static> {
+        let name = |s: &str| emulated.then(|| s.to_owned());
+        Reply::new(
+            1,
+            ReplyBody::Connect(crate::reply::ConnectResult {
+                client: "c".into(),
+                version: "v".into(),
+                ping: 25,
+                pong: true,
+                expires: false,
+                ttl: None,
+                subs: std::collections::BTreeMap::new(),
+                session: name("s1"),
+                node: name("n1"),
+            }),
+        )
+    }
+
+    #[test]
+    fn connect_replies_name_the_session_and_node_of_an_emulated_transport() {
+        let reply = connect_result(true).encode(Encoding::Protobuf);
+        let decoded = messages::Reply::decode_length_delimited(&reply[..]).unwrap();
+        let connect = decoded.connect.unwrap();
+        assert_eq!(
+            (
+                connect.session.as_str(),
+                connect.node.as_str(),
+                connect.ping
+            ),
+            ("s1", "n1", 25)
+        );
+        assert_eq!(
+            connect_result(true).to_json(),
+            r#"{"id":1,"connect":{"client":"c","version":"v","ping":25,"pong":true,"session":"s1","node":"n1"}}"#
+        );
+        // A WebSocket's: neither (in Protobuf, the fields' defaults).
+        let reply = connect_result(false).encode(Encoding::Protobuf);
+        let connect = messages::Reply::decode_length_delimited(&reply[..])
+            .unwrap()
+            .connect
+            .unwrap();
+        assert_eq!((connect.session.as_str(), connect.node.as_str()), ("", ""));
+        assert_eq!(
+            connect_result(false).to_json(),
+            r#"{"id":1,"connect":{"client":"c","version":"v","ping":25,"pong":true}}"#
+        );
     }
 
     #[test]
