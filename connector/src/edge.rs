@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::limits;
 use crate::node::Node;
-use crate::session::Clock;
 
 /// The state of the HTTP layer and of every session it starts.
 #[derive(Debug)]

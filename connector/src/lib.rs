@@ -44,13 +44,10 @@
 //! - [`session`]: one task per connection, generic over its transport, an adapter over the node
 //!   (parse, authorize, call the node, encode): the loop and its steps (`mod.rs`: timers, client
 //!   messages, hub deliveries, the close), dispatch and the channel commands (`commands.rs`), the
-//!   connection's identity and token expiry (`connect.rs`, on tokio's clock: `clock.rs`, so the
-//!   unit tests run it on paused time), subscriptions and delivery (`subscriptions.rs`:
+//!   connection's identity and token expiry (`connect.rs`, on the [`clock`], so the unit tests
+//!   run it on paused time), subscriptions and delivery (`subscriptions.rs`:
 //!   client-side and server-side, the pure offset/gap decision; `subs.rs`, the session's map of
 //!   them), typed replies and pushes encoded at the edge (`encode.rs`), pings, close codes.
-//! - [`emulation`]: the HTTP-streaming and SSE transports (`stream.rs`) and `/emulation`
-//!   (`command.rs`), adapters onto the same session loop; the session names its id and node in
-//!   its typed connect reply.
 //! - [`auth`]: who a connection is (JWT connection and subscription tokens) and what it may do on a
 //!   channel (permissions from `channels[]`).
 //! - [`limits`]: publish and subscribe rates (per connection, per client IP, per user), the client
@@ -59,9 +56,13 @@
 //!   webhook), called by the node: the envelope, one delivery with retries and its signature
 //!   (`delivery.rs`), the AWS SDK clients (`lambda.rs`), the outcome contract (`outcome.rs`).
 //! - [`demo`]: the demo token endpoint (off by default).
-//! - [`http`]: the accept loop (handshake timeout, cap on connections not yet WebSockets, socket
-//!   options, closes that are not overtaken by a reset) and the router (WebSocket, `/healthz`,
-//!   `/readyz`, `/metrics`).
+//! - [`http`]: the router (WebSocket, `/healthz`, `/readyz`, `/metrics`, and the routes of the
+//!   page, the API, the demo and the emulation); `accept.rs`, the accept loop (handshake timeout,
+//!   cap on connections not yet WebSockets, socket options, closes that are not overtaken by a
+//!   reset, each request's connection metadata); `emulation/`, the HTTP-streaming and SSE
+//!   transports (`stream.rs`) and `/emulation` (`command.rs`), adapters onto the same session
+//!   loop (the session names its id and node in its typed connect reply).
+//! - [`clock`]: Unix time on tokio's clock (token expiry), so tests can pause time.
 //! - [`page`]: the chat page at `/` (static files built into the binary).
 //! - [`presence`]: channel members on every node behind a small [`presence::PresenceStore`]
 //!   (PostgreSQL or in memory: join, leave, members, stats, counts, and a node's members for the
@@ -82,8 +83,39 @@
 //! `api` → `node` → `rules` / `db` / `presence` / `cluster`. `config` and `protocol` import
 //! no feature.
 //!
-//! Not yet in this shape (issue 10): [`auth::connect`] keeps a `&Config` adapter over
-//! [`auth::connect_with`] for the session.
+//! Checked by a script over `use crate::…` paths: no two top-level modules import each other,
+//! directly or through others.
+//!
+//! # Against the architecture review (`shared/reviews/architecture.md`)
+//! 1. *No `Node`; session and API each implement publish, history, presence*: gone — [`node`]
+//!    owns the operations, the session and the API are adapters; `AppState` is gone.
+//! 2. *Config not a leaf*: gone — [`config`] imports only [`error`]; parsed once into ready types.
+//!    Two composition points keep the whole validated `Config` (an `Arc`, read-only): the node
+//!    (its operations cross sections: a publish reads `rules`, `mappings` and `retention`) and
+//!    the [`Edge`] (sessions read `client`, `channels` and `auth`); every feature below them takes
+//!    its section.
+//! 3. *Presence three jobs, owns the session registry*: gone — [`presence`] (a small store: join, leave,
+//!    members, stats, counts, a node's members),
+//!    [`cluster`] (registry, heartbeat, typed events), the hub indexes sessions by user; join and
+//!    leave are their own `hub::Delivery`; the store suite is compiled only for tests
+//!    (`test-util`).
+//! 4. *Two LISTEN stacks on a second driver, a hand-built TLS layer*: one LISTEN connection per
+//!    node ([`db::listener`]), one backoff, typed events. Kept on purpose: tokio-postgres (the
+//!    driver the project's owners chose; sqlx's `PgListener` would replace it) and therefore
+//!    `db/tls.rs`, the adapter that gives it libpq's `sslmode`/`sslrootcert` meaning from the same
+//!    URL as the pool — tokio-postgres has no `verify-*` modes or `sslrootcert`.
+//! 5. *A monolithic session, replies spliced as strings*: gone — `session/` generic over its
+//!    transport, typed replies and pushes encoded at the edge, a registration guard, unit tests of
+//!    the offset/gap/recovery decision and of the loop on paused time (pings, expiry).
+//! 6. *Everything `pub`, hand-rolled metrics*: gone — `unreachable_pub` below, `prometheus-client`,
+//!    `subtle`, `humantime`, `parking_lot`, `cargo deny`. Kept on purpose: [`backoff`] instead of
+//!    `backon` (the review's alternative: one shared policy of a few lines, used by the listener and
+//!    the rules; no retry combinators are needed), the token bucket in [`limits`] (the review: fine as
+//!    is).
+//! 7. *Tests leak databases, bundle scenarios, three harnesses*: gone — test databases are dropped
+//!    on panic (a `Drop` guard, as `#[sqlx::test]` does, kept so the same helper also serves the
+//!    throwaway `wal_level = logical` clusters), one test per behaviour, a clock seam, one Python
+//!    harness (`tests-support/relaytest`), the benchmark in its own crate (`bench/`).
 
 // `pub` is the library's surface (what the binary, the tests, the fuzz targets and the examples
 // use); everything else is `pub(crate)`. On the crate, not in `[workspace.lints]`: test support
@@ -94,12 +126,12 @@ pub(crate) mod api;
 pub mod auth;
 pub(crate) mod backoff;
 pub mod capture;
+pub(crate) mod clock;
 pub mod cluster;
 pub mod config;
 pub mod db;
 pub(crate) mod demo;
 mod edge;
-pub(crate) mod emulation;
 pub mod error;
 pub(crate) mod http;
 pub(crate) mod hub;

@@ -32,8 +32,6 @@ use serde_json::value::RawValue;
 pub use permissions::{Access, ChannelRule, Level, Op};
 pub use verifier::{AuthConfig, TokenError, Verifier};
 
-use crate::config::Config;
-
 /// The authenticated identity of a connection.
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
@@ -106,20 +104,9 @@ pub const CONNECTION_EXPIRED: Disconnect = Disconnect {
     reason: "connection expired",
 };
 
-/// Decides whether a `connect` with `token` is accepted, and as whom (`client.allow_anonymous` from
-/// `config`). A thin adapter over [`connect_with`] kept for the session until it takes its settings
-/// by section.
+/// Decides whether a `connect` with `token` is accepted, and as whom; `allow_anonymous`
+/// (`client.allow_anonymous`) admits connections without a token or without a user.
 pub async fn connect(
-    config: &Config,
-    verifier: &Verifier,
-    token: &str,
-) -> Result<Identity, ConnectError> {
-    connect_with(config.client.allow_anonymous, verifier, token).await
-}
-
-/// Decides whether a `connect` with `token` is accepted, and as whom; `allow_anonymous` admits
-/// connections without a token or without a user.
-pub async fn connect_with(
     allow_anonymous: bool,
     verifier: &Verifier,
     token: &str,

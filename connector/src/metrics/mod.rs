@@ -241,7 +241,5 @@ fn register_wal(r: &mut Registry, capture: &CaptureStatus) {
     );
 }
 
-/// Bucket upper bounds of the delivery lag histogram, in seconds.
-pub const LAG_BUCKETS: [f64; 13] = [
-    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+/// Bucket upper bounds of the delivery lag histogram, in seconds (the histogram is the stream's).
+pub use crate::db::stream::LAG_BUCKETS;

@@ -14,7 +14,13 @@ impl Session {
         request: ConnectRequest,
         out: &mut Out,
     ) -> Flow {
-        match auth::connect(&self.edge.config, &self.edge.verifier, &request.token).await {
+        match auth::connect(
+            self.edge.config.client.allow_anonymous,
+            &self.edge.verifier,
+            &request.token,
+        )
+        .await
+        {
             Ok(identity) => {
                 let ttl = ttl(identity.expires_at);
                 self.identity = identity;

@@ -22,7 +22,7 @@
 //! - this file: the session's state, [`serve`] and the loop: [`Session::run`] waits for the next
 //!   event (shutdown, kick, timer, publish reply, client message, hub delivery) and hands it to
 //!   its step (`on_timer`, `on_message`, `on_delivery`), then [`Session::finish`] closes;
-//! - `clock`: Unix time on tokio's clock ([`Clock`]), for token expiry;
+//! - [`Clock`] (`crate::clock`): Unix time on tokio's clock, for token expiry;
 //! - `subs`: the session's subscriptions by channel (a vector while few, a map beyond);
 //! - `commands`: the dispatch of a frame's commands, and the channel commands (unsubscribe,
 //!   publish, rpc, history, presence), each building a typed [`relay_protocol::Reply`] and encoding
@@ -37,7 +37,6 @@
 //!   socket and no database: connect, ping/pong and the close codes of refused frames, per encoding,
 //!   and the timers (ping, pong, connect, token expiry and refresh) on paused time.
 
-mod clock;
 mod commands;
 mod connect;
 mod encode;
@@ -75,7 +74,6 @@ use crate::hub::{Delivery, DeltaFrames, Frames, Mailbox, Subscriber};
 use crate::limits::TokenBucket;
 use crate::node::{Node, NodeError};
 
-pub(crate) use clock::Clock;
 use encode::{feed_all, send_lines};
 use subs::Subs;
 use subscriptions::SubState;

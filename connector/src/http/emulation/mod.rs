@@ -53,7 +53,7 @@ use relay_protocol::reply::Encoding;
 use tokio::sync::mpsc;
 
 use crate::edge::Edge;
-use crate::http::ConnMeta;
+use crate::http::accept::ConnMeta;
 
 /// Command frames waiting for their session (each up to `client.max_message_bytes`).
 const INBOUND_FRAMES: usize = 16;

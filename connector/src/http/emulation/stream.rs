@@ -25,7 +25,7 @@ use super::{
     preflight, random_id, with_cors,
 };
 use crate::edge::Edge;
-use crate::http::ConnMeta;
+use crate::http::accept::ConnMeta;
 use crate::session::Emulated;
 
 /// How a stream frames what the session sends.
