@@ -11,17 +11,51 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{
+    ApiConfig, AuthConfig, ChannelRule, ChannelRules, ClientConfig, Config, DemoConfig,
+};
 use crate::limits;
 use crate::node::Node;
+
+/// The sections of the configuration the HTTP layer and its sessions read: the edge takes these,
+/// never the whole `Config`.
+#[derive(Debug, Clone)]
+pub(crate) struct EdgeConfig {
+    /// Connection limits, rates, timers, origins (`client`).
+    pub(crate) client: ClientConfig,
+    /// Channel permissions (`channels[]`).
+    pub(crate) channels: ChannelRules<ChannelRule>,
+    /// Token settings (`auth`).
+    pub(crate) auth: AuthConfig,
+    /// The server API's key (`api`).
+    pub(crate) api: ApiConfig,
+    /// The demo token endpoint (`demo`).
+    pub(crate) demo: DemoConfig,
+    /// How long sessions get to finish at shutdown (`shutdown_grace_secs`).
+    pub(crate) shutdown_grace_secs: u64,
+}
+
+impl EdgeConfig {
+    /// The sections of `config` the edge reads.
+    pub(crate) fn of(config: &Config) -> Self {
+        Self {
+            client: config.client.clone(),
+            channels: config.channels.clone(),
+            auth: config.auth.clone(),
+            api: config.api.clone(),
+            demo: config.demo.clone(),
+            shutdown_grace_secs: config.shutdown_grace_secs,
+        }
+    }
+}
 
 /// The state of the HTTP layer and of every session it starts.
 #[derive(Debug)]
 pub struct Edge {
     /// The channel operations and the services behind them.
     pub(crate) node: Arc<Node>,
-    /// The validated configuration (client limits, permissions, auth settings).
-    pub(crate) config: Arc<Config>,
+    /// The sections of the validated configuration it reads.
+    pub(crate) config: EdgeConfig,
     /// Verifies connection and subscription tokens.
     pub(crate) verifier: Verifier,
     /// Publish rates per client IP and per user, and the proxies whose `X-Forwarded-For` is
@@ -41,7 +75,7 @@ impl Edge {
     /// The edge of `node`, serving with `config`.
     pub(crate) fn new(
         node: Arc<Node>,
-        config: Arc<Config>,
+        config: EdgeConfig,
         verifier: Verifier,
         shutdown: CancellationToken,
         tracker: TaskTracker,

@@ -38,9 +38,10 @@
 //!   holds publications and rpc calls (a rule's target, or the history); `sessions.rs` what a
 //!   session registers (its registration for disconnect orders, hub subscriptions, presence
 //!   memberships). Each answers with a reply error or a disconnect.
-//! - [`edge`]: what only the HTTP layer and its sessions need ([`Edge`]): the node, the configuration
-//!   a session runs with, the token verifier, per-IP and per-user publish rates, connection slots,
-//!   the shutdown token and the task tracker, and the clock of token expiry.
+//! - [`edge`]: what only the HTTP layer and its sessions need ([`Edge`]): the node, the
+//!   configuration sections a session runs with (`EdgeConfig`), the token verifier, per-IP and
+//!   per-user publish rates, connection slots, the shutdown token and the task tracker, and the
+//!   clock of token expiry.
 //! - [`session`]: one task per connection, generic over its transport, an adapter over the node
 //!   (parse, authorize, call the node, encode): the loop and its steps (`mod.rs`: timers, client
 //!   messages, hub deliveries, the close), dispatch and the channel commands (`commands.rs`), the
@@ -90,10 +91,9 @@
 //! 1. *No `Node`; session and API each implement publish, history, presence*: gone — [`node`]
 //!    owns the operations, the session and the API are adapters; `AppState` is gone.
 //! 2. *Config not a leaf*: gone — [`config`] imports only [`error`]; parsed once into ready types.
-//!    Two composition points keep the whole validated `Config` (an `Arc`, read-only): the node
-//!    (its operations cross sections: a publish reads `rules`, `mappings` and `retention`) and
-//!    the [`Edge`] (sessions read `client`, `channels` and `auth`); every feature below them takes
-//!    its section.
+//!    Every feature takes its sections, never the whole `Config`: the node a `NodeConfig` (client
+//!    limits, rules, rpc, mappings, retention), the edge an `EdgeConfig` (client, channels, auth,
+//!    api, demo, shutdown grace); only [`run`] and the binary see the whole.
 //! 3. *Presence three jobs, owns the session registry*: gone — [`presence`] (a small store: join, leave,
 //!    members, stats, counts, a node's members),
 //!    [`cluster`] (registry, heartbeat, typed events), the hub indexes sessions by user; join and
@@ -199,7 +199,7 @@ pub async fn run(
     .await?;
     let edge = Edge::new(
         started.node,
-        config,
+        edge::EdgeConfig::of(&config),
         verifier,
         token.clone(),
         tracker.clone(),
@@ -328,7 +328,7 @@ async fn start(
         metrics: metrics.clone(),
     }));
     let node = Arc::new(Node::new(node::Parts {
-        config: config.clone(),
+        config: node_config(config),
         pool: pool.clone(),
         hub: hub.clone(),
         presence: presence.clone(),
@@ -432,6 +432,17 @@ fn spawn_capture(
 
 /// A pool of two connections on the configured database, for a task that must not wait behind the
 /// sessions' queries.
+/// The sections of `config` the node reads.
+pub(crate) fn node_config(config: &Config) -> node::NodeConfig {
+    node::NodeConfig {
+        client: config.client.clone(),
+        rules: config.rules.clone(),
+        rpc: config.rpc.clone(),
+        mappings: config.mappings.clone(),
+        retention: config.retention.clone(),
+    }
+}
+
 fn small_pool(config: &Config) -> Result<sqlx::PgPool> {
     db::pool(&config::DatabaseConfig {
         pool_size: 2,

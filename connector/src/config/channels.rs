@@ -126,6 +126,15 @@ pub enum DeltaType {
     Fossil,
 }
 
+impl ChannelRules<ChannelRule> {
+    /// Whether subscriptions to `channel` may negotiate `delta` (its entry's
+    /// `allowed_delta_types`).
+    pub fn delta_allowed(&self, channel: &str, delta: DeltaType) -> bool {
+        self.first_match(channel)
+            .is_some_and(|c| c.allowed_delta_types.contains(&delta))
+    }
+}
+
 impl PatternEntry for ChannelRule {
     fn channel(&self) -> &str {
         &self.channel

@@ -265,6 +265,13 @@ pub(crate) fn check_ident(field: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Whether `channel` is fed by one of `mappings` (such channels take no client publications).
+pub fn is_table_channel(mappings: &[Mapping], channel: &str) -> bool {
+    mappings
+        .iter()
+        .any(|m| m.channel.pattern().matches(channel))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,7 +45,8 @@ pub use self::client::{Cidr, ClientConfig};
 pub use self::database::{DatabaseConfig, StreamConfig};
 pub use self::demo::DemoConfig;
 pub use self::mappings::{
-    ChannelTemplate, Mapping, Operation, TemplatePart, is_ident, mapping_pattern, parse_template,
+    ChannelTemplate, Mapping, Operation, TemplatePart, is_ident, is_table_channel, mapping_pattern,
+    parse_template,
 };
 pub use self::presence::{Engine, PresenceConfig, PresenceRule};
 pub use self::retention::{RetentionConfig, RetentionRule};
@@ -235,16 +236,12 @@ impl Config {
     /// Whether subscriptions to `channel` may negotiate `delta` (its `channels[]` entry's
     /// `allowed_delta_types`).
     pub fn delta_allowed(&self, channel: &str, delta: DeltaType) -> bool {
-        self.channels
-            .first_match(channel)
-            .is_some_and(|c| c.allowed_delta_types.contains(&delta))
+        self.channels.delta_allowed(channel, delta)
     }
 
     /// Whether `channel` is fed by a table mapping (such channels are never publishable by clients).
     pub fn is_table_channel(&self, channel: &str) -> bool {
-        self.mappings
-            .iter()
-            .any(|m| m.channel.pattern().matches(channel))
+        mappings::is_table_channel(&self.mappings, channel)
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::capture::CaptureStatus;
 use crate::cluster::{Cluster, DisconnectOrder};
-use crate::config::Config;
+use crate::config::{ChannelRules, ClientConfig, Mapping, RetentionConfig, Rule};
 use crate::db::history::{self, Bound, Keep, StreamSlice};
 use crate::db::stream::StreamStatus;
 use crate::hub::Hub;
@@ -152,10 +152,26 @@ pub(crate) struct Position {
     pub(crate) delivered: u64,
 }
 
+/// The sections of the configuration the node's operations read: the node takes these, never the
+/// whole `Config`.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeConfig {
+    /// History and recovery limits and the reply allowance (`client`).
+    pub(crate) client: ClientConfig,
+    /// Where client publications go (`rules[]`).
+    pub(crate) rules: ChannelRules<Rule>,
+    /// Where rpc calls go (`rpc[]`, by method).
+    pub(crate) rpc: ChannelRules<Rule>,
+    /// The mapped tables (`mappings[]`): their channels take no client publications.
+    pub(crate) mappings: Vec<Mapping>,
+    /// History retention (`retention`).
+    pub(crate) retention: RetentionConfig,
+}
+
 /// The services of a running connector and the channel operations over them.
 #[derive(Debug)]
 pub(crate) struct Node {
-    config: Arc<Config>,
+    config: NodeConfig,
     pool: PgPool,
     hub: Arc<Hub>,
     presence: Arc<Presence>,
@@ -176,7 +192,7 @@ pub(crate) struct Node {
 /// What a node is built from.
 #[derive(Debug)]
 pub(crate) struct Parts {
-    pub(crate) config: Arc<Config>,
+    pub(crate) config: NodeConfig,
     pub(crate) pool: PgPool,
     pub(crate) hub: Arc<Hub>,
     pub(crate) presence: Arc<Presence>,

@@ -64,12 +64,12 @@ fn publish_failed(channel: &str, e: &crate::Error) -> ReplyError {
 impl Node {
     /// Whether `channel` has a publish rule (its publications go to the rule's target).
     pub(crate) fn has_rule(&self, channel: &str) -> bool {
-        self.config.rule_for(channel).is_some()
+        self.config.rules.first_match(channel).is_some()
     }
 
     /// Whether `channel` carries table changes (no client publishes there).
     pub(crate) fn is_table_channel(&self, channel: &str) -> bool {
-        self.config.is_table_channel(channel)
+        crate::config::is_table_channel(&self.config.mappings, channel)
     }
 
     /// Accepts `data` for publishing on `channel` (a valid name) by `publisher`: on a channel with
@@ -81,7 +81,7 @@ impl Node {
         data: Box<RawValue>,
         publisher: Publisher,
     ) -> NodeResult<Publication> {
-        let rule = self.config.rule_for(&channel).cloned();
+        let rule = self.config.rules.first_match(&channel).cloned();
         let name = match &rule {
             Some(_) => {
                 let named: NamedData<'_> = serde_json::from_str(data.get()).map_err(|_| {
@@ -169,7 +169,8 @@ impl Node {
     /// The `rpc[]` rule of `method`; 108 for a method without one.
     pub(crate) fn rpc_rule(&self, method: &str) -> NodeResult<Rule> {
         self.config
-            .rpc_rule_for(method)
+            .rpc
+            .first_match(method)
             .cloned()
             .ok_or_else(|| ErrorCode::NotAvailable.into())
     }

@@ -148,6 +148,7 @@ impl Session {
             && self
                 .edge
                 .config
+                .channels
                 .delta_allowed(&channel, crate::config::DeltaType::Fossil);
         if self.subs.contains_key(&channel) {
             return Err(ReplyError::from(ErrorCode::AlreadySubscribed).into());

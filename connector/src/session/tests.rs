@@ -55,7 +55,7 @@ async fn state_with(overrides: serde_json::Value) -> Arc<Edge> {
         metrics: metrics.clone(),
     }));
     let node = crate::node::Node::new(crate::node::Parts {
-        config: config.clone(),
+        config: crate::node_config(&config),
         pool,
         metrics,
         hub,
@@ -68,7 +68,7 @@ async fn state_with(overrides: serde_json::Value) -> Arc<Edge> {
     });
     Arc::new(Edge::new(
         Arc::new(node),
-        config,
+        crate::edge::EdgeConfig::of(&config),
         verifier,
         CancellationToken::new(),
         TaskTracker::new(),
