@@ -268,6 +268,25 @@ pub enum Outcome {
     Rejected(String),
 }
 
+impl Outcome {
+    /// `done` when the statement changed its one row (`rows_affected`), else `Duplicate` with
+    /// `reason`: its conflict clause kept what was already there.
+    fn one_row_or_duplicate(
+        rows_affected: u64,
+        done: Self,
+        reason: impl FnOnce() -> String,
+    ) -> Self {
+        if rows_affected == 1 {
+            done
+        } else {
+            Self::Duplicate(reason())
+        }
+    }
+}
+
+/// Why a room or direct message was not inserted: its id is taken.
+const MESSAGE_EXISTS: &str = "a message with this id already exists";
+
 /// The two parties of a conversation in channel order (`user_a < user_b`).
 pub fn pair(x: &str, y: &str) -> (String, String) {
     if x < y {
@@ -340,11 +359,9 @@ async fn create_room(
     .execute(&mut **tx)
     .await?
     .rows_affected();
-    Ok(if n == 1 {
-        Outcome::Inserted
-    } else {
-        Outcome::Duplicate(format!("room {room_id:?} already exists"))
-    })
+    Ok(Outcome::one_row_or_duplicate(n, Outcome::Inserted, || {
+        format!("room {room_id:?} already exists")
+    }))
 }
 
 /// `roomMsg`: the message, in a room that exists.
@@ -428,11 +445,9 @@ async fn direct_message(
     .execute(&mut **tx)
     .await?
     .rows_affected();
-    Ok(if n == 1 {
-        Outcome::Inserted
-    } else {
-        Outcome::Duplicate("a message with this id already exists".into())
-    })
+    Ok(Outcome::one_row_or_duplicate(n, Outcome::Inserted, || {
+        MESSAGE_EXISTS.into()
+    }))
 }
 
 async fn insert_room_message(
@@ -453,11 +468,9 @@ async fn insert_room_message(
     .execute(&mut **tx)
     .await?
     .rows_affected();
-    Ok(if n == 1 {
-        Outcome::Inserted
-    } else {
-        Outcome::Duplicate("a message with this id already exists".into())
-    })
+    Ok(Outcome::one_row_or_duplicate(n, Outcome::Inserted, || {
+        MESSAGE_EXISTS.into()
+    }))
 }
 
 async fn edit(
@@ -533,11 +546,9 @@ async fn read(
     .execute(&mut **tx)
     .await?
     .rows_affected();
-    Ok(if n == 1 {
-        Outcome::Updated
-    } else {
-        Outcome::Duplicate("a later message was already read".into())
-    })
+    Ok(Outcome::one_row_or_duplicate(n, Outcome::Updated, || {
+        "a later message was already read".into()
+    }))
 }
 
 #[cfg(test)]
