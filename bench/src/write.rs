@@ -9,9 +9,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::cli::{Mode, Opts, current_mode};
 use crate::harness::{BenchDb, Relay, config_json, connect, reset_wal};
-use crate::report::{
-    epoch_millis, loadavg, median, micros, pct, print_part_pressure, table,
-};
+use crate::report::{epoch_millis, loadavg, median, micros, pct, print_part_pressure, table};
 use crate::{ALGORITHM_B, INSERT_ROWS, SPREAD_CHANNELS, TEXT, WAKE_NOOP, WRITERS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
