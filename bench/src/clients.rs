@@ -54,10 +54,7 @@ pub(crate) async fn subscribe(
     // Wait for both replies.
     let mut replies = 0;
     while replies < 2 {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .context("no reply to connect/subscribe")?
-            .context("connection closed")??;
+        let msg = handshake_frame(&mut ws).await?;
         if let Message::Text(t) = msg {
             for line in t.as_str().split('\n') {
                 let v: Value = serde_json::from_str(line)?;
@@ -70,45 +67,96 @@ pub(crate) async fn subscribe(
             }
         }
     }
+    Ok(spawn_reader(ws, || Message::Text("{}".into()), scan_json))
+}
+
+/// The next frame while the connect and subscribe replies are awaited (10 s at most).
+async fn handshake_frame(ws: &mut WebSocket) -> Result<Message> {
+    Ok(tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .context("no reply to connect/subscribe")?
+        .context("connection closed")??)
+}
+
+/// A subscriber's reading state: the sink it fills, the last publication offset, and the frame
+/// being read (its arrival and the message ids of its publications).
+struct Reader {
+    sink: Arc<Sink>,
+    last_offset: Option<u64>,
+    now: Instant,
+    got: Vec<(String, Instant)>,
+}
+
+impl Reader {
+    /// A publication at `offset`: a gap unless it follows the previous one.
+    fn offset(&mut self, offset: u64) {
+        if let Some(prev) = self.last_offset
+            && offset != prev + 1
+        {
+            self.sink.offset_gaps.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_offset = Some(offset);
+    }
+
+    /// A publication with message id `id`, arrived with the frame.
+    fn id(&mut self, id: &str) {
+        self.got.push((id.to_owned(), self.now));
+    }
+}
+
+/// The task that reads `ws` into a new sink: `scan` reads one frame's publications into the reader
+/// and says whether the frame held a ping, answered with `pong()`.
+fn spawn_reader(
+    mut ws: WebSocket,
+    pong: fn() -> Message,
+    scan: fn(Message, &mut Reader) -> Result<bool>,
+) -> (Arc<Sink>, JoinHandle<Result<()>>) {
     let sink = Arc::new(Sink::default());
-    let s = sink.clone();
+    let mut reader = Reader {
+        sink: sink.clone(),
+        last_offset: None,
+        now: Instant::now(),
+        got: Vec::new(),
+    };
     let task = tokio::spawn(async move {
-        let mut last_offset: Option<u64> = None;
         while let Some(msg) = ws.next().await {
-            let Message::Text(t) = msg? else { continue };
-            let now = Instant::now();
-            let mut pong = false;
-            let mut got = Vec::new();
-            for line in t.as_str().split('\n') {
-                if line == "{}" {
-                    pong = true;
-                    continue;
-                }
-                // A cheap scan instead of a JSON parse: with 100 subscribers at thousands of rows/s
-                // this process must not become the bottleneck it measures.
-                if !line.contains("\"pub\":") {
-                    continue;
-                }
-                if let Some(off) = field_u64(line, "\"offset\":") {
-                    if let Some(prev) = last_offset
-                        && off != prev + 1
-                    {
-                        s.offset_gaps.fetch_add(1, Ordering::Relaxed);
-                    }
-                    last_offset = Some(off);
-                }
-                if let Some(id) = field_str(line, "\"msg_id\":") {
-                    got.push((id.to_owned(), now));
-                }
-            }
-            s.rows.lock().unwrap().extend(got);
-            if pong {
-                ws.send(Message::Text("{}".into())).await?;
+            reader.now = Instant::now();
+            let ping = scan(msg?, &mut reader)?;
+            let got = std::mem::take(&mut reader.got);
+            reader.sink.rows.lock().unwrap().extend(got);
+            if ping {
+                ws.send(pong()).await?;
             }
         }
         Ok(())
     });
-    Ok((sink, task))
+    (sink, task)
+}
+
+/// A JSON-protocol frame (newline-delimited replies; the ping is `{}`).
+fn scan_json(msg: Message, reader: &mut Reader) -> Result<bool> {
+    let Message::Text(t) = msg else {
+        return Ok(false);
+    };
+    let mut ping = false;
+    for line in t.as_str().split('\n') {
+        if line == "{}" {
+            ping = true;
+            continue;
+        }
+        // A cheap scan instead of a JSON parse: with 100 subscribers at thousands of rows/s this
+        // process must not become the bottleneck it measures.
+        if !line.contains("\"pub\":") {
+            continue;
+        }
+        if let Some(off) = field_u64(line, "\"offset\":") {
+            reader.offset(off);
+        }
+        if let Some(id) = field_str(line, "\"msg_id\":") {
+            reader.id(id);
+        }
+    }
+    Ok(ping)
 }
 
 /// A Protobuf-protocol WebSocket connected and subscribed to `channel` (both replies received).
@@ -140,10 +188,7 @@ async fn protobuf_connect(relay: &Relay, channel: &str) -> Result<WebSocket> {
     ws.send(Message::Binary(frame.into())).await?;
     let mut replies = 0;
     while replies < 2 {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .context("no reply to connect/subscribe")?
-            .context("connection closed")??;
+        let msg = handshake_frame(&mut ws).await?;
         if let Message::Binary(b) = msg {
             let mut rest = &b[..];
             while !rest.is_empty() {
@@ -166,46 +211,38 @@ pub(crate) async fn subscribe_protobuf(
     relay: &Relay,
     channel: &str,
 ) -> Result<(Arc<Sink>, JoinHandle<Result<()>>)> {
+    let ws = protobuf_connect(relay, channel).await?;
+    Ok(spawn_reader(
+        ws,
+        || Message::Binary(vec![0u8].into()),
+        scan_protobuf,
+    ))
+}
+
+/// A Protobuf-protocol frame (length-delimited replies; the ping is an empty `Reply`).
+fn scan_protobuf(msg: Message, reader: &mut Reader) -> Result<bool> {
     use prost::Message as _;
     use relay_protocol::pb::messages::Reply;
-    let mut ws = protobuf_connect(relay, channel).await?;
-    let sink = Arc::new(Sink::default());
-    let s = sink.clone();
-    let task = tokio::spawn(async move {
-        let mut last_offset: Option<u64> = None;
-        while let Some(msg) = ws.next().await {
-            let Message::Binary(b) = msg? else { continue };
-            let now = Instant::now();
-            let mut pong = false;
-            let mut got = Vec::new();
-            let mut rest = &b[..];
-            while !rest.is_empty() {
-                let reply = Reply::decode_length_delimited(&mut rest)?;
-                let Some(publication) = reply.push.and_then(|p| p.r#pub) else {
-                    pong |= reply.id == 0 && reply.error.is_none();
-                    continue;
-                };
-                if let Some(prev) = last_offset
-                    && publication.offset != prev + 1
-                {
-                    s.offset_gaps.fetch_add(1, Ordering::Relaxed);
-                }
-                last_offset = Some(publication.offset);
-                // The data is the JSON of the row: the same cheap scan as the JSON client's.
-                if let Ok(text) = std::str::from_utf8(&publication.data)
-                    && let Some(id) = field_str(text, "\"msg_id\":")
-                {
-                    got.push((id.to_owned(), now));
-                }
-            }
-            s.rows.lock().unwrap().extend(got);
-            if pong {
-                ws.send(Message::Binary(vec![0u8].into())).await?;
-            }
+    let Message::Binary(b) = msg else {
+        return Ok(false);
+    };
+    let mut ping = false;
+    let mut rest = &b[..];
+    while !rest.is_empty() {
+        let reply = Reply::decode_length_delimited(&mut rest)?;
+        let Some(publication) = reply.push.and_then(|p| p.r#pub) else {
+            ping |= reply.id == 0 && reply.error.is_none();
+            continue;
+        };
+        reader.offset(publication.offset);
+        // The data is the JSON of the row: the same cheap scan as the JSON client's.
+        if let Ok(text) = std::str::from_utf8(&publication.data)
+            && let Some(id) = field_str(text, "\"msg_id\":")
+        {
+            reader.id(id);
         }
-        Ok(())
-    });
-    Ok((sink, task))
+    }
+    Ok(ping)
 }
 
 /// The unsigned integer after `key` in `line`.

@@ -12,7 +12,7 @@ use sqlx::Connection;
 use crate::cli::Opts;
 use crate::clients::{Sink, raw_listener, subscribe, subscribe_protobuf};
 use crate::harness::{BenchDb, Relay, connect};
-use crate::report::{cpu_pressure, epoch_millis, median, micros, ms, pct, table};
+use crate::report::{epoch_millis, median, micros, ms, pct, print_part_pressure, table};
 use crate::{CHANNEL, INSERT_NOTIFY, INSERT_ONE, LAT_WRITERS, TEXT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -200,10 +200,7 @@ pub(crate) async fn latency_part(opts: &Opts) -> Result<()> {
     let db = BenchDb::create().await?;
     let r = latency_part_in(&db, opts).await;
     db.drop_db().await;
-    println!(
-        "(CPU pressure, PSI some avg60, after this part: {})",
-        cpu_pressure()
-    );
+    print_part_pressure();
     r
 }
 

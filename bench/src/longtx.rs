@@ -12,7 +12,7 @@ use crate::cli::Opts;
 use crate::clients::subscribe;
 use crate::harness::{BenchDb, Relay, connect};
 use crate::latency::{Joined, Path, collect, drive};
-use crate::report::{cpu_pressure, median, micros, ms, pct, table};
+use crate::report::{median, micros, ms, pct, print_part_pressure, table};
 
 /// What the long transaction is.
 #[derive(Debug, Clone, Copy)]
@@ -76,10 +76,7 @@ pub(crate) async fn longtx_part(opts: &Opts) -> Result<()> {
         other.drop_db().await;
     }
     db.drop_db().await;
-    println!(
-        "(CPU pressure, PSI some avg60, after this part: {})",
-        cpu_pressure()
-    );
+    print_part_pressure();
     r
 }
 

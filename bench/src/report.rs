@@ -85,6 +85,14 @@ pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Prints the CPU pressure at the end of a part of the benchmark.
+pub(crate) fn print_part_pressure() {
+    println!(
+        "(CPU pressure, PSI some avg60, after this part: {})",
+        cpu_pressure()
+    );
+}
+
 /// The share of time some task waited for a CPU over the last minute (Linux PSI), if available.
 pub(crate) fn cpu_pressure() -> String {
     std::fs::read_to_string("/proc/pressure/cpu")

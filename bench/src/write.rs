@@ -9,7 +9,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::cli::{Mode, Opts, current_mode};
 use crate::harness::{BenchDb, Relay, config_json, connect, reset_wal};
-use crate::report::{cpu_pressure, epoch_millis, loadavg, median, micros, pct, table};
+use crate::report::{epoch_millis, loadavg, median, micros, pct, print_part_pressure, table};
 use crate::{ALGORITHM_B, INSERT_ROWS, SPREAD_CHANNELS, TEXT, WAKE_NOOP, WRITERS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,10 +365,7 @@ pub(crate) async fn write_part(opts: &Opts) -> Result<()> {
     let db = BenchDb::create().await?;
     let r = write_part_in(&db, opts).await;
     db.drop_db().await;
-    println!(
-        "(CPU pressure, PSI some avg60, after this part: {})",
-        cpu_pressure()
-    );
+    print_part_pressure();
     r
 }
 

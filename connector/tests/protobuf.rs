@@ -14,7 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use relay_protocol::pb::messages::{
     Command, ConnectRequest, HistoryRequest, PresenceRequest, PresenceStatsRequest, PublishRequest,
-    Reply, SubscribeRequest,
+    Reply, SubscribeRequest, SubscribeResult,
 };
 use serde_json::{Value, json};
 use support::{Server, TestDb, config_json};
@@ -97,6 +97,17 @@ impl PbClient {
         self.ws.send(Message::Binary(frame.into())).await.unwrap();
     }
 
+    /// Subscribes with `request`; the subscribe result (a reply without one fails the test).
+    async fn subscribed(&mut self, request: SubscribeRequest) -> SubscribeResult {
+        self.call(Command {
+            subscribe: Some(request),
+            ..Default::default()
+        })
+        .await
+        .subscribe
+        .expect("subscribe result")
+    }
+
     async fn call(&mut self, mut command: Command) -> Reply {
         let id = self.next_id;
         self.next_id += 1;
@@ -147,15 +158,8 @@ impl PbClient {
 
     /// The next publication push on `channel`, its data parsed as JSON.
     async fn next_pub(&mut self, channel: &str) -> (u64, Value) {
-        loop {
-            let m = self.next_message().await;
-            if let Some(push) = m.push
-                && push.channel == channel
-                && let Some(p) = push.r#pub
-            {
-                return (p.offset, serde_json::from_slice(&p.data).unwrap());
-            }
-        }
+        let (offset, data) = self.next_pub_bytes(channel).await;
+        (offset, serde_json::from_slice(&data).unwrap())
     }
 
     /// The next publication push on `channel`: its offset and its data's bytes, as sent.
@@ -201,14 +205,7 @@ async fn protobuf_subscribers_receive_in_order_and_read_history() {
     let server = Server::start(&config_json(&db.url, json!({}))).await;
 
     let (mut c, _) = PbClient::connected(&server.ws_url(), Select::Subprotocol).await;
-    let sub = c
-        .call(Command {
-            subscribe: Some(subscribe("incoming-chat")),
-            ..Default::default()
-        })
-        .await
-        .subscribe
-        .expect("subscribe result");
+    let sub = c.subscribed(subscribe("incoming-chat")).await;
     assert!(sub.recoverable && sub.positioned);
     assert_eq!(sub.offset, 0);
     let epoch = sub.epoch.clone();
@@ -249,14 +246,7 @@ async fn protobuf_subscribers_receive_in_order_and_read_history() {
 /// inserted rows (`m1`, `m2`) and went away; the channel's epoch.
 async fn two_received_then_away(db: &TestDb, server: &Server) -> String {
     let (mut c, _) = PbClient::connected(&server.ws_url(), Select::Subprotocol).await;
-    let sub = c
-        .call(Command {
-            subscribe: Some(subscribe("incoming-chat")),
-            ..Default::default()
-        })
-        .await
-        .subscribe
-        .expect("subscribe result");
+    let sub = c.subscribed(subscribe("incoming-chat")).await;
     db.insert_chat("m1", "hello").await;
     db.insert_chat("m2", "world").await;
     c.next_pub("incoming-chat").await;
@@ -289,18 +279,13 @@ async fn protobuf_resubscribe_recovers_what_was_missed() {
     }
     let (mut c, _) = PbClient::connected(&server.ws_url(), Select::Query).await;
     let r = c
-        .call(Command {
-            subscribe: Some(SubscribeRequest {
-                recover: true,
-                offset: 2,
-                epoch: epoch.clone(),
-                ..subscribe("incoming-chat")
-            }),
-            ..Default::default()
+        .subscribed(SubscribeRequest {
+            recover: true,
+            offset: 2,
+            epoch: epoch.clone(),
+            ..subscribe("incoming-chat")
         })
-        .await
-        .subscribe
-        .expect("subscribe result");
+        .await;
     assert!(r.was_recovering && r.recovered, "{r:?}");
     let offsets: Vec<u64> = r.publications.iter().map(|p| p.offset).collect();
     assert_eq!(offsets, [3, 4]);
@@ -373,20 +358,8 @@ async fn presence_join_push_and_stats() {
         join_leave: true,
         ..subscribe(channel)
     };
-    a.call(Command {
-        subscribe: Some(join_leave("room:1")),
-        ..Default::default()
-    })
-    .await
-    .subscribe
-    .expect("subscribe");
-    b.call(Command {
-        subscribe: Some(join_leave("room:1")),
-        ..Default::default()
-    })
-    .await
-    .subscribe
-    .expect("subscribe");
+    a.subscribed(join_leave("room:1")).await;
+    b.subscribed(join_leave("room:1")).await;
     let join = loop {
         let m = a.next_message().await;
         if let Some(push) = m.push

@@ -21,6 +21,8 @@
 //! retried invocation reports `duplicate` and changes nothing.
 
 use serde::Deserialize;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::event::{ClientKind, InvalidMessage, Message, check_text};
@@ -268,6 +270,25 @@ pub enum Outcome {
     Rejected(String),
 }
 
+/// Runs `statement`, an insert or update of one row that its conflict clause may skip: `done` when
+/// it changed the row, else `Duplicate` with `reason` (what was already there is kept).
+async fn one_row_or_duplicate(
+    tx: &mut Transaction<'_, Postgres>,
+    statement: Query<'_, Postgres, PgArguments>,
+    done: Outcome,
+    reason: impl FnOnce() -> String,
+) -> Result<Outcome, sqlx::Error> {
+    let n = statement.execute(&mut **tx).await?.rows_affected();
+    Ok(if n == 1 {
+        done
+    } else {
+        Outcome::Duplicate(reason())
+    })
+}
+
+/// Why a room or direct message was not inserted: its id is taken.
+const MESSAGE_EXISTS: &str = "a message with this id already exists";
+
 /// The two parties of a conversation in channel order (`user_a < user_b`).
 pub fn pair(x: &str, y: &str) -> (String, String) {
     if x < y {
@@ -330,21 +351,17 @@ async fn create_room(
     room_id: &str,
     title: &str,
 ) -> Result<Outcome, sqlx::Error> {
-    let n = sqlx::query(
+    let statement = sqlx::query(
         "INSERT INTO chat_rooms (room_id, title, created_by) VALUES ($1, $2, $3) \
          ON CONFLICT (room_id) DO NOTHING",
     )
     .bind(room_id)
     .bind(title)
-    .bind(user)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(if n == 1 {
-        Outcome::Inserted
-    } else {
-        Outcome::Duplicate(format!("room {room_id:?} already exists"))
+    .bind(user);
+    one_row_or_duplicate(tx, statement, Outcome::Inserted, || {
+        format!("room {room_id:?} already exists")
     })
+    .await
 }
 
 /// `roomMsg`: the message, in a room that exists.
@@ -413,7 +430,7 @@ async fn direct_message(
             .execute(&mut **tx)
             .await?;
     }
-    let n = sqlx::query(
+    let statement = sqlx::query(
         "INSERT INTO chat_direct_messages \
          (msg_id, user_a, user_b, sender, recipient, body, created_at_ms) \
          VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (msg_id) DO NOTHING",
@@ -424,15 +441,8 @@ async fn direct_message(
     .bind(user)
     .bind(to)
     .bind(content)
-    .bind(action.created_at_ms)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(if n == 1 {
-        Outcome::Inserted
-    } else {
-        Outcome::Duplicate("a message with this id already exists".into())
-    })
+    .bind(action.created_at_ms);
+    one_row_or_duplicate(tx, statement, Outcome::Inserted, || MESSAGE_EXISTS.into()).await
 }
 
 async fn insert_room_message(
@@ -441,7 +451,7 @@ async fn insert_room_message(
     room_id: &str,
     content: &str,
 ) -> Result<Outcome, sqlx::Error> {
-    let n = sqlx::query(
+    let statement = sqlx::query(
         "INSERT INTO chat_messages (msg_id, room_id, author, body, created_at_ms) \
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (msg_id) DO NOTHING",
     )
@@ -449,15 +459,8 @@ async fn insert_room_message(
     .bind(room_id)
     .bind(&action.sender.id)
     .bind(content)
-    .bind(action.created_at_ms)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(if n == 1 {
-        Outcome::Inserted
-    } else {
-        Outcome::Duplicate("a message with this id already exists".into())
-    })
+    .bind(action.created_at_ms);
+    one_row_or_duplicate(tx, statement, Outcome::Inserted, || MESSAGE_EXISTS.into()).await
 }
 
 async fn edit(
@@ -518,7 +521,7 @@ async fn read(
             "no direct message {msg_id:?} sent to you"
         )));
     };
-    let n = sqlx::query(
+    let statement = sqlx::query(
         "INSERT INTO chat_receipts (user_a, user_b, reader, msg_id, read_seq) \
          VALUES ($1, $2, $3, $4, $5) \
          ON CONFLICT (user_a, user_b, reader) DO UPDATE \
@@ -529,15 +532,11 @@ async fn read(
     .bind(&b)
     .bind(user)
     .bind(msg_id)
-    .bind(seq)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(if n == 1 {
-        Outcome::Updated
-    } else {
-        Outcome::Duplicate("a later message was already read".into())
+    .bind(seq);
+    one_row_or_duplicate(tx, statement, Outcome::Updated, || {
+        "a later message was already read".into()
     })
+    .await
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ClusterEvent, ClusterStore, DisconnectOrder, NodeInfo};
-use crate::presence::{Join, Member, PresenceStore};
+use crate::presence::{Announcement, Join, Member, PresenceStore};
 
 fn member(client: &str, user: &str) -> Member {
     Member {
@@ -64,8 +64,10 @@ fn order(user: &str, client: Option<&str>, code: u32) -> DisconnectOrder {
 
 fn describe(e: &ClusterEvent) -> (&'static str, String, String) {
     match e {
-        ClusterEvent::Join { channel, member } => ("join", channel.clone(), member.client.clone()),
-        ClusterEvent::Leave { channel, member } => {
+        ClusterEvent::Presence(Announcement::Join { channel, member }) => {
+            ("join", channel.clone(), member.client.clone())
+        }
+        ClusterEvent::Presence(Announcement::Leave { channel, member }) => {
             ("leave", channel.clone(), member.client.clone())
         }
         ClusterEvent::Disconnect(o) => ("disconnect", String::new(), o.user.clone()),

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ClusterEvent, ClusterStore, DisconnectOrder, NodeInfo};
 use crate::error::Result;
-use crate::presence::memory::{Announcement, MemoryStore};
+use crate::presence::memory::MemoryStore;
 
 /// The node registry and event bus of one process.
 #[derive(Debug)]
@@ -29,15 +29,6 @@ impl MemoryCluster {
         Self {
             store,
             orders: Mutex::default(),
-        }
-    }
-}
-
-impl From<Announcement> for ClusterEvent {
-    fn from(a: Announcement) -> Self {
-        match a {
-            Announcement::Join { channel, member } => Self::Join { channel, member },
-            Announcement::Leave { channel, member } => Self::Leave { channel, member },
         }
     }
 }
@@ -84,7 +75,7 @@ impl ClusterStore for MemoryCluster {
                 let Some(announcement) = announcement else {
                     return;
                 };
-                if sink.send(announcement.into()).is_err() {
+                if sink.send(ClusterEvent::Presence(announcement)).is_err() {
                     return;
                 }
             }

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Result;
 use crate::hub::{Hub, JoinLeave};
 use crate::metrics::Metrics;
-use crate::presence::{Member, Presence};
+use crate::presence::{Announcement, Member, Presence};
 
 /// A server-API order to close connections of a user, carried to every node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,20 +53,8 @@ pub struct DisconnectOrder {
 /// What one node tells every node (itself included).
 #[derive(Debug, Clone)]
 pub enum ClusterEvent {
-    /// `member` joined `channel`'s presence (announced).
-    Join {
-        /// The channel.
-        channel: String,
-        /// Who.
-        member: Member,
-    },
-    /// `member` left `channel`'s presence.
-    Leave {
-        /// The channel.
-        channel: String,
-        /// Who.
-        member: Member,
-    },
+    /// A presence join or leave (announced by the presence store).
+    Presence(Announcement),
     /// Close connections of a user.
     Disconnect(DisconnectOrder),
 }
@@ -268,8 +256,10 @@ impl Cluster {
     /// sessions they name.
     fn handle(&self, event: ClusterEvent) {
         match event {
-            ClusterEvent::Join { channel, member } => self.push(&channel, JoinLeave::Join, &member),
-            ClusterEvent::Leave { channel, member } => {
+            ClusterEvent::Presence(Announcement::Join { channel, member }) => {
+                self.push(&channel, JoinLeave::Join, &member);
+            }
+            ClusterEvent::Presence(Announcement::Leave { channel, member }) => {
                 self.push(&channel, JoinLeave::Leave, &member);
             }
             ClusterEvent::Disconnect(order) => {

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::{ClusterEvent, ClusterStore, DisconnectOrder, NodeInfo};
 use crate::db::listener::{ListenEvent, Listener};
 use crate::error::Result;
-use crate::presence::Member;
+use crate::presence::{Announcement, Member};
 
 /// The notification channel of presence events and disconnect orders.
 pub const CHANNEL: &str = "relay_presence";
@@ -243,14 +243,14 @@ fn parse(payload: &str) -> Option<ClusterEvent> {
         chan_info: i.chan_info.map(Arc::from),
     };
     match (p.k.as_str(), p.i, p.d) {
-        ("join", Some(i), _) => Some(ClusterEvent::Join {
+        ("join", Some(i), _) => Some(ClusterEvent::Presence(Announcement::Join {
             channel: p.c,
             member: member(i),
-        }),
-        ("leave", Some(i), _) => Some(ClusterEvent::Leave {
+        })),
+        ("leave", Some(i), _) => Some(ClusterEvent::Presence(Announcement::Leave {
             channel: p.c,
             member: member(i),
-        }),
+        })),
         ("disconnect", _, Some(order)) => Some(ClusterEvent::Disconnect(order)),
         _ => None,
     }
@@ -264,7 +264,7 @@ mod tests {
     fn payloads_parse() {
         let e = parse(r#"{"k":"join","c":"ch","i":{"user":"u","client":"c","chan_info":{"a":1}}}"#);
         assert!(
-            matches!(e, Some(ClusterEvent::Join { ref channel, ref member })
+            matches!(e, Some(ClusterEvent::Presence(Announcement::Join { ref channel, ref member }))
             if channel == "ch" && member.client == "c" && member.chan_info.as_deref().map(RawValue::get) == Some(r#"{"a":1}"#))
         );
         let e = parse(

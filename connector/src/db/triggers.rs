@@ -359,19 +359,7 @@ async fn drop_unowned(
     owned: &HashSet<String>,
     report: &mut SyncReport,
 ) -> Result<()> {
-    let existing: Vec<(String, String, String)> = sqlx::query_as(
-        r"SELECT n.nspname::text, c.relname::text, t.tgname::text
-          FROM pg_trigger t
-          JOIN pg_class c ON c.oid = t.tgrelid
-          JOIN pg_namespace n ON n.oid = c.relnamespace
-          JOIN pg_proc p ON p.oid = t.tgfoid
-          JOIN pg_namespace pn ON pn.oid = p.pronamespace
-          WHERE NOT t.tgisinternal AND pn.nspname = 'relay' AND p.proname LIKE 'capture\_%'
-          ORDER BY 1, 2, 3",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    for (schema, table, trigger) in &existing {
+    for (schema, table, trigger) in capture_triggers(&mut *conn).await? {
         let name = format!("{schema}.{table}.{trigger}");
         if wanted.contains(&name) {
             continue;
@@ -380,17 +368,40 @@ async fn drop_unowned(
             report.kept.push(name);
             continue;
         }
-        // Names come from the catalog; quote them (doubling any quote) rather than trust them.
-        sqlx::query(&format!(
-            "DROP TRIGGER IF EXISTS {} ON {}.{}",
-            quote_ident(trigger),
-            quote_ident(schema),
-            quote_ident(table)
-        ))
-        .execute(&mut *conn)
-        .await?;
+        drop_trigger(&mut *conn, &(schema, table, trigger)).await?;
         report.removed.push(name);
     }
+    Ok(())
+}
+
+/// A trigger in the catalog: (schema, table, trigger name).
+pub(crate) type CatalogTrigger = (String, String, String);
+
+/// The relay capture triggers (calling a `relay.capture_*` function), in name order.
+pub(crate) async fn capture_triggers(conn: &mut PgConnection) -> Result<Vec<CatalogTrigger>> {
+    Ok(sqlx::query_as(
+        r"SELECT n.nspname::text, c.relname::text, t.tgname::text
+          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+          JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace pn ON pn.oid = p.pronamespace
+          WHERE NOT t.tgisinternal AND pn.nspname = 'relay' AND p.proname LIKE 'capture\_%'
+          ORDER BY 1, 2, 3",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Drops `trigger` if it is still there; its names come from the catalog: quoted, not trusted.
+pub(crate) async fn drop_trigger(conn: &mut PgConnection, trigger: &CatalogTrigger) -> Result<()> {
+    let (schema, table, trigger) = trigger;
+    sqlx::query(&format!(
+        "DROP TRIGGER IF EXISTS {} ON {}.{}",
+        quote_ident(trigger),
+        quote_ident(schema),
+        quote_ident(table)
+    ))
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

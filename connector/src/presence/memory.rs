@@ -16,27 +16,8 @@ use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{Join, Member, PresenceStore};
+use super::{Announcement, Join, Member, PresenceStore};
 use crate::error::Result;
-
-/// A join or leave the store announces to its listeners.
-#[derive(Debug, Clone)]
-pub enum Announcement {
-    /// `member` joined `channel`.
-    Join {
-        /// The channel.
-        channel: String,
-        /// Who.
-        member: Member,
-    },
-    /// `member` left `channel`.
-    Leave {
-        /// The channel.
-        channel: String,
-        /// Who.
-        member: Member,
-    },
-}
 
 /// Presence in this process's memory.
 #[derive(Debug, Default)]

@@ -87,6 +87,26 @@ impl Member {
     }
 }
 
+/// A join or leave a store announces to every node (the PostgreSQL store by
+/// `pg_notify('relay_presence')`, the in-memory one to its listeners).
+#[derive(Debug, Clone)]
+pub enum Announcement {
+    /// `member` joined `channel`.
+    Join {
+        /// The channel.
+        channel: String,
+        /// Who.
+        member: Member,
+    },
+    /// `member` left `channel`.
+    Leave {
+        /// The channel.
+        channel: String,
+        /// Who.
+        member: Member,
+    },
+}
+
 /// One membership to add.
 #[derive(Debug, Clone, Copy)]
 pub struct Join<'a> {

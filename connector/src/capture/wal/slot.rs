@@ -9,7 +9,7 @@ use pgwire_replication::Lsn;
 use sqlx::{PgConnection, PgPool};
 
 use crate::capture::CaptureStatus;
-use crate::db::triggers::quote_ident;
+use crate::db::triggers::{capture_triggers, drop_trigger};
 
 /// What [`existing_slot`] found.
 enum Found {
@@ -145,26 +145,10 @@ async fn ensure_slot(
 /// drops wait for every transaction that wrote a mapped table through a trigger. Returns whether
 /// there were capture triggers.
 async fn hand_over(conn: &mut PgConnection) -> anyhow::Result<bool> {
-    let triggers: Vec<(String, String, String)> = sqlx::query_as(
-        r"SELECT n.nspname::text, c.relname::text, t.tgname::text
-          FROM pg_trigger t
-          JOIN pg_class c ON c.oid = t.tgrelid
-          JOIN pg_namespace n ON n.oid = c.relnamespace
-          JOIN pg_proc p ON p.oid = t.tgfoid
-          JOIN pg_namespace pn ON pn.oid = p.pronamespace
-          WHERE NOT t.tgisinternal AND pn.nspname = 'relay' AND p.proname LIKE 'capture\_%'",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    for (schema, table, trigger) in &triggers {
-        sqlx::query(&format!(
-            "DROP TRIGGER IF EXISTS {} ON {}.{}",
-            quote_ident(trigger),
-            quote_ident(schema),
-            quote_ident(table)
-        ))
-        .execute(&mut *conn)
-        .await?;
+    let triggers = capture_triggers(&mut *conn).await?;
+    for found in &triggers {
+        drop_trigger(&mut *conn, found).await?;
+        let (schema, table, trigger) = found;
         tracing::info!(trigger = %format!("{schema}.{table}.{trigger}"), "dropped capture trigger (wal mode)");
     }
     sqlx::query(

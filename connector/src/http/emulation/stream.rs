@@ -306,6 +306,18 @@ fn disconnect(framing: Framing, code: u16, reason: &str) -> Bytes {
 mod tests {
     use super::*;
 
+    /// What a close frame with `code` and `reason` becomes in `framing`.
+    fn render_close(framing: Framing, code: u16, reason: &'static str) -> Bytes {
+        render(
+            framing,
+            Message::Close(Some(axum::extract::ws::CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            })),
+        )
+        .unwrap_or_default()
+    }
+
     #[test]
     fn json_lines_get_a_newline_each_and_pass_unchanged() {
         let out = render(
@@ -329,14 +341,7 @@ mod tests {
         )
         .unwrap_or_default();
         assert_eq!(&out[..], b"data: {}\n\ndata: {\"push\":{}}\n\n");
-        let close = render(
-            Framing::Sse,
-            Message::Close(Some(axum::extract::ws::CloseFrame {
-                code: 3001,
-                reason: Utf8Bytes::from_static("shutdown"),
-            })),
-        )
-        .unwrap_or_default();
+        let close = render_close(Framing::Sse, 3001, "shutdown");
         assert_eq!(
             &close[..],
             b"data: {\"push\":{\"disconnect\":{\"code\":3001,\"reason\":\"shutdown\"}}}\n\n"
@@ -357,14 +362,7 @@ mod tests {
         let frame = Bytes::from(reply.encode_length_delimited_to_vec());
         let out = render(Framing::Protobuf, Message::Binary(frame.clone())).unwrap_or_default();
         assert_eq!(out, frame);
-        let close = render(
-            Framing::Protobuf,
-            Message::Close(Some(axum::extract::ws::CloseFrame {
-                code: 3012,
-                reason: Utf8Bytes::from_static("no pong"),
-            })),
-        )
-        .unwrap_or_default();
+        let close = render_close(Framing::Protobuf, 3012, "no pong");
         let push = messages::Reply::decode_length_delimited(close)
             .unwrap_or_default()
             .push
