@@ -136,7 +136,7 @@ pub mod error;
 pub(crate) mod http;
 pub(crate) mod hub;
 pub(crate) mod limits;
-pub mod metrics;
+pub(crate) mod metrics;
 mod node;
 pub(crate) mod page;
 pub mod presence;

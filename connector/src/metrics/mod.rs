@@ -34,8 +34,8 @@ use crate::db::stream::StreamStatus;
 use crate::hub::Hub;
 
 use self::scrape::ScrapeCollector;
-pub use self::scrape::{Changelog, Pending, Scrape, Slot, read_changelog, read_slot, scrape};
-pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+pub(crate) use self::scrape::{Pending, Scrape, scrape};
+pub(crate) use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// The node's metrics: the registry and the counters the sessions and the server API update.
 #[derive(Debug)]
@@ -46,22 +46,22 @@ pub struct Metrics {
     /// Serializes [`Metrics::encode`]: a concurrent scrape never encodes another one's values.
     encoding: Mutex<()>,
     /// Open client connections (WebSocket, HTTP-streaming, SSE).
-    pub connections: Gauge,
+    pub(crate) connections: Gauge,
     /// Client publications accepted (by a target or the database).
-    pub publications_in: Counter,
+    pub(crate) publications_in: Counter,
     /// Publications written to client sockets.
-    pub publications_out: Counter,
+    pub(crate) publications_out: Counter,
     /// Recoveries that filled the gap.
-    pub recovered: Counter,
+    pub(crate) recovered: Counter,
     /// Recoveries that could not.
-    pub not_recovered: Counter,
+    pub(crate) not_recovered: Counter,
 }
 
 impl Metrics {
     /// The registry of a node, with the handles of the parts that count their own events. The
     /// `wal` capture's counters are registered when `capture` runs in `wal` mode
     /// ([`crate::capture::prepare`] has run).
-    pub fn new(
+    pub(crate) fn new(
         hub: &Hub,
         stream: &StreamStatus,
         capture: &CaptureStatus,
@@ -133,7 +133,7 @@ impl Metrics {
     }
 
     /// Counts a recovery attempt.
-    pub fn record_recovery(&self, recovered: bool) {
+    pub(crate) fn record_recovery(&self, recovered: bool) {
         let counter = if recovered {
             &self.recovered
         } else {
@@ -143,7 +143,7 @@ impl Metrics {
     }
 
     /// The registry and `scrape` in the Prometheus text format ([`CONTENT_TYPE`]).
-    pub fn encode(&self, scrape: Scrape) -> String {
+    pub(crate) fn encode(&self, scrape: Scrape) -> String {
         let _one_at_a_time = self.encoding.lock();
         *self.scrape.lock() = scrape;
         let mut out = String::with_capacity(4096);
@@ -240,6 +240,3 @@ fn register_wal(r: &mut Registry, capture: &CaptureStatus) {
         capture.apply_seconds.clone(),
     );
 }
-
-/// Bucket upper bounds of the delivery lag histogram, in seconds (the histogram is the stream's).
-pub use crate::db::stream::LAG_BUCKETS;

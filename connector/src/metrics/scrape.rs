@@ -21,55 +21,55 @@ const DB_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a scrape reads from the other parts of the node and from the database.
 #[derive(Debug, Clone, Default)]
-pub struct Scrape {
+pub(crate) struct Scrape {
     /// The accept loop's connections that are not WebSockets yet (absent outside `http::serve`).
-    pub pending: Option<Pending>,
+    pub(crate) pending: Option<Pending>,
     /// Channels with subscribers on this node.
-    pub channels: u64,
+    pub(crate) channels: u64,
     /// Subscriptions on this node.
-    pub subscriptions: u64,
+    pub(crate) subscriptions: u64,
     /// Presence memberships of this node's connections.
-    pub presence_members: u64,
+    pub(crate) presence_members: u64,
     /// The changelog and NOTIFY queue gauges (absent when the read failed).
-    pub changelog: Option<Changelog>,
+    pub(crate) changelog: Option<Changelog>,
     /// Whether this node is the `wal` leader (`wal` mode only).
-    pub wal_leader: Option<bool>,
+    pub(crate) wal_leader: Option<bool>,
     /// The replication slot (`wal` mode; absent when the read failed).
-    pub slot: Option<Slot>,
+    pub(crate) slot: Option<Slot>,
 }
 
 /// The accept loop's pending connections.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Pending {
+pub(crate) struct Pending {
     /// TCP connections that are not WebSockets (yet).
-    pub connections: u64,
+    pub(crate) connections: u64,
     /// Connections closed to admit a new one over `client.max_pending_connections`.
-    pub evictions: u64,
+    pub(crate) evictions: u64,
 }
 
 /// How far the stream is behind, and how full PostgreSQL's NOTIFY queue is (a full queue makes
 /// notifying commits fail).
 #[derive(Debug, Clone, Copy, Default, sqlx::FromRow)]
-pub struct Changelog {
+pub(crate) struct Changelog {
     /// Changes committed but not yet sequenced.
-    pub unsequenced: i64,
+    pub(crate) unsequenced: i64,
     /// Age of the oldest of them, in seconds.
-    pub oldest_unsequenced_secs: f64,
+    pub(crate) oldest_unsequenced_secs: f64,
     /// `pg_notification_queue_usage()`.
-    pub notify_queue_usage: f64,
+    pub(crate) notify_queue_usage: f64,
 }
 
 /// The capture slot as `pg_replication_slots` shows it.
 #[derive(Debug, Clone, Default)]
-pub struct Slot {
+pub(crate) struct Slot {
     /// The slot exists.
-    pub exists: bool,
+    pub(crate) exists: bool,
     /// WAL the slot keeps: the current WAL position minus its `restart_lsn`.
-    pub retained_bytes: i64,
+    pub(crate) retained_bytes: i64,
     /// `safe_wal_size`, when PostgreSQL reports it (`max_slot_wal_keep_size` is set).
-    pub safe_bytes: Option<i64>,
+    pub(crate) safe_bytes: Option<i64>,
     /// `wal_status`: `reserved`, `extended`, `unreserved` or `lost`.
-    pub wal_status: Option<String>,
+    pub(crate) wal_status: Option<String>,
 }
 
 /// The values of `pg_replication_slots.wal_status`, one series each.
@@ -215,7 +215,7 @@ where
 }
 
 /// Reads the changelog and NOTIFY queue gauges (at most [`DB_READ_TIMEOUT`]; `None` on failure).
-pub async fn read_changelog(pool: &PgPool) -> Option<Changelog> {
+pub(crate) async fn read_changelog(pool: &PgPool) -> Option<Changelog> {
     let query = sqlx::query_as::<_, Changelog>(
         "SELECT count(*) AS unsequenced,
                 coalesce(extract(epoch FROM clock_timestamp() - min(written_at)), 0)::float8
@@ -235,7 +235,7 @@ pub async fn read_changelog(pool: &PgPool) -> Option<Changelog> {
 }
 
 /// Reads the capture slot `slot` (at most [`DB_READ_TIMEOUT`]; `None` on failure).
-pub async fn read_slot(pool: &PgPool, slot: &str) -> Option<Slot> {
+pub(crate) async fn read_slot(pool: &PgPool, slot: &str) -> Option<Slot> {
     let query = sqlx::query_as::<_, (Option<i64>, Option<String>, Option<i64>)>(
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8, wal_status, safe_wal_size
          FROM pg_replication_slots WHERE slot_name = $1",
@@ -263,7 +263,7 @@ pub async fn read_slot(pool: &PgPool, slot: &str) -> Option<Slot> {
 
 /// What a scrape reads from `state`, `pending` (the accept loop's, when served by
 /// [`crate::http::serve`]) and the database.
-pub async fn scrape(
+pub(crate) async fn scrape(
     pool: &PgPool,
     hub: &Hub,
     presence: &crate::presence::Presence,

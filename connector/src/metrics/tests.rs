@@ -1,3 +1,4 @@
+use super::scrape::{Changelog, Slot};
 use super::*;
 
 fn metrics(capture: &CaptureStatus) -> (Metrics, Hub, StreamStatus) {
