@@ -328,7 +328,7 @@ async fn start(
         metrics: metrics.clone(),
     }));
     let node = Arc::new(Node::new(node::Parts {
-        config: node_config(config),
+        config: node::NodeConfig::of(config),
         pool: pool.clone(),
         hub: hub.clone(),
         presence: presence.clone(),
@@ -432,17 +432,6 @@ fn spawn_capture(
 
 /// A pool of two connections on the configured database, for a task that must not wait behind the
 /// sessions' queries.
-/// The sections of `config` the node reads.
-pub(crate) fn node_config(config: &Config) -> node::NodeConfig {
-    node::NodeConfig {
-        client: config.client.clone(),
-        rules: config.rules.clone(),
-        rpc: config.rpc.clone(),
-        mappings: config.mappings.clone(),
-        retention: config.retention.clone(),
-    }
-}
-
 fn small_pool(config: &Config) -> Result<sqlx::PgPool> {
     db::pool(&config::DatabaseConfig {
         pool_size: 2,

@@ -49,7 +49,7 @@ pub struct StreamStatus {
     /// Calls of the sequencer (`relay.sequence_batch()`) by this node.
     pub polls: Counter,
     /// Time from a change being written to its publication being handed to the hub, in seconds
-    /// (buckets: [`crate::metrics::LAG_BUCKETS`]).
+    /// (buckets: [`LAG_BUCKETS`]).
     pub lag: Histogram,
     /// Whether this node's capture triggers are in place (see [`crate::db::triggers::watch`]).
     pub capture: Arc<crate::db::triggers::CaptureStatus>,

@@ -55,7 +55,7 @@ pub struct DeltaFrames {
     /// JSON, `delta: true`: `data` is the fossil delta against the previous publication, if it
     /// was known and the delta is shorter than the payload.
     pub json_delta: Option<Utf8Bytes>,
-    /// Protobuf, `delta: true` (the full frame is [`Delivery::protobuf`]).
+    /// Protobuf, `delta: true` (the full frame is [`Frames::protobuf`]).
     pub protobuf_delta: Option<Bytes>,
 }
 

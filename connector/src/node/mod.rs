@@ -28,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::capture::CaptureStatus;
 use crate::cluster::{Cluster, DisconnectOrder};
-use crate::config::{ChannelRules, ClientConfig, Mapping, RetentionConfig, Rule};
+use crate::config::{ChannelRules, ClientConfig, Config, Mapping, RetentionConfig, Rule};
 use crate::db::history::{self, Bound, Keep, StreamSlice};
 use crate::db::stream::StreamStatus;
 use crate::hub::Hub;
@@ -166,6 +166,19 @@ pub(crate) struct NodeConfig {
     pub(crate) mappings: Vec<Mapping>,
     /// History retention (`retention`).
     pub(crate) retention: RetentionConfig,
+}
+
+impl NodeConfig {
+    /// The sections of `config` the node reads.
+    pub(crate) fn of(config: &Config) -> Self {
+        Self {
+            client: config.client.clone(),
+            rules: config.rules.clone(),
+            rpc: config.rpc.clone(),
+            mappings: config.mappings.clone(),
+            retention: config.retention.clone(),
+        }
+    }
 }
 
 /// The services of a running connector and the channel operations over them.

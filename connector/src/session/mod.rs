@@ -22,7 +22,7 @@
 //! - this file: the session's state, [`serve`] and the loop: [`Session::run`] waits for the next
 //!   event (shutdown, kick, timer, publish reply, client message, hub delivery) and hands it to
 //!   its step (`on_timer`, `on_message`, `on_delivery`), then [`Session::finish`] closes;
-//! - [`Clock`] (`crate::clock`): Unix time on tokio's clock, for token expiry;
+//! - [`crate::clock::Clock`] (outside this folder): Unix time on tokio's clock, for token expiry;
 //! - `subs`: the session's subscriptions by channel (a vector while few, a map beyond);
 //! - `commands`: the dispatch of a frame's commands, and the channel commands (unsubscribe,
 //!   publish, rpc, history, presence), each building a typed [`relay_protocol::Reply`] and encoding

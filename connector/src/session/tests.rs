@@ -55,7 +55,7 @@ async fn state_with(overrides: serde_json::Value) -> Arc<Edge> {
         metrics: metrics.clone(),
     }));
     let node = crate::node::Node::new(crate::node::Parts {
-        config: crate::node_config(&config),
+        config: crate::node::NodeConfig::of(&config),
         pool,
         metrics,
         hub,
