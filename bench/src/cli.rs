@@ -25,6 +25,10 @@ pub(crate) struct Opts {
     pub(crate) protobuf: bool,
     /// Seconds per latency run.
     pub(crate) lat_secs: f64,
+    /// Writer connections of the latency part (`--lat-writers`; default 4). Each commits 1-row
+    /// transactions in turn, so on a server whose commits wait for the disk a high target rate
+    /// needs more of them.
+    pub(crate) lat_writers: usize,
     /// How long the long transactions stay open.
     pub(crate) hold: Duration,
     /// Capture modes to measure, in order.
@@ -129,6 +133,7 @@ impl Opts {
         let mut secs = None;
         let mut reps = None;
         let mut lat_reps = None;
+        let mut lat_writers = None;
         let mut rates = None;
         let mut subscribers = None;
         let mut modes = None;
@@ -149,6 +154,9 @@ impl Opts {
                 "--secs" => secs = Some(value("--secs")?.parse::<f64>()?),
                 "--reps" => reps = Some(value("--reps")?.parse::<usize>()?),
                 "--lat-reps" => lat_reps = Some(value("--lat-reps")?.parse::<usize>()?),
+                "--lat-writers" => {
+                    lat_writers = Some(value("--lat-writers")?.parse::<usize>()?);
+                }
                 "--capture" => modes = Some(parse_modes(&value("--capture")?)?),
                 "--protocol" => {
                     protobuf = match value("--protocol")?.as_str() {
@@ -170,7 +178,7 @@ impl Opts {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--lat-reps N] [--rates R1,R2,..] [--subscribers N] [--capture trigger,wal] [--protocol json|protobuf]"
+                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--lat-reps N] [--lat-writers N] [--rates R1,R2,..] [--subscribers N] [--capture trigger,wal] [--protocol json|protobuf]"
                     );
                     std::process::exit(0);
                 }
@@ -195,6 +203,7 @@ impl Opts {
             subscribers: subscribers.unwrap_or(if quick { 10 } else { 100 }).max(1),
             protobuf,
             lat_secs: d.lat_secs,
+            lat_writers: lat_writers.unwrap_or(crate::LAT_WRITERS).max(1),
             hold: d.hold,
             modes: modes.unwrap_or_else(|| vec![Mode::Trigger, Mode::Wal]),
         })

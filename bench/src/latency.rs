@@ -13,7 +13,7 @@ use crate::cli::Opts;
 use crate::clients::{Sink, raw_listener, subscribe, subscribe_protobuf};
 use crate::harness::{BenchDb, Relay, connect};
 use crate::report::{epoch_millis, median, micros, ms, pct, print_part_pressure, table};
-use crate::{CHANNEL, INSERT_NOTIFY, INSERT_ONE, LAT_WRITERS, TEXT};
+use crate::{CHANNEL, INSERT_NOTIFY, INSERT_ONE, TEXT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Path {
@@ -23,18 +23,17 @@ pub(crate) enum Path {
     RawNotify,
 }
 
-/// 4 writers insert single-row transactions at `rate` rows/s in total for `secs`; returns each row's
-/// id and the instant its commit returned.
+/// `writers` connections insert single-row transactions at `rate` rows/s in total for `secs`;
+/// returns each row's id and the instant its commit returned.
 pub(crate) async fn drive(
     url: &str,
-    path: Path,
-    rate: u32,
+    (path, rate, writers): (Path, u32, usize),
     secs: f64,
     tag: &str,
 ) -> Result<Vec<(String, Instant)>> {
-    let per_writer = Duration::from_secs_f64(LAT_WRITERS as f64 / f64::from(rate));
+    let per_writer = Duration::from_secs_f64(writers as f64 / f64::from(rate));
     let mut conns = Vec::new();
-    for _ in 0..LAT_WRITERS {
+    for _ in 0..writers {
         conns.push(connect(url).await?);
     }
     let start = Instant::now() + Duration::from_millis(50);
@@ -44,7 +43,7 @@ pub(crate) async fn drive(
         let tag = tag.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
-            let mut next = start + per_writer.mul_f64(w as f64 / LAT_WRITERS as f64);
+            let mut next = start + per_writer.mul_f64(w as f64 / writers as f64);
             let mut k = 0u64;
             while next < until {
                 tokio::time::sleep_until(next.into()).await;
@@ -191,7 +190,8 @@ struct LatAgg {
 
 pub(crate) async fn latency_part(opts: &Opts) -> Result<()> {
     println!(
-        "\n## 2. End-to-end latency: {LAT_WRITERS} writers, single-row commits at fixed rates, {} WebSocket subscribers ({}), {} s per run, {} interleaved repetition(s)\n",
+        "\n## 2. End-to-end latency: {} writers, single-row commits at fixed rates, {} WebSocket subscribers ({}), {} s per run, {} interleaved repetition(s)\n",
+        opts.lat_writers,
         opts.subscribers,
         if opts.protobuf { "Protobuf" } else { "JSON" },
         opts.lat_secs,
@@ -237,7 +237,7 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                     Path::RawNotify => &raw_sinks,
                 };
                 let a = agg.entry((path, rate)).or_default();
-                latency_run(db, sinks, (path, rate), opts.lat_secs, &tag, rep, a).await?;
+                latency_run(db, sinks, (path, rate), opts, &tag, rep, a).await?;
             }
         }
     }
@@ -255,13 +255,13 @@ async fn latency_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
     print_latency(opts, &agg, gaps)
 }
 
-/// One run of repetition `rep` (run tag `tag`): writers at `rate` through `path` for `secs`, the
+/// One run of repetition `rep` (run tag `tag`): writers at `rate` through `path` for `opts.lat_secs`, the
 /// rows collected from `sinks` into `a`, one line printed.
 async fn latency_run(
     db: &BenchDb,
     sinks: &[Arc<Sink>],
     (path, rate): (Path, u32),
-    secs: f64,
+    opts: &Opts,
     tag: &str,
     rep: usize,
     a: &mut LatAgg,
@@ -269,7 +269,8 @@ async fn latency_run(
     for sink in sinks {
         sink.take();
     }
-    let commits = drive(&db.url, path, rate, secs, tag).await?;
+    let shape = (path, rate, opts.lat_writers);
+    let commits = drive(&db.url, shape, opts.lat_secs, tag).await?;
     // One deadline for all subscribers: 10 s for everything to arrive.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut j = collect(&sinks[0], &commits, tag, deadline).await;

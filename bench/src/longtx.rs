@@ -106,7 +106,13 @@ async fn longtx_part_in(db: &BenchDb, other: &BenchDb, opts: &Opts) -> Result<()
             Ok::<_, anyhow::Error>(windows)
         })
     };
-    let commits = drive(&db.url, Path::Relay, 100, total.as_secs_f64(), "T").await?;
+    let commits = drive(
+        &db.url,
+        (Path::Relay, 100, crate::LAT_WRITERS),
+        total.as_secs_f64(),
+        "T",
+    )
+    .await?;
     let windows = phases.await??;
     let j = collect(
         &sink,
