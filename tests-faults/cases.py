@@ -36,6 +36,7 @@ from harness import (
     rss_kib,
     sdk_publisher,
     sql_writer,
+    fetch_history,
     verify,
     wait_drained,
 )
@@ -922,8 +923,99 @@ async def case_walsender_kill(ctx: Ctx) -> None:
         await stack.teardown()
 
 
-# The cases run by `--capture wal` when no --only is given: the core fault cases plus the walsender one.
-WAL_CASES = ["listen-kill", "sigkill", "pg-restart", "sigterm", "walsender-kill"]
+# ---- wal mode: the leader killed, two followers ----------------------------------------------------------
+
+
+async def leaders(nodes: list) -> list:
+    """The nodes whose /metrics say they are the wal leader now (a node that does not answer is not)."""
+    found = []
+    for n in nodes:
+        if n.alive() and (await metrics(n.base)).get("relay_wal_leader") == 1:
+            found.append(n)
+    return found
+
+
+async def wait_leader(nodes: list, timeout: float) -> Any:
+    """The one leader among `nodes`, once there is exactly one; None after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await leaders(nodes)
+        if len(found) == 1 or time.monotonic() > deadline:
+            return found[0] if len(found) == 1 else None
+        await asyncio.sleep(0.05)
+
+
+async def case_leader_kill(ctx: Ctx) -> None:
+    """wal capture only: three nodes, subscribers on each; the leader is SIGKILLed twice during writes and
+    client publishes. Each time one of its two followers takes over from the stored position, and the
+    killed node comes back on its port as a follower. Every subscriber on every node gets every row once,
+    in offset order, matching history, and every node serves the same history (identical offsets)."""
+    case = "leader-kill"
+    r = ctx.results
+    stack = new_stack(ctx, case)
+    subs: list = []
+    try:
+        if not await stack.setup():
+            return
+        nodes = []
+        for name in ("connector-a", "connector-b", "connector-c"):
+            node = await stack.add_node(name)
+            if node is None:
+                return
+            nodes.append(node)
+        first = await wait_leader(nodes, 30)
+        if not r.check(f"{case}: exactly one of the three nodes leads", first is not None,
+                       f"{first.name if first else None} leads", "no single leader within 30 s"):
+            return
+        for n in nodes:
+            subs += [SdkSubscriber(n.ws_url, f"{n.name}-sdk-{i}") for i in range(2)]
+            subs.append(RawSubscriber(n.ws_url, f"{n.name}-raw"))
+        await asyncio.gather(*(s.start() for s in subs))
+        tag = f"lk{secrets.token_hex(2)}"
+        load = Load(stack.db_url, nodes[0].ws_url, tag, writers=4, rate=500, publishers=2)
+        takeovers: list[float] = []
+        for i in range(2):
+            await asyncio.sleep(1.5)
+            leader = await wait_leader(nodes, 10)
+            if not r.check(f"{case}: a leader to kill (#{i + 1})", leader is not None, "", "no single leader"):
+                break
+            leader.kill()
+            t0 = time.monotonic()
+            others = [n for n in nodes if n is not leader]
+            new = await wait_leader(others, 30)
+            took = round(time.monotonic() - t0, 2)
+            takeovers.append(took)
+            if not r.check(f"{case}: a follower took over after leader kill #{i + 1}", new is not None,
+                           f"{leader.name} killed, {new.name if new else None} leading after {took} s",
+                           f"no follower of {leader.name} leading within 30 s"):
+                break
+            err = await leader.start()
+            back = err is None and leader not in await leaders(nodes)
+            r.check(f"{case}: the killed leader came back as a follower (#{i + 1})", back, f"{leader.name} ready",
+                    err or f"{leader.name} leads again after its restart")
+        await asyncio.sleep(1.5)
+        await load.finish()
+        r.figure(case, "takeover_s", takeovers)
+        r.figure(case, "rows_written", load.rows())
+        r.figure(case, "publish_outcomes", load.plog.outcomes())
+        v = await verify(r, case, stack.db_url, nodes[1].ws_url, subs, load.wl, tag=tag, plog=load.plog)
+        histories = [await fetch_history(n.ws_url) for n in nodes]
+        offsets = [[(p.offset, p.type, p.msg_id) for p in h[2]] for h in histories]
+        r.check(f"{case}: every node serves the same history (identical offsets)",
+                all(o == offsets[0] for o in offsets) and len({h[0] for h in histories}) == 1,
+                f"{len(offsets[0])} publications on each of {len(nodes)} nodes",
+                f"publications per node {[len(o) for o in offsets]}, epochs {[h[0] for h in histories]}")
+        r.figure(case, "rows_in_table", v.rows_in_table)
+        r.figure(case, "publications", v.history_top)
+    finally:
+        await close_all(subs)
+        await stack.teardown()
+
+
+# The cases run by `--capture wal` when no --only is given: the core fault cases plus the wal ones.
+WAL_CASES = ["listen-kill", "sigkill", "pg-restart", "sigterm", "walsender-kill", "leader-kill"]
+# The cases that need wal capture (left out of a trigger-mode run).
+WAL_ONLY = {"walsender-kill", "leader-kill"}
 
 CASES = [
     ("listen-kill", case_listen_kill),
@@ -935,4 +1027,5 @@ CASES = [
     ("burst", case_burst),
     ("writer-retry", case_writer_retry),
     ("walsender-kill", case_walsender_kill),
+    ("leader-kill", case_leader_kill),
 ]

@@ -15,11 +15,13 @@ table. The cases (tests-faults/cases.py):
   slow-client   one client stops reading while N raw clients receive a steady stream
   writer-retry  the writer target fails each message's first invocation; clients retry
   walsender-kill  (wal capture only) the leader's walsender terminated 10 times during writes
+  leader-kill   (wal capture only) three nodes; the leader SIGKILLed twice, a follower takes over each
+                time; subscribers on every node checked, and every node's history compared
 
 With --capture wal every connector runs `capture.mode = wal` (RELAY__CAPTURE__MODE) against a throwaway
 cluster with wal_level = logical started here (pg-restart: its own, also logical), and the default cases
-are the core ones: listen-kill, sigkill, pg-restart, sigterm, walsender-kill. Without it, every case
-but walsender-kill runs in trigger mode.
+are the core ones: listen-kill, sigkill, pg-restart, sigterm, walsender-kill, leader-kill. Without it,
+every case but walsender-kill and leader-kill runs in trigger mode.
 
 Every case gets a fresh database on DATABASE_URL's server (pg-restart: its own cluster), and is torn
 down whatever happens. Prints `N passed, N failed` last; exit code 0 only when nothing failed. Logs and
@@ -75,7 +77,7 @@ async def amain(args: argparse.Namespace) -> int:
         log(f"capture mode wal: cluster with wal_level = logical on port {cluster.port}")
         default = cases.WAL_CASES
     else:
-        default = [name for name, _ in cases.CASES if name != "walsender-kill"]
+        default = [name for name, _ in cases.CASES if name not in cases.WAL_ONLY]
     try:
         return await run_cases(args, ctx, results, art, default)
     finally:
