@@ -76,14 +76,28 @@ class Load:
         self.wl = WriteLog()
         self.plog = PublishLog()
         self.stop = asyncio.Event()
+        # Cleared by `pause`: writers and publishers wait before their next transaction or message.
+        self.gate = asyncio.Event()
+        self.gate.set()
         self.tasks = [
-            asyncio.create_task(sql_writer(db_url, tag, w, self.wl, self.stop, rate / writers, batches))
+            asyncio.create_task(sql_writer(db_url, tag, w, self.wl, self.stop, rate / writers, batches,
+                                           gate=self.gate))
             for w in range(writers)
         ]
         self.tasks += [
-            asyncio.create_task(sdk_publisher(ws_url, tag, j, self.plog, self.stop, pub_rate, retry=retry_publishes))
+            asyncio.create_task(sdk_publisher(ws_url, tag, j, self.plog, self.stop, pub_rate, retry=retry_publishes,
+                                              gate=self.gate))
             for j in range(publishers)
         ]
+
+    async def pause(self, settle: float) -> None:
+        """Holds writers and publishers before their next transaction, then waits `settle` seconds (for
+        what is in flight to commit and be captured)."""
+        self.gate.clear()
+        await asyncio.sleep(settle)
+
+    def resume(self) -> None:
+        self.gate.set()
 
     async def finish(self) -> None:
         self.stop.set()
@@ -233,9 +247,26 @@ async def case_sigkill(ctx: Ctx) -> None:
 
 
 async def case_pg_restart(ctx: Ctx) -> None:
-    case = "pg-restart"
+    await pg_restarts(ctx, "pg-restart", crash=False)
+
+
+async def case_pg_crash(ctx: Ctx) -> None:
+    """PostgreSQL crashes twice during writes (`pg_ctl stop -m immediate`, then a start that runs crash
+    recovery): what sat in the WAL buffers is lost, as in a real crash (in wal capture mode: history
+    commits that had not reached the disk, which the slot must replay)."""
+    await pg_restarts(ctx, "pg-crash", crash=True)
+
+
+async def pg_restarts(ctx: Ctx, case: str, crash: bool) -> None:
+    """PostgreSQL (a throwaway cluster) restarted twice during writes: `pg_ctl restart -m fast`, or with
+    `crash` an immediate stop and a start."""
+    how = "pg_ctl stop -m immediate + start" if crash else "pg_ctl restart -m fast"
     r = ctx.results
-    cluster = Cluster(ctx.art / "pg-restart-cluster")
+    # A crash loses what the WAL writer has not written yet. With its delay at 10 s (the default is
+    # 0.2 s) and the load paused just before the crash (no synchronous commit flushes for it), the
+    # commits of the last moments - in wal capture mode, the leader's asynchronous history commits -
+    # are reliably among them.
+    cluster = Cluster(ctx.art / f"{case}-cluster", settings=("wal_writer_delay=10s",) if crash else ())
     stack = None
     subs: list = []
     try:
@@ -259,12 +290,16 @@ async def case_pg_restart(ctx: Ctx) -> None:
         restarts = []
         for _ in range(2):
             await asyncio.sleep(2.0)
+            if crash:
+                await load.pause(0.5)
             t0 = time.monotonic()
             try:
-                await cluster.restart()
+                await (cluster.crash_restart() if crash else cluster.restart())
             except Exception as e:  # noqa: BLE001
-                r.fail(f"{case}: pg_ctl restart -m fast", str(e))
+                r.fail(f"{case}: {how}", str(e))
                 break
+            finally:
+                load.resume()
             restarts.append(round(time.monotonic() - t0, 2))
         await asyncio.sleep(2.0)
         await load.finish()
@@ -272,11 +307,12 @@ async def case_pg_restart(ctx: Ctx) -> None:
         await mon.stop()
         m1 = await metrics(node.base)
         reconnects = m1.get("relay_stream_reconnects_total", 0) - m0.get("relay_stream_reconnects_total", 0)
-        r.check(f"{case}: PostgreSQL restarted twice during the writes", len(restarts) == 2, f"pg_ctl restart took {restarts} s")
+        r.check(f"{case}: PostgreSQL {'crashed and ' if crash else ''}restarted twice during the writes", len(restarts) == 2,
+                f"{how} took {restarts} s")
         r.check(f"{case}: the stream reconnected after each restart", reconnects >= len(restarts), f"{reconnects:.0f} reconnects")
         r.check(f"{case}: /readyz is 200 again after the restarts", ready_after is None,
                 f"{mon.not_ready()} of {len(mon.samples)} polls every 20 ms saw 503", ready_after or "")
-        r.figure(case, "pg_restart_s", restarts)
+        r.figure(case, "pg_crash_restart_s" if crash else "pg_restart_s", restarts)
         r.figure(case, "rows_written", load.rows())
         r.figure(case, "rows_unknown_outcome", len(load.wl.unknown))
         r.figure(case, "writer_errors", load.wl.errors)
@@ -1013,7 +1049,7 @@ async def case_leader_kill(ctx: Ctx) -> None:
 
 
 # The cases run by `--capture wal` when no --only is given: the core fault cases plus the wal ones.
-WAL_CASES = ["listen-kill", "sigkill", "pg-restart", "sigterm", "walsender-kill", "leader-kill"]
+WAL_CASES = ["listen-kill", "sigkill", "pg-restart", "pg-crash", "sigterm", "walsender-kill", "leader-kill"]
 # The cases that need wal capture (left out of a trigger-mode run).
 WAL_ONLY = {"walsender-kill", "leader-kill"}
 
@@ -1021,6 +1057,7 @@ CASES = [
     ("listen-kill", case_listen_kill),
     ("sigkill", case_sigkill),
     ("pg-restart", case_pg_restart),
+    ("pg-crash", case_pg_crash),
     ("sigterm", case_sigterm),
     ("retention", case_retention),
     ("slow-client", case_slow_client),

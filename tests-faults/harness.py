@@ -262,8 +262,8 @@ class Stack:
 class Cluster(relaytest.Cluster):
     """A throwaway cluster (the shared harness's), with wal_level = logical when this run captures from WAL."""
 
-    def __init__(self, art_dir: Path) -> None:
-        super().__init__(art_dir, logical=capture_mode() == "wal", log=log)
+    def __init__(self, art_dir: Path, settings: tuple[str, ...] = ()) -> None:
+        super().__init__(art_dir, logical=capture_mode() == "wal", log=log, settings=settings)
 
 
 # ---- writers ----------------------------------------------------------------------------------------
@@ -291,9 +291,11 @@ INSERT_SQL = (
 
 
 async def sql_writer(dsn: str, tag: str, w: int, wl: WriteLog, stop: asyncio.Event, rate: float,
-                     batches: tuple[int, ...] = (1, 1, 3, 5), payload: int = 0, max_rows: int | None = None) -> None:
+                     batches: tuple[int, ...] = (1, 1, 3, 5), payload: int = 0, max_rows: int | None = None,
+                     gate: asyncio.Event | None = None) -> None:
     """One writer connection: transactions of `batches` rows (cycled) at about `rate` rows/s, until `stop`
-    or `max_rows`. On any error the transaction's rows are 'unknown' and the writer reconnects."""
+    or `max_rows`; while `gate` is given and not set, it waits before its next transaction. On any error
+    the transaction's rows are 'unknown' and the writer reconnects."""
     name = f"w{w}"
     conn = None
     k = 0
@@ -311,6 +313,9 @@ async def sql_writer(dsn: str, tag: str, w: int, wl: WriteLog, stop: asyncio.Eve
                     wl.error(e)
                     await asyncio.sleep(0.1)
                     continue
+            if gate is not None and not gate.is_set():
+                await gate.wait()
+                next_at = time.monotonic()
             n = batches[i % len(batches)]
             i += 1
             ids = [f"{tag}-{name}-{k + j}" for j in range(n)]
@@ -489,15 +494,19 @@ class PublishLog:
 
 
 async def sdk_publisher(url: str, tag: str, idx: int, plog: PublishLog, stop: asyncio.Event, rate: float,
-                        retry: bool = False, max_messages: int | None = None, attempt_timeout: float = 15) -> None:
+                        retry: bool = False, max_messages: int | None = None, attempt_timeout: float = 15,
+                        gate: asyncio.Event | None = None) -> None:
     """A centrifuge-python client publishing chatMsg on outgoing-chat at about `rate`/s. Each outcome is
-    recorded; with `retry`, a failed publish is retried (a new publish, as an app would) until it succeeds."""
+    recorded; with `retry`, a failed publish is retried (a new publish, as an app would) until it succeeds.
+    While `gate` is given and not set, it waits before its next message."""
     client = Client(url, name=f"publisher-{idx}", timeout=attempt_timeout, min_reconnect_delay=0.1,
                     max_reconnect_delay=1.0, proxy=None)
     await asyncio.wait_for(client.connect(), 20)
     k = 0
     try:
         while not stop.is_set() and (max_messages is None or k < max_messages):
+            if gate is not None:
+                await gate.wait()
             content = f"{tag}-p{idx}-{k}"
             k += 1
             while True:

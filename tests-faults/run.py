@@ -10,6 +10,7 @@ table. The cases (tests-faults/cases.py):
   listen-kill   the LISTEN backend terminated 10 times, every ~300 ms, during writes
   sigkill       the connector SIGKILLed and restarted on the same port, 3 times, during writes
   pg-restart    PostgreSQL (a throwaway cluster started here) restarted with pg_ctl during writes
+  pg-crash      the same cluster crashed (pg_ctl stop -m immediate) and started again, twice
   sigterm       two connectors; A gets SIGTERM, clients get 3001 and reconnect through a proxy to B
   retention     a client offline past the retention window gets recovered=false and a new position
   slow-client   one client stops reading while N raw clients receive a steady stream
@@ -19,11 +20,12 @@ table. The cases (tests-faults/cases.py):
                 time; subscribers on every node checked, and every node's history compared
 
 With --capture wal every connector runs `capture.mode = wal` (RELAY__CAPTURE__MODE) against a throwaway
-cluster with wal_level = logical started here (pg-restart: its own, also logical), and the default cases
-are the core ones: listen-kill, sigkill, pg-restart, sigterm, walsender-kill, leader-kill. Without it,
+cluster with wal_level = logical started here (pg-restart, pg-crash: their own, also logical), and the
+default cases are the core ones: listen-kill, sigkill, pg-restart, pg-crash, sigterm, walsender-kill,
+leader-kill. Without it,
 every case but walsender-kill and leader-kill runs in trigger mode.
 
-Every case gets a fresh database on DATABASE_URL's server (pg-restart: its own cluster), and is torn
+Every case gets a fresh database on DATABASE_URL's server (pg-restart, pg-crash: their own cluster), and is torn
 down whatever happens. Prints `N passed, N failed` last; exit code 0 only when nothing failed. Logs and
 configs of each run are kept in artifacts/fault-tests/<run>/ (the newest 10 runs).
 

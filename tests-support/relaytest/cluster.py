@@ -30,11 +30,13 @@ def pg_bindir() -> Path:
 class Cluster:
     """A PostgreSQL cluster in a temporary directory, on a free loopback port, trust auth, fsync off; run as
     the postgres user when we are root (initdb refuses root). With `logical`, wal_level = logical and room
-    for 40 walsenders and slots. The test may restart it at will; `destroy` keeps its log in `art_dir`.
+    for 40 walsenders and slots; `settings` (`name=value`) are added to the server's options. The test may
+    restart it at will; `destroy` keeps its log in `art_dir`.
 
     The methods are coroutines (the fault suite, its user, is asyncio); each runs its pg_ctl in a thread."""
 
-    def __init__(self, art_dir: Path, logical: bool = False, log: Callable[[str], None] = print) -> None:
+    def __init__(self, art_dir: Path, logical: bool = False, log: Callable[[str], None] = print,
+                 settings: tuple[str, ...] = ()) -> None:
         self.bindir = pg_bindir()
         self.port = free_port()
         self.tmp = Path(tempfile.mkdtemp(prefix="relay-faults-pg-"))
@@ -42,8 +44,10 @@ class Cluster:
         self.logfile = self.tmp / "postgres.log"
         self.art_dir = art_dir
         self.logical = logical
+        self.settings = settings
         self.url = f"postgres://postgres@127.0.0.1:{self.port}/postgres"
         self.started = False
+        self._opts = ""
         self._log = log
 
     def _argv(self, argv: list[str]) -> list[str]:
@@ -67,6 +71,8 @@ class Cluster:
                 "-c max_connections=200")
         if self.logical:
             opts += " -c wal_level=logical -c max_wal_senders=40 -c max_replication_slots=40"
+        opts += "".join(f" -c {s}" for s in self.settings)
+        self._opts = opts
         await self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "-o", opts, "start")
         self.started = True
 
@@ -74,6 +80,14 @@ class Cluster:
         """`pg_ctl restart -m fast`: every backend terminated, the server back with the same options."""
         await self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "-m", "fast",
                         "restart")
+
+    async def crash_restart(self) -> None:
+        """A crash: `pg_ctl stop -m immediate` (every process quits at once; what was in the WAL buffers and
+        not yet written is lost, as in a server crash: asynchronous commits of the last moments, for
+        instance), then a start with the same options, which runs crash recovery."""
+        await self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "30", "-m", "immediate", "stop")
+        await self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "-o",
+                        self._opts, "start")
 
     async def destroy(self) -> None:
         """Stops the server (immediate), keeps its log in `art_dir`, removes the directory."""

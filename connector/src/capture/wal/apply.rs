@@ -69,12 +69,18 @@ WHERE v.channel <> ''"#,
 
 /// The one statement that writes a batch: the `relay.publish()` messages and every mapping's
 /// converted rows, gathered into arrays for `relay.wal_apply_batch()` (migration 0014), which
-/// orders them by key and writes them with the position. The statement is its own transaction.
+/// orders them by key and writes them with the position. The statement is its own transaction,
+/// committed without waiting for its WAL flush (`synchronous_commit = off` for this transaction
+/// only): the slot is confirmed up to a batch only once the WAL holding its commit is on disk
+/// (see [`Applied::wal_insert`]), so a crash that loses the commit replays the batch from the slot.
+/// It also returns the WAL insert and flush positions, read while it runs.
 /// `ranks[i]` is mapping `i`'s rank by trigger name.
 pub(super) fn batch_sql(mappings: &[Mapping], ranks: &[usize]) -> String {
     let mut sql = format!(
         r#"SELECT relay.wal_apply_batch($1, $2::text::pg_lsn, array_agg(c.key), array_agg(c.lsn),
-       array_agg(c.channel), array_agg(c.data), array_agg(c.info), array_agg(c.micros))
+       array_agg(c.channel), array_agg(c.data), array_agg(c.info), array_agg(c.micros)),
+       pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text,
+       set_config('synchronous_commit', 'off', true)
 FROM (
 SELECT p.k * {KEY_CHANGE} AS key, p.lsn::pg_lsn AS lsn, p.channel, p.data::json AS data,
        p.info::jsonb AS info, p.micros
@@ -99,6 +105,29 @@ pub(super) struct Applied {
     pub(super) txns: usize,
     pub(super) written: i32,
     pub(super) took: Duration,
+    /// The WAL insert position read while the statement ran: at or after the end of the previous
+    /// batch's commit record on this connection (that commit had returned before the statement
+    /// began), so once the WAL is flushed past it, the previous batch is durable.
+    pub(super) wal_insert: Lsn,
+    /// The WAL flush position read while the statement ran: what was durable by then.
+    pub(super) wal_flush: Lsn,
+}
+
+/// Parses a `pg_lsn` the statement returned as text.
+fn lsn(text: &str) -> anyhow::Result<Lsn> {
+    Lsn::parse(text).map_err(|e| anyhow::anyhow!("WAL position {text:?}: {e:?}"))
+}
+
+/// The WAL insert and flush positions now, on the history connection (asked when no batch runs
+/// and a written batch still waits for its WAL to be flushed).
+pub(super) async fn wal_positions(conn: &mut HistoryConn) -> anyhow::Result<(Lsn, Lsn)> {
+    let (insert, flush): (String, String) = sqlx::query_as(
+        "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+    )
+    .fetch_one(&mut **conn)
+    .await
+    .context("reading the WAL positions")?;
+    Ok((lsn(&insert)?, lsn(&flush)?))
 }
 
 /// The history connection, handed to a batch write and back.
@@ -128,7 +157,7 @@ pub(super) async fn apply_batch(
         }
     }
     let p = &batch.publish;
-    let mut q = sqlx::query_scalar::<_, i32>(&sql)
+    let mut q = sqlx::query_as::<_, (i32, String, String, String)>(&sql)
         .bind(&*slot)
         .bind(batch.upto.to_string())
         .bind(&p.k)
@@ -146,15 +175,18 @@ pub(super) async fn apply_batch(
             .bind(&r.new)
             .bind(&r.old);
     }
-    let result = q
-        .fetch_one(&mut *conn)
-        .await
-        .context("writing the history")
-        .map(|written| Applied {
-            upto: batch.upto,
-            txns: batch.txns,
-            written,
-            took: started.elapsed(),
-        });
+    let result = match q.fetch_one(&mut *conn).await {
+        Ok((written, insert, flush, _)) => (|| {
+            Ok(Applied {
+                upto: batch.upto,
+                txns: batch.txns,
+                written,
+                took: started.elapsed(),
+                wal_insert: lsn(&insert)?,
+                wal_flush: lsn(&flush)?,
+            })
+        })(),
+        Err(e) => Err(anyhow::Error::from(e).context("writing the history")),
+    };
     (conn, result)
 }

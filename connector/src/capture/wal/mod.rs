@@ -9,9 +9,11 @@
 //! publications are in the history. The leader streams from it, and writes each batch of
 //! transactions with one statement (`relay.wal_apply_batch()`, migration 0014), which drops the
 //! publications of any transaction at or below the stored position and moves the position, in the
-//! same transaction as the publications. Only after that commit is the slot confirmed. So a crash
-//! anywhere replays at most a batch, and the replay writes nothing twice; two leaders that briefly
-//! overlap cannot both write a transaction. Offsets and `seq` come from the same `relay.channels` /
+//! same transaction as the publications. That commit does not wait for its WAL flush (readers see
+//! the batch at once); the slot is confirmed up to the batch only once the WAL holding the commit
+//! is on disk. So a crash anywhere (PostgreSQL's included, which may lose the newest history
+//! commits) replays from the slot what the history lacks, the replay writes nothing twice, and two
+//! leaders that briefly overlap cannot both write a transaction. Offsets and `seq` come from the same `relay.channels` /
 //! `relay.sequencer` as trigger mode, in commit order (the order pgoutput sends transactions), so
 //! every node reads identical offsets.
 //!

@@ -1,18 +1,18 @@
 //! The leader's loop ([`Leader::stream`]): receives from the slot, writes batches with one batch
-//! statement in flight at a time, confirms the slot after each commit, checks the lock connection
-//! and sends heartbeats.
+//! statement in flight at a time, confirms the slot once a batch's commit is flushed, checks the
+//! lock connection and sends heartbeats.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::FutureExt as _;
-use pgwire_replication::ReplicationClient;
+use pgwire_replication::{Lsn, ReplicationClient};
 use sqlx::PgConnection;
 use tokio::time::{Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{Applied, HistoryConn, apply_batch};
+use super::apply::{Applied, HistoryConn, apply_batch, wal_positions};
 use super::batch::Batch;
 use super::events::Received;
 use super::leader::check_lock;
@@ -77,6 +77,64 @@ impl Writer {
     }
 }
 
+/// How often an idle leader asks whether the WAL of its last written batches is flushed yet.
+/// PostgreSQL's WAL writer flushes asynchronous commits within `wal_writer_delay` (200 ms by
+/// default), so a written batch is confirmed to the slot within a few hundred milliseconds.
+const FLUSH_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Written batches whose commit may not be on disk yet: the slot is confirmed up to a batch only
+/// once its commit is durable, so a crash that loses a history commit (they do not wait for the
+/// flush) finds the batch still in the slot and replays it.
+#[derive(Default)]
+struct Unconfirmed {
+    /// In commit order: the batch's position, and a WAL position at or after its commit record
+    /// once known (from the next statement on the history connection).
+    batches: std::collections::VecDeque<(Lsn, Option<Lsn>)>,
+}
+
+impl Unconfirmed {
+    /// Records a batch just written, with the positions its statement read: `insert` is at or after
+    /// the previous batch's commit, `flush` what was durable. Returns the position the slot may be
+    /// confirmed up to, if it moved.
+    fn written(&mut self, upto: Lsn, insert: Lsn, flush: Lsn) -> Option<Lsn> {
+        self.seen(insert);
+        self.batches.push_back((upto, None));
+        self.confirmable(flush)
+    }
+
+    /// Positions read with no batch in flight: `insert` is at or after every written commit.
+    fn positions(&mut self, insert: Lsn, flush: Lsn) -> Option<Lsn> {
+        self.seen(insert);
+        self.confirmable(flush)
+    }
+
+    /// The newest batch still without a commit bound gets `insert`.
+    fn seen(&mut self, insert: Lsn) {
+        if let Some(last) = self.batches.back_mut()
+            && last.1.is_none()
+        {
+            last.1 = Some(insert);
+        }
+    }
+
+    /// Drops the batches durable at `flush`; the newest of them is what the slot may confirm.
+    fn confirmable(&mut self, flush: Lsn) -> Option<Lsn> {
+        let mut upto = None;
+        while let Some(&(lsn, Some(bound))) = self.batches.front() {
+            if bound > flush {
+                break;
+            }
+            upto = Some(lsn);
+            self.batches.pop_front();
+        }
+        upto
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
+
 fn interval(period: Duration) -> Interval {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -86,9 +144,11 @@ fn interval(period: Duration) -> Interval {
 impl Leader<'_> {
     /// Streams from the slot and writes the history, pipelined: while one batch's statement runs
     /// (conversion, history write, commit), the next batch is received and decoded; it is written as
-    /// soon as the previous one has committed and the slot has been confirmed up to it, with
-    /// everything received meanwhile (up to `capture.batch_max_publications` changes). So batches
-    /// grow with the load and at most one history transaction is open at a time, in commit order.
+    /// soon as the previous one has committed, with everything received meanwhile (up to
+    /// `capture.batch_max_publications` changes). So batches grow with the load and at most one
+    /// history transaction is open at a time, in commit order. History commits do not wait for
+    /// their WAL flush; the slot is confirmed up to a batch once its commit is on disk
+    /// ([`Unconfirmed`]).
     pub(super) async fn stream(
         &mut self,
         client: &mut ReplicationClient,
@@ -112,6 +172,8 @@ impl Leader<'_> {
             slot: self.slot.as_str().into(),
         };
         let mut received = Received::default();
+        let mut unconfirmed = Unconfirmed::default();
+        let mut flush_check = interval(FLUSH_CHECK_INTERVAL);
         loop {
             if !writer.busy() && !received.pending.is_empty() {
                 self.receive_ready(client, &mut received, max)?;
@@ -125,9 +187,19 @@ impl Leader<'_> {
                 _ = shutdown.cancelled() => return Ok(()),
                 result = writer.finished(), if writer.busy() => {
                     let applied = result?;
-                    // Only now, after the commit: the slot may release what this batch held.
-                    client.update_applied_lsn(applied.upto);
+                    // Only what is durable: the slot may release what those batches held.
+                    let a = &applied;
+                    if let Some(upto) = unconfirmed.written(a.upto, a.wal_insert, a.wal_flush) {
+                        client.update_applied_lsn(upto);
+                    }
                     self.count(&applied);
+                }
+                _ = flush_check.tick(), if !writer.busy() && !unconfirmed.is_empty() => {
+                    let conn = writer.conn.as_mut().context("history connection in use")?;
+                    let (insert, flush) = wal_positions(conn).await?;
+                    if let Some(upto) = unconfirmed.positions(insert, flush) {
+                        client.update_applied_lsn(upto);
+                    }
                 }
                 _ = election.tick() => check_lock(lock).await?,
                 _ = heartbeat.tick() => self.heartbeat().await?,
@@ -176,5 +248,41 @@ impl Leader<'_> {
             .await
             .context("heartbeat")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(n: u64) -> Lsn {
+        Lsn::from_u64(n)
+    }
+
+    #[test]
+    fn a_batch_is_confirmed_only_once_its_commit_is_flushed() {
+        let mut u = Unconfirmed::default();
+        // Batch 1 written; its commit's end is not known yet: nothing to confirm, whatever the flush.
+        assert_eq!(u.written(at(100), at(50), at(50)), None);
+        // Batch 2's statement saw the WAL inserted up to 120 (past batch 1's commit), flushed to 110.
+        assert_eq!(u.written(at(200), at(120), at(110)), None);
+        // Idle: inserted up to 220 (past batch 2's commit), flushed to 130: batch 1 only.
+        assert_eq!(u.positions(at(220), at(130)), Some(at(100)));
+        assert_eq!(u.positions(at(220), at(219)), None);
+        assert!(!u.is_empty());
+        assert_eq!(u.positions(at(220), at(220)), Some(at(200)));
+        assert!(u.is_empty());
+    }
+
+    #[test]
+    fn several_durable_batches_confirm_the_newest() {
+        let mut u = Unconfirmed::default();
+        assert_eq!(u.written(at(10), at(5), at(5)), None);
+        assert_eq!(u.written(at(20), at(15), at(5)), None);
+        assert_eq!(u.written(at(30), at(25), at(5)), None);
+        // Flushed past batch 2's commit bound (25) but batch 3's bound is unknown yet.
+        assert_eq!(u.written(at(40), at(35), at(30)), Some(at(20)));
+        assert_eq!(u.positions(at(50), at(50)), Some(at(40)));
+        assert!(u.is_empty());
     }
 }
