@@ -222,27 +222,6 @@ impl Config {
         }
         Ok(())
     }
-
-    /// The publish rule of `channel` (the first match in configuration order).
-    pub fn rule_for(&self, channel: &str) -> Option<&Rule> {
-        self.rules.first_match(channel)
-    }
-
-    /// The `rpc[]` rule of `method` (the first match in configuration order).
-    pub fn rpc_rule_for(&self, method: &str) -> Option<&Rule> {
-        self.rpc.first_match(method)
-    }
-
-    /// Whether subscriptions to `channel` may negotiate `delta` (its `channels[]` entry's
-    /// `allowed_delta_types`).
-    pub fn delta_allowed(&self, channel: &str, delta: DeltaType) -> bool {
-        self.channels.delta_allowed(channel, delta)
-    }
-
-    /// Whether `channel` is fed by a table mapping (such channels are never publishable by clients).
-    pub fn is_table_channel(&self, channel: &str) -> bool {
-        mappings::is_table_channel(&self.mappings, channel)
-    }
 }
 
 /// A deserialization error, with the path of the field it happened at.
@@ -285,8 +264,8 @@ mod tests {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config.json"))
             .unwrap();
         let c = Config::from_json(&text).unwrap();
-        assert!(c.rule_for("outgoing-chat").is_some());
-        assert!(c.is_table_channel("incoming-chat"));
+        assert!(c.rules.first_match("outgoing-chat").is_some());
+        assert!(is_table_channel(&c.mappings, "incoming-chat"));
     }
 
     fn err(json: &str) -> String {
@@ -339,14 +318,14 @@ mod tests {
                             {"channel":"*","subscribe":"anyone"}]}"#,
         )
         .unwrap();
-        assert_eq!(c.rpc_rule_for("app.echo").unwrap().channel, "app.*");
-        assert!(c.rpc_rule_for("other").is_none());
+        assert_eq!(c.rpc.first_match("app.echo").unwrap().channel, "app.*");
+        assert!(c.rpc.first_match("other").is_none());
         assert!(
-            c.rule_for("app.echo").is_none(),
+            c.rules.first_match("app.echo").is_none(),
             "rpc rules are not publish rules"
         );
-        assert!(c.delta_allowed("d:1", DeltaType::Fossil));
-        assert!(!c.delta_allowed("e:1", DeltaType::Fossil));
+        assert!(c.channels.delta_allowed("d:1", DeltaType::Fossil));
+        assert!(!c.channels.delta_allowed("e:1", DeltaType::Fossil));
     }
 
     #[test]
@@ -420,7 +399,10 @@ mod tests {
         assert_eq!(c.stream.capture_check, Duration::from_secs(60));
         assert_eq!(c.retention.prune_interval, Duration::from_secs(120));
         assert_eq!(c.retention.rule_for("a:1").max_age_secs, 3600);
-        assert_eq!(c.rule_for("out").unwrap().timeout, Duration::from_secs(3));
+        assert_eq!(
+            c.rules.first_match("out").unwrap().timeout,
+            Duration::from_secs(3)
+        );
         assert_eq!(c.client.ping_interval_secs, 30);
         let e = err(r#"{"database":{"url":"postgres://x"},"stream":{"poll_interval_ms":5}}"#);
         assert!(

@@ -79,8 +79,7 @@ pub(super) fn batch_sql(mappings: &[Mapping], ranks: &[usize]) -> String {
     let mut sql = format!(
         r#"SELECT relay.wal_apply_batch($1, $2::text::pg_lsn, array_agg(c.key), array_agg(c.lsn),
        array_agg(c.channel), array_agg(c.data), array_agg(c.info), array_agg(c.micros)),
-       pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text,
-       set_config('synchronous_commit', 'off', true)
+       {WAL_POSITIONS}, set_config('synchronous_commit', 'off', true)
 FROM (
 SELECT p.k * {KEY_CHANGE} AS key, p.lsn::pg_lsn AS lsn, p.channel, p.data::json AS data,
        p.info::jsonb AS info, p.micros
@@ -113,6 +112,10 @@ pub(super) struct Applied {
     pub(super) wal_flush: Lsn,
 }
 
+/// The WAL insert and flush positions, as text: read by the batch statement and by
+/// [`wal_positions`].
+const WAL_POSITIONS: &str = "pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text";
+
 /// Parses a `pg_lsn` the statement returned as text.
 fn lsn(text: &str) -> anyhow::Result<Lsn> {
     Lsn::parse(text).map_err(|e| anyhow::anyhow!("WAL position {text:?}: {e:?}"))
@@ -121,12 +124,10 @@ fn lsn(text: &str) -> anyhow::Result<Lsn> {
 /// The WAL insert and flush positions now, on the history connection (asked when no batch runs
 /// and a written batch still waits for its WAL to be flushed).
 pub(super) async fn wal_positions(conn: &mut HistoryConn) -> anyhow::Result<(Lsn, Lsn)> {
-    let (insert, flush): (String, String) = sqlx::query_as(
-        "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
-    )
-    .fetch_one(&mut **conn)
-    .await
-    .context("reading the WAL positions")?;
+    let (insert, flush): (String, String) = sqlx::query_as(&format!("SELECT {WAL_POSITIONS}"))
+        .fetch_one(&mut **conn)
+        .await
+        .context("reading the WAL positions")?;
     Ok((lsn(&insert)?, lsn(&flush)?))
 }
 
@@ -175,8 +176,11 @@ pub(super) async fn apply_batch(
             .bind(&r.new)
             .bind(&r.old);
     }
-    let result = match q.fetch_one(&mut *conn).await {
-        Ok((written, insert, flush, _)) => (|| {
+    let result = q
+        .fetch_one(&mut *conn)
+        .await
+        .context("writing the history")
+        .and_then(|(written, insert, flush, _)| {
             Ok(Applied {
                 upto: batch.upto,
                 txns: batch.txns,
@@ -185,8 +189,6 @@ pub(super) async fn apply_batch(
                 wal_insert: lsn(&insert)?,
                 wal_flush: lsn(&flush)?,
             })
-        })(),
-        Err(e) => Err(anyhow::Error::from(e).context("writing the history")),
-    };
+        });
     (conn, result)
 }

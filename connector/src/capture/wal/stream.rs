@@ -97,28 +97,20 @@ impl Unconfirmed {
     /// the previous batch's commit, `flush` what was durable. Returns the position the slot may be
     /// confirmed up to, if it moved.
     fn written(&mut self, upto: Lsn, insert: Lsn, flush: Lsn) -> Option<Lsn> {
-        self.seen(insert);
+        let confirm = self.positions(insert, flush);
         self.batches.push_back((upto, None));
-        self.confirmable(flush)
+        confirm
     }
 
-    /// Positions read with no batch in flight: `insert` is at or after every written commit.
+    /// Positions read after the newest written batch committed (`insert` is at or after its commit
+    /// record): that batch gets `insert` as its bound, and the batches durable at `flush` are
+    /// dropped; the newest of them is what the slot may confirm.
     fn positions(&mut self, insert: Lsn, flush: Lsn) -> Option<Lsn> {
-        self.seen(insert);
-        self.confirmable(flush)
-    }
-
-    /// The newest batch still without a commit bound gets `insert`.
-    fn seen(&mut self, insert: Lsn) {
         if let Some(last) = self.batches.back_mut()
             && last.1.is_none()
         {
             last.1 = Some(insert);
         }
-    }
-
-    /// Drops the batches durable at `flush`; the newest of them is what the slot may confirm.
-    fn confirmable(&mut self, flush: Lsn) -> Option<Lsn> {
         let mut upto = None;
         while let Some(&(lsn, Some(bound))) = self.batches.front() {
             if bound > flush {
