@@ -29,6 +29,10 @@ pub(crate) struct Opts {
     /// transactions in turn, so on a server whose commits wait for the disk a high target rate
     /// needs more of them.
     pub(crate) lat_writers: usize,
+    /// Channels the write part's rows are spread over (`--write-channels`; default 1). Above 1 the
+    /// mapping's channel is `incoming-chat:{username}` and each transaction picks one at random,
+    /// as writers of a chat with many rooms do.
+    pub(crate) write_channels: u32,
     /// How long the long transactions stay open.
     pub(crate) hold: Duration,
     /// Capture modes to measure, in order.
@@ -134,6 +138,7 @@ impl Opts {
         let mut reps = None;
         let mut lat_reps = None;
         let mut lat_writers = None;
+        let mut write_channels = None;
         let mut rates = None;
         let mut subscribers = None;
         let mut modes = None;
@@ -157,6 +162,13 @@ impl Opts {
                 "--lat-writers" => {
                     lat_writers = Some(value("--lat-writers")?.parse::<usize>()?);
                 }
+                "--write-channels" => {
+                    let n = value("--write-channels")?.parse::<u32>()?;
+                    if !(1..=100_000).contains(&n) {
+                        bail!("--write-channels {n}: between 1 and 100000");
+                    }
+                    write_channels = Some(n);
+                }
                 "--capture" => modes = Some(parse_modes(&value("--capture")?)?),
                 "--protocol" => {
                     protobuf = match value("--protocol")?.as_str() {
@@ -178,7 +190,7 @@ impl Opts {
                 }
                 "-h" | "--help" => {
                     println!(
-                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--lat-reps N] [--lat-writers N] [--rates R1,R2,..] [--subscribers N] [--capture trigger,wal] [--protocol json|protobuf]"
+                        "bench [--quick] [--only write,latency,longtx] [--secs S] [--reps N] [--lat-reps N] [--lat-writers N] [--write-channels N] [--rates R1,R2,..] [--subscribers N] [--capture trigger,wal] [--protocol json|protobuf]"
                     );
                     std::process::exit(0);
                 }
@@ -204,6 +216,7 @@ impl Opts {
             protobuf,
             lat_secs: d.lat_secs,
             lat_writers: lat_writers.unwrap_or(crate::LAT_WRITERS).max(1),
+            write_channels: write_channels.unwrap_or(1),
             hold: d.hold,
             modes: modes.unwrap_or_else(|| vec![Mode::Trigger, Mode::Wal]),
         })

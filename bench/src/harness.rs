@@ -79,14 +79,15 @@ pub(crate) async fn connect(url: &str) -> Result<PgConnection> {
     Ok(opts.disable_statement_logging().connect().await?)
 }
 
-pub(crate) fn config_json(db_url: &str, mode: Mode) -> String {
+/// The connector's configuration: one mapping of `chat_data` INSERTs to `channel` (a template).
+pub(crate) fn config_json(db_url: &str, mode: Mode, channel: &str) -> String {
     json!({
         "capture": {"mode": mode.name(), "heartbeat_secs": 1},
         "listen": "127.0.0.1:0",
         "database": {"url": db_url, "pool_size": 4},
         "stream": {"poll_interval_ms": 250, "batch_size": 1000},
         "client": {"allow_anonymous": true, "ping_interval_secs": 25, "outbound_queue": 65536},
-        "mappings": [{"table": "chat_data", "operations": ["INSERT"], "channel": CHANNEL}],
+        "mappings": [{"table": "chat_data", "operations": ["INSERT"], "channel": channel}],
         "rules": [],
         "shutdown_grace_secs": 5
     })
@@ -102,12 +103,13 @@ pub(crate) struct Relay {
 
 impl Relay {
     pub(crate) async fn start(db_url: &str) -> Result<Self> {
-        Self::start_in(db_url, current_mode()).await
+        Self::start_in(db_url, current_mode(), CHANNEL).await
     }
 
-    /// Starts a connector in capture `mode`; in `wal` mode, returns once it leads the slot.
-    pub(crate) async fn start_in(db_url: &str, mode: Mode) -> Result<Self> {
-        let config = connector::Config::from_json(&config_json(db_url, mode))?;
+    /// Starts a connector in capture `mode` that maps `chat_data` to `channel`; in `wal` mode,
+    /// returns once it leads the slot.
+    pub(crate) async fn start_in(db_url: &str, mode: Mode, channel: &str) -> Result<Self> {
+        let config = connector::Config::from_json(&config_json(db_url, mode, channel))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();

@@ -10,7 +10,7 @@ use sqlx::{Connection, PgConnection};
 use crate::cli::{Mode, Opts, current_mode};
 use crate::harness::{BenchDb, Relay, config_json, connect, reset_wal};
 use crate::report::{epoch_millis, loadavg, median, micros, pct, print_part_pressure, table};
-use crate::{ALGORITHM_B, INSERT_ROWS, SPREAD_CHANNELS, TEXT, WAKE_NOOP, WRITERS};
+use crate::{ALGORITHM_B, CHANNEL, INSERT_ROWS, SPREAD_CHANNELS, TEXT, WAKE_NOOP, WRITERS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WriteCfg {
@@ -183,13 +183,40 @@ async fn drain(db: &BenchDb) -> Result<f64> {
     }
 }
 
-/// Puts the database in configuration `cfg`, from a clean state; returns the connector it started.
+/// The channels the write part's rows go to: how many, the mapping's channel template, and the
+/// mapping it makes (for the trigger configurations without a connector).
+struct Spread {
+    channels: u32,
+    template: String,
+    mappings: Vec<connector::config::Mapping>,
+}
+
+impl Spread {
+    /// `--write-channels n`: one channel (the latency part's) or `n` rooms by `username`.
+    fn new(db: &BenchDb, channels: u32) -> Result<Self> {
+        let template = if channels > 1 {
+            format!("{CHANNEL}:{{username}}")
+        } else {
+            CHANNEL.to_owned()
+        };
+        let config = connector::Config::from_json(&config_json(&db.url, Mode::Trigger, &template))?;
+        Ok(Self {
+            channels,
+            template,
+            mappings: config.mappings,
+        })
+    }
+}
+
+/// Puts the database in configuration `cfg`, from a clean state; returns the connector it started
+/// (mapping `chat_data` to `channel`).
 async fn apply(
     db: &BenchDb,
     cfg: WriteCfg,
     wake_sql: &str,
-    mappings: &[connector::config::Mapping],
+    spread: &Spread,
 ) -> Result<Option<Relay>> {
+    let (mappings, channel) = (&spread.mappings, spread.template.as_str());
     db.exec("DROP TRIGGER IF EXISTS bench_b ON chat_data")
         .await?;
     db.exec(&format!(
@@ -217,14 +244,16 @@ async fn apply(
             db.exec(WAKE_NOOP).await?;
         }
         WriteCfg::TriggerWithConnector => {
-            return Ok(Some(Relay::start_in(&db.url, Mode::Trigger).await?));
+            return Ok(Some(
+                Relay::start_in(&db.url, Mode::Trigger, channel).await?,
+            ));
         }
         WriteCfg::WalWithConnector => {
             reset_wal(db).await?;
-            return Ok(Some(Relay::start_in(&db.url, Mode::Wal).await?));
+            return Ok(Some(Relay::start_in(&db.url, Mode::Wal, channel).await?));
         }
         WriteCfg::TriggerWithConnectorNotifyAll => {
-            let relay = Relay::start_in(&db.url, Mode::Trigger).await?;
+            let relay = Relay::start_in(&db.url, Mode::Trigger, channel).await?;
             db.exec(&format!(
                 "ALTER DATABASE {} SET relay.writer_notify = 'on'",
                 db.name
@@ -253,18 +282,19 @@ struct Window {
     until: Instant,
 }
 
-/// 8 writers commit `rows`-row INSERT transactions for `secs` (after a short warm-up).
+/// 8 writers commit `rows`-row INSERT transactions for `secs` (after a short warm-up), each to one
+/// of `spread` channels (Algorithm B: its own number of channels).
 async fn write_run(
     db: &BenchDb,
     cfg: WriteCfg,
-    rows: i32,
-    sync: bool,
+    (rows, sync): (i32, bool),
+    spread: u32,
     secs: f64,
     run: usize,
 ) -> Result<WriteRun> {
     let channels = match cfg {
         WriteCfg::AlgB { channels, .. } => channels,
-        _ => 1,
+        _ => spread,
     };
     let mut conns = Vec::with_capacity(WRITERS);
     for _ in 0..WRITERS {
@@ -379,7 +409,13 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
             .fetch_one(&db.pool)
             .await?;
     db.exec(ALGORITHM_B).await?;
-    let config = connector::Config::from_json(&config_json(&db.url, Mode::Trigger))?;
+    let spread = Spread::new(db, opts.write_channels)?;
+    if spread.channels > 1 {
+        println!(
+            "Rows spread over {} channels ({}), one picked at random per transaction\n",
+            spread.channels, spread.template
+        );
+    }
     let cfgs = WriteCfg::for_mode(current_mode());
     let mut results: Results = HashMap::new();
     let mut run = 0;
@@ -391,16 +427,8 @@ async fn write_part_in(db: &BenchDb, opts: &Opts) -> Result<()> {
                 for i in order {
                     let cfg = cfgs[i];
                     run += 1;
-                    let r = measure(
-                        db,
-                        cfg,
-                        &wake_sql,
-                        &config.mappings,
-                        (rows, sync),
-                        opts.secs,
-                        run,
-                    )
-                    .await?;
+                    let r =
+                        measure(db, cfg, &wake_sql, &spread, (rows, sync), opts.secs, run).await?;
                     println!(
                         "  rep {} sync {:<3} rows/tx {rows:>2} {:<42} {:>8.0} commits/s{}  (loadavg {})",
                         rep + 1,
@@ -435,19 +463,19 @@ async fn measure(
     db: &BenchDb,
     cfg: WriteCfg,
     wake_sql: &str,
-    mappings: &[connector::config::Mapping],
+    spread: &Spread,
     (rows, sync): (i32, bool),
     secs: f64,
     run: usize,
 ) -> Result<WriteRun> {
-    let relay = apply(db, cfg, wake_sql, mappings).await?;
+    let relay = apply(db, cfg, wake_sql, spread).await?;
     let before = match (&relay, cfg) {
         (Some(relay), WriteCfg::WalWithConnector) => {
             Some((wal_metrics(relay).await?, server_cpu(db).await?))
         }
         _ => None,
     };
-    let mut r = write_run(db, cfg, rows, sync, secs, run).await;
+    let mut r = write_run(db, cfg, (rows, sync), spread.channels, secs, run).await;
     if let Some(relay) = relay {
         if let Ok(run) = &mut r {
             run.drain_s = Some(drain(db).await?);
