@@ -240,3 +240,66 @@ async fn a_transaction_open_in_another_database_holds_nothing_back() {
     other.drop_db().await;
     db.drop_db().await;
 }
+
+/// A writer whose role holds only what writing through a capture trigger needs (its table, USAGE on
+/// schema `relay`, INSERT on `relay.changelog`) writes, and wakes an armed sequencer: `relay.wake()`
+/// runs as its caller (migration 0017), and every role may read the wake-up flag.
+#[tokio::test]
+async fn a_writer_with_only_the_capture_privileges_writes_and_wakes_the_connectors() {
+    let db = TestDb::new().await;
+    let server = Server::start(&config_json(&db.url, json!({}))).await;
+    server.stop().await;
+    let role = format!("relay_writer_{}", uuid::Uuid::new_v4().simple());
+    for sql in [
+        format!("CREATE ROLE {role} NOLOGIN"),
+        format!("GRANT USAGE ON SCHEMA relay TO {role}"),
+        format!("GRANT INSERT ON relay.changelog TO {role}"),
+        format!("GRANT INSERT ON chat_data TO {role}"),
+    ] {
+        sqlx::query(&sql).execute(&db.pool).await.unwrap();
+    }
+    let mut listener = PgListener::connect(&db.url).await.unwrap();
+    listener.listen("relay_changes").await.unwrap();
+    set_armed(&db, true).await;
+
+    let mut writer = db.pool.acquire().await.unwrap();
+    sqlx::query(&format!("SET ROLE {role}"))
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let me: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut *writer)
+        .await
+        .unwrap();
+    assert_eq!(me, role);
+    sqlx::query(
+        "INSERT INTO chat_data (msg_id, username, msg_data, client_id, created_at_timestamp)
+         VALUES ('restricted', 'w', 'x', 'w', 0)",
+    )
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+    sqlx::query("RESET ROLE")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    drop(writer);
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("no NOTIFY from the restricted writer while armed")
+        .unwrap();
+    assert_eq!(n.channel(), "relay_changes");
+    let captured: i64 = sqlx::query_scalar("SELECT count(*) FROM relay.changelog")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(captured, 1);
+    drop(listener);
+    db.drop_db().await;
+    let admin = sqlx::PgPool::connect(&support::admin_url()).await.unwrap();
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+}
