@@ -226,10 +226,14 @@ async fn apply(
     .await?;
     connector::db::triggers::sync(&db.pool, &[], None).await?;
     db.exec(wake_sql).await?;
+    // The writers' wake-up starts disarmed, as a running sequencer keeps it while changes flow: a
+    // connector of an earlier run may have armed it before it stopped, and (b) would then notify on
+    // every commit.
     db.exec(
         "TRUNCATE chat_data, relay.changelog, relay.publications, relay.channels, bench_b_channels,
                   bench_b_log;
-         UPDATE relay.sequencer SET last_seq = 0;",
+         UPDATE relay.sequencer SET last_seq = 0;
+         SELECT setval('relay.wakeup_armed', 0);",
     )
     .await?;
     // A checkpoint now rather than in the middle of a run (needs superuser; skipped otherwise).
