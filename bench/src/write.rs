@@ -209,7 +209,7 @@ impl Spread {
 }
 
 /// Puts the database in configuration `cfg`, from a clean state; returns the connector it started
-/// (mapping `chat_data` to `channel`).
+/// (mapping `chat_data` to the spread's channel template).
 async fn apply(
     db: &BenchDb,
     cfg: WriteCfg,
