@@ -23,7 +23,7 @@ use crate::harness::Relay;
 const CLIENT_READ_BUFFER: usize = 8 * 1024;
 
 /// Opens a subscriber's WebSocket with [`CLIENT_READ_BUFFER`].
-async fn connect_async<R>(request: R) -> Result<WebSocket>
+async fn open_websocket<R>(request: R) -> Result<WebSocket>
 where
     R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
 {
@@ -59,7 +59,7 @@ pub(crate) async fn subscribe(
     channel: &str,
 ) -> Result<(Arc<Sink>, JoinHandle<Result<()>>)> {
     let url = format!("ws://{}/connection/websocket", relay.addr);
-    let mut ws = connect_async(&url).await?;
+    let mut ws = open_websocket(&url).await?;
     ws.send(Message::Text(r#"{"id":1,"connect":{}}"#.into()))
         .await?;
     ws.send(Message::Text(
@@ -185,7 +185,7 @@ async fn protobuf_connect(relay: &Relay, channel: &str) -> Result<WebSocket> {
     request
         .headers_mut()
         .insert("Sec-WebSocket-Protocol", "centrifuge-protobuf".parse()?);
-    let mut ws = connect_async(request).await?;
+    let mut ws = open_websocket(request).await?;
     let mut frame = Vec::new();
     Command {
         id: 1,

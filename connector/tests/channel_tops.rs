@@ -62,6 +62,38 @@ async fn apply(pool: &PgPool, lsn: &str, channels: &[&str]) -> i32 {
     .unwrap()
 }
 
+/// Owned (channel, offset, epoch) rows, to compare with [`publications`].
+fn rows(want: &[(&str, i64, &str)]) -> Vec<(String, i64, String)> {
+    want.iter()
+        .map(|(c, o, e)| ((*c).to_owned(), *o, (*e).to_owned()))
+        .collect()
+}
+
+/// Runs `batch` while another transaction has created `channel` at `top_offset` and not yet
+/// committed: the batch must wait for it, then finish once it commits. Returns what the batch moved.
+async fn beside_an_uncommitted_channel(
+    db: &TestDb,
+    channel: &str,
+    top_offset: i64,
+    batch: impl Future<Output = i32> + Send + 'static,
+) -> i32 {
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO relay.channels (name, epoch, top_offset) VALUES ($1, 'x', $2)")
+        .bind(channel)
+        .bind(top_offset)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let batch = tokio::spawn(batch);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !batch.is_finished(),
+        "the batch must wait for the other insert"
+    );
+    other.commit().await.unwrap();
+    batch.await.unwrap()
+}
+
 #[tokio::test]
 async fn trigger_mode_batches_update_existing_channels_and_insert_new_ones() {
     let db = TestDb::new().await;
@@ -78,17 +110,14 @@ async fn trigger_mode_batches_update_existing_channels_and_insert_new_ones() {
         first_epoch(&db.pool, "a").await,
         first_epoch(&db.pool, "b").await,
     );
-    let want: Vec<(String, i64, String)> = [
+    let want = rows(&[
         ("a", 1, &ea),
         ("a", 2, &ea),
         ("a", 3, &ea),
         ("a", 4, &ea),
         ("b", 1, &eb),
         ("a", 5, &ea),
-    ]
-    .iter()
-    .map(|(c, o, e)| ((*c).to_owned(), *o, (*e).clone()))
-    .collect();
+    ]);
     assert_eq!(publications(&db.pool).await, want);
     let tops: Vec<(String, i64)> =
         sqlx::query_as("SELECT name, top_offset FROM relay.channels ORDER BY name")
@@ -101,20 +130,10 @@ async fn trigger_mode_batches_update_existing_channels_and_insert_new_ones() {
     // the uncommitted row, its INSERT waits for that transaction and then continues from the top
     // offset it committed.
     publish(&db.pool, "c").await;
-    let mut other = db.pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO relay.channels (name, epoch, top_offset) VALUES ('c', 'x', 7)")
-        .execute(&mut *other)
-        .await
-        .unwrap();
     let pool = db.pool.clone();
-    let batch = tokio::spawn(async move { sequence(&pool).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !batch.is_finished(),
-        "the batch must wait for the other insert"
-    );
-    other.commit().await.unwrap();
-    assert_eq!(batch.await.unwrap(), 1);
+    let moved =
+        beside_an_uncommitted_channel(&db, "c", 7, async move { sequence(&pool).await }).await;
+    assert_eq!(moved, 1);
     let last = publications(&db.pool).await.pop().unwrap();
     assert_eq!(last, ("c".to_owned(), 8, first_epoch(&db.pool, "c").await));
     db.drop_db().await;
@@ -137,33 +156,22 @@ async fn wal_mode_batches_update_existing_channels_and_insert_new_ones() {
         first_epoch(&db.pool, "b").await,
         first_epoch(&db.pool, "c").await,
     );
-    let want: Vec<(String, i64, String)> = [
+    let want = rows(&[
         ("a", 1, &ea),
         ("a", 2, &ea),
         ("b", 1, &eb),
         ("b", 2, &eb),
         ("c", 1, &ec),
         ("a", 3, &ea),
-    ]
-    .iter()
-    .map(|(c, o, e)| ((*c).to_owned(), *o, (*e).clone()))
-    .collect();
+    ]);
     assert_eq!(publications(&db.pool).await, want);
 
-    let mut other = db.pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO relay.channels (name, epoch, top_offset) VALUES ('d', 'x', 4)")
-        .execute(&mut *other)
-        .await
-        .unwrap();
     let pool = db.pool.clone();
-    let batch = tokio::spawn(async move { apply(&pool, "0/30", &["d", "a"]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !batch.is_finished(),
-        "the batch must wait for the other insert"
-    );
-    other.commit().await.unwrap();
-    assert_eq!(batch.await.unwrap(), 2);
+    let moved = beside_an_uncommitted_channel(&db, "d", 4, async move {
+        apply(&pool, "0/30", &["d", "a"]).await
+    })
+    .await;
+    assert_eq!(moved, 2);
     let got = publications(&db.pool).await;
     assert_eq!(
         got[got.len() - 2..],
