@@ -97,7 +97,35 @@ async fn writers_notify_only_while_the_sequencer_is_armed() {
         .await
         .expect("writer_notify = on did not notify")
         .unwrap();
+
+    // The flag as installed, never set (the sequence starts at 1): armed.
+    sqlx::query("ALTER SEQUENCE relay.wakeup_armed RESTART")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    insert(&db, "fresh").await;
+    tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("no NOTIFY from a writer with the flag as installed")
+        .unwrap();
     drop(listener);
+    db.drop_db().await;
+}
+
+/// `relay.wake()`, which every captured row calls, is inlined into the statement that calls it
+/// (migration 0018): no function call and no executor run of its own per row. A SET clause, SECURITY
+/// DEFINER or a PL/pgSQL body would each stop the planner from inlining it.
+#[tokio::test]
+async fn the_wake_up_is_inlined_into_the_capture_trigger() {
+    let db = TestDb::new().await;
+    connector::db::migrate(&db.pool).await.unwrap();
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN (VERBOSE, COSTS OFF) SELECT relay.wake()")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("pg_notify"), "not inlined:\n{plan}");
+    assert!(!plan.contains("wake()"), "not inlined:\n{plan}");
     db.drop_db().await;
 }
 
