@@ -1,7 +1,8 @@
 //! The trigger-mode wake-up and horizon (issue 8): writers notify only while the sequencer sleeps, a
 //! change after a quiet spell is delivered by the writer's NOTIFY (not by the safety-net timer), bursts
-//! separated by quiet spells lose nothing to the arming race, and a transaction held open in another
-//! database of the cluster holds nothing back.
+//! separated by quiet spells lose nothing to the arming race, a transaction held open in another
+//! database of the cluster holds nothing back, and the writers' `relay.wake()` is inlined into the
+//! capture trigger's call.
 #![allow(clippy::unwrap_used)]
 
 mod support;
