@@ -103,6 +103,7 @@ async fn assert_calls_skip_dead_rows(
     }
 }
 
+/// A fresh, migrated database whose changelog autovacuum leaves alone (its dead rows stay).
 async fn migrated_without_autovacuum() -> TestDb {
     let db = TestDb::new().await;
     connector::db::migrate(&db.pool).await.unwrap();
