@@ -18,7 +18,8 @@
 --   compiling a plan to machine code costs tens of milliseconds per call (measured: 8 to 160 ms per
 --   call). The function's statements are small, so JIT never pays for itself here anyway.
 -- These settings apply while the function runs (and to what it calls), never to the caller's
--- session. The function's body and signature are unchanged. connector/tests/sequencer_scans.rs
+-- session. A later CREATE OR REPLACE FUNCTION relay.sequence_batch() drops them unless it restates
+-- them. The function's body and signature are unchanged. connector/tests/sequencer_scans.rs
 -- checks both cases: statistics taken while changes were pending, and plans made while the
 -- changelog was empty.
 
