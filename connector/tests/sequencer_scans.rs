@@ -103,6 +103,16 @@ async fn assert_calls_skip_dead_rows(
     }
 }
 
+/// The measured connection, its plans made: a batch of 3 changes and a call with nothing to move
+/// (the first calls read the catalogs to plan, so they are not measured).
+async fn planned_connection(db: &TestDb) -> PgConnection {
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    changes(&db.pool, 3).await;
+    blocks_of_a_batch(&mut conn).await;
+    blocks_of_a_batch(&mut conn).await;
+    conn
+}
+
 /// A fresh, migrated database whose changelog autovacuum leaves alone (its dead rows stay).
 async fn migrated_without_autovacuum() -> TestDb {
     let db = TestDb::new().await;
@@ -125,12 +135,8 @@ async fn the_sequencer_does_not_read_the_dead_rows_of_the_changelog() {
         .await
         .unwrap();
     let dead_pages = drained_changelog(&db).await;
-    // One connection, so that its cached plans are the ones measured; its first calls, which read
-    // the catalogs to plan, are not measured.
-    let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    changes(&db.pool, 3).await;
-    blocks_of_a_batch(&mut conn).await;
-    blocks_of_a_batch(&mut conn).await;
+    // One connection, so that its cached plans are the ones measured.
+    let mut conn = planned_connection(&db).await;
     assert_calls_skip_dead_rows(&db, &mut conn, dead_pages, DEAD + 3).await;
     conn.close().await.unwrap();
     db.drop_db().await;
@@ -146,11 +152,8 @@ async fn plans_made_on_an_empty_changelog_do_not_read_its_dead_rows() {
         .execute(&db.pool)
         .await
         .unwrap();
-    // The measured connection makes its plans now: a batch and a call with nothing to move.
-    let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    changes(&db.pool, 3).await;
-    blocks_of_a_batch(&mut conn).await;
-    blocks_of_a_batch(&mut conn).await;
+    // The measured connection makes its plans now, on the empty changelog.
+    let mut conn = planned_connection(&db).await;
     changes(&db.pool, DEAD).await;
     let dead_pages = drained_changelog(&db).await;
     assert_calls_skip_dead_rows(&db, &mut conn, dead_pages, DEAD + 3).await;
