@@ -238,7 +238,7 @@ async fn prepare_capture(
     config: &Config,
     node_id: &str,
     status: &Arc<capture::CaptureStatus>,
-) -> Result<Option<Vec<db::triggers::TriggerSpec>>> {
+) -> Result<Option<Vec<db::triggers::MappingTriggers>>> {
     capture::prepare(pool, &config.capture, &config.mappings, status).await?;
     if config.capture.mode == capture::CaptureMode::Trigger {
         let owner = db::triggers::Owner {
@@ -248,7 +248,7 @@ async fn prepare_capture(
         let report = db::triggers::sync(pool, &config.mappings, Some(owner)).await?;
         tracing::info!(installed = ?report.installed, removed = ?report.removed,
             kept_for_other_nodes = ?report.kept, "capture triggers in place");
-        return Ok(Some(db::triggers::specs(&config.mappings)?));
+        return Ok(Some(db::triggers::mapping_triggers(&config.mappings)?));
     }
     db::triggers::check_tables(pool, &config.mappings).await?;
     let slot = status.slot.get().cloned().unwrap_or_default();
@@ -266,7 +266,7 @@ struct Services {
     node_id: String,
     capture: Arc<capture::CaptureStatus>,
     /// The capture triggers to watch (trigger mode).
-    capture_specs: Option<Vec<db::triggers::TriggerSpec>>,
+    capture_specs: Option<Vec<db::triggers::MappingTriggers>>,
 }
 
 /// A node whose tasks run.
@@ -390,7 +390,7 @@ fn presence_stores(
 /// What the watch over this node's capture triggers needs (trigger mode: `specs`).
 struct CaptureWatch {
     pool: sqlx::PgPool,
-    specs: Option<Vec<db::triggers::TriggerSpec>>,
+    specs: Option<Vec<db::triggers::MappingTriggers>>,
     node: String,
     status: Arc<db::triggers::CaptureStatus>,
 }

@@ -149,16 +149,13 @@ impl<'a> Leader<'a> {
         let sqls = cap
             .mappings
             .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                Ok(MappingSql {
-                    operations: m.operations.clone(),
-                    schema: m.schema.clone(),
-                    table: m.table.clone(),
-                    trigger_name: crate::db::triggers::spec(i, m)?.trigger,
-                })
+            .map(|m| MappingSql {
+                operations: m.operations.clone(),
+                schema: m.schema.clone(),
+                table: m.table.clone(),
+                trigger_name: crate::db::triggers::name_stem(m),
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<Vec<_>>();
         let ranks = ranks(&sqls);
         Ok(Leader {
             cap,
