@@ -26,11 +26,12 @@ CREATE TABLE kinds (
 CREATE TABLE other (id int);
 "#;
 
-/// The same statements, run on a trigger-mode and a wal-mode database.
+/// The same statements, run on a trigger-mode and a wal-mode database. The `json` value of `j` spans
+/// two lines, as stored: it must arrive on one (JSON-protocol frames are newline-delimited).
 const SCRIPT: &[&str] = &[
     r#"INSERT INTO kinds VALUES (1, 1, E'he said "hi", (ok) \\ back''slash ü', 12345678901234567890.123456789,
         0.1, 1.5, true, '2024-02-29 12:34:56.789+02', '2024-02-29 12:34:56.789', '2024-02-29',
-        '{"a": [1, 2.50, "x"], "b": null}', '{"z": 1, "a": {"n": 1.0}}', '{1,2,NULL}',
+        E'{"a": [1, 2.50, "x"],\n "b": null}', '{"z": 1, "a": {"n": 1.0}}', '{1,2,NULL}',
         '{"a b","c,d","e\"f",NULL}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\xdeadbeef',
         '1 day 02:03:04', '192.168.0.1/24', 'ab', 9007199254740993, -32768, '(1.5,2)', '[1,10)',
         'happy', ROW(7, 'x,y'), 5)"#,

@@ -10,7 +10,7 @@ use pgwire_replication::Lsn;
 
 use super::batch::Batch;
 use crate::config::Mapping;
-use crate::db::triggers::{channel_expr, quote_literal, row_expr};
+use crate::db::triggers::{channel_expr, one_line, quote_literal, row_expr};
 
 /// Multiplier of a change's index in a batch in the order key of its publications; below it, the
 /// mapping's rank (by trigger name) times two plus 0 (new channel) or 1 (old channel).
@@ -35,16 +35,18 @@ fn mapping_sql(m: &Mapping, rank: usize, p: usize) -> String {
     let new = r#"(r."NEW")"#;
     let old = r#"(r."OLD")"#;
     format!(
-        r#"SELECT u.k * {KEY_CHANGE} + {rank2} + v.sub, u.lsn::pg_lsn, v.channel, x.payload::json, NULL::jsonb, u.micros
+        r#"SELECT u.k * {KEY_CHANGE} + {rank2} + v.sub, u.lsn::pg_lsn, v.channel, {payload}, NULL::jsonb, u.micros
 FROM unnest(${p0}::int8[], ${p1}::text[], ${p2}::int8[], ${p3}::text[], ${p4}::text[], ${p5}::text[])
      AS u(k, lsn, micros, op, n, o)
 CROSS JOIN LATERAL (SELECT u.n::"{s}"."{t}" AS "NEW", u.o::"{s}"."{t}" AS "OLD" OFFSET 0) AS r
 CROSS JOIN LATERAL (
     SELECT CASE WHEN u.op = 'DELETE' THEN {ch_old} ELSE {ch_new} END,
            CASE WHEN u.op = 'UPDATE' THEN {ch_old} END,
-           jsonb_build_object('type', u.op, 'schema', {schema}, 'table', {table}, 'row',
-                CASE WHEN u.op = 'DELETE' THEN {row_old} ELSE {row_new} END)
-           || CASE WHEN u.op = 'UPDATE' THEN jsonb_build_object('old', {row_old}) ELSE '{{}}'::jsonb END
+           CASE WHEN u.op = 'UPDATE'
+                THEN json_build_object('type', u.op, 'schema', {schema}, 'table', {table},
+                    'row', {row_new}, 'old', {row_old})
+                ELSE json_build_object('type', u.op, 'schema', {schema}, 'table', {table},
+                    'row', CASE WHEN u.op = 'DELETE' THEN {row_old} ELSE {row_new} END) END
     OFFSET 0) AS x(ch, ch_old, payload)
 CROSS JOIN LATERAL (VALUES (0, x.ch),
     (1, CASE WHEN x.ch_old IS DISTINCT FROM nullif(x.ch, '') THEN x.ch_old END)) AS v(sub, channel)
@@ -60,6 +62,7 @@ WHERE v.channel <> ''"#,
         ch_new = channel_expr(new, parts),
         row_old = row_expr(old, cols),
         row_new = row_expr(new, cols),
+        payload = one_line("x.payload"),
         schema = quote_literal(&m.schema),
         table = quote_literal(&m.table),
         s = m.schema,

@@ -39,7 +39,7 @@ pub mod upgrade;
 mod watch;
 
 pub use sql::{MappingTriggers, TriggerSpec, mapping_triggers, name_stem, triggers_of};
-pub(crate) use sql::{channel_expr, quote_ident, quote_literal, row_expr};
+pub(crate) use sql::{channel_expr, one_line, quote_ident, quote_literal, row_expr};
 pub use watch::{CaptureStatus, verify, watch};
 
 /// What a sync did.
@@ -49,7 +49,8 @@ pub struct SyncReport {
     pub installed: Vec<String>,
     /// Triggers of mappings that are gone, dropped.
     pub removed: Vec<String>,
-    /// Triggers not in this configuration, kept because a live node's mappings need them.
+    /// Triggers kept because a live node needs them: another configuration's, or an earlier
+    /// release's trigger of one of this configuration's mappings (see [`upgrade`]).
     pub kept: Vec<String>,
 }
 
