@@ -15,16 +15,16 @@
 //! changes a mapping, the old nodes keep their triggers (and their rows) until they stop, and the next
 //! sync after that removes them.
 //!
+//! [`watch`] also checks, on the same timer, that each of the node's triggers is still in place as the
+//! node installed it (present, enabled, calling the function with the body it generated). If not —
+//! an older connector version's sync dropped it, someone disabled or replaced it — the node says so in
+//! its log (error) and in `/readyz` (503 with the reason) until the trigger is back.
+//!
 //! # Releases side by side
 //! A mapping's triggers from an earlier release (one row-level trigger, the *legacy* one) and this
 //! release's would each capture every write: a rolling deploy must never have both. [`upgrade`]
 //! keeps the legacy trigger while a live node of the earlier release runs it, and swaps it for this
 //! release's triggers, in one transaction, once none does (and back, if one starts again).
-//!
-//! [`watch`] also checks, on the same timer, that each of the node's triggers is still in place as the
-//! node installed it (present, enabled, calling the function with the body it generated). If not —
-//! an older connector version's sync dropped it, someone disabled or replaced it — the node says so in
-//! its log (error) and in `/readyz` (503 with the reason) until the trigger is back.
 
 use std::collections::HashSet;
 use std::time::Duration;
