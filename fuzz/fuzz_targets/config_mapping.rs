@@ -7,8 +7,9 @@
 //!   (letters I, U, D), then columns — put into the shipped `config.json` next to its own mapping,
 //!   so that most inputs reach the mapping validation and the SQL generation.
 //!
-//! For every mapping of a configuration that validates, `db::triggers::spec` must not panic, and the
-//! SQL it returns must be sound:
+//! For every mapping of a configuration that validates, `db::triggers::triggers_of` must not panic,
+//! and the SQL of every trigger it returns (this release's, one per operation, and the legacy one)
+//! must be sound:
 //! - the function body is dollar-quoted, and its tag occurs nowhere in the body (the first closing
 //!   tag PostgreSQL would find is the real one);
 //! - the generated comment line stays one line (no newline from the mapping ends it early);
@@ -22,14 +23,14 @@ use std::collections::HashSet;
 
 use connector::Config;
 use connector::config::{Mapping, TemplatePart, parse_template};
-use connector::db::triggers::{TriggerSpec, spec};
+use connector::db::triggers::{TriggerSpec, triggers_of};
 use libfuzzer_sys::fuzz_target;
 
 const SHIPPED: &str = include_str!("../../config.json");
 
 /// The string literals the generator writes itself.
 const OWN_LITERALS: &[&str] = &[
-    "", "DELETE", "UPDATE", "type", "schema", "table", "row", "{}", "old",
+    "", "INSERT", "DELETE", "UPDATE", "type", "schema", "table", "row", "{}", "old", "\\n", "\\r",
 ];
 
 /// The literals and quoted identifiers outside comments, in order; panics on an unclosed quote or a
@@ -82,9 +83,14 @@ fn lex(body: &str) -> (Vec<String>, Vec<String>) {
 }
 
 fn check(index: usize, m: &Mapping, s: &TriggerSpec) {
-    let hash = s.function.strip_prefix("capture_").expect("function name");
-    let tag = format!("${}$", s.trigger);
-    assert_eq!(s.trigger, format!("relay_{hash}"));
+    let name = s.function.strip_prefix("capture_").expect("function name");
+    assert_eq!(s.trigger, format!("relay_{name}"));
+    let hash = ["_insert", "_update", "_delete"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name);
+    assert_eq!(hash.len(), 16, "{name}");
+    let tag = format!("$relay_{hash}$");
     let prefix = format!(
         "CREATE OR REPLACE FUNCTION relay.\"{}\"() RETURNS trigger\nLANGUAGE plpgsql VOLATILE AS {tag}",
         s.function
@@ -105,7 +111,7 @@ fn check(index: usize, m: &Mapping, s: &TriggerSpec) {
         lines.len() > 3
             && lines[1].starts_with("-- Generated")
             && lines[1].ends_with("; do not edit.")
-            && lines[2] == "DECLARE",
+            && (lines[2] == "DECLARE" || lines[2] == "BEGIN"),
         "mapping {index}: the comment line was broken:\n{body}"
     );
 
@@ -161,8 +167,11 @@ fn config(json: &str) {
     };
     for (i, m) in config.mappings.iter().enumerate() {
         // A validated mapping may still be refused (a template holding the tag), never panic.
-        if let Ok(s) = spec(i, m) {
-            check(i, m, &s);
+        if let Ok(t) = triggers_of(i, m) {
+            assert_eq!(t.current.len(), m.operations.len());
+            for s in t.current.iter().chain(std::iter::once(&t.legacy)) {
+                check(i, m, s);
+            }
         }
     }
 }
