@@ -76,7 +76,7 @@ async fn installed_until(db: &TestDb, want: &[String]) {
     panic!("triggers never became {want:?}: {:?}", installed(db).await);
 }
 
-fn names(specs: &[&connector::db::triggers::TriggerSpec]) -> Vec<String> {
+fn names(specs: &[connector::db::triggers::TriggerSpec]) -> Vec<String> {
     let mut n: Vec<String> = specs.iter().map(|s| s.trigger.clone()).collect();
     n.sort();
     n
@@ -105,7 +105,7 @@ async fn a_rolling_deploy_keeps_the_old_trigger_then_swaps_without_losing_or_rep
     connector::db::migrate(&db.pool).await.unwrap();
     let t = chat_triggers(&db);
     let legacy = vec![t.legacy.trigger.clone()];
-    let current = names(&t.current.iter().collect::<Vec<_>>());
+    let current = names(&t.current);
     assert_eq!(current.len(), 3, "INSERT, UPDATE, DELETE: {current:?}");
 
     // A node of the earlier release runs; a node of this release starts beside it.
@@ -202,10 +202,7 @@ async fn a_sync_keeps_the_legacy_trigger_only_while_a_node_of_the_earlier_releas
     let report = triggers::sync(&db.pool, &mappings, None).await.unwrap();
     assert_eq!(report.installed.len(), 3, "{report:?}");
     assert_eq!(report.removed, [t.legacy.qualified()], "{report:?}");
-    assert_eq!(
-        installed(&db).await,
-        names(&t.current.iter().collect::<Vec<_>>())
-    );
+    assert_eq!(installed(&db).await, names(&t.current));
     let functions: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_proc WHERE proname = $1 AND pronamespace = 'relay'::regnamespace",
     )

@@ -102,13 +102,7 @@ struct MappingSql {
 impl WalCapture {
     /// Runs until `shutdown` is cancelled: tries to lead every second, leads while it can.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut leader = match Leader::new(&self) {
-            Ok(leader) => leader,
-            Err(e) => {
-                tracing::error!(error = %e, "wal capture cannot start");
-                return;
-            }
-        };
+        let mut leader = Leader::new(&self);
         while !shutdown.is_cancelled() {
             match leader.lead(&shutdown).await {
                 Ok(true) => {}
@@ -144,7 +138,7 @@ struct Leader<'a> {
 
 impl<'a> Leader<'a> {
     /// The leader of `cap`'s slot, with its mappings' trigger names and the batch statement.
-    fn new(cap: &'a WalCapture) -> anyhow::Result<Self> {
+    fn new(cap: &'a WalCapture) -> Self {
         let slot = cap.status.slot.get().cloned().unwrap_or_default();
         let sqls = cap
             .mappings
@@ -157,14 +151,14 @@ impl<'a> Leader<'a> {
             })
             .collect::<Vec<_>>();
         let ranks = ranks(&sqls);
-        Ok(Leader {
+        Leader {
             cap,
             batch_sql: apply::batch_sql(&cap.mappings, &ranks).into(),
             slot,
             sqls,
             relations: HashMap::new(),
             table_columns: HashMap::new(),
-        })
+        }
     }
 }
 

@@ -48,11 +48,7 @@ pub(super) async fn settle(
     entries: &[Vec<String>],
     report: &mut SyncReport,
 ) -> Result<HashSet<String>> {
-    let mut installed: HashSet<String> = super::capture_triggers(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|(schema, table, trigger)| format!("{schema}.{table}.{trigger}"))
-        .collect();
+    let mut installed = installed_names(conn).await?;
     let mut wanted = HashSet::new();
     for m in maps {
         if legacy_in_use(m, &installed, entries) {
@@ -81,6 +77,15 @@ pub(super) async fn settle(
     Ok(wanted)
 }
 
+/// The relay capture triggers in the catalog, as `schema.table.trigger`.
+async fn installed_names(conn: &mut PgConnection) -> Result<HashSet<String>> {
+    Ok(super::capture_triggers(conn)
+        .await?
+        .into_iter()
+        .map(|(schema, table, trigger)| format!("{schema}.{table}.{trigger}"))
+        .collect())
+}
+
 async fn drop_spec(conn: &mut PgConnection, s: &TriggerSpec) -> Result<()> {
     super::drop_trigger(
         conn,
@@ -96,14 +101,7 @@ const SWAP_LOCK_TIMEOUT: &str = "2s";
 /// [`settle`] again for the mappings of `maps` whose legacy trigger is installed (nothing, and no
 /// lock, when none is): what a node's watch runs on every check. Reports what it changed.
 pub async fn reconcile(pool: &PgPool, maps: &[MappingTriggers]) -> Result<SyncReport> {
-    let installed: HashSet<String> = {
-        let mut conn = pool.acquire().await?;
-        super::capture_triggers(&mut conn)
-            .await?
-            .into_iter()
-            .map(|(schema, table, trigger)| format!("{schema}.{table}.{trigger}"))
-            .collect()
-    };
+    let installed = installed_names(&mut *pool.acquire().await?).await?;
     let concerned: Vec<MappingTriggers> = maps
         .iter()
         .filter(|m| installed.contains(&m.legacy.qualified()))
