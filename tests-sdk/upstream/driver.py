@@ -172,6 +172,23 @@ class Result(unittest.TestResult):
             self._case(test, outcome, describe(err), params=params)
 
 
+def where_waiting(task: asyncio.Task) -> str:
+    """Where in upstream's test package a task waits (the innermost frame there on its await chain),
+    as ` while waiting at test_client.py:LINE `SOURCE``, so that a timed-out subtest names the push
+    or reply it never got; "" when no frame of the package is on the chain."""
+    import linecache
+
+    spots = []
+    coro = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None and Path(frame.f_code.co_filename).parent.name == "tests":
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            spots.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} `{line}`")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return f" while waiting at {spots[-1]}" if spots else ""
+
+
 def announce_subtests(timeout: float) -> None:
     """Emits each subtest's parameters as it begins (so that the runner can name a hung one), and gives
     each subtest of an async test `timeout` seconds: then its task is cancelled and the subtest fails
@@ -187,11 +204,11 @@ def announce_subtests(timeout: float) -> None:
                 task = asyncio.current_task()
             except RuntimeError:  # no running loop: a synchronous test
                 task = None
-            fired: list[bool] = []
+            fired: list[str] = []
             handle = None
             if task is not None:
                 def expire() -> None:
-                    fired.append(True)
+                    fired.append(where_waiting(task))
                     task.cancel()
 
                 handle = asyncio.get_running_loop().call_later(timeout, expire)
@@ -203,7 +220,7 @@ def announce_subtests(timeout: float) -> None:
                 if hasattr(task, "uncancel"):
                     task.uncancel()
                 raise self.failureException(
-                    f"subtest timed out after {timeout:.0f} s (cancelled by the harness)") from None
+                    f"subtest timed out after {timeout:.0f} s (cancelled by the harness){fired[0]}") from None
             finally:
                 if handle is not None:
                     handle.cancel()

@@ -432,6 +432,20 @@ class Runner:
             self.teardown()
         return self.report()
 
+    def connector_warnings(self) -> None:
+        """After a failure outside pending.txt: the connector's last warnings and errors, each as a `DIAG`
+        line (scripts/test repeats those at the end of its run with the FAIL lines)."""
+        try:
+            lines = (self.dir / "connector.log").read_text(errors="replace").splitlines()
+        except OSError as e:
+            log(f"DIAG connector.log unreadable: {e}")
+            return
+        noted = [line for line in lines if " WARN " in line or " ERROR " in line]
+        log(f"DIAG connector.log: {len(noted)} warnings and errors" + (", the last 10:" if len(noted) > 10 else
+                                                                          (":" if noted else "")))
+        for line in noted[-10:]:
+            log(f"DIAG   {line[:300]}")
+
     def report(self) -> int:
         failed = [c for c in self.cases if c.outcome not in ("pass", "skip")]
         if failed:
@@ -441,6 +455,8 @@ class Runner:
                 log(f"  {c.case}" + (f"  [pending: {note}]" if note else "  [NOT pending: a relay bug or a missing exclusion]"))
                 for line in c.detail.strip().splitlines()[-6:]:
                     log(f"      {line}")
+        if any(not self.pending_for(c.case) for c in failed):
+            self.connector_warnings()
         by_file: dict[str, list[int]] = {}
         for c in self.cases:
             f = c.case.split(".", 1)[0] + ".py"
