@@ -67,6 +67,14 @@ pub enum Error {
     /// An I/O error (binding the listener, ...).
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// One of the node's long-lived tasks panicked, and the node shut down (see `tasks`).
+    #[error("the {task} task panicked: {panic}")]
+    TaskPanicked {
+        /// The task's name (`cluster`, `stream`, ...).
+        task: &'static str,
+        /// The panic's message.
+        panic: String,
+    },
 }
 
 /// Result with the connector's [`Error`].

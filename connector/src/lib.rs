@@ -142,6 +142,7 @@ pub(crate) mod page;
 pub mod presence;
 pub(crate) mod rules;
 pub mod session;
+mod tasks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -178,6 +179,7 @@ pub async fn run(
     let capture_specs = prepare_capture(&pool, &config, &node_id, &capture_status).await?;
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let tasks = tasks::Tasks::new(tracker.clone(), token.clone());
     let grace = config.shutdown_grace();
     let verifier = auth::Verifier::new(&config.auth)?;
     // With a JWKS URL: the first fetch, then a refresh task.
@@ -194,7 +196,7 @@ pub async fn run(
         },
         &verifier,
         &token,
-        &tracker,
+        &tasks,
     )
     .await?;
     let edge = Edge::new(
@@ -227,7 +229,7 @@ pub async fn run(
     pool.close().await;
     started.stream_pool.close().await;
     tracing::info!("stopped");
-    Ok(())
+    tasks.panicked().map_or(Ok(()), Err)
 }
 
 /// Puts change capture in place before the node serves: in trigger mode, the capture triggers this
@@ -276,7 +278,7 @@ struct Started {
     stream_pool: sqlx::PgPool,
 }
 
-/// Builds the node and starts its tasks on `tracker` until `token` is cancelled: the LISTEN
+/// Builds the node and starts its tasks on `tasks` (supervised) until `token` is cancelled: the LISTEN
 /// connection, the change stream, presence (registered before this returns: a member is visible
 /// only while its node is), the capture watch or the wal capture, and retention.
 async fn start(
@@ -284,7 +286,7 @@ async fn start(
     services: Services,
     verifier: &auth::Verifier,
     token: &CancellationToken,
-    tracker: &TaskTracker,
+    tasks: &tasks::Tasks,
 ) -> Result<Started> {
     let Services {
         pool,
@@ -340,22 +342,25 @@ async fn start(
         capture: capture.clone(),
     }));
     cluster.start().await?;
-    tracker.spawn(cluster.run(token.clone()));
-    tracker.spawn(presence.run(token.clone()));
-    tracker.spawn(pg_listener.run(token.clone()));
-    tracker.spawn(stream.run(token.clone()));
+    tasks.spawn("cluster", cluster.run(token.clone()));
+    tasks.spawn("presence", presence.run(token.clone()));
+    tasks.spawn("listener", pg_listener.run(token.clone()));
+    tasks.spawn("stream", stream.run(token.clone()));
     let watch = CaptureWatch {
         pool,
         specs: capture_specs,
         node: node_id,
         status: status.capture.clone(),
     };
-    spawn_capture(config, watch, capture, token, tracker)?;
-    tracker.spawn(db::retention::run(
-        stream_pool.clone(),
-        Arc::new(config.retention.clone()),
-        token.clone(),
-    ));
+    spawn_capture(config, watch, capture, token, tasks)?;
+    tasks.spawn(
+        "retention",
+        db::retention::run(
+            stream_pool.clone(),
+            Arc::new(config.retention.clone()),
+            token.clone(),
+        ),
+    );
     Ok(Started { node, stream_pool })
 }
 
@@ -402,17 +407,20 @@ fn spawn_capture(
     watch: CaptureWatch,
     capture: Arc<capture::CaptureStatus>,
     token: &CancellationToken,
-    tracker: &TaskTracker,
+    tasks: &tasks::Tasks,
 ) -> Result<()> {
     if let Some(specs) = watch.specs {
-        tracker.spawn(db::triggers::watch(
-            watch.pool,
-            specs,
-            watch.node,
-            config.stream.capture_check,
-            watch.status,
-            token.clone(),
-        ));
+        tasks.spawn(
+            "capture watch",
+            db::triggers::watch(
+                watch.pool,
+                specs,
+                watch.node,
+                config.stream.capture_check,
+                watch.status,
+                token.clone(),
+            ),
+        );
     }
     if config.capture.mode == capture::CaptureMode::Wal {
         let listen_url = config.database.listen_url().to_owned();
@@ -425,7 +433,7 @@ fn spawn_capture(
             mappings: Arc::new(config.mappings.clone()),
             status: capture,
         };
-        tracker.spawn(wal.run(token.clone()));
+        tasks.spawn("wal capture", wal.run(token.clone()));
     }
     Ok(())
 }

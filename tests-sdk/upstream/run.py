@@ -433,16 +433,16 @@ class Runner:
         return self.report()
 
     def connector_warnings(self) -> None:
-        """After a failure outside pending.txt: the connector's last warnings and errors, each as a `DIAG`
+        """After a failure outside pending.txt: the connector's last warnings, errors and panics, each as a `DIAG`
         line (scripts/test repeats those at the end of its run with the FAIL lines)."""
         try:
             lines = (self.dir / "connector.log").read_text(errors="replace").splitlines()
         except OSError as e:
             log(f"DIAG connector.log unreadable: {e}")
             return
-        noted = [line for line in lines if " WARN " in line or " ERROR " in line]
-        log(f"DIAG connector.log: {len(noted)} warnings and errors" + (", the last 10:" if len(noted) > 10 else
-                                                                          (":" if noted else "")))
+        noted = [line for line in lines if " WARN " in line or " ERROR " in line or " panicked at " in line]
+        log(f"DIAG connector.log: {len(noted)} warnings, errors and panics" + (
+            ", the last 10:" if len(noted) > 10 else (":" if noted else "")))
         for line in noted[-10:]:
             log(f"DIAG   {line[:300]}")
 

@@ -107,13 +107,20 @@ impl Delivery {
 }
 
 /// A push encoded in each encoding that a subscriber of the channel uses (the others are never
-/// encoded: a channel with only JSON subscribers costs no Protobuf encoding).
-pub(super) fn encode_for(channel: &Arc<str>, push: &Push<'_>, entry: &Channel) -> Frames {
-    // JSON delta subscribers take their own full frame; Protobuf ones share the plain one.
+/// encoded: a channel with only JSON subscribers costs no Protobuf encoding). `delta_framed`: a
+/// publication, whose JSON delta subscribers take their own full frame ([`delta_frames`]), so
+/// they need no plain JSON one; a join or leave push has no such frame and goes to them plain.
+pub(super) fn encode_for(
+    channel: &Arc<str>,
+    push: &Push<'_>,
+    entry: &Channel,
+    delta_framed: bool,
+) -> Frames {
+    // Protobuf delta subscribers always share the plain frame.
     let (mut json, mut protobuf) = (false, false);
     for (session, sub) in &entry.subs {
         match sub.encoding {
-            Encoding::Json => json |= !entry.delta.contains(session),
+            Encoding::Json => json |= !(delta_framed && entry.delta.contains(session)),
             Encoding::Protobuf => protobuf = true,
         }
         if json && protobuf {

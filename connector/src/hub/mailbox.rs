@@ -83,7 +83,13 @@ impl Mailbox {
     /// Adds `delivery`, whose frame in this mailbox's encoding is `len` bytes. Refused (false) if
     /// the mailbox is full, over its bytes, or closed; the caller then marks it slow unless closed.
     pub(super) fn offer(&self, delivery: &Arc<Delivery>, len: usize) -> bool {
-        if self.queued.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
+        // Reserved first, given back on a refusal: the count may exceed the bound only for the
+        // moment between the two, never wrap.
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        if before
+            .checked_add(len)
+            .is_none_or(|after| after > self.max_bytes)
+        {
             self.queued.fetch_sub(len, Ordering::Relaxed);
             return false;
         }
@@ -124,12 +130,16 @@ impl Mailbox {
     }
 
     /// Ends the mailbox (its session is leaving): what it holds is dropped and nothing more is
-    /// accepted.
+    /// accepted. The byte count loses exactly the dropped deliveries' bytes: a fan-out may have
+    /// reserved bytes for an offer that finds the mailbox closed and gives them back afterwards,
+    /// so resetting the count to zero here would make that give-back wrap it below zero (the next
+    /// offer then overflowed).
     pub fn close(&self) {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         self.flags.fetch_or(CLOSED, Ordering::AcqRel);
+        let dropped: usize = queue.iter().map(|d| d.frame_len(self.encoding)).sum();
         *queue = VecDeque::new();
-        self.queued.store(0, Ordering::Relaxed);
+        self.queued.fetch_sub(dropped, Ordering::Relaxed);
     }
 
     /// Bytes of frames waiting in the mailbox, plus those of replies being written.

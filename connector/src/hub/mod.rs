@@ -183,7 +183,7 @@ impl Hub {
         let delivery = Delivery::Publication {
             offset,
             epoch: Arc::from(epoch),
-            frames: encode_for(name, &push, entry),
+            frames: encode_for(name, &push, entry, true),
             delta: delta_frames(channel, offset, epoch, data, info, entry),
         };
         self.fan_out(&entry.subs, &Arc::new(delivery));
@@ -198,12 +198,18 @@ impl Hub {
             return;
         };
         let delivery = match kind {
-            JoinLeave::Join => {
-                Delivery::Join(encode_for(name, &Push::Join { channel, info }, entry))
-            }
-            JoinLeave::Leave => {
-                Delivery::Leave(encode_for(name, &Push::Leave { channel, info }, entry))
-            }
+            JoinLeave::Join => Delivery::Join(encode_for(
+                name,
+                &Push::Join { channel, info },
+                entry,
+                false,
+            )),
+            JoinLeave::Leave => Delivery::Leave(encode_for(
+                name,
+                &Push::Leave { channel, info },
+                entry,
+                false,
+            )),
         };
         self.fan_out(&entry.subs, &Arc::new(delivery));
     }

@@ -289,6 +289,11 @@ pub(crate) async fn serve_on<K, R>(
     let metrics = session.node().metrics().clone();
     metrics.connections.inc();
     session.run(sink, stream).await;
+    // Out of the hub first (a fan-out holds the hub's read lock, which the removal waits for), so
+    // nothing is offered to the mailbox once it is closed, its own leave pushes included.
+    for channel in session.subs.keys() {
+        session.edge.node.remove_subscriber(channel, session.id);
+    }
     session.mailbox.close();
     metrics.connections.dec();
     // Its memberships leave presence now (join/leave pushes announce it on every node); on shutdown
@@ -300,9 +305,6 @@ pub(crate) async fn serve_on<K, R>(
             .leave_all(&session.client, session.edge.shutdown.is_cancelled()),
     )
     .await;
-    for channel in session.subs.keys() {
-        session.edge.node.remove_subscriber(channel, session.id);
-    }
 }
 
 impl Session {
