@@ -353,14 +353,9 @@ async fn start(
         status: status.capture.clone(),
     };
     spawn_capture(config, watch, capture, token, tasks)?;
-    tasks.spawn(
-        "retention",
-        db::retention::run(
-            stream_pool.clone(),
-            Arc::new(config.retention.clone()),
-            token.clone(),
-        ),
-    );
+    let retention = Arc::new(config.retention.clone());
+    let retention = db::retention::run(stream_pool.clone(), retention, token.clone());
+    tasks.spawn("retention", retention);
     Ok(Started { node, stream_pool })
 }
 
