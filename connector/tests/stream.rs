@@ -128,8 +128,79 @@ async fn ten_thousand_rows_from_eight_writers_arrive_once_in_order() {
         .map(|p| p["data"]["row"]["msg_id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(history_ids, seen);
+    // The node sequenced every row itself: its batches went to its hub without a history read.
+    let handed = metric(&server.metrics().await, "relay_stream_batches_handed_total");
+    assert!(handed > 0, "no batch was handed over: {handed}");
 
     server.stop().await;
+    db.drop_db().await;
+}
+
+/// A counter's value in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in the metrics"))
+}
+
+/// Two nodes on one database: whichever sequences a batch hands it to its own hub, the other reads
+/// it from the history; a subscriber of each gets every row once, in offset order, at the same
+/// offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_deliver_the_same_stream_whichever_sequences() {
+    let db = TestDb::new().await;
+    let cfg = config_json(
+        &db.url,
+        json!({"client": {"outbound_queue": 20000, "outbound_queue_bytes": 67108864}}),
+    );
+    let (a, b) = (Server::start(&cfg).await, Server::start(&cfg).await);
+    let mut clients = Vec::new();
+    for server in [&a, &b] {
+        let mut client = Client::connected(&server.ws_url()).await;
+        let r = client
+            .call(json!({"subscribe": {"channel": "incoming-chat", "recoverable": true}}))
+            .await;
+        assert_eq!(r["subscribe"]["offset"], 0);
+        clients.push(client);
+    }
+    let writers = spawn_writers(&db);
+    let mut streams = Vec::new();
+    for client in &mut clients {
+        let mut ids = Vec::with_capacity(ROWS);
+        while ids.len() < ROWS {
+            let p = client.next_pub("incoming-chat").await;
+            assert_eq!(
+                p["offset"].as_u64().unwrap(),
+                ids.len() as u64 + 1,
+                "in order, no gap"
+            );
+            ids.push(p["data"]["row"]["msg_id"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(
+            ids.iter().collect::<HashSet<_>>().len(),
+            ROWS,
+            "each row once"
+        );
+        streams.push(ids);
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        streams[0], streams[1],
+        "the same row at the same offset on both nodes"
+    );
+    let handed = [
+        metric(&a.metrics().await, "relay_stream_batches_handed_total"),
+        metric(&b.metrics().await, "relay_stream_batches_handed_total"),
+    ];
+    assert!(
+        handed.iter().sum::<u64>() > 0,
+        "no node handed a batch over: {handed:?}"
+    );
+
+    a.stop().await;
+    b.stop().await;
     db.drop_db().await;
 }
 

@@ -8,6 +8,11 @@
 //!    node may do this; the function serializes callers with an advisory lock);
 //! 2. reads `relay.publications` with `seq > cursor` in `seq` order and hands each row to the hub.
 //!
+//! While changes flow, the sequencer's calls (`relay.sequence_batch_rows()`, migration 0021) return
+//! the rows they moved, and the reader hands a batch that follows its cursor to the hub at once
+//! instead of reading it back; any other batch (another node's came in between, the reader was busy)
+//! is read from the history as before.
+//!
 //! `seq` is assigned under the sequencer's transaction lock, so `seq` order is commit order and the
 //! cursor read never skips a row. A NOTIFY is only a hint: a lost one, a killed LISTEN backend or a
 //! restart costs at most one poll interval, never a publication. While the LISTEN connection is down
@@ -46,8 +51,10 @@ pub struct StreamStatus {
     pub reconnects: Counter,
     /// Catch-up reads (after every (re)connect of the LISTEN connection).
     pub catch_ups: Counter,
-    /// Calls of the sequencer (`relay.sequence_batch()`) by this node.
+    /// Calls of the sequencer (`relay.sequence_batch_rows()`) by this node.
     pub polls: Counter,
+    /// Batches this node sequenced and handed to its hub without reading them back.
+    pub handed: Counter,
     /// Time from a change being written to its publication being handed to the hub, in seconds
     /// (buckets: [`LAG_BUCKETS`]).
     pub lag: Histogram,
@@ -63,6 +70,7 @@ impl Default for StreamStatus {
             reconnects: Counter::default(),
             catch_ups: Counter::default(),
             polls: Counter::default(),
+            handed: Counter::default(),
             lag: Histogram::new(LAG_BUCKETS),
             capture: Arc::default(),
         }
@@ -116,8 +124,27 @@ struct Wakes {
 
 type Row = (i64, String, i64, String, String, Option<String>, f64);
 
-/// One call of `relay.sequence_batch()`.
-#[derive(Debug, Clone, Copy)]
+/// What one `relay.sequence_batch_rows()` call returns: the counters, then the moved rows' columns
+/// (NULL when it moved nothing).
+type BatchRow = (
+    i32,
+    bool,
+    bool,
+    i64,
+    Option<Vec<i64>>,
+    Option<Vec<String>>,
+    Option<Vec<i64>>,
+    Option<Vec<String>>,
+    Option<Vec<String>>,
+    Option<Vec<Option<String>>>,
+    Option<Vec<f64>>,
+);
+
+/// Batches the sequencer may hand to the reader before it falls back to waking it.
+const HANDOFF_BATCHES: usize = 2;
+
+/// One call of `relay.sequence_batch_rows()`.
+#[derive(Debug)]
 struct Batch {
     /// Changes moved, or -1 when another node was sequencing.
     moved: i32,
@@ -127,6 +154,8 @@ struct Batch {
     armed: bool,
     /// The global sequence number after the call (another node's work shows here).
     last_seq: i64,
+    /// The rows moved, in `seq` order.
+    rows: Vec<Row>,
 }
 
 /// Quiet polls (nothing moved, nothing running) before the sequencer arms the writers' wake-up and
@@ -235,20 +264,28 @@ impl Stream {
         tracing::info!(cursor = cursor.unwrap_or(0), "change stream ready");
 
         // Sequencing and reading run side by side: the next batch is sequenced while the last one is
-        // read and fanned out.
+        // fanned out. The sequencer's NOTIFY carries `tag`, so this node's listener skips its own.
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let (handoff, mut handed) = mpsc::channel(HANDOFF_BATCHES);
         tokio::select! {
             _ = shutdown.cancelled() => Ok(End::Stop),
-            end = wake_on(events, &wakes) => Ok(end),
-            r = self.sequencer(&wakes) => r.map(|()| End::Stop),
-            r = self.reader(&wakes, cursor) => r.map(|()| End::Stop),
+            end = wake_on(events, &wakes, &tag) => Ok(end),
+            r = self.sequencer(&wakes, &handoff, &tag) => r.map(|()| End::Stop),
+            r = self.reader(&wakes, &mut handed, cursor) => r.map(|()| End::Stop),
         }
     }
 
     /// The sequencer's loop: polls every `active_poll_ms` while changes flow (writers do not notify
     /// then), backs off while only a running transaction may still add changes, and after a quiet
     /// spell arms the writers' wake-up and sleeps until a NOTIFY or the `poll_interval_ms` safety net.
-    /// Only one node sequences at a time; the others see its work and stay asleep.
-    async fn sequencer(&self, wakes: &Wakes) -> Result<()> {
+    /// Only one node sequences at a time; the others see its work and stay asleep. What it moves goes
+    /// to the reader through `handoff` (or, when two batches wait there already, as a wake-up).
+    async fn sequencer(
+        &self,
+        wakes: &Wakes,
+        handoff: &mpsc::Sender<Vec<Row>>,
+        tag: &str,
+    ) -> Result<()> {
         let active = self.config.active_poll;
         let idle = self.config.poll_interval;
         let mut delay = Duration::ZERO;
@@ -267,14 +304,16 @@ impl Stream {
                 }
             }
             let arm = asleep || quiet >= QUIET_POLLS;
-            let b = self.sequence_batch(arm).await?;
+            let b = self.sequence_batch(arm, tag).await?;
             let others = seen_seq.is_some_and(|s| b.last_seq - i64::from(b.moved.max(0)) != s);
             seen_seq = Some(b.last_seq);
             if !b.busy || b.moved > 0 {
                 busy = 0;
             }
             if b.moved > 0 {
-                wakes.publications.notify_one();
+                if handoff.try_send(b.rows).is_err() {
+                    wakes.publications.notify_one();
+                }
                 (quiet, asleep, verify) = (0, false, false);
                 let full = u32::try_from(b.moved).unwrap_or(0) >= self.config.batch_size;
                 delay = if full { Duration::ZERO } else { active };
@@ -308,34 +347,75 @@ impl Stream {
         }
     }
 
-    /// The reader's loop: reads the history after every local batch, every other node's NOTIFY, and
-    /// every `poll_interval_ms`.
-    async fn reader(&self, wakes: &Wakes, cursor: &mut Option<u64>) -> Result<()> {
+    /// The reader's loop: hands on this node's batches that follow its cursor; reads the history
+    /// after any other (another node's came in between), every other node's NOTIFY, and every
+    /// `poll_interval_ms`.
+    async fn reader(
+        &self,
+        wakes: &Wakes,
+        handed: &mut mpsc::Receiver<Vec<Row>>,
+        cursor: &mut Option<u64>,
+    ) -> Result<()> {
         let idle = self.config.poll_interval;
         loop {
-            tokio::select! {
-                _ = wakes.publications.notified() => {}
-                _ = tokio::time::sleep(idle) => {}
+            let batch = tokio::select! {
+                b = handed.recv() => b,
+                _ = wakes.publications.notified() => None,
+                _ = tokio::time::sleep(idle) => None,
+            };
+            let next = cursor.unwrap_or(0).saturating_add(1);
+            match batch {
+                Some(rows) if rows.first().is_some_and(|r| r.0 == next as i64) => {
+                    self.hand(rows, cursor)?;
+                    self.status.handed.inc();
+                }
+                // Read already (the history read that followed another batch took it too).
+                Some(rows) if rows.last().is_some_and(|r| r.0 < next as i64) => {}
+                _ => self.read(cursor).await?,
             }
-            self.read(cursor).await?;
         }
     }
 
-    /// One `relay.sequence_batch()` call.
-    async fn sequence_batch(&self, arm: bool) -> Result<Batch> {
+    /// One `relay.sequence_batch_rows()` call.
+    async fn sequence_batch(&self, arm: bool, tag: &str) -> Result<Batch> {
         let batch = i32::try_from(self.config.batch_size).unwrap_or(i32::MAX);
-        let (moved, busy, armed, last_seq): (i32, bool, bool, i64) =
-            sqlx::query_as("SELECT moved, busy, armed, last_seq FROM relay.sequence_batch($1, $2)")
-                .bind(batch)
-                .bind(arm)
-                .fetch_one(&self.pool)
-                .await?;
+        let (moved, busy, armed, last_seq, seqs, channels, offsets, epochs, datas, infos, lags): BatchRow =
+            sqlx::query_as(
+                "SELECT moved, busy, armed, last_seq, seqs, channels, offsets, epochs, datas, infos, lags
+                 FROM relay.sequence_batch_rows($1, $2, $3)",
+            )
+            .bind(batch)
+            .bind(arm)
+            .bind(tag)
+            .fetch_one(&self.pool)
+            .await?;
         self.status.polls.inc();
+        let mut rows: Vec<Row> = seqs
+            .unwrap_or_default()
+            .into_iter()
+            .zip(channels.unwrap_or_default())
+            .zip(offsets.unwrap_or_default())
+            .zip(epochs.unwrap_or_default())
+            .zip(datas.unwrap_or_default())
+            .zip(infos.unwrap_or_default())
+            .zip(lags.unwrap_or_default())
+            .map(|((((((seq, channel), offset), epoch), data), info), lag)| {
+                (seq, channel, offset, epoch, data, info, lag)
+            })
+            .collect();
+        if rows.len() != usize::try_from(moved).unwrap_or(0) {
+            return Err(row(format!(
+                "relay.sequence_batch_rows() moved {moved} changes but returned {} rows",
+                rows.len()
+            )));
+        }
+        rows.sort_unstable_by_key(|r| r.0);
         Ok(Batch {
             moved,
             busy,
             armed,
             last_seq,
+            rows,
         })
     }
 
@@ -369,43 +449,55 @@ impl Stream {
             .fetch_all(&self.pool)
             .await?;
             let n = rows.len();
-            for (seq, channel, offset, epoch, data, info, lag) in rows {
-                self.status.lag.observe(lag.max(0.0));
-                if self.hub.has_subscribers(&channel) {
-                    let data = RawValue::from_string(data).map_err(row)?;
-                    let info = info.map(RawValue::from_string).transpose().map_err(row)?;
-                    self.hub.publish(
-                        &channel,
-                        u64::try_from(offset).map_err(row)?,
-                        &epoch,
-                        &data,
-                        info.as_deref(),
-                    );
-                }
-                let seq = u64::try_from(seq).map_err(row)?;
-                *cursor = Some(seq);
-                self.status
-                    .cursor
-                    .set(i64::try_from(seq).unwrap_or(i64::MAX));
-            }
+            self.hand(rows, cursor)?;
             if (n as i64) < batch {
                 return Ok(());
             }
         }
     }
+
+    /// Hands `rows` (in `seq` order, the first one right after the cursor) to the hub and moves the
+    /// cursor past them.
+    fn hand(&self, rows: Vec<Row>, cursor: &mut Option<u64>) -> Result<()> {
+        for (seq, channel, offset, epoch, data, info, lag) in rows {
+            self.status.lag.observe(lag.max(0.0));
+            if self.hub.has_subscribers(&channel) {
+                let data = RawValue::from_string(data).map_err(row)?;
+                let info = info.map(RawValue::from_string).transpose().map_err(row)?;
+                self.hub.publish(
+                    &channel,
+                    u64::try_from(offset).map_err(row)?,
+                    &epoch,
+                    &data,
+                    info.as_deref(),
+                );
+            }
+            let seq = u64::try_from(seq).map_err(row)?;
+            *cursor = Some(seq);
+            self.status
+                .cursor
+                .set(i64::try_from(seq).unwrap_or(i64::MAX));
+        }
+        Ok(())
+    }
 }
 
-/// Turns the listener's notifications into wake-ups until the connection drops or comes back.
-async fn wake_on(events: &mut mpsc::UnboundedReceiver<ListenEvent>, wakes: &Wakes) -> End {
+/// Turns the listener's notifications into wake-ups until the connection drops or comes back. A
+/// `relay_publications` notification carrying `tag` is this node's own batch, handed over already.
+async fn wake_on(
+    events: &mut mpsc::UnboundedReceiver<ListenEvent>,
+    wakes: &Wakes,
+    tag: &str,
+) -> End {
     loop {
         match events.recv().await {
             None => return End::Stop,
             Some(ListenEvent::Connected) => return End::Gap,
             Some(ListenEvent::Lost) => return End::Lost,
-            Some(ListenEvent::Notification { channel, .. }) => {
+            Some(ListenEvent::Notification { channel, payload }) => {
                 if channel == CHANGES {
                     wakes.changes.notify_one();
-                } else {
+                } else if payload != tag {
                     wakes.publications.notify_one();
                 }
             }

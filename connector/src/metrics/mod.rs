@@ -176,8 +176,13 @@ fn register_stream(r: &mut Registry, stream: &StreamStatus) {
     );
     r.register(
         "relay_sequencer_polls",
-        "Calls of the sequencer (relay.sequence_batch) by this node",
+        "Calls of the sequencer (relay.sequence_batch_rows) by this node",
         stream.polls.clone(),
+    );
+    r.register(
+        "relay_stream_batches_handed",
+        "Batches this node sequenced and handed to its hub without reading them back",
+        stream.handed.clone(),
     );
     r.register(
         "relay_delivery_lag_seconds",
