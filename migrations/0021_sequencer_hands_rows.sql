@@ -10,8 +10,8 @@
 -- to its hub when they follow its cursor, and reads the history otherwise (another node's batch came
 -- in between). Its NOTIFY on relay_publications carries the caller's `tag`, so that the caller's own
 -- listener can tell its own batch (already handed over) from another node's. Nodes of the previous
--- release keep calling relay.sequence_batch(), which is unchanged; the two never run at once (the
--- advisory lock), and every node wakes on the other's notifications.
+-- release keep calling relay.sequence_batch(), redefined at the end as this function without the rows
+-- (same results, untagged NOTIFY); every node wakes on the other nodes' notifications.
 
 CREATE FUNCTION relay.sequence_batch_rows(
     batch_size integer, arm boolean, tag text,
@@ -123,3 +123,14 @@ ALTER FUNCTION relay.sequence_batch_rows(integer, boolean, text)
     SET plan_cache_mode = force_generic_plan
     SET enable_seqscan = off
     SET jit = off;
+
+-- One definition of the sequencer: relay.sequence_batch(), which nodes of the previous release call
+-- during a rolling deploy (and the tests call directly), is relay.sequence_batch_rows() without the
+-- rows, its NOTIFY untagged as before.
+CREATE OR REPLACE FUNCTION relay.sequence_batch(
+    batch_size integer DEFAULT 1000, arm boolean DEFAULT false,
+    OUT moved integer, OUT busy boolean, OUT armed boolean, OUT last_seq bigint
+)
+LANGUAGE sql VOLATILE AS $$
+    SELECT r.moved, r.busy, r.armed, r.last_seq FROM relay.sequence_batch_rows(batch_size, arm, '') r
+$$;
