@@ -18,6 +18,7 @@ It also prints the database's function statistics (`track_functions = 'pl'` is s
 database only): calls and total time of the capture trigger and of relay.sequence_batch().
 
 Usage: bench/cpu_by_process.py [--connector target/release/connector] [--rows 10] [--secs 16] [--sync]
+                               [--rate TX_PER_S]
 Needs psql, pgbench and PostgreSQL at DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres)
 as a role that may create databases. Linux only (/proc). Figures: docs/benchmarks.md.
 """
@@ -80,6 +81,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=10, help="rows per INSERT statement (one per transaction)")
     ap.add_argument("--secs", type=int, default=16, help="pgbench's run; CPU is summed over all but 2 s at each end")
     ap.add_argument("--sync", action="store_true", help="synchronous_commit = on for the writers")
+    ap.add_argument("--rate", type=int, default=0, help="transactions per second in all (pgbench -R); 0: as fast as they can")
     args = ap.parse_args()
     if not 1 <= args.rows <= 1000 or not 8 <= args.secs <= 600:
         ap.error("--rows 1..1000, --secs 8..600")
@@ -123,7 +125,8 @@ def main() -> int:
             env = dict(os.environ, PGOPTIONS=f"-c synchronous_commit={'on' if args.sync else 'off'}")
             host, port = parts.hostname or "127.0.0.1", str(parts.port or 5432)
             bench = subprocess.Popen(["pgbench", "-h", host, "-p", port, "-U", parts.username or "postgres",
-                                      "-n", "-c", "8", "-j", "2", "-T", str(args.secs), "-f", str(script), name],
+                                      "-n", "-c", "8", "-j", "2", "-T", str(args.secs), "-f", str(script),
+                                      *(["-R", str(args.rate)] if args.rate > 0 else []), name],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             time.sleep(2)
             ours = local_ports(connector.pid)

@@ -5,16 +5,18 @@
 -- bench/cpu_by_process.py (docs/benchmarks.md), that read cost the database as much CPU as the
 -- sequencing itself: 7.4 % of the machine each, with writers committing 10-row statements.
 -- relay.sequence_batch_rows() does what relay.sequence_batch() does (same advisory lock, same offsets,
--- epochs and `seq`) and also returns the rows it moved, in the columns the history read returns (the
--- data and info as text, the lag since they were written), as arrays; the caller's reader hands them
--- to its hub when they follow its cursor, and reads the history otherwise (another node's batch came
--- in between). Its NOTIFY on relay_publications carries the caller's `tag`, so that the caller's own
+-- epochs and `seq`) and, when asked (`want_rows`), also returns the rows it moved, in the columns the
+-- history read returns (the data and info as text, the lag since they were written), as arrays; the
+-- caller's reader hands them to its hub when they follow its cursor, and reads the history otherwise
+-- (another node's batch came in between). Building the arrays lengthens the call, so the caller asks
+-- for them only while it keeps up: after a full batch (a backlog) it reads the history beside the next
+-- call instead, as before, which keeps the two overlapping when the sequencer is the bottleneck. Its NOTIFY on relay_publications carries the caller's `tag`, so that the caller's own
 -- listener can tell its own batch (already handed over) from another node's. Nodes of the previous
 -- release keep calling relay.sequence_batch(), redefined at the end as this function without the rows
 -- (same results, untagged NOTIFY); every node wakes on the other nodes' notifications.
 
 CREATE FUNCTION relay.sequence_batch_rows(
-    batch_size integer, arm boolean, tag text,
+    batch_size integer, arm boolean, tag text, want_rows boolean,
     OUT moved integer, OUT busy boolean, OUT armed boolean, OUT last_seq bigint,
     OUT seqs bigint[], OUT channels text[], OUT offsets bigint[], OUT epochs text[],
     OUT datas text[], OUT infos text[], OUT lags float8[]
@@ -104,9 +106,13 @@ BEGIN
     )
     -- The moved rows, as the history read returns them (one aggregate pass: the arrays' elements
     -- line up; the caller orders them by seq).
-    SELECT count(*)::integer, array_agg(m.seq), array_agg(m.channel), array_agg(m."offset"),
-           array_agg(m.epoch), array_agg(m.data::text), array_agg(m.info::text),
+    SELECT count(*)::integer, array_agg(m.seq) FILTER (WHERE want_rows),
+           array_agg(m.channel) FILTER (WHERE want_rows),
+           array_agg(m."offset") FILTER (WHERE want_rows), array_agg(m.epoch) FILTER (WHERE want_rows),
+           array_agg(m.data::text) FILTER (WHERE want_rows),
+           array_agg(m.info::text) FILTER (WHERE want_rows),
            array_agg(extract(epoch FROM clock_timestamp() - m.written_at)::float8)
+               FILTER (WHERE want_rows)
     INTO moved, seqs, channels, offsets, epochs, datas, infos, lags
     FROM moved_rows m;
     last_seq := last_seq + moved;
@@ -119,7 +125,7 @@ END
 $$;
 
 -- As relay.sequence_batch() (migration 0020): plans made once per connection, by the indexes, no JIT.
-ALTER FUNCTION relay.sequence_batch_rows(integer, boolean, text)
+ALTER FUNCTION relay.sequence_batch_rows(integer, boolean, text, boolean)
     SET plan_cache_mode = force_generic_plan
     SET enable_seqscan = off
     SET jit = off;
@@ -132,5 +138,5 @@ CREATE OR REPLACE FUNCTION relay.sequence_batch(
     OUT moved integer, OUT busy boolean, OUT armed boolean, OUT last_seq bigint
 )
 LANGUAGE sql VOLATILE AS $$
-    SELECT r.moved, r.busy, r.armed, r.last_seq FROM relay.sequence_batch_rows(batch_size, arm, '') r
+    SELECT r.moved, r.busy, r.armed, r.last_seq FROM relay.sequence_batch_rows(batch_size, arm, '', false) r
 $$;

@@ -279,7 +279,9 @@ impl Stream {
     /// then), backs off while only a running transaction may still add changes, and after a quiet
     /// spell arms the writers' wake-up and sleeps until a NOTIFY or the `poll_interval_ms` safety net.
     /// Only one node sequences at a time; the others see its work and stay asleep. What it moves goes
-    /// to the reader through `handoff` (or, when two batches wait there already, as a wake-up).
+    /// to the reader through `handoff` (or, when two batches wait there already, as a wake-up); after
+    /// a full batch (a backlog) it asks for no rows, and the reader reads the history while the next
+    /// batch is sequenced.
     async fn sequencer(
         &self,
         wakes: &Wakes,
@@ -296,6 +298,8 @@ impl Stream {
         let mut seen_seq: Option<i64> = None;
         // Consecutive polls that found nothing ready while a transaction was running.
         let mut busy = 0u32;
+        // The last call moved a full batch: more are waiting.
+        let mut backlog = false;
         loop {
             if !delay.is_zero() {
                 tokio::select! {
@@ -304,19 +308,19 @@ impl Stream {
                 }
             }
             let arm = asleep || quiet >= QUIET_POLLS;
-            let b = self.sequence_batch(arm, tag).await?;
+            let b = self.sequence_batch(arm, tag, !backlog).await?;
             let others = seen_seq.is_some_and(|s| b.last_seq - i64::from(b.moved.max(0)) != s);
             seen_seq = Some(b.last_seq);
             if !b.busy || b.moved > 0 {
                 busy = 0;
             }
+            backlog = u32::try_from(b.moved).unwrap_or(0) >= self.config.batch_size;
             if b.moved > 0 {
-                if handoff.try_send(b.rows).is_err() {
+                if b.rows.is_empty() || handoff.try_send(b.rows).is_err() {
                     wakes.publications.notify_one();
                 }
                 (quiet, asleep, verify) = (0, false, false);
-                let full = u32::try_from(b.moved).unwrap_or(0) >= self.config.batch_size;
-                delay = if full { Duration::ZERO } else { active };
+                delay = if backlog { Duration::ZERO } else { active };
             } else if b.moved < 0 || others {
                 // Another node is sequencing: its NOTIFY wakes this node's reader; this one naps.
                 (quiet, asleep, verify) = (0, false, false);
@@ -376,17 +380,18 @@ impl Stream {
         }
     }
 
-    /// One `relay.sequence_batch_rows()` call.
-    async fn sequence_batch(&self, arm: bool, tag: &str) -> Result<Batch> {
+    /// One `relay.sequence_batch_rows()` call; the moved rows come back if `want_rows`.
+    async fn sequence_batch(&self, arm: bool, tag: &str, want_rows: bool) -> Result<Batch> {
         let batch = i32::try_from(self.config.batch_size).unwrap_or(i32::MAX);
         let (moved, busy, armed, last_seq, seqs, channels, offsets, epochs, datas, infos, lags): BatchRow =
             sqlx::query_as(
                 "SELECT moved, busy, armed, last_seq, seqs, channels, offsets, epochs, datas, infos, lags
-                 FROM relay.sequence_batch_rows($1, $2, $3)",
+                 FROM relay.sequence_batch_rows($1, $2, $3, $4)",
             )
             .bind(batch)
             .bind(arm)
             .bind(tag)
+            .bind(want_rows)
             .fetch_one(&self.pool)
             .await?;
         self.status.polls.inc();
@@ -403,7 +408,7 @@ impl Stream {
                 (seq, channel, offset, epoch, data, info, lag)
             })
             .collect();
-        if rows.len() != usize::try_from(moved).unwrap_or(0) {
+        if want_rows && rows.len() != usize::try_from(moved).unwrap_or(0) {
             return Err(row(format!(
                 "relay.sequence_batch_rows() moved {moved} changes but returned {} rows",
                 rows.len()
