@@ -107,15 +107,11 @@ impl Delivery {
 }
 
 /// A push encoded in each encoding that a subscriber of the channel uses (the others are never
-/// encoded: a channel with only JSON subscribers costs no Protobuf encoding). `delta_framed`: a
-/// publication, whose JSON delta subscribers take their own full frame ([`delta_frames`]), so
-/// they need no plain JSON one; a join or leave push has no such frame and goes to them plain.
-pub(super) fn encode_for(
-    channel: &Arc<str>,
-    push: &Push<'_>,
-    entry: &Channel,
-    delta_framed: bool,
-) -> Frames {
+/// encoded: a channel with only JSON subscribers costs no Protobuf encoding). A publication's JSON
+/// delta subscribers take their own full frame ([`delta_frames`]), so they need no plain JSON one; a
+/// join or leave push has no such frame and goes to them plain.
+pub(super) fn encode_for(channel: &Arc<str>, push: &Push<'_>, entry: &Channel) -> Frames {
+    let delta_framed = matches!(push, Push::Pub { .. });
     // Protobuf delta subscribers always share the plain frame.
     let (mut json, mut protobuf) = (false, false);
     for (session, sub) in &entry.subs {

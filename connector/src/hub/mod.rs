@@ -183,7 +183,7 @@ impl Hub {
         let delivery = Delivery::Publication {
             offset,
             epoch: Arc::from(epoch),
-            frames: encode_for(name, &push, entry, true),
+            frames: encode_for(name, &push, entry),
             delta: delta_frames(channel, offset, epoch, data, info, entry),
         };
         self.fan_out(&entry.subs, &Arc::new(delivery));
@@ -198,18 +198,12 @@ impl Hub {
             return;
         };
         let delivery = match kind {
-            JoinLeave::Join => Delivery::Join(encode_for(
-                name,
-                &Push::Join { channel, info },
-                entry,
-                false,
-            )),
-            JoinLeave::Leave => Delivery::Leave(encode_for(
-                name,
-                &Push::Leave { channel, info },
-                entry,
-                false,
-            )),
+            JoinLeave::Join => {
+                Delivery::Join(encode_for(name, &Push::Join { channel, info }, entry))
+            }
+            JoinLeave::Leave => {
+                Delivery::Leave(encode_for(name, &Push::Leave { channel, info }, entry))
+            }
         };
         self.fan_out(&entry.subs, &Arc::new(delivery));
     }

@@ -71,6 +71,16 @@ fn a_mailbox_over_its_byte_limit_marks_the_session_slow() {
     assert!(rx.queued() <= 250);
 }
 
+/// A join/leave member without connection or channel info.
+fn member(user: &str, client: &str) -> ClientInfo {
+    ClientInfo {
+        user: user.into(),
+        client: client.into(),
+        conn_info: None,
+        chan_info: None,
+    }
+}
+
 fn subscriber(encoding: Encoding) -> (Subscriber, Arc<Mailbox>) {
     let rx = Arc::new(Mailbox::new(8, 1 << 20, encoding));
     (Subscriber::of(&rx), rx)
@@ -148,12 +158,7 @@ fn each_encoding_is_made_once_and_only_when_a_subscriber_uses_it() {
         r#"{"push":{"channel":"mixed","pub":{"data":{"a":1},"offset":1}}}"#
     );
 
-    let only_pb = ClientInfo {
-        user: "u".into(),
-        client: "c".into(),
-        conn_info: None,
-        chan_info: None,
-    };
+    let only_pb = member("u", "c");
     let (f, rx_f) = subscriber(Encoding::Protobuf);
     hub.subscribe("pb-only", 6, f);
     hub.push_join_leave("pb-only", JoinLeave::Join, &only_pb);
@@ -258,12 +263,7 @@ fn closing_drops_only_the_bytes_of_what_the_mailbox_held() {
 fn a_fan_out_racing_a_close_leaves_the_byte_count_whole() {
     use std::sync::Barrier;
     let hub = Arc::new(Hub::new());
-    let info = ClientInfo {
-        user: "42".into(),
-        client: "0123456789abcdef0123456789abcdef0123".into(),
-        conn_info: None,
-        chan_info: None,
-    };
+    let info = member("42", "0123456789abcdef0123456789abcdef0123");
     let max = 1 << 20;
     let barrier = Arc::new(Barrier::new(2));
     let rounds = 5_000;
@@ -300,12 +300,7 @@ fn a_join_reaches_json_subscribers_that_all_take_deltas() {
     let hub = Hub::new();
     let (sub, rx) = subscriber(Encoding::Json);
     hub.subscribe_with("d", 1, sub, true);
-    let info = ClientInfo {
-        user: "u".into(),
-        client: "c".into(),
-        conn_info: None,
-        chan_info: None,
-    };
+    let info = member("u", "c");
     hub.push_join_leave("d", JoinLeave::Join, &info);
     let join = rx.try_recv().unwrap();
     assert!(matches!(*join, Delivery::Join(_)));
